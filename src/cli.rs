@@ -1,0 +1,352 @@
+//! Command-line interface: argument types (clap) and one function per command.
+//! `main.rs` only parses, calls [`run`] and maps errors to exit codes.
+
+use crate::config::Config;
+use crate::data::{npy, synth};
+use crate::metrics::{self, Metrics};
+use crate::model::Sae;
+use crate::train::{self, TrainOptions};
+use crate::{bail_user, device, export, Result};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sae",
+    version,
+    about = "Train, evaluate and export sparse autoencoders on libtorch",
+    long_about = "Train, evaluate and export sparse autoencoders on libtorch.\n\n\
+        Data comes in and goes out as .npy (float32 out). A typical session:\n  \
+        sae data synth --out x.npy --truth truth.npy\n  \
+        sae train --config configs/quickstart.yaml --set data.train=x.npy --out runs/q\n  \
+        sae eval --model runs/q --data x.npy --truth truth.npy\n  \
+        sae encode --model runs/q --data x.npy --out codes.npy\n\n\
+        Exit codes: 0 ok, 2 bad input or usage, 1 internal failure."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// libtorch version, CUDA availability and device count, threads.
+    Info,
+    /// Generate data.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Train a sparse autoencoder from a YAML config; writes a run directory.
+    Train(TrainArgs),
+    /// Reconstruction and sparsity metrics of a model on data.
+    Eval(EvalArgs),
+    /// Latent codes: float32 [rows, d_hidden].
+    Encode(IoArgs),
+    /// Decoder output of codes [rows, d_hidden]: float32 [rows, d_in].
+    Decode(IoArgs),
+    /// Encode then decode: float32 [rows, d_in].
+    Reconstruct(IoArgs),
+    /// Per-row reconstruction MSE (an anomaly score): float32 [rows, 1].
+    Score(IoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Synthetic rows: sparse non-negative combinations of F random unit-norm
+    /// feature vectors plus Gaussian noise.
+    Synth(SynthArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// Output .npy, float32 [n, d_in].
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Rows.
+    #[arg(long, default_value_t = 10000)]
+    pub n: i64,
+    /// Columns (input dimension).
+    #[arg(long = "d-in", default_value_t = 32)]
+    pub d_in: i64,
+    /// Ground-truth features.
+    #[arg(long, default_value_t = 64)]
+    pub features: i64,
+    /// Active features per row.
+    #[arg(long, default_value_t = 3)]
+    pub active: i64,
+    /// Noise standard deviation.
+    #[arg(long, default_value_t = 0.01)]
+    pub noise: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the true features, float32 [features, d_in] (for MMCS).
+    #[arg(long)]
+    pub truth: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// YAML config; every key is documented in configs/reference.yaml.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Run directory [default: runs/<config name>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Override a config key, value parsed as YAML; repeatable.
+    /// Example: --set train.epochs=5 --set model.k=8
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    pub set: Vec<String>,
+    /// Replace the run directory if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// A run directory or a model.safetensors written by this tool.
+    #[arg(long)]
+    pub model: String,
+    /// Data: .npy, file.npz:key, or a directory of .npy shards.
+    #[arg(long)]
+    pub data: String,
+    /// Ground-truth features [features, d_in]: adds MMCS.
+    #[arg(long)]
+    pub truth: Option<String>,
+    /// Target mean activation rho for `kl_to_target`.
+    #[arg(long, default_value_t = 0.05)]
+    pub target: f64,
+    /// Print JSON (with per-unit mean activation and firing frequency).
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value_t = 4096)]
+    pub batch_size: i64,
+    /// cpu | cuda | cuda:N | auto
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+#[derive(Args, Debug)]
+pub struct IoArgs {
+    /// A run directory or a model.safetensors written by this tool.
+    #[arg(long)]
+    pub model: String,
+    /// Input .npy, file.npz:key, or a directory of .npy shards.
+    #[arg(long)]
+    pub data: String,
+    /// Output .npy (float32, C order), written atomically.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 4096)]
+    pub batch_size: i64,
+    /// cpu | cuda | cuda:N | auto
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Info => info(),
+        Command::Data(DataCommand::Synth(a)) => data_synth(&a),
+        Command::Train(a) => train_cmd(&a),
+        Command::Eval(a) => eval(&a),
+        Command::Encode(a) => transform(&a, Transform::Encode),
+        Command::Decode(a) => transform(&a, Transform::Decode),
+        Command::Reconstruct(a) => transform(&a, Transform::Reconstruct),
+        Command::Score(a) => transform(&a, Transform::Score),
+    }
+}
+
+fn info() -> Result<()> {
+    println!("sae {}", env!("CARGO_PKG_VERSION"));
+    println!("libtorch cuda built: {}", tch::utils::has_cuda());
+    println!("cuda available: {}", tch::Cuda::is_available());
+    println!("cuda devices: {}", tch::Cuda::device_count());
+    println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+    println!("threads: {}", tch::get_num_threads());
+    println!("mkl: {}", tch::utils::has_mkl());
+    println!(
+        "default device: {}",
+        device::describe(tch::Device::cuda_if_available())
+    );
+    Ok(())
+}
+
+fn data_synth(a: &SynthArgs) -> Result<()> {
+    for (name, v) in [
+        ("--n", a.n),
+        ("--d-in", a.d_in),
+        ("--features", a.features),
+        ("--active", a.active),
+    ] {
+        if v < 1 {
+            bail_user!("{name} {v}: must be at least 1");
+        }
+    }
+    if a.active > a.features {
+        bail_user!("--active {}: more than --features {}", a.active, a.features);
+    }
+    if !(a.noise >= 0.0 && a.noise.is_finite()) {
+        bail_user!("--noise {}: must be >= 0", a.noise);
+    }
+    let s = synth::generate(&synth::SynthParams {
+        n: a.n,
+        d_in: a.d_in,
+        features: a.features,
+        active: a.active,
+        noise: a.noise,
+        seed: a.seed,
+    });
+    npy::write_npy(&a.out, &s.x)?;
+    if let Some(t) = &a.truth {
+        npy::write_npy(t, &s.truth)?;
+    }
+    eprintln!(
+        "wrote {} [{} x {}]{}",
+        a.out.display(),
+        a.n,
+        a.d_in,
+        a.truth
+            .as_ref()
+            .map(|t| format!(" and {} [{} x {}]", t.display(), a.features, a.d_in))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn train_cmd(a: &TrainArgs) -> Result<()> {
+    let cfg = Config::from_file(&a.config, &a.set)?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        let stem = a
+            .config
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "run".into());
+        Path::new("runs").join(stem)
+    });
+    let summary = train::train(
+        &cfg,
+        &TrainOptions {
+            out: out.clone(),
+            force: a.force,
+            progress: !a.quiet,
+        },
+    )?;
+    print!("{}", train::summary_table(&summary));
+    println!("run directory: {}", out.display());
+    Ok(())
+}
+
+fn load(model: &str, dev: &str) -> Result<Sae> {
+    let device = device::resolve(dev)?;
+    export::load_model(model, device)
+}
+
+fn check_cols(x: &Tensor, want: i64, what: &str, data: &str) -> Result<()> {
+    let got = x.size()[1];
+    if got != want {
+        bail_user!("{data}: has {got} columns but the model's {what} is {want}");
+    }
+    Ok(())
+}
+
+fn eval(a: &EvalArgs) -> Result<()> {
+    if a.batch_size < 1 {
+        bail_user!("--batch-size {}: must be at least 1", a.batch_size);
+    }
+    let model = load(&a.model, &a.device)?;
+    let x = npy::read_tensor(&a.data)?;
+    check_cols(&x, model.spec.d_in, "d_in", &a.data)?;
+    let truth = match &a.truth {
+        Some(t) => {
+            let t = npy::read_tensor(t)?;
+            check_cols(
+                &t,
+                model.spec.d_in,
+                "d_in",
+                a.truth.as_deref().unwrap_or(""),
+            )?;
+            Some(t)
+        }
+        None => None,
+    };
+    let m = metrics::evaluate(&model, &x, a.batch_size, a.target, truth.as_ref());
+    if a.json {
+        let mut v = serde_json::to_value(&m)?;
+        v["mean_activation"] = serde_json::json!(m.mean_activation);
+        v["firing_frequency"] = serde_json::json!(m.firing_frequency);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", metrics_table(&m));
+    }
+    Ok(())
+}
+
+fn metrics_table(m: &Metrics) -> String {
+    let mut rows = vec![
+        ("rows", m.rows as f64),
+        ("mse", m.mse),
+        ("fvu", m.fvu),
+        ("explained_variance", m.explained_variance),
+        ("l0", m.l0),
+        ("l1", m.l1),
+        ("dead_fraction", m.dead_fraction),
+        ("dense_fraction", m.dense_fraction),
+        ("kl_to_target", m.kl_to_target),
+    ];
+    if let Some(v) = m.mmcs {
+        rows.push(("mmcs", v));
+    }
+    rows.iter()
+        .map(|(k, v)| format!("{k:<20}{v:>14.6}\n"))
+        .collect()
+}
+
+#[derive(Clone, Copy)]
+enum Transform {
+    Encode,
+    Decode,
+    Reconstruct,
+    Score,
+}
+
+fn transform(a: &IoArgs, what: Transform) -> Result<()> {
+    if a.batch_size < 1 {
+        bail_user!("--batch-size {}: must be at least 1", a.batch_size);
+    }
+    let model = load(&a.model, &a.device)?;
+    let x = npy::read_tensor(&a.data)?;
+    match what {
+        Transform::Decode => check_cols(&x, model.spec.d_hidden, "d_hidden", &a.data)?,
+        _ => check_cols(&x, model.spec.d_in, "d_in", &a.data)?,
+    }
+    let _guard = tch::no_grad_guard();
+    let device = model.device();
+    let n = x.size()[0];
+    let mut outs = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = a.batch_size.min(n - start);
+        let xb = x.narrow(0, start, len).to_device(device);
+        let y = match what {
+            Transform::Encode => model.encode(&xb),
+            Transform::Decode => model.decode(&xb),
+            Transform::Reconstruct => model.forward(&xb),
+            Transform::Score => {
+                // Per-row MSE in the model's (normalised) space, like `mse`.
+                let xn = model.norm.apply(&xb);
+                let xh = model.decode_normalized(&model.encode_normalized(&xn));
+                (xh - xn).square().mean_dim(-1, true, Kind::Float)
+            }
+        };
+        outs.push(y.to_device(tch::Device::Cpu));
+        start += len;
+    }
+    let y = Tensor::cat(&outs, 0);
+    npy::write_npy(&a.out, &y).with_context(|| format!("writing {}", a.out.display()))?;
+    Ok(())
+}

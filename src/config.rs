@@ -1,0 +1,467 @@
+//! Training configuration: YAML → typed structs with every default filled in,
+//! `--set key.path=value` overrides, and validation that names the bad key.
+//!
+//! Every field is documented in `configs/reference.yaml`.
+
+use crate::error::user;
+use crate::{bail_user, Result};
+use anyhow::Context;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::path::Path;
+
+/// A value that may be the word `auto` (or `full`), or a number.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Auto<T> {
+    Auto,
+    Value(T),
+}
+
+impl Serialize for Auto<i64> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Auto::Auto => s.serialize_str("auto"),
+            Auto::Value(v) => s.serialize_i64(*v),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Auto<i64> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Auto::deserialize_word(d, "auto")
+    }
+}
+
+/// `train.batch_size`: an integer, or `full` for full-batch gradient descent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BatchSize {
+    Full,
+    Rows(i64),
+}
+
+impl Serialize for BatchSize {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            BatchSize::Full => s.serialize_str("full"),
+            BatchSize::Rows(n) => s.serialize_i64(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        match Auto::<i64>::deserialize_word(d, "full")? {
+            Auto::Auto => Ok(BatchSize::Full),
+            Auto::Value(n) => Ok(BatchSize::Rows(n)),
+        }
+    }
+}
+
+impl Auto<i64> {
+    fn deserialize_word<'de, D: Deserializer<'de>>(
+        d: D,
+        word: &str,
+    ) -> std::result::Result<Self, D::Error> {
+        let v = serde_yaml::Value::deserialize(d)?;
+        match &v {
+            serde_yaml::Value::String(s) if s == word => Ok(Auto::Auto),
+            serde_yaml::Value::Number(n) if n.as_i64().is_some() => {
+                Ok(Auto::Value(n.as_i64().unwrap()))
+            }
+            _ => Err(serde::de::Error::custom(format!(
+                "expected `{word}` or an integer, got {}",
+                serde_yaml::to_string(&v).unwrap_or_default().trim()
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub seed: u64,
+    /// auto | cpu | cuda | cuda:N
+    pub device: String,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub sparsity: SparsityConfig,
+    pub train: TrainConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormalizeKind {
+    None,
+    Standardize,
+    Minmax,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    pub train: Option<String>,
+    pub valid: Option<String>,
+    pub valid_fraction: f64,
+    pub normalize: NormalizeKind,
+    /// Ground-truth feature directions `[n_features, d_in]` (from `sae data synth
+    /// --truth`); when given, the summary reports MMCS.
+    pub truth: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationKind {
+    Sigmoid,
+    Relu,
+    Topk,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputActivation {
+    None,
+    Sigmoid,
+}
+
+/// How fresh weights are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitScheme {
+    /// `torch.nn.Linear` defaults for encoder and decoder (the tutorials).
+    TorchLinear,
+    /// SAELens-style: unit-norm decoder rows, `W_enc = W_dec.T`, zero biases.
+    Sae,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub init: Option<String>,
+    pub init_scheme: InitScheme,
+    pub d_in: Auto<i64>,
+    pub d_hidden: i64,
+    pub activation: ActivationKind,
+    pub k: Option<i64>,
+    pub decoder_activation: OutputActivation,
+    pub apply_b_dec_to_input: bool,
+    pub tied: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PenaltyKind {
+    Kl,
+    L1,
+    MeanAbs,
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SparsityConfig {
+    pub penalty: PenaltyKind,
+    pub target: f64,
+    pub weight: f64,
+    /// l1 only: scale each |z_j| by ||W_dec[j]|| (SAELens convention).
+    pub l1_decoder_norm: bool,
+    /// kl only: allow an activation that is not bounded to (0, 1); the mean
+    /// activation is then clamped into (0, 1) before the KL.
+    pub allow_unbounded_kl: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerName {
+    Adam,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    pub name: OptimizerName,
+    pub lr: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: i64,
+    pub batch_size: BatchSize,
+    pub shuffle: bool,
+    pub optimizer: OptimizerConfig,
+    pub log_every: i64,
+    pub checkpoint_every: i64,
+    /// CPU threads for libtorch; `auto` = all cores.
+    pub threads: Auto<i64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            seed: 0,
+            device: "auto".into(),
+            data: DataConfig::default(),
+            model: ModelConfig::default(),
+            sparsity: SparsityConfig::default(),
+            train: TrainConfig::default(),
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            train: None,
+            valid: None,
+            valid_fraction: 0.0,
+            normalize: NormalizeKind::None,
+            truth: None,
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            init: None,
+            init_scheme: InitScheme::TorchLinear,
+            d_in: Auto::Auto,
+            d_hidden: 64,
+            activation: ActivationKind::Relu,
+            k: None,
+            decoder_activation: OutputActivation::None,
+            apply_b_dec_to_input: true,
+            tied: false,
+        }
+    }
+}
+
+impl Default for SparsityConfig {
+    fn default() -> Self {
+        SparsityConfig {
+            penalty: PenaltyKind::L1,
+            target: 0.05,
+            weight: 0.001,
+            l1_decoder_norm: true,
+            allow_unbounded_kl: false,
+        }
+    }
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig {
+            name: OptimizerName::Adam,
+            lr: 0.001,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 10,
+            batch_size: BatchSize::Rows(256),
+            shuffle: true,
+            optimizer: OptimizerConfig::default(),
+            log_every: 1,
+            checkpoint_every: 1000,
+            threads: Auto::Auto,
+        }
+    }
+}
+
+/// Sets `a.b.c = value` in a YAML mapping, creating intermediate mappings.
+pub fn apply_override(root: &mut serde_yaml::Value, assignment: &str) -> Result<()> {
+    let (path, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| user(format!("--set {assignment}: expected key.path=value")))?;
+    let path = path.trim();
+    if path.is_empty() || path.split('.').any(|p| p.is_empty()) {
+        bail_user!("--set {assignment}: empty key in `{path}`");
+    }
+    let value: serde_yaml::Value = serde_yaml::from_str(raw)
+        .map_err(|e| user(format!("--set {assignment}: value is not valid YAML: {e}")))?;
+    let mut node = root;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        if node.is_null() {
+            *node = serde_yaml::Value::Mapping(Default::default());
+        }
+        let map = node.as_mapping_mut().ok_or_else(|| {
+            user(format!(
+                "--set {assignment}: `{}` is not a mapping",
+                parts[..i].join(".")
+            ))
+        })?;
+        let key = serde_yaml::Value::String(part.to_string());
+        if i + 1 == parts.len() {
+            map.insert(key, value);
+            return Ok(());
+        }
+        node = map.entry(key).or_insert(serde_yaml::Value::Null);
+    }
+    unreachable!("a non-empty path always returns in the loop")
+}
+
+impl Config {
+    /// Parses YAML text (`origin` names it in errors), applies overrides,
+    /// fills defaults and validates.
+    pub fn from_yaml_str(text: &str, origin: &str, overrides: &[String]) -> Result<Config> {
+        let mut root: serde_yaml::Value = serde_yaml::from_str(text)
+            .map_err(|e| user(format!("{origin}: not valid YAML: {e}")))?;
+        if root.is_null() {
+            root = serde_yaml::Value::Mapping(Default::default());
+        }
+        if !root.is_mapping() {
+            bail_user!("{origin}: the config must be a YAML mapping of keys to values");
+        }
+        for o in overrides {
+            apply_override(&mut root, o)?;
+        }
+        let cfg: Config =
+            serde_yaml::from_value(root).map_err(|e| user(format!("{origin}: {e}")))?;
+        cfg.validate().map_err(|e| user(format!("{origin}: {e}")))?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| user(format!("{}: cannot read config: {e}", path.display())))?;
+        Self::from_yaml_str(&text, &path.display().to_string(), overrides)
+    }
+
+    pub fn to_yaml(&self) -> Result<String> {
+        serde_yaml::to_string(self).context("serialising config")
+    }
+
+    /// Checks values that parse but make no sense. The message names the key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let m = &self.model;
+        let s = &self.sparsity;
+        let t = &self.train;
+        let o = &t.optimizer;
+        if self.data.train.is_none() {
+            return Err("data.train: required (a .npy file with one row per sample)".into());
+        }
+        if !(0.0..1.0).contains(&self.data.valid_fraction) {
+            return Err(format!(
+                "data.valid_fraction: {} is outside [0, 1)",
+                self.data.valid_fraction
+            ));
+        }
+        if self.data.valid.is_some() && self.data.valid_fraction > 0.0 {
+            return Err("data.valid and data.valid_fraction: give one or the other".into());
+        }
+        if let Auto::Value(d) = m.d_in {
+            if d < 1 {
+                return Err(format!("model.d_in: {d} must be `auto` or at least 1"));
+            }
+        }
+        if m.d_hidden < 1 {
+            return Err(format!("model.d_hidden: {} must be at least 1", m.d_hidden));
+        }
+        match (m.activation, m.k) {
+            (ActivationKind::Topk, None) => {
+                return Err("model.k: required for activation topk".into());
+            }
+            (ActivationKind::Topk, Some(k)) if k < 1 || k > m.d_hidden => {
+                return Err(format!(
+                    "model.k: {k} must be between 1 and model.d_hidden ({})",
+                    m.d_hidden
+                ));
+            }
+            (a, Some(_)) if a != ActivationKind::Topk => {
+                return Err(format!(
+                    "model.k: only used by activation topk, not {}",
+                    activation_name(a)
+                ));
+            }
+            _ => {}
+        }
+        if matches!(s.penalty, PenaltyKind::Kl | PenaltyKind::MeanAbs)
+            && !(s.target > 0.0 && s.target < 1.0)
+        {
+            return Err(format!(
+                "sparsity.target: {} must lie strictly between 0 and 1",
+                s.target
+            ));
+        }
+        if !(s.weight >= 0.0 && s.weight.is_finite()) {
+            return Err(format!(
+                "sparsity.weight: {} must be a finite number >= 0",
+                s.weight
+            ));
+        }
+        if s.penalty == PenaltyKind::Kl
+            && m.activation != ActivationKind::Sigmoid
+            && !s.allow_unbounded_kl
+        {
+            return Err(format!(
+                "sparsity.penalty: kl needs activations in (0, 1) but model.activation is {}; \
+                 use activation: sigmoid, or set sparsity.allow_unbounded_kl: true to clamp",
+                activation_name(m.activation)
+            ));
+        }
+        if t.epochs < 1 {
+            return Err(format!("train.epochs: {} must be at least 1", t.epochs));
+        }
+        if let BatchSize::Rows(b) = t.batch_size {
+            if b < 1 {
+                return Err(format!(
+                    "train.batch_size: {b} must be `full` or at least 1"
+                ));
+            }
+        }
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return Err(format!("train.optimizer.lr: {} must be > 0", o.lr));
+        }
+        for (i, b) in o.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                return Err(format!("train.optimizer.betas[{i}]: {b} is outside [0, 1)"));
+            }
+        }
+        if !(o.eps > 0.0) {
+            return Err(format!("train.optimizer.eps: {} must be > 0", o.eps));
+        }
+        if !(o.weight_decay >= 0.0) {
+            return Err(format!(
+                "train.optimizer.weight_decay: {} must be >= 0",
+                o.weight_decay
+            ));
+        }
+        if t.log_every < 1 {
+            return Err(format!(
+                "train.log_every: {} must be at least 1",
+                t.log_every
+            ));
+        }
+        if t.checkpoint_every < 1 {
+            return Err(format!(
+                "train.checkpoint_every: {} must be at least 1",
+                t.checkpoint_every
+            ));
+        }
+        if let Auto::Value(n) = t.threads {
+            if n < 1 {
+                return Err(format!("train.threads: {n} must be `auto` or at least 1"));
+            }
+        }
+        crate::device::parse_device(&self.device).map_err(|e| format!("device: {e}"))?;
+        Ok(())
+    }
+}
+
+pub fn activation_name(a: ActivationKind) -> &'static str {
+    match a {
+        ActivationKind::Sigmoid => "sigmoid",
+        ActivationKind::Relu => "relu",
+        ActivationKind::Topk => "topk",
+    }
+}

@@ -1,0 +1,116 @@
+//! In-memory datasets, validation splits and seeded mini-batch orders.
+
+use crate::config::BatchSize;
+use tch::{Device, Kind, Tensor};
+
+/// SplitMix64: a tiny, well-known generator, so the batch order depends on the
+/// seed alone (not on libtorch's RNG or the device) and is easy to reproduce.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0), by rejection so there is no modulo bias.
+    pub fn below(&mut self, n: u64) -> u64 {
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let v = self.next_u64();
+            if v < zone {
+                return v % n;
+            }
+        }
+    }
+}
+
+/// A Fisher–Yates permutation of `0..n` from `seed`.
+pub fn permutation(n: usize, seed: u64) -> Vec<i64> {
+    let mut rng = SplitMix64(seed);
+    let mut p: Vec<i64> = (0..n as i64).collect();
+    for i in (1..n).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        p.swap(i, j);
+    }
+    p
+}
+
+/// The order for one epoch: a permutation seeded by (seed, epoch), or 0..n.
+pub fn epoch_order(n: usize, seed: u64, epoch: i64, shuffle: bool) -> Vec<i64> {
+    if shuffle {
+        permutation(n, seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407))
+    } else {
+        (0..n as i64).collect()
+    }
+}
+
+/// Rows of one float32 matrix, kept on the training device.
+#[derive(Debug)]
+pub struct Dataset {
+    pub x: Tensor,
+}
+
+impl Dataset {
+    pub fn new(x: Tensor, device: Device) -> Dataset {
+        Dataset {
+            x: x.to_kind(Kind::Float).to_device(device),
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.x.size()[0] as usize
+    }
+
+    pub fn cols(&self) -> i64 {
+        self.x.size()[1]
+    }
+
+    /// Splits off a validation set: `fraction` of the rows, chosen by a
+    /// permutation seeded with `seed`. Returns (train, valid).
+    pub fn split(self, fraction: f64, seed: u64) -> (Dataset, Dataset) {
+        let n = self.rows();
+        let n_valid = ((n as f64) * fraction).round().max(1.0) as usize;
+        let perm = permutation(n, seed ^ 0x5EED_5EED);
+        let device = self.x.device();
+        let idx = |s: &[i64]| Tensor::from_slice(s).to_device(device);
+        let valid = self.x.index_select(0, &idx(&perm[..n_valid]));
+        let train = self.x.index_select(0, &idx(&perm[n_valid..]));
+        (Dataset { x: train }, Dataset { x: valid })
+    }
+
+    /// Batches in `order`, `batch` rows each (the last may be smaller).
+    pub fn batches<'a>(
+        &'a self,
+        order: &'a [i64],
+        batch: BatchSize,
+    ) -> impl Iterator<Item = Tensor> + 'a {
+        let size = match batch {
+            BatchSize::Full => order.len().max(1),
+            BatchSize::Rows(b) => b as usize,
+        };
+        let device = self.x.device();
+        let identity = order.iter().enumerate().all(|(i, &v)| i as i64 == v);
+        order.chunks(size).enumerate().map(move |(i, chunk)| {
+            if identity {
+                // Contiguous rows: a view, no gather.
+                self.x.narrow(0, (i * size) as i64, chunk.len() as i64)
+            } else {
+                self.x
+                    .index_select(0, &Tensor::from_slice(chunk).to_device(device))
+            }
+        })
+    }
+
+    /// Number of batches per epoch.
+    pub fn batch_count(&self, batch: BatchSize) -> usize {
+        match batch {
+            BatchSize::Full => 1,
+            BatchSize::Rows(b) => self.rows().div_ceil(b as usize),
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Data: `.npy` I/O, in-memory datasets and batching, synthetic data.
+
+pub mod dataset;
+pub mod npy;
+pub mod synth;

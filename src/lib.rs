@@ -1,0 +1,23 @@
+//! `sae`: train, evaluate and export sparse autoencoders on libtorch.
+//!
+//! Where things live: the model ([`model`]), its activations ([`activation`])
+//! and sparsity penalties ([`penalty`]); the data path ([`data`]); the training
+//! loop ([`train`]) and optimizer ([`optim`]); metric definitions
+//! ([`metrics`]); model files ([`export`]); the CLI ([`cli`]).
+
+pub mod activation;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod export;
+pub mod fsutil;
+pub mod metrics;
+pub mod model;
+pub mod normalize;
+pub mod optim;
+pub mod penalty;
+pub mod train;
+
+pub type Result<T> = anyhow::Result<T>;

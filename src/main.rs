@@ -1,0 +1,26 @@
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    // libtorch errors surface as Rust panics inside tch; report them as one
+    // line (exit 1), never a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        let first = msg.lines().next().unwrap_or(msg);
+        eprintln!("sae: internal error: {first}");
+    }));
+    let cli = sae::cli::Cli::parse();
+    match std::panic::catch_unwind(|| sae::cli::run(cli)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("sae: error: {}", sae::error::one_line(&e));
+            ExitCode::from(sae::error::exit_code(&e) as u8)
+        }
+        Err(_) => ExitCode::from(1),
+    }
+}

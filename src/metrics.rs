@@ -1,0 +1,152 @@
+//! Every metric's definition, once. All are computed in the space the model
+//! sees (after input normalisation), like the training loss; with
+//! `normalize: none` that is the data's own space.
+//!
+//! For data `x [n, d]`, reconstruction `x̂`, codes `z [n, h]`, threshold `t`
+//! (0 for ReLU-like codes, 0.5 for sigmoid):
+//! - `mse` = mean over all n·d elements of (x̂ − x)²
+//! - `fvu` = Σ(x − x̂)² / Σ(x − x̄)², x̄ the per-column mean over rows
+//! - `explained_variance` = 1 − fvu
+//! - `l0` = mean over rows of #{j : z_j > t}
+//! - `l1` = mean over rows of Σ_j |z_j|
+//! - `mean_activation[j]` = mean over rows of z_j
+//! - `kl_to_target` = Σ_j KL(ρ ‖ clamp(mean_activation[j], ε, 1−ε))
+//! - `dead_fraction` = fraction of units with z_j > t on no row
+//! - `dense_fraction` = fraction of units with z_j > t on more than 10% of rows
+//! - `mmcs` = mean over true features f of max_j cos(f, W_dec[j]), decoder
+//!   rows mapped back to data space (multiplied by the normalisation scale)
+
+use crate::model::Sae;
+use crate::penalty::{kl_divergence, KL_EPS};
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+/// A unit firing on more than this fraction of rows counts as dense.
+pub const DENSE_THRESHOLD: f64 = 0.1;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Metrics {
+    pub rows: i64,
+    pub mse: f64,
+    pub fvu: f64,
+    pub explained_variance: f64,
+    pub l0: f64,
+    pub l1: f64,
+    pub dead_fraction: f64,
+    pub dense_fraction: f64,
+    pub kl_to_target: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mmcs: Option<f64>,
+    /// Per unit; left out of summaries, shown by `sae eval --json`.
+    #[serde(skip)]
+    pub mean_activation: Vec<f64>,
+    #[serde(skip)]
+    pub firing_frequency: Vec<f64>,
+}
+
+/// Evaluates `model` on raw (un-normalised) rows `x`, `batch` rows at a time.
+/// `target` is the ρ for `kl_to_target`.
+pub fn evaluate(
+    model: &Sae,
+    x: &Tensor,
+    batch: i64,
+    target: f64,
+    truth: Option<&Tensor>,
+) -> Metrics {
+    let _guard = tch::no_grad_guard();
+    let device = model.device();
+    let n = x.size()[0];
+    let d = x.size()[1];
+    let h = model.spec.d_hidden;
+    let thr = model.spec.activation.active_threshold();
+    let dopts = (Kind::Double, device);
+    let mut sse = Tensor::zeros([], dopts);
+    let mut sum_x = Tensor::zeros([d], dopts);
+    let mut sum_x2 = Tensor::zeros([d], dopts);
+    let mut fire = Tensor::zeros([h], dopts);
+    let mut act = Tensor::zeros([h], dopts);
+    let mut l1 = Tensor::zeros([], dopts);
+    let mut start = 0;
+    while start < n {
+        let len = batch.min(n - start);
+        let xb = x
+            .narrow(0, start, len)
+            .to_device(device)
+            .to_kind(Kind::Float);
+        let xn = model.norm.apply(&xb);
+        let z = model.encode_normalized(&xn);
+        let xh = model.decode_normalized(&z);
+        let xn = xn.to_kind(Kind::Double);
+        sse += (xh.to_kind(Kind::Double) - &xn).square().sum(Kind::Double);
+        sum_x += xn.sum_dim_intlist(0, false, Kind::Double);
+        sum_x2 += xn.square().sum_dim_intlist(0, false, Kind::Double);
+        fire += z.gt(thr).sum_dim_intlist(0, false, Kind::Double);
+        act += z.sum_dim_intlist(0, false, Kind::Double);
+        l1 += z.abs().sum(Kind::Double);
+        start += len;
+    }
+    let nf = n as f64;
+    let sse = sse.double_value(&[]);
+    // Σ(x − x̄)² per column = Σx² − (Σx)²/n, in float64.
+    let ss_tot = (sum_x2 - sum_x.square() / nf)
+        .sum(Kind::Double)
+        .double_value(&[]);
+    let fvu = if ss_tot > 0.0 { sse / ss_tot } else { f64::NAN };
+    let freq = fire / nf;
+    let mean_act = act / nf;
+    let kl = kl_divergence(target, &mean_act.clamp(KL_EPS, 1.0 - KL_EPS))
+        .sum(Kind::Double)
+        .double_value(&[]);
+    let dead = freq
+        .eq(0.0)
+        .to_kind(Kind::Double)
+        .mean(Kind::Double)
+        .double_value(&[]);
+    let dense = freq
+        .gt(DENSE_THRESHOLD)
+        .to_kind(Kind::Double)
+        .mean(Kind::Double)
+        .double_value(&[]);
+    let l0 = freq.sum(Kind::Double).double_value(&[]);
+    let mmcs = truth.map(|t| mmcs(t, &decoder_rows_in_data_space(model)));
+    Metrics {
+        rows: n,
+        mse: sse / (nf * d as f64),
+        fvu,
+        explained_variance: 1.0 - fvu,
+        l0,
+        l1: l1.double_value(&[]) / nf,
+        dead_fraction: dead,
+        dense_fraction: dense,
+        kl_to_target: kl,
+        mmcs,
+        mean_activation: to_vec(&mean_act),
+        firing_frequency: to_vec(&freq),
+    }
+}
+
+fn to_vec(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_device(tch::Device::Cpu).to_kind(Kind::Double)).unwrap_or_default()
+}
+
+/// Decoder directions `[h, d]` in the data's own space.
+pub fn decoder_rows_in_data_space(model: &Sae) -> Tensor {
+    let w = model.decoder_weight().detach();
+    match &model.norm.scale {
+        Some(scale) => w * scale,
+        None => w,
+    }
+}
+
+/// Mean max cosine similarity: for each true feature (row of `truth`), the
+/// best cosine with any row of `rows`, averaged over true features.
+pub fn mmcs(truth: &Tensor, rows: &Tensor) -> f64 {
+    let _guard = tch::no_grad_guard();
+    let device = rows.device();
+    let unit = |t: &Tensor| {
+        let t = t.to_device(device).to_kind(Kind::Double);
+        &t / t.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12)
+    };
+    let cos = unit(truth).matmul(&unit(rows).tr());
+    cos.amax(1, false).mean(Kind::Double).double_value(&[])
+}
