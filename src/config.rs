@@ -191,6 +191,10 @@ pub struct TrainConfig {
     pub epochs: i64,
     pub batch_size: BatchSize,
     pub shuffle: bool,
+    /// An int64 `.npy` giving the batch order: `[n]` (every epoch) or
+    /// `[epochs, n]`, each row a permutation of the training rows. Overrides
+    /// `shuffle`; lets a reference script see exactly the same batches.
+    pub order: Option<String>,
     pub optimizer: OptimizerConfig,
     pub log_every: i64,
     pub checkpoint_every: i64,
@@ -269,6 +273,7 @@ impl Default for TrainConfig {
             epochs: 10,
             batch_size: BatchSize::Rows(256),
             shuffle: true,
+            order: None,
             optimizer: OptimizerConfig::default(),
             log_every: 1,
             checkpoint_every: 1000,

@@ -2,7 +2,7 @@
 //! the optimizer each live in their own module; this file only wires them.
 
 use crate::config::{Auto, Config};
-use crate::data::dataset::{epoch_order, Dataset};
+use crate::data::dataset::{epoch_order, read_order, Dataset};
 use crate::data::npy;
 use crate::error::user;
 use crate::export::{self, RUN_MODEL_FILE};
@@ -53,6 +53,8 @@ struct Prepared {
     train: Tensor,
     valid: Option<Tensor>,
     truth: Option<Tensor>,
+    /// `train.order`, read and checked.
+    fixed_order: Option<Vec<Vec<i64>>>,
     model: Sae,
 }
 
@@ -110,6 +112,10 @@ fn prepare(cfg: &Config) -> Result<Prepared> {
         None => None,
     };
 
+    let fixed_order = match &cfg.train.order {
+        Some(p) => Some(read_order(p, train.size()[0] as usize, cfg.train.epochs)?),
+        None => None,
+    };
     let norm = Normalizer::fit(cfg.data.normalize, &train);
     let spec = ModelSpec::from_config(&cfg.model, d_in);
     let mut model = Sae::init(spec, cfg.model.init_scheme, norm, device);
@@ -122,6 +128,7 @@ fn prepare(cfg: &Config) -> Result<Prepared> {
         train,
         valid,
         truth,
+        fixed_order,
         model,
     })
 }
@@ -193,6 +200,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
         train,
         valid,
         truth,
+        fixed_order,
         mut model,
     } = prepare(cfg)?;
 
@@ -240,7 +248,10 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
     let mut last_loss = f64::NAN;
     let mut samples: i64 = 0;
     for epoch in 1..=t.epochs {
-        let order = epoch_order(data.rows(), cfg.seed, epoch, t.shuffle);
+        let order = match &fixed_order {
+            Some(o) => o[((epoch - 1) as usize).min(o.len() - 1)].clone(),
+            None => epoch_order(data.rows(), cfg.seed, epoch, t.shuffle),
+        };
         let n_batches = per_epoch as i64;
         for (b, xb) in data.batches(&order, t.batch_size).enumerate() {
             step += 1;

@@ -49,6 +49,41 @@ pub fn epoch_order(n: usize, seed: u64, epoch: i64, shuffle: bool) -> Vec<i64> {
     }
 }
 
+/// Reads `train.order`: an int64 `.npy` of shape `[n]` (used every epoch) or
+/// `[epochs, n]`, each row a permutation of `0..n`.
+pub fn read_order(path: &str, n: usize, epochs: i64) -> crate::Result<Vec<Vec<i64>>> {
+    use crate::error::user;
+    let f = std::fs::File::open(path)
+        .map_err(|e| user(format!("train.order: {path}: cannot open: {e}")))?;
+    let npy = npyz::NpyFile::new(std::io::BufReader::new(f))
+        .map_err(|e| user(format!("train.order: {path}: not a valid .npy file: {e}")))?;
+    let shape = npy.shape().to_vec();
+    let rows: Vec<i64> = npy
+        .into_vec::<i64>()
+        .map_err(|e| user(format!("train.order: {path}: expected int64 values: {e}")))?;
+    let orders: Vec<Vec<i64>> = match shape.as_slice() {
+        [m] if *m as usize == n => vec![rows],
+        [e, m] if *m as usize == n && *e as i64 == epochs => {
+            rows.chunks(n).map(|c| c.to_vec()).collect()
+        }
+        _ => crate::bail_user!(
+            "train.order: {path}: shape {shape:?}; expected [{n}] or [{epochs}, {n}] \
+             (train.epochs x training rows)"
+        ),
+    };
+    for (e, o) in orders.iter().enumerate() {
+        let mut seen = vec![false; n];
+        for &i in o {
+            if i < 0 || i as usize >= n || std::mem::replace(&mut seen[i as usize], true) {
+                crate::bail_user!(
+                    "train.order: {path}: row {e} is not a permutation of 0..{n} (bad or repeated index {i})"
+                );
+            }
+        }
+    }
+    Ok(orders)
+}
+
 /// Rows of one float32 matrix, kept on the training device.
 #[derive(Debug)]
 pub struct Dataset {
