@@ -26,7 +26,7 @@ $(STAMP):
 	@echo "==> creating $(VENV) with torch==$(TORCH) (one-time, ~1-2 min)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "torch==$(TORCH)" numpy
+	$(PY) -m pip install --quiet "torch==$(TORCH)" numpy safetensors
 	touch $@
 
 build: $(SETUP_DEPS)

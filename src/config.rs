@@ -330,8 +330,16 @@ impl Config {
         for o in overrides {
             apply_override(&mut root, o)?;
         }
-        let cfg: Config =
-            serde_yaml::from_value(root).map_err(|e| user(format!("{origin}: {e}")))?;
+        // serde_path_to_error names the key at fault (`train.epochs: ...`).
+        let cfg: Config = serde_path_to_error::deserialize(root).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." || path.is_empty() {
+                user(format!("{origin}: {inner}"))
+            } else {
+                user(format!("{origin}: {path}: {inner}"))
+            }
+        })?;
         cfg.validate().map_err(|e| user(format!("{origin}: {e}")))?;
         Ok(cfg)
     }

@@ -1,0 +1,357 @@
+//! Bad configs, data and usage: exit code 2, one line on stderr naming the
+//! culprit, no panic, and no run directory or output file left behind.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+const GOOD: &str = "device: cpu\ndata:\n  train: X\nmodel:\n  d_hidden: 8\ntrain:\n  epochs: 1\n";
+
+/// Asserts a clean user error: exit 2, a single `sae: error:` line that
+/// contains every `needle`, no panic text.
+fn assert_user_error(o: &std::process::Output, needles: &[&str], what: &str) {
+    let err = stderr(o);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{what}: expected exit 2, got {:?}; stderr:\n{err}",
+        o.status.code()
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what}: expected one stderr line, got:\n{err}"
+    );
+    assert!(lines[0].starts_with("sae: error:"), "{what}: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{what}: panic: {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "{what}: stderr lacks `{n}`:\n{err}");
+    }
+    println!("{what:<40} -> {}", lines[0]);
+}
+
+fn train_fails(dir: &Path, name: &str, yaml: &str, sets: &[&str], needles: &[&str]) {
+    let cfg = write_config(dir, &format!("{name}.yaml"), yaml);
+    let run = dir.join(format!("run-{name}"));
+    let mut args = vec![
+        "train",
+        "-q",
+        "--config",
+        &cfg,
+        "--out",
+        run.to_str().unwrap(),
+    ];
+    for s in sets {
+        args.push("--set");
+        args.push(s);
+    }
+    let o = sae(&args);
+    assert_user_error(&o, needles, name);
+    assert!(
+        !run.exists(),
+        "{name}: a run that failed validation left {} behind",
+        run.display()
+    );
+}
+
+#[test]
+fn bad_configs_are_rejected_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, _) = synth(dir.path(), 64, 4, 4, 1);
+    let good = GOOD.replace('X', &x);
+    let d = dir.path();
+    train_fails(
+        d,
+        "unknown-key",
+        &good.replace("epochs: 1", "epoch: 1"),
+        &[],
+        &["epoch", "epochs"],
+    );
+    train_fails(
+        d,
+        "wrong-type",
+        &good.replace("epochs: 1", "epochs: ten"),
+        &[],
+        &["epochs"],
+    );
+    train_fails(d, "not-a-mapping", "- a\n- b\n", &[], &["mapping"]);
+    train_fails(d, "bad-yaml", "data: [unclosed\n", &[], &["YAML"]);
+    train_fails(
+        d,
+        "target-range",
+        &good,
+        &["sparsity.penalty=mean_abs", "sparsity.target=1.5"],
+        &["sparsity.target"],
+    );
+    train_fails(
+        d,
+        "target-zero",
+        &good,
+        &[
+            "model.activation=sigmoid",
+            "sparsity.penalty=kl",
+            "sparsity.target=0",
+        ],
+        &["sparsity.target"],
+    );
+    train_fails(
+        d,
+        "k-too-large",
+        &good,
+        &["model.activation=topk", "model.k=9"],
+        &["model.k", "d_hidden"],
+    );
+    train_fails(
+        d,
+        "k-missing",
+        &good,
+        &["model.activation=topk"],
+        &["model.k"],
+    );
+    train_fails(
+        d,
+        "lr-zero",
+        &good,
+        &["train.optimizer.lr=0"],
+        &["train.optimizer.lr"],
+    );
+    train_fails(
+        d,
+        "lr-negative",
+        &good,
+        &["train.optimizer.lr=-1e-3"],
+        &["train.optimizer.lr"],
+    );
+    train_fails(
+        d,
+        "batch-zero",
+        &good,
+        &["train.batch_size=0"],
+        &["train.batch_size"],
+    );
+    train_fails(
+        d,
+        "batch-word",
+        &good,
+        &["train.batch_size=half"],
+        &["batch_size"],
+    );
+    train_fails(
+        d,
+        "kl-unbounded",
+        &good,
+        &["sparsity.penalty=kl"],
+        &["sparsity.penalty", "relu", "allow_unbounded_kl"],
+    );
+    train_fails(d, "device", &good, &["device=tpu"], &["device", "tpu"]);
+    train_fails(
+        d,
+        "d-in-mismatch",
+        &good,
+        &["model.d_in=5"],
+        &["model.d_in", "4 columns"],
+    );
+    train_fails(
+        d,
+        "missing-data",
+        &good,
+        &["data.train=nope.npy"],
+        &["nope.npy"],
+    );
+    train_fails(
+        d,
+        "no-data",
+        "model:\n  d_hidden: 4\n",
+        &[],
+        &["data.train"],
+    );
+    train_fails(
+        d,
+        "bad-set",
+        &good,
+        &["train.epochs"],
+        &["--set", "key.path=value"],
+    );
+    train_fails(d, "set-through-scalar", &good, &["seed.x=1"], &["seed"]);
+    train_fails(
+        d,
+        "valid-fraction",
+        &good,
+        &["data.valid_fraction=1.5"],
+        &["data.valid_fraction"],
+    );
+    train_fails(
+        d,
+        "missing-init",
+        &good,
+        &["model.init=nope.safetensors"],
+        &["model.init"],
+    );
+    train_fails(
+        d,
+        "bad-order",
+        &good,
+        &["train.order=nope.npy"],
+        &["train.order"],
+    );
+
+    // A missing config file.
+    let o = sae(&[
+        "train",
+        "--config",
+        "/nonexistent/c.yaml",
+        "--out",
+        d.join("r").to_str().unwrap(),
+    ]);
+    assert_user_error(&o, &["/nonexistent/c.yaml"], "missing-config");
+}
+
+/// Writes a raw .npy with the given header dict and payload.
+fn raw_npy(path: &Path, dict: &str, payload: &[u8]) {
+    let mut h = dict.to_string();
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    b.extend_from_slice(h.as_bytes());
+    b.extend_from_slice(payload);
+    std::fs::write(path, b).unwrap();
+}
+
+fn f32s(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[test]
+fn bad_data_files_are_rejected_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |n: &str| d.join(n).display().to_string();
+    raw_npy(
+        &d.join("1d.npy"),
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }",
+        &f32s(&[1.0; 4]),
+    );
+    raw_npy(
+        &d.join("3d.npy"),
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2, 1), }",
+        &f32s(&[1.0; 4]),
+    );
+    raw_npy(
+        &d.join("0rows.npy"),
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 3), }",
+        &[],
+    );
+    raw_npy(
+        &d.join("0cols.npy"),
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 0), }",
+        &[],
+    );
+    raw_npy(
+        &d.join("complex.npy"),
+        "{'descr': '<c8', 'fortran_order': False, 'shape': (2, 2), }",
+        &[0u8; 32],
+    );
+    raw_npy(
+        &d.join("bool.npy"),
+        "{'descr': '|b1', 'fortran_order': False, 'shape': (2, 2), }",
+        &[0u8; 4],
+    );
+    raw_npy(
+        &d.join("truncated.npy"),
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (10, 10), }",
+        &f32s(&[1.0; 7]),
+    );
+    raw_npy(
+        &d.join("nan.npy"),
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }",
+        &f32s(&[1.0, 2.0, f32::NAN, 0.0]),
+    );
+    std::fs::write(d.join("magic.npy"), b"PK\x03\x04 this is not npy").unwrap();
+    let cases: &[(&str, &[&str])] = &[
+        ("1d.npy", &["1d.npy", "2-D"]),
+        ("3d.npy", &["3d.npy", "2-D"]),
+        ("0rows.npy", &["0rows.npy", "at least one row"]),
+        ("0cols.npy", &["0cols.npy", "at least one row"]),
+        ("complex.npy", &["complex.npy", "not supported"]),
+        ("bool.npy", &["bool.npy", "not supported"]),
+        ("truncated.npy", &["truncated.npy"]),
+        ("nan.npy", &["nan.npy", "row 1, column 0", "NaN"]),
+        ("magic.npy", &["magic.npy", "not a valid .npy"]),
+        ("missing.npy", &["missing.npy", "no such file"]),
+    ];
+    for (file, needles) in cases {
+        let yaml = GOOD.replace('X', &p(file));
+        train_fails(d, &format!("data-{file}"), &yaml, &[], needles);
+    }
+}
+
+#[test]
+fn model_commands_reject_bad_models_and_mismatched_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 64, 4, 4, 1);
+    let cfg = write_config(d, "c.yaml", &GOOD.replace('X', &x));
+    let run = d.join("run").display().to_string();
+    sae_ok(&["train", "-q", "--config", &cfg, "--out", &run]);
+    let (x5, _) = {
+        let sub = d.join("five");
+        std::fs::create_dir(&sub).unwrap();
+        synth(&sub, 16, 5, 4, 1)
+    };
+    let out = d.join("codes.npy").display().to_string();
+    let o = sae(&["encode", "--model", &run, "--data", &x5, "--out", &out]);
+    assert_user_error(&o, &["5 columns", "d_in is 4"], "encode-d-in-mismatch");
+    assert!(!Path::new(&out).exists(), "a failed encode left {out}");
+    let o = sae(&["decode", "--model", &run, "--data", &x, "--out", &out]);
+    assert_user_error(&o, &["4 columns", "d_hidden is 8"], "decode-width-mismatch");
+    let o = sae(&[
+        "eval",
+        "--model",
+        &d.join("nope").display().to_string(),
+        "--data",
+        &x,
+    ]);
+    assert_user_error(&o, &["nope"], "eval-missing-model");
+    let o = sae(&["eval", "--model", &x, "--data", &x]);
+    assert_user_error(&o, &["unrecognised model format"], "eval-npy-as-model");
+    // Usage errors (clap) are exit 2 as well.
+    let o = sae(&["train"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = sae(&["frobnicate"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn existing_run_directory_needs_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 64, 4, 4, 1);
+    let cfg = write_config(d, "c.yaml", &GOOD.replace('X', &x));
+    let run = d.join("run").display().to_string();
+    sae_ok(&["train", "-q", "--config", &cfg, "--out", &run]);
+    let before = std::fs::read(d.join("run/model.safetensors")).unwrap();
+    let o = sae(&[
+        "train", "-q", "--config", &cfg, "--out", &run, "--set", "seed=5",
+    ]);
+    assert_user_error(&o, &["--force"], "existing-run-dir");
+    assert_eq!(
+        before,
+        std::fs::read(d.join("run/model.safetensors")).unwrap(),
+        "refused run changed the model"
+    );
+    sae_ok(&[
+        "train", "-q", "--config", &cfg, "--out", &run, "--set", "seed=5", "--force",
+    ]);
+    assert_ne!(
+        before,
+        std::fs::read(d.join("run/model.safetensors")).unwrap(),
+        "--force did not replace"
+    );
+}
