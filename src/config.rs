@@ -440,10 +440,10 @@ impl Config {
                 return Err(format!("train.optimizer.betas[{i}]: {b} is outside [0, 1)"));
             }
         }
-        if !(o.eps > 0.0) {
+        if o.eps.is_nan() || o.eps <= 0.0 {
             return Err(format!("train.optimizer.eps: {} must be > 0", o.eps));
         }
-        if !(o.weight_decay >= 0.0) {
+        if o.weight_decay.is_nan() || o.weight_decay < 0.0 {
             return Err(format!(
                 "train.optimizer.weight_decay: {} must be >= 0",
                 o.weight_decay

@@ -58,7 +58,10 @@ impl Adam {
             let _ = v.g_mul_scalar_(beta2);
             let _ = v.addcmul_(&grad, &(&grad * (1.0 - beta2)));
             let denom = v.sqrt() / bias_correction2_sqrt + self.cfg.eps;
-            let _ = p.g_add_(&(&*m / denom * (-step_size)));
+            // torch: param.addcdiv_(exp_avg, denom, value=-step_size), whose
+            // kernel computes param + (value * exp_avg) / denom: scale first,
+            // then divide, or the result is off by an ulp in ~2% of elements.
+            let _ = p.g_add_(&(&*m * (-step_size) / denom));
         }
     }
 

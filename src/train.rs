@@ -362,35 +362,26 @@ fn valid_mse(model: &Sae, xn: &Tensor) -> f64 {
 
 /// A small text table of train/valid metrics.
 pub fn summary_table(s: &Summary) -> String {
-    let mut rows: Vec<(&str, Box<dyn Fn(&Metrics) -> Option<f64>>)> = vec![
-        ("mse", Box::new(|m: &Metrics| Some(m.mse))),
-        ("fvu", Box::new(|m: &Metrics| Some(m.fvu))),
-        (
-            "explained_variance",
-            Box::new(|m: &Metrics| Some(m.explained_variance)),
-        ),
-        ("l0", Box::new(|m: &Metrics| Some(m.l0))),
-        (
-            "dead_fraction",
-            Box::new(|m: &Metrics| Some(m.dead_fraction)),
-        ),
-        (
-            "dense_fraction",
-            Box::new(|m: &Metrics| Some(m.dense_fraction)),
-        ),
+    type Row = (&'static str, fn(&Metrics) -> Option<f64>);
+    let mut rows: Vec<Row> = vec![
+        ("mse", |m| Some(m.mse)),
+        ("fvu", |m| Some(m.fvu)),
+        ("explained_variance", |m| Some(m.explained_variance)),
+        ("l0", |m| Some(m.l0)),
+        ("dead_fraction", |m| Some(m.dead_fraction)),
+        ("dense_fraction", |m| Some(m.dense_fraction)),
     ];
     if s.train.mmcs.is_some() {
-        rows.push(("mmcs", Box::new(|m: &Metrics| m.mmcs)));
+        rows.push(("mmcs", |m| m.mmcs));
     }
-    let fmt = |v: Option<f64>| {
-        v.map(|v| format!("{v:>12.5}"))
-            .unwrap_or_else(|| format!("{:>12}", "-"))
+    let fmt = |v: Option<f64>| match v {
+        Some(v) => format!("{v:>12.5}"),
+        None => format!("{:>12}", "-"),
     };
     let mut out = format!("{:<20}{:>12}{:>12}\n", "metric", "train", "valid");
-    for (name, f) in rows.iter_mut() {
-        let t = f(&s.train);
-        let v = s.valid.as_ref().and_then(|m| f(m));
-        out += &format!("{name:<20}{}{}\n", fmt(t), fmt(v));
+    for (name, f) in rows {
+        let v = s.valid.as_ref().and_then(f);
+        out += &format!("{name:<20}{}{}\n", fmt(f(&s.train)), fmt(v));
     }
     out += &format!(
         "{} steps in {:.1} s ({:.0} samples/s) on {}\n",

@@ -213,7 +213,7 @@ fn bad_configs_are_rejected_naming_the_key() {
 /// Writes a raw .npy with the given header dict and payload.
 fn raw_npy(path: &Path, dict: &str, payload: &[u8]) {
     let mut h = dict.to_string();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
     h.push('\n');
