@@ -18,6 +18,8 @@ pub mod model;
 pub mod normalize;
 pub mod optim;
 pub mod penalty;
+pub mod plot;
+pub mod report;
 pub mod train;
 
 pub type Result<T> = anyhow::Result<T>;

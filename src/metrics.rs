@@ -13,6 +13,9 @@
 //! - `kl_to_target` = Σ_j KL(ρ ‖ clamp(mean_activation[j], ε, 1−ε))
 //! - `dead_fraction` = fraction of units with z_j > t on no row
 //! - `dense_fraction` = fraction of units with z_j > t on more than 10% of rows
+//! - `firing_histogram` = counts of units by firing frequency (fraction of
+//!   rows with z_j > t): dead (0), then decades [1e-6,1e-5) … [1e-1,1]; a unit
+//!   firing on fewer than 1e-6 of rows but not 0 counts in the first decade
 //! - `mmcs` = mean over true features f of max_j cos(f, W_dec[j]), decoder
 //!   rows mapped back to data space (multiplied by the normalisation scale)
 
@@ -37,11 +40,50 @@ pub struct Metrics {
     pub kl_to_target: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mmcs: Option<f64>,
+    pub firing_histogram: Vec<HistogramBin>,
     /// Per unit; left out of summaries, shown by `sae eval --json`.
     #[serde(skip)]
     pub mean_activation: Vec<f64>,
     #[serde(skip)]
     pub firing_frequency: Vec<f64>,
+}
+
+/// One bin of the firing-frequency histogram: units with frequency in
+/// `[lo, hi)` (the last bin includes 1; the dead bin is `lo = hi = 0`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HistogramBin {
+    pub label: String,
+    pub lo: f64,
+    pub hi: f64,
+    pub count: usize,
+}
+
+/// Bins firing frequencies: dead, then one bin per decade from 1e-6 to 1.
+pub fn firing_histogram(freq: &[f64]) -> Vec<HistogramBin> {
+    let mut bins = vec![HistogramBin {
+        label: "dead".into(),
+        lo: 0.0,
+        hi: 0.0,
+        count: 0,
+    }];
+    for e in -6..0 {
+        bins.push(HistogramBin {
+            label: format!("1e{e}"),
+            lo: 10f64.powi(e),
+            hi: 10f64.powi(e + 1),
+            count: 0,
+        });
+    }
+    for &f in freq {
+        let i = if f <= 0.0 {
+            0
+        } else {
+            // Decade index: 1 for [1e-6, 1e-5) (and anything rarer), 6 for [0.1, 1].
+            ((f.log10().floor() as i64 + 7).clamp(1, 6)) as usize
+        };
+        bins[i].count += 1;
+    }
+    bins
 }
 
 /// Evaluates `model` on raw (un-normalised) rows `x`, `batch` rows at a time.
@@ -120,6 +162,7 @@ pub fn evaluate(
         dense_fraction: dense,
         kl_to_target: kl,
         mmcs,
+        firing_histogram: firing_histogram(&to_vec(&freq)),
         mean_activation: to_vec(&mean_act),
         firing_frequency: to_vec(&freq),
     }
@@ -149,4 +192,17 @@ pub fn mmcs(truth: &Tensor, rows: &Tensor) -> f64 {
     };
     let cos = unit(truth).matmul(&unit(rows).tr());
     cos.amax(1, false).mean(Kind::Double).double_value(&[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_bins_by_decade() {
+        let h = firing_histogram(&[0.0, 0.0, 1e-7, 2e-6, 0.05, 0.1, 0.99, 1.0]);
+        let counts: Vec<usize> = h.iter().map(|b| b.count).collect();
+        assert_eq!(counts, vec![2, 2, 0, 0, 0, 1, 3]);
+        assert_eq!(h[6].label, "1e-1");
+    }
 }

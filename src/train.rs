@@ -342,6 +342,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
     };
     let json = serde_json::to_string_pretty(&summary)?;
     fsutil::write_bytes_atomic(&opts.out.join("summary.json"), json.as_bytes())?;
+    crate::report::run_plots(&opts.out, &model, &summary.train)?;
     Ok(summary)
 }
 
