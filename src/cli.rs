@@ -39,6 +39,8 @@ pub enum Command {
     Data(DataCommand),
     /// Train a sparse autoencoder from a YAML config; writes a run directory.
     Train(TrainArgs),
+    /// One training run per point of a grid over config keys; table and plots.
+    Sweep(SweepArgs),
     /// Reconstruction and sparsity metrics of a model on data.
     Eval(EvalArgs),
     /// Latent codes: float32 [rows, d_hidden].
@@ -106,6 +108,21 @@ pub struct TrainArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct SweepArgs {
+    /// Sweep YAML: `base:` (a config path relative to this file, or an inline
+    /// config) and `grid:` (key path -> list of values). See configs/sweep_*.yaml.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Output directory [default: sweeps/<config name>]. Points whose run
+    /// directory already has summary.json are not re-run.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct EvalArgs {
     /// A run directory or a model.safetensors written by this tool.
     #[arg(long)]
@@ -153,6 +170,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info => info(),
         Command::Data(DataCommand::Synth(a)) => data_synth(&a),
         Command::Train(a) => train_cmd(&a),
+        Command::Sweep(a) => sweep_cmd(&a),
         Command::Eval(a) => eval(&a),
         Command::Encode(a) => transform(&a, Transform::Encode),
         Command::Decode(a) => transform(&a, Transform::Decode),
@@ -220,14 +238,10 @@ fn data_synth(a: &SynthArgs) -> Result<()> {
 
 fn train_cmd(a: &TrainArgs) -> Result<()> {
     let cfg = Config::from_file(&a.config, &a.set)?;
-    let out = a.out.clone().unwrap_or_else(|| {
-        let stem = a
-            .config
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "run".into());
-        Path::new("runs").join(stem)
-    });
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| default_out_dir("runs", &a.config));
     let summary = train::train(
         &cfg,
         &TrainOptions {
@@ -239,6 +253,29 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
     print!("{}", train::summary_table(&summary));
     println!("run directory: {}", out.display());
     Ok(())
+}
+
+fn sweep_cmd(a: &SweepArgs) -> Result<()> {
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| default_out_dir("sweeps", &a.config));
+    crate::sweep::run(&a.config, &out, !a.quiet)?;
+    print!("{}", std::fs::read_to_string(out.join("sweep.md"))?);
+    println!(
+        "sweep directory: {} (sweep.csv, sweep.md, plots/)",
+        out.display()
+    );
+    Ok(())
+}
+
+/// `PARENT/<config file stem>`.
+fn default_out_dir(parent: &str, config: &Path) -> PathBuf {
+    let stem = config
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into());
+    Path::new(parent).join(stem)
 }
 
 fn load(model: &str, dev: &str) -> Result<Sae> {

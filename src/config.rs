@@ -282,29 +282,34 @@ impl Default for TrainConfig {
     }
 }
 
-/// Sets `a.b.c = value` in a YAML mapping, creating intermediate mappings.
+/// Parses `a.b.c=value` (value as YAML) and sets it in `root`.
 pub fn apply_override(root: &mut serde_yaml::Value, assignment: &str) -> Result<()> {
     let (path, raw) = assignment
         .split_once('=')
         .ok_or_else(|| user(format!("--set {assignment}: expected key.path=value")))?;
-    let path = path.trim();
-    if path.is_empty() || path.split('.').any(|p| p.is_empty()) {
-        bail_user!("--set {assignment}: empty key in `{path}`");
-    }
     let value: serde_yaml::Value = serde_yaml::from_str(raw)
         .map_err(|e| user(format!("--set {assignment}: value is not valid YAML: {e}")))?;
-    let mut node = root;
+    set_path(root, path.trim(), value).map_err(|e| user(format!("--set {assignment}: {e}")))
+}
+
+/// Sets `a.b.c = value` in a YAML mapping, creating intermediate mappings.
+pub fn set_path(
+    root: &mut serde_yaml::Value,
+    path: &str,
+    value: serde_yaml::Value,
+) -> std::result::Result<(), String> {
+    if path.is_empty() || path.split('.').any(|p| p.is_empty()) {
+        return Err(format!("empty key in `{path}`"));
+    }
     let parts: Vec<&str> = path.split('.').collect();
+    let mut node = root;
     for (i, part) in parts.iter().enumerate() {
         if node.is_null() {
             *node = serde_yaml::Value::Mapping(Default::default());
         }
-        let map = node.as_mapping_mut().ok_or_else(|| {
-            user(format!(
-                "--set {assignment}: `{}` is not a mapping",
-                parts[..i].join(".")
-            ))
-        })?;
+        let map = node
+            .as_mapping_mut()
+            .ok_or_else(|| format!("`{}` is not a mapping", parts[..i].join(".")))?;
         let key = serde_yaml::Value::String(part.to_string());
         if i + 1 == parts.len() {
             map.insert(key, value);
@@ -319,8 +324,17 @@ impl Config {
     /// Parses YAML text (`origin` names it in errors), applies overrides,
     /// fills defaults and validates.
     pub fn from_yaml_str(text: &str, origin: &str, overrides: &[String]) -> Result<Config> {
-        let mut root: serde_yaml::Value = serde_yaml::from_str(text)
+        let root: serde_yaml::Value = serde_yaml::from_str(text)
             .map_err(|e| user(format!("{origin}: not valid YAML: {e}")))?;
+        Self::from_value(root, origin, overrides)
+    }
+
+    /// Like [`Config::from_yaml_str`], from an already parsed YAML value.
+    pub fn from_value(
+        mut root: serde_yaml::Value,
+        origin: &str,
+        overrides: &[String],
+    ) -> Result<Config> {
         if root.is_null() {
             root = serde_yaml::Value::Mapping(Default::default());
         }
