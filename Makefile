@@ -38,6 +38,19 @@ demo: build
 test: $(STAMP) build
 	$(CARGO_ENV) cargo test --release --locked -- --test-threads=2
 
+# Training parity with the plain-PyTorch references in tests/reference/:
+# runs tests/parity.rs only, then tabulates its PARITY lines (also on failure).
+PARITY_LOG := target/parity.log
+PARITY_ROW := %-20s %7s %6s %13s %13s %13s  %s\n
+parity: $(STAMP) build
+	@status=0; set -o pipefail; \
+	$(CARGO_ENV) cargo test --release --locked --test parity -- --nocapture --test-threads=1 \
+	    2>&1 | tee $(PARITY_LOG) || status=$$?; \
+	echo; echo "Parity with PyTorch (loss: relative 1e-5 per logged step; weights: absolute 1e-5)"; \
+	printf '$(PARITY_ROW)' case epochs steps 'max|dloss|' 'max rel dloss' 'max|dweight|' result; \
+	grep -o 'PARITY[[:blank:]].*' $(PARITY_LOG) | awk -F'\t' -v fmt='$(PARITY_ROW)' '{printf fmt, $$2, $$3, $$4, $$5, $$6, $$7, $$8}'; \
+	exit $$status
+
 fmt:
 	cargo fmt
 

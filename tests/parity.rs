@@ -1,0 +1,565 @@
+//! Exact parity with PyTorch reference training.
+//!
+//! Each case makes its inputs (data, initial weights, batch order) with
+//! `tests/reference/make_inputs.py`, trains with `sae train` and with a plain
+//! PyTorch script in `tests/reference/` written from the seeds' algorithms
+//! (it does not use this crate), then checks that every logged loss agrees to
+//! relative 1e-5 and the final weights to absolute 1e-5 (float32, CPU, one
+//! thread on both sides).
+//!
+//! The interpreter is `$SAE_PYTHON` (the Makefile exports it), else
+//! `third_party/venv/bin/python` (`common::python`); without one these tests
+//! fail, never skip.
+//! `make parity` runs them and prints the table of the `PARITY` lines.
+
+mod common;
+
+use common::{python, sae_bin};
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tch::Tensor;
+
+const LOSS_RTOL: f64 = 1e-5;
+const WEIGHT_ATOL: f64 = 1e-5;
+const WEIGHTS: [&str; 4] = ["W_enc", "b_enc", "W_dec", "b_dec"];
+
+/// `x <= tol`, false for NaN.
+fn within(x: f64, tol: f64) -> bool {
+    x <= tol
+}
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot start {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({}):\n{cmd:?}\n--- stdout\n{}\n--- stderr\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Reference {
+    /// `seed002.py`: nn.Linear, ReLU encoder, sigmoid decoder, mean_abs penalty.
+    Seed002,
+    /// `seed004.py`: nn.Linear, sigmoid coding layer, KL penalty.
+    Seed004,
+    /// `saelens.py --architecture standard`: ReLU, L1 x decoder row norms.
+    SaeLensStandard,
+    /// `saelens.py --architecture topk`.
+    SaeLensTopK,
+}
+
+struct Case {
+    name: &'static str,
+    reference: Reference,
+    /// make_inputs.py `--data-kind`, `--n` (rows; `None`: the kind's own), `--init-kind`.
+    data_kind: &'static str,
+    n: Option<usize>,
+    init_kind: &'static str,
+    normalize: &'static str,
+    d_hidden: i64,
+    activation: &'static str,
+    k: Option<i64>,
+    decoder_activation: &'static str,
+    apply_b_dec_to_input: bool,
+    penalty: &'static str,
+    target: f64,
+    weight: f64,
+    lr: f64,
+    epochs: i64,
+    /// `None`: full batch in row order; `Some(b)`: batches of `b` in a
+    /// different random order each epoch (`train.order`, `[epochs, n]`).
+    batch: Option<usize>,
+    seed: u64,
+}
+
+impl Case {
+    fn config_yaml(&self, input: &Path) -> String {
+        let k = self.k.map(|k| format!("\n  k: {k}")).unwrap_or_default();
+        let (batch, order) = match self.batch {
+            None => ("full".to_string(), String::new()),
+            Some(b) => (
+                b.to_string(),
+                format!("\n  order: {:?}", input.join("order.npy")),
+            ),
+        };
+        format!(
+            "seed: 0
+device: cpu
+data:
+  train: {train:?}
+  normalize: {normalize}
+model:
+  init: {init:?}
+  d_hidden: {d_hidden}
+  activation: {activation}{k}
+  decoder_activation: {decoder_activation}
+  apply_b_dec_to_input: {apply_b_dec_to_input}
+sparsity:
+  penalty: {penalty}
+  target: {target}
+  weight: {weight}
+train:
+  epochs: {epochs}
+  batch_size: {batch}
+  shuffle: false{order}
+  threads: 1
+  log_every: 1
+  optimizer: {{name: adam, lr: {lr}, betas: [0.9, 0.999], eps: 1.0e-8, weight_decay: 0.0}}
+",
+            train = input.join("x.npy"),
+            init = input.join("init.safetensors"),
+            normalize = self.normalize,
+            d_hidden = self.d_hidden,
+            activation = self.activation,
+            decoder_activation = self.decoder_activation,
+            apply_b_dec_to_input = self.apply_b_dec_to_input,
+            penalty = self.penalty,
+            target = self.target,
+            weight = self.weight,
+            epochs = self.epochs,
+            lr = self.lr,
+        )
+    }
+
+    /// The reference script and its case-specific arguments.
+    fn reference_args(&self) -> (&'static str, Vec<String>) {
+        let s = |v: &dyn ToString| v.to_string();
+        match self.reference {
+            Reference::Seed002 => (
+                "seed002.py",
+                vec![
+                    s(&"--hidden"),
+                    s(&self.d_hidden),
+                    s(&"--factor"),
+                    s(&self.weight),
+                    s(&"--target"),
+                    s(&self.target),
+                ],
+            ),
+            Reference::Seed004 => (
+                "seed004.py",
+                vec![
+                    s(&"--hidden"),
+                    s(&self.d_hidden),
+                    s(&"--target"),
+                    s(&self.target),
+                    s(&"--weight"),
+                    s(&self.weight),
+                ],
+            ),
+            Reference::SaeLensStandard => (
+                "saelens.py",
+                vec![
+                    s(&"--architecture"),
+                    s(&"standard"),
+                    s(&"--l1-coefficient"),
+                    s(&self.weight),
+                ],
+            ),
+            Reference::SaeLensTopK => (
+                "saelens.py",
+                vec![
+                    s(&"--architecture"),
+                    s(&"topk"),
+                    s(&"--k"),
+                    s(&self.k.expect("topk case has k")),
+                ],
+            ),
+        }
+    }
+}
+
+/// One logged step: (step, epoch, loss, mse, sparsity_loss).
+type Row = (i64, i64, f64, f64, f64);
+
+fn read_jsonl(path: &Path) -> Vec<Row> {
+    let text =
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}: bad JSON line {l:?}: {e}", path.display()));
+            let f = |k: &str| {
+                v[k].as_f64()
+                    .unwrap_or_else(|| panic!("{}: no number `{k}` in {l}", path.display()))
+            };
+            (
+                f("step") as i64,
+                f("epoch") as i64,
+                f("loss"),
+                f("mse"),
+                f("sparsity_loss"),
+            )
+        })
+        .collect()
+}
+
+fn read_weights(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+/// Largest deviation of one logged series.
+#[derive(Default)]
+struct Worst {
+    /// Largest absolute difference over all steps.
+    max_abs: f64,
+    /// Largest relative difference, and where it happened.
+    rel: f64,
+    step: i64,
+    ours: f64,
+    theirs: f64,
+}
+
+impl Worst {
+    fn see(&mut self, step: i64, ours: f64, theirs: f64) {
+        let abs = (ours - theirs).abs();
+        // Relative to the reference; 0 against 0 (no penalty) is exact.
+        let rel = if abs == 0.0 {
+            0.0
+        } else {
+            abs / theirs.abs().max(f64::MIN_POSITIVE)
+        };
+        // NaN (a diverged run) must win, not vanish as f64::max would make it.
+        if abs.is_nan() || abs > self.max_abs {
+            self.max_abs = abs;
+        }
+        if rel.is_nan() || rel > self.rel {
+            self.rel = rel;
+            self.step = step;
+            self.ours = ours;
+            self.theirs = theirs;
+        }
+    }
+
+    fn describe(&self, name: &str) -> String {
+        if self.max_abs == 0.0 {
+            return format!("{name}: bitwise equal at every step");
+        }
+        format!(
+            "{name}: max |d| {:.3e}; max rel {:.3e} at step {} (sae {:.9} vs torch {:.9})",
+            self.max_abs, self.rel, self.step, self.ours, self.theirs
+        )
+    }
+}
+
+fn check(case: &Case) {
+    let py = python();
+    let refdir = manifest_dir().join("tests/reference");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let input = tmp.path().join("input");
+    let run_dir = tmp.path().join("run");
+    let ref_dir = tmp.path().join("reference");
+
+    // Inputs: data, init weights and (mini-batch cases) the batch order.
+    let mut make = Command::new(&py);
+    make.arg(refdir.join("make_inputs.py"))
+        .arg("--out")
+        .arg(&input)
+        .args(["--data-kind", case.data_kind])
+        .args(["--init-kind", case.init_kind])
+        .args(["--hidden", &case.d_hidden.to_string()])
+        .args(["--seed", &case.seed.to_string()]);
+    if let Some(n) = case.n {
+        make.args(["--n", &n.to_string()]);
+    }
+    if case.batch.is_some() {
+        make.args(["--order-epochs", &case.epochs.to_string()]);
+    }
+    run(&mut make, &format!("{}: make_inputs.py", case.name));
+
+    // Ours.
+    let config = tmp.path().join("config.yaml");
+    fs::write(&config, case.config_yaml(&input)).expect("write config");
+    run(
+        Command::new(sae_bin())
+            .arg("train")
+            .arg("--config")
+            .arg(&config)
+            .arg("--out")
+            .arg(&run_dir),
+        &format!("{}: sae train", case.name),
+    );
+
+    // The PyTorch reference.
+    let (script, extra) = case.reference_args();
+    let mut reference = Command::new(&py);
+    reference
+        .arg(refdir.join(script))
+        .arg("--data")
+        .arg(input.join("x.npy"))
+        .arg("--init")
+        .arg(input.join("init.safetensors"))
+        .arg("--out")
+        .arg(&ref_dir)
+        .args(["--epochs", &case.epochs.to_string()])
+        .args(["--lr", &case.lr.to_string()])
+        .args(["--threads", "1"])
+        .args(extra);
+    match case.batch {
+        None => {
+            reference.args(["--batch-size", "full"]);
+        }
+        Some(b) => {
+            reference
+                .args(["--batch-size", &b.to_string()])
+                .arg("--order")
+                .arg(input.join("order.npy"));
+        }
+    }
+    run(&mut reference, &format!("{}: {script}", case.name));
+
+    // Losses, step by step.
+    let ours = read_jsonl(&run_dir.join("metrics.jsonl"));
+    let theirs = read_jsonl(&ref_dir.join("losses.jsonl"));
+    let mut failures = Vec::new();
+    if ours.len() != theirs.len() {
+        failures.push(format!(
+            "sae logged {} steps, the reference {}",
+            ours.len(),
+            theirs.len()
+        ));
+    }
+    let (mut loss, mut mse, mut sparsity) = (Worst::default(), Worst::default(), Worst::default());
+    for (a, b) in ours.iter().zip(&theirs) {
+        if (a.0, a.1) != (b.0, b.1) {
+            failures.push(format!(
+                "step/epoch mismatch: sae ({}, {}) vs torch ({}, {})",
+                a.0, a.1, b.0, b.1
+            ));
+            break;
+        }
+        loss.see(a.0, a.2, b.2);
+        mse.see(a.0, a.3, b.3);
+        sparsity.see(a.0, a.4, b.4);
+    }
+    for (name, w) in [("loss", &loss), ("mse", &mse), ("sparsity_loss", &sparsity)] {
+        if !within(w.rel, LOSS_RTOL) {
+            failures.push(format!(
+                "{} exceeds relative {LOSS_RTOL:e}",
+                w.describe(name)
+            ));
+        }
+    }
+
+    // Final weights.
+    let wa = read_weights(&run_dir.join("model.safetensors"));
+    let wb = read_weights(&ref_dir.join("weights.safetensors"));
+    let mut dweight = 0.0f64;
+    let mut per_tensor = Vec::new();
+    for name in WEIGHTS {
+        let (a, b) = match (wa.get(name), wb.get(name)) {
+            (Some(a), Some(b)) => (a, b),
+            _ => {
+                failures.push(format!("tensor {name} missing from one side"));
+                continue;
+            }
+        };
+        if a.size() != b.size() {
+            failures.push(format!(
+                "{name}: shape {:?} (sae) vs {:?} (torch)",
+                a.size(),
+                b.size()
+            ));
+            continue;
+        }
+        let d = (a - b).abs().max().double_value(&[]);
+        per_tensor.push(format!("{name} {d:.3e}"));
+        dweight = dweight.max(d);
+        if !within(d, WEIGHT_ATOL) {
+            failures.push(format!(
+                "{name}: max |dweight| {d:.3e} exceeds {WEIGHT_ATOL:e}"
+            ));
+        }
+    }
+
+    // Report (visible with --nocapture; `make parity` tabulates PARITY lines).
+    println!();
+    println!(
+        "{}: {} steps over {} epochs ({})",
+        case.name,
+        ours.len(),
+        case.epochs,
+        match case.batch {
+            None => "full batch".to_string(),
+            Some(b) => format!("batches of {b}, train.order"),
+        }
+    );
+    println!("  {}", loss.describe("loss"));
+    println!("  {}", mse.describe("mse"));
+    println!("  {}", sparsity.describe("sparsity_loss"));
+    println!("  max |dweight| {dweight:.3e} ({})", per_tensor.join(", "));
+    println!(
+        "PARITY\t{}\t{}\t{}\t{:.3e}\t{:.3e}\t{:.3e}\t{}",
+        case.name,
+        case.epochs,
+        ours.len(),
+        loss.max_abs,
+        loss.rel,
+        dweight,
+        if failures.is_empty() { "ok" } else { "FAIL" }
+    );
+    assert!(
+        failures.is_empty(),
+        "{}: no parity with the PyTorch reference:\n  {}",
+        case.name,
+        failures.join("\n  ")
+    );
+}
+
+/// Seed 002: ReLU encoder, sigmoid decoder, `sum(factor * |rho_hat - 0.05|)`,
+/// Adam lr 1e-3, standardised make_classification-like data, 8 hidden units.
+fn seed002(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
+    Case {
+        name,
+        reference: Reference::Seed002,
+        data_kind: "classification",
+        n: None, // fixed by the seed: 1000 samples, 800 in the train split
+        init_kind: "linear",
+        normalize: "standardize",
+        d_hidden: 8,
+        activation: "relu",
+        k: None,
+        decoder_activation: "sigmoid",
+        apply_b_dec_to_input: false,
+        penalty: "mean_abs",
+        target: 0.05,
+        weight: 0.05,
+        lr: 1e-3,
+        epochs,
+        batch,
+        seed: 2,
+    }
+}
+
+/// Seed 004: sigmoid coding layer, linear output, `0.2 * sum KL(0.1 || rho_hat)`,
+/// Adam lr 0.01, uint8 pixel data scaled to [0, 1] (minmax).
+fn seed004(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
+    Case {
+        name,
+        reference: Reference::Seed004,
+        data_kind: "pixels",
+        n: Some(600),
+        init_kind: "linear",
+        normalize: "minmax",
+        d_hidden: 48,
+        activation: "sigmoid",
+        k: None,
+        decoder_activation: "none",
+        apply_b_dec_to_input: false,
+        penalty: "kl",
+        target: 0.1,
+        weight: 0.2,
+        lr: 0.01,
+        epochs,
+        batch,
+        seed: 4,
+    }
+}
+
+/// SAELens standard: ReLU, L1 scaled by decoder row norms, b_dec subtracted
+/// from the input, SAELens init (b_dec = data mean).
+fn saelens_l1(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
+    Case {
+        name,
+        reference: Reference::SaeLensStandard,
+        data_kind: "sparse",
+        n: Some(500),
+        init_kind: "sae",
+        normalize: "none",
+        d_hidden: 32,
+        activation: "relu",
+        k: None,
+        decoder_activation: "none",
+        apply_b_dec_to_input: true,
+        penalty: "l1",
+        target: 0.05,
+        weight: 0.005,
+        lr: 3e-3,
+        epochs,
+        batch,
+        seed: 3,
+    }
+}
+
+/// SAELens top-k: k = 4 of 64, no penalty.
+fn saelens_topk(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
+    Case {
+        name,
+        reference: Reference::SaeLensTopK,
+        data_kind: "sparse",
+        n: Some(500),
+        init_kind: "sae",
+        normalize: "none",
+        d_hidden: 64,
+        activation: "topk",
+        k: Some(4),
+        decoder_activation: "none",
+        apply_b_dec_to_input: true,
+        penalty: "none",
+        target: 0.05,
+        weight: 0.0,
+        lr: 3e-3,
+        epochs,
+        batch,
+        seed: 5,
+    }
+}
+
+// Mini-batch sizes leave a smaller last batch: 800 = 8*96 + 32,
+// 600 = 4*128 + 88, 500 = 7*64 + 52, 500 = 10*48 + 20.
+
+#[test]
+fn seed002_full_batch() {
+    check(&seed002("seed002_full", 200, None));
+}
+
+#[test]
+fn seed002_minibatch() {
+    check(&seed002("seed002_minibatch", 8, Some(96)));
+}
+
+#[test]
+fn seed004_full_batch() {
+    check(&seed004("seed004_full", 100, None));
+}
+
+#[test]
+fn seed004_minibatch() {
+    check(&seed004("seed004_minibatch", 10, Some(128)));
+}
+
+#[test]
+fn saelens_l1_full_batch() {
+    check(&saelens_l1("l1_full", 200, None));
+}
+
+#[test]
+fn saelens_l1_minibatch() {
+    check(&saelens_l1("l1_minibatch", 10, Some(64)));
+}
+
+#[test]
+fn topk_full_batch() {
+    check(&saelens_topk("topk_full", 200, None));
+}
+
+#[test]
+fn topk_minibatch() {
+    check(&saelens_topk("topk_minibatch", 10, Some(48)));
+}
