@@ -2,4 +2,5 @@
 
 pub mod dataset;
 pub mod npy;
+pub mod stream;
 pub mod synth;

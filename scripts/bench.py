@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""`make bench`: our training step against a plain PyTorch loop doing the same
+maths with the same threads, alternating runs, in one process tree.
+
+Cases (issue 6):
+  S  seed 002 model: 20 -> 8, ReLU + sigmoid decoder + mean_abs, batch 32, 1000 rows (overhead-bound)
+  M  ReLU + L1 (SAELens standard), 768 -> 8192, batch 1024 (matmul-bound)
+  T  top-k k=32, 768 -> 16384, batch 1024 (PyTorch side: the dense top-k step)
+  E  `sae encode` of 1,000,000 x 768 rows from a .npy file (768 -> 1024 ReLU model), rows/s
+
+Ours is timed by `sae train` itself (summary.json `seconds`: the training loop
+only, no data loading); PyTorch's loop is timed the same way. Each case runs
+ours and PyTorch alternately REPEATS times; the table takes the best of each.
+The matmul peak is torch.mm at the M shape, measured in this same run.
+
+Usage: bench.py SAE_BIN OUT_DIR [--quick]
+"""
+import json, os, platform, subprocess, sys, time
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SAE, OUT = sys.argv[1], sys.argv[2]
+QUICK = "--quick" in sys.argv
+THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
+REPEATS = 2 if QUICK else 3
+torch.set_num_threads(THREADS)
+os.makedirs(OUT, exist_ok=True)
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+CASES = {
+    # name: d_in, d_hidden, batch, rows, epochs, kind
+    "S": dict(d_in=20, d_hidden=8, batch=32, rows=1000, epochs=40, kind="seed002"),
+    "M": dict(d_in=768, d_hidden=8192, batch=1024, rows=1024 * (6 if QUICK else 12), epochs=1, kind="l1"),
+    "T": dict(d_in=768, d_hidden=16384, batch=1024, rows=1024 * (4 if QUICK else 8), epochs=1, kind="topk", k=32),
+}
+
+
+def flops_per_sample(c):
+    """Matmul FLOPs per training sample of the dense maths: forward encoder and
+    decoder (2*d*h each), backward dW_dec, dz, dW_enc (2*d*h each)."""
+    return 10 * c["d_in"] * c["d_hidden"]
+
+
+def make_data(name, c):
+    path = os.path.join(OUT, f"{name}.npy")
+    if not os.path.exists(path):
+        rng = np.random.default_rng(0)
+        np.save(path, rng.standard_normal((c["rows"], c["d_in"])).astype(np.float32))
+    return path
+
+
+def config(name, c, data):
+    model = {"d_hidden": c["d_hidden"], "init_scheme": "sae"}
+    sparsity = {"penalty": "l1", "weight": 0.001}
+    if c["kind"] == "seed002":
+        model = {"d_hidden": 8, "activation": "relu", "decoder_activation": "sigmoid",
+                 "apply_b_dec_to_input": False}
+        sparsity = {"penalty": "mean_abs", "target": 0.05, "weight": 0.05}
+    elif c["kind"] == "topk":
+        model.update(activation="topk", k=c["k"])
+        sparsity = {"penalty": "none"}
+    cfg = {"seed": 0, "device": "cpu", "data": {"train": data}, "model": model,
+           "sparsity": sparsity,
+           "train": {"epochs": c["epochs"], "batch_size": c["batch"], "shuffle": True,
+                     "log_every": 100000, "threads": THREADS,
+                     "optimizer": {"name": "adam", "lr": 1e-4}}}
+    path = os.path.join(OUT, f"{name}.yaml")
+    with open(path, "w") as f:
+        json.dump(cfg, f)  # JSON is YAML
+    return path
+
+
+def run_ours(name, cfg):
+    run = os.path.join(OUT, f"run-{name}")
+    subprocess.run([SAE, "train", "-q", "--config", cfg, "--out", run, "--force"],
+                   check=True, stdout=subprocess.DEVNULL)
+    s = json.load(open(os.path.join(run, "summary.json")))
+    return s["samples_per_second"]
+
+
+def run_torch(c, data):
+    """The plain PyTorch loop a user would write for the same maths."""
+    torch.manual_seed(0)
+    x = torch.from_numpy(np.load(data))
+    d, h = c["d_in"], c["d_hidden"]
+    if c["kind"] == "seed002":
+        enc, dec = torch.nn.Linear(d, h), torch.nn.Linear(h, d)
+        params = list(enc.parameters()) + list(dec.parameters())
+
+        def step(xb):
+            z = torch.relu(enc(xb))
+            xh = torch.sigmoid(dec(z))
+            return F.mse_loss(xh, xb) + 0.05 * (z.mean(0) - 0.05).abs().sum()
+    else:
+        W_dec = torch.randn(h, d)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        W_enc = torch.nn.Parameter(W_dec.t().clone())
+        W_dec = torch.nn.Parameter(W_dec)
+        b_enc = torch.nn.Parameter(torch.zeros(h))
+        b_dec = torch.nn.Parameter(torch.zeros(d))
+        params = [W_enc, b_enc, W_dec, b_dec]
+
+        def step(xb):
+            pre = (xb - b_dec) @ W_enc + b_enc
+            if c["kind"] == "topk":
+                v, i = pre.topk(c["k"], dim=-1)
+                z = torch.zeros_like(pre).scatter(-1, i, v.relu())
+                return F.mse_loss(z @ W_dec + b_dec, xb)
+            z = torch.relu(pre)
+            l1 = (z.abs() * W_dec.norm(dim=1)).sum(-1).mean()
+            return F.mse_loss(z @ W_dec + b_dec, xb) + 0.001 * l1
+    opt = torch.optim.Adam(params, lr=1e-4)
+    n, b = x.shape[0], c["batch"]
+    samples = 0
+    t0 = time.perf_counter()
+    for _ in range(c["epochs"]):
+        perm = torch.randperm(n)
+        for s in range(0, n, b):
+            xb = x[perm[s:s + b]]
+            loss = step(xb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            samples += xb.shape[0]
+    return samples / (time.perf_counter() - t0)
+
+
+def matmul_peak():
+    a, w = torch.randn(1024, 768), torch.randn(768, 8192)
+    for _ in range(3):
+        a @ w
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ w
+        best = max(best, 5 * 2 * 1024 * 768 * 8192 / (time.perf_counter() - t0))
+    return best / 1e9
+
+
+def bench_encode():
+    rows = 200_000 if QUICK else 1_000_000
+    data = os.path.join(OUT, f"E-{rows}.npy")
+    if not os.path.exists(data):
+        log(f"E: writing {rows} x 768 float32 ({rows * 768 * 4 / 1e9:.1f} GB)")
+        arr = np.lib.format.open_memmap(data, mode="w+", dtype=np.float32, shape=(rows, 768))
+        rng = np.random.default_rng(0)
+        for s in range(0, rows, 100_000):
+            arr[s:s + 100_000] = rng.standard_normal((min(100_000, rows - s), 768), dtype=np.float32)
+        arr.flush()
+        del arr
+    small = os.path.join(OUT, "E-train.npy")
+    np.save(small, np.random.default_rng(1).standard_normal((2048, 768)).astype(np.float32))
+    cfg = os.path.join(OUT, "E.yaml")
+    json.dump({"device": "cpu", "data": {"train": small}, "model": {"d_hidden": 1024},
+               "train": {"epochs": 1, "batch_size": 1024}}, open(cfg, "w"))
+    run = os.path.join(OUT, "run-E")
+    subprocess.run([SAE, "train", "-q", "--config", cfg, "--out", run, "--force"], check=True,
+                   stdout=subprocess.DEVNULL)
+    out = os.path.join(OUT, "E-codes.npy")
+    t0 = time.perf_counter()
+    subprocess.run([SAE, "encode", "--model", run, "--data", data, "--out", out], check=True)
+    dt = time.perf_counter() - t0
+    os.remove(out)
+    return rows, rows / dt, 2 * 768 * 1024 * rows / dt / 1e9
+
+
+def main():
+    peak = matmul_peak()
+    log(f"torch matmul peak (1024x768 @ 768x8192, {THREADS} threads): {peak:.1f} GFLOP/s")
+    rows = []
+    for name, c in CASES.items():
+        data = make_data(name, c)
+        cfg = config(name, c, data)
+        ours, theirs = [], []
+        for r in range(REPEATS):
+            ours.append(run_ours(name, cfg))
+            theirs.append(run_torch(c, data))
+            log(f"{name} round {r + 1}: ours {ours[-1]:.0f}/s, PyTorch {theirs[-1]:.0f}/s")
+        o, t = max(ours), max(theirs)
+        gf = o * flops_per_sample(c) / 1e9
+        rows.append((name, o, t, o / t, gf, peak, gf / peak))
+    peak2 = matmul_peak()
+    e_rows, e_rate, e_gf = bench_encode()
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
+    except Exception:
+        pass
+    lines = [
+        f"Machine: {cpu}, {os.cpu_count()} cores, {THREADS} threads for both sides; "
+        f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}.",
+        f"torch matmul peak (1024x768 @ 768x8192): {peak:.1f} GFLOP/s before the cases, {peak2:.1f} after.",
+        "",
+        "| case | ours samples/s | PyTorch samples/s | ratio | our matmul GFLOP/s | peak GFLOP/s | fraction of peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, o, t, ratio, gf, pk, frac in rows:
+        lines.append(f"| {name} | {o:,.0f} | {t:,.0f} | {ratio:.2f}x | {gf:.1f} | {pk:.1f} | {frac:.0%} |")
+    lines.append(f"| E (encode {e_rows:,} x 768 -> 1024) | {e_rate:,.0f} rows/s | | | {e_gf:.1f} | {peak:.1f} | {e_gf / peak:.0%} |")
+    lines += ["", "GFLOP/s counts the dense maths (10 * d_in * d_hidden per training sample), also for T,",
+              "where our sparse path does less work: there it is an effective rate."]
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(OUT, "table.md"), "w") as f:
+        f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+#!/usr/bin/env python3
+"""Replaces the generated section of BENCHMARKS.md with a new table (atomically)."""
+import os, sys
+
+table, target = sys.argv[1], sys.argv[2]
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+body = open(table).read().strip()
+doc = open(target).read() if os.path.exists(target) else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+if BEGIN not in doc:
+    doc += f"\n{BEGIN}\n{END}\n"
+head, rest = doc.split(BEGIN, 1)
+tail = rest.split(END, 1)[1] if END in rest else ""
+tmp = target + ".tmp"
+with open(tmp, "w") as f:
+    f.write(f"{head}{BEGIN}\n{body}\n{END}{tail}")
+os.replace(tmp, target)
+print(f"updated {target}")
