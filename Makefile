@@ -4,6 +4,9 @@ VENV     := third_party/venv
 PY       := $(VENV)/bin/python
 TORCH    := 2.11.0
 STAMP    := $(VENV)/.installed-torch-$(TORCH)
+# sae_lens 6.x, for the SAELens interop tests (tests/interop.rs): ~35 s, ~0.9 GB.
+SAELENS  := sae-lens>=6,<7
+SAELENS_STAMP := $(VENV)/.installed-sae-lens-6
 BIN      := target/release/sae
 
 # A user's own libtorch (LIBTORCH=/path/to/libtorch) is honoured; otherwise
@@ -18,7 +21,7 @@ endif
 # Tests call Python references through this interpreter.
 export SAE_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup build demo test parity clean fmt lint
+.PHONY: setup saelens build demo test parity bench fuzz clean fmt lint
 
 setup: $(STAMP)
 
@@ -29,14 +32,23 @@ $(STAMP):
 	$(PY) -m pip install --quiet "torch==$(TORCH)" numpy safetensors
 	touch $@
 
+# sae_lens into the venv, torch kept at $(TORCH).
+saelens: $(SAELENS_STAMP)
+
+$(SAELENS_STAMP): $(STAMP)
+	@echo "==> installing sae_lens 6.x into $(VENV) (one-time, ~1 min, ~0.9 GB)"
+	$(PY) -m pip install --quiet "$(SAELENS)" "torch==$(TORCH)"
+	touch $@
+
 build: $(SETUP_DEPS)
 	$(CARGO_ENV) cargo build --release --locked
 
 demo: build
 	@bash scripts/demo.sh
 
-test: $(STAMP) build
-	$(CARGO_ENV) cargo test --release --locked -- --test-threads=2
+# SAE_REQUIRE_SAELENS: the SAELens interop tests fail (not skip) without sae_lens.
+test: $(STAMP) $(SAELENS_STAMP) build
+	SAE_REQUIRE_SAELENS=1 $(CARGO_ENV) cargo test --release --locked -- --test-threads=2
 
 # Training parity with the plain-PyTorch references in tests/reference/:
 # runs tests/parity.rs only, then tabulates its PARITY lines (also on failure).
@@ -50,6 +62,18 @@ parity: $(STAMP) build
 	printf '$(PARITY_ROW)' case epochs steps 'max|dloss|' 'max rel dloss' 'max|dweight|' result; \
 	grep -o 'PARITY[[:blank:]].*' $(PARITY_LOG) | awk -F'\t' -v fmt='$(PARITY_ROW)' '{printf fmt, $$2, $$3, $$4, $$5, $$6, $$7, $$8}'; \
 	exit $$status
+
+# Ours vs a plain PyTorch loop, same maths and threads, alternating runs;
+# prints the table and writes it into BENCHMARKS.md. BENCH_ARGS=--quick for a short run.
+BENCH_DIR := target/bench
+bench: $(STAMP) build
+	$(PY) scripts/bench.py $(BIN) $(BENCH_DIR) $(BENCH_ARGS)
+	$(PY) scripts/bench_report.py $(BENCH_DIR)/table.md BENCHMARKS.md
+
+# cargo-fuzz targets (fuzz/): the .npy reader and the config parser,
+# FUZZ_SECONDS each (default 60).
+fuzz: $(SETUP_DEPS)
+	$(CARGO_ENV) bash fuzz/run.sh
 
 fmt:
 	cargo fmt

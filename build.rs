@@ -1,10 +1,17 @@
 //! Embeds an rpath to libtorch so `target/release/sae` runs without
-//! LD_LIBRARY_PATH, and keeps `libtorch.so` linked so CUDA is seen.
+//! LD_LIBRARY_PATH, keeps `libtorch.so` linked so CUDA is seen, and compiles
+//! the TorchScript C++ shim (src/export/torchscript_shim.cpp) against the
+//! same libtorch headers torch-sys found.
+
+use std::path::PathBuf;
+
+const SHIM: &str = "src/export/torchscript_shim.cpp";
 
 fn main() {
     // Set by torch-sys (`links = "tch"`) for crates that depend on it directly.
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").ok();
+    if let Some(lib) = &lib {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     }
     // With --as-needed (the default on Debian/Ubuntu) the linker drops
@@ -15,4 +22,32 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+    build_shim(lib.as_deref());
+}
+
+/// The shim uses only libtorch_cpu / c10, which torch-sys already links.
+/// Headers live next to `lib/` both in the PyPI wheel and a standalone libtorch.
+fn build_shim(lib: Option<&str>) {
+    println!("cargo:rerun-if-changed={SHIM}");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let lib = PathBuf::from(
+        lib.expect("torch-sys did not report the libtorch lib directory (DEP_TCH_LIBTORCH_LIB)"),
+    );
+    let include = lib
+        .parent()
+        .expect("libtorch lib dir has a parent")
+        .join("include");
+    // torch-sys's own default; torch >= 2.6 wheels and libtorch builds use 1.
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file(SHIM)
+        .compile("sae_torchscript_shim");
 }

@@ -51,6 +51,8 @@ pub enum Command {
     Reconstruct(IoArgs),
     /// Per-row reconstruction MSE (an anomaly score): float32 [rows, 1].
     Score(IoArgs),
+    /// Convert a model to TorchScript, SAELens or safetensors.
+    Export(ExportArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -133,6 +135,10 @@ pub struct EvalArgs {
     /// Ground-truth features [features, d_in]: adds MMCS.
     #[arg(long)]
     pub truth: Option<String>,
+    /// For a transcoder (trained with data.target): the rows it should
+    /// reconstruct, row-aligned with --data.
+    #[arg(long)]
+    pub target_data: Option<String>,
     /// Target mean activation rho for `kl_to_target`.
     #[arg(long, default_value_t = 0.05)]
     pub target: f64,
@@ -148,7 +154,7 @@ pub struct EvalArgs {
 
 #[derive(Args, Debug)]
 pub struct IoArgs {
-    /// A run directory or a model.safetensors written by this tool.
+    /// A run directory, a .safetensors or TorchScript file, or a SAELens directory.
     #[arg(long)]
     pub model: String,
     /// Input .npy, file.npz:key, or a directory of .npy shards.
@@ -157,12 +163,35 @@ pub struct IoArgs {
     /// Output .npy (float32, C order), written atomically.
     #[arg(long)]
     pub out: PathBuf,
-    /// Rows per batch.
+    /// Rows per batch: input is read and output written in chunks of this
+    /// many rows, so memory stays bounded for any file size.
     #[arg(long, default_value_t = 4096)]
     pub batch_size: i64,
     /// cpu | cuda | cuda:N | auto
     #[arg(long, default_value = "auto")]
     pub device: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// A scripted TorchScript module (`torch.jit.load`): encode, decode, forward.
+    Torchscript,
+    /// A SAELens directory (cfg.json + sae_weights.safetensors).
+    Saelens,
+    /// This tool's model.safetensors (weights + architecture metadata).
+    Safetensors,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// A run directory, a .safetensors or TorchScript file, or a SAELens directory.
+    #[arg(long)]
+    pub model: String,
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+    /// Output file (torchscript, safetensors) or directory (saelens), written atomically.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -176,6 +205,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Decode(a) => transform(&a, Transform::Decode),
         Command::Reconstruct(a) => transform(&a, Transform::Reconstruct),
         Command::Score(a) => transform(&a, Transform::Score),
+        Command::Export(a) => export_cmd(&a),
     }
 }
 
@@ -298,20 +328,47 @@ fn eval(a: &EvalArgs) -> Result<()> {
     let model = load(&a.model, &a.device)?;
     let x = npy::read_tensor(&a.data)?;
     check_cols(&x, model.spec.d_in, "d_in", &a.data)?;
+    let transcoder = model.out_norm.is_some() || model.d_out() != model.spec.d_in;
+    let y = match (&a.target_data, transcoder) {
+        (Some(p), true) => {
+            let y = npy::read_tensor(p)?;
+            check_cols(&y, model.d_out(), "d_out", p)?;
+            if y.size()[0] != x.size()[0] {
+                bail_user!(
+                    "--target-data {p}: has {} rows but --data has {}",
+                    y.size()[0],
+                    x.size()[0]
+                );
+            }
+            Some(y)
+        }
+        (None, true) => bail_user!(
+            "--model {}: a transcoder (it reconstructs data.target, {} columns): \
+             pass those rows with --target-data",
+            a.model,
+            model.d_out()
+        ),
+        (Some(_), false) => {
+            bail_user!("--target-data: only for transcoders (models trained with data.target)")
+        }
+        (None, false) => None,
+    };
     let truth = match &a.truth {
         Some(t) => {
             let t = npy::read_tensor(t)?;
-            check_cols(
-                &t,
-                model.spec.d_in,
-                "d_in",
-                a.truth.as_deref().unwrap_or(""),
-            )?;
+            check_cols(&t, model.d_out(), "d_out", a.truth.as_deref().unwrap_or(""))?;
             Some(t)
         }
         None => None,
     };
-    let m = metrics::evaluate(&model, &x, a.batch_size, a.target, truth.as_ref());
+    let m = metrics::evaluate_target(
+        &model,
+        &x,
+        y.as_ref(),
+        a.batch_size,
+        a.target,
+        truth.as_ref(),
+    );
     if a.json {
         let mut v = serde_json::to_value(&m)?;
         v["mean_activation"] = serde_json::json!(m.mean_activation);
@@ -325,7 +382,6 @@ fn eval(a: &EvalArgs) -> Result<()> {
 
 fn metrics_table(m: &Metrics) -> String {
     let mut rows = vec![
-        ("rows", m.rows as f64),
         ("mse", m.mse),
         ("fvu", m.fvu),
         ("explained_variance", m.explained_variance),
@@ -338,9 +394,21 @@ fn metrics_table(m: &Metrics) -> String {
     if let Some(v) = m.mmcs {
         rows.push(("mmcs", v));
     }
-    rows.iter()
+    let mut out = format!("{:<20}{:>14}\n", "rows", m.rows);
+    out += &rows
+        .iter()
         .map(|(k, v)| format!("{k:<20}{v:>14.6}\n"))
-        .collect()
+        .collect::<String>();
+    out += "firing frequency     latents\n";
+    for b in &m.firing_histogram {
+        let range = if b.hi == 0.0 {
+            "never (dead)".to_string()
+        } else {
+            format!("[{:.0e}, {:.0e})", b.lo, b.hi)
+        };
+        out += &format!("  {range:<18}{:>14}\n", b.count);
+    }
+    out
 }
 
 #[derive(Clone, Copy)]
@@ -356,19 +424,40 @@ fn transform(a: &IoArgs, what: Transform) -> Result<()> {
         bail_user!("--batch-size {}: must be at least 1", a.batch_size);
     }
     let model = load(&a.model, &a.device)?;
-    let x = npy::read_tensor(&a.data)?;
-    match what {
-        Transform::Decode => check_cols(&x, model.spec.d_hidden, "d_hidden", &a.data)?,
-        _ => check_cols(&x, model.spec.d_in, "d_in", &a.data)?,
+    // Headers only: check the width before writing anything.
+    let shape = npy::data_shape(&a.data)?;
+    let (want, what_name) = match what {
+        Transform::Decode => (model.spec.d_hidden, "d_hidden"),
+        _ => (model.spec.d_in, "d_in"),
+    };
+    if shape.cols as i64 != want {
+        bail_user!(
+            "{}: has {} columns but the model's {what_name} is {want}",
+            a.data,
+            shape.cols
+        );
+    }
+    let out_cols = match what {
+        Transform::Encode => model.spec.d_hidden,
+        Transform::Decode | Transform::Reconstruct => model.d_out(),
+        Transform::Score => 1,
+    };
+    if matches!(what, Transform::Score) && model.d_out() != model.spec.d_in {
+        bail_user!(
+            "{}: score compares each row with its reconstruction, but this model maps \
+             {} columns to {} (a transcoder)",
+            a.model,
+            model.spec.d_in,
+            model.d_out()
+        );
     }
     let _guard = tch::no_grad_guard();
     let device = model.device();
-    let n = x.size()[0];
-    let mut outs = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let len = a.batch_size.min(n - start);
-        let xb = x.narrow(0, start, len).to_device(device);
+    // Streamed: one batch of input and output in memory; the output goes to
+    // a temp file renamed into place only when complete.
+    let mut out = npy::NpyWriter::create(&a.out, out_cols as usize)?;
+    npy::for_each_chunk(&a.data, a.batch_size as usize, |m| {
+        let xb = m.to_tensor().to_device(device);
         let y = match what {
             Transform::Encode => model.encode(&xb),
             Transform::Decode => model.decode(&xb),
@@ -380,10 +469,26 @@ fn transform(a: &IoArgs, what: Transform) -> Result<()> {
                 (xh - xn).square().mean_dim(-1, true, Kind::Float)
             }
         };
-        outs.push(y.to_device(tch::Device::Cpu));
-        start += len;
+        out.write(&y)
+    })?;
+    out.finish()
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    Ok(())
+}
+
+fn export_cmd(a: &ExportArgs) -> Result<()> {
+    let model = export::load_model(&a.model, tch::Device::Cpu)?;
+    if a.format != ExportFormat::Saelens && a.out.is_dir() {
+        bail_user!(
+            "--out {}: is a directory; torchscript and safetensors exports write one file",
+            a.out.display()
+        );
     }
-    let y = Tensor::cat(&outs, 0);
-    npy::write_npy(&a.out, &y).with_context(|| format!("writing {}", a.out.display()))?;
+    match a.format {
+        ExportFormat::Torchscript => export::torchscript::save(&model, &a.out)?,
+        ExportFormat::Saelens => export::saelens::save(&model, &a.out)?,
+        ExportFormat::Safetensors => export::safetensors::save(&model, &a.out)?,
+    }
+    eprintln!("wrote {}", a.out.display());
     Ok(())
 }

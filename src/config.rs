@@ -93,6 +93,10 @@ pub enum NormalizeKind {
     None,
     Standardize,
     Minmax,
+    /// One factor for every column so the mean row L2 norm is `sqrt(d_in)`
+    /// (SAELens `normalize_activations: expected_average_only_in`).
+    #[serde(rename = "expected_norm")]
+    ExpectedNorm,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +109,11 @@ pub struct DataConfig {
     /// Ground-truth feature directions `[n_features, d_in]` (from `sae data synth
     /// --truth`); when given, the summary reports MMCS.
     pub truth: Option<String>,
+    /// Reconstruct this array instead of the input (a transcoder): `[n, d_out]`,
+    /// row-aligned with `train`.
+    pub target: Option<String>,
+    /// Row-aligned target for `valid` (needed when `valid` is given with `target`).
+    pub valid_target: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +122,25 @@ pub enum ActivationKind {
     Sigmoid,
     Relu,
     Topk,
+    Batchtopk,
+    Jumprelu,
+    Gated,
+}
+
+impl ActivationKind {
+    /// Activations that keep k latents (per row, or k x batch over a batch).
+    pub fn uses_k(self) -> bool {
+        matches!(self, ActivationKind::Topk | ActivationKind::Batchtopk)
+    }
+}
+
+/// Where `b_dec` starts (`null`: as `init_scheme` draws it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BDecInit {
+    Zeros,
+    Mean,
+    GeometricMedian,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +172,18 @@ pub struct ModelConfig {
     pub decoder_activation: OutputActivation,
     pub apply_b_dec_to_input: bool,
     pub tied: bool,
+    /// Deep autoencoder: the encoder's layer widths, the last being the code
+    /// (`d_hidden`); the decoder mirrors them. Empty: one layer each way.
+    pub hidden: Vec<i64>,
+    /// `init_scheme: sae`: the norm of each fresh decoder row.
+    pub decoder_init_norm: f64,
+    pub b_dec_init: Option<BDecInit>,
+    /// jumprelu: every latent's threshold at the start.
+    pub jumprelu_init_threshold: f64,
+    /// jumprelu (and the l0 penalty): width of the straight-through window.
+    pub jumprelu_bandwidth: f64,
+    /// batchtopk: rate of the running estimate of the inference threshold.
+    pub topk_threshold_lr: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +192,10 @@ pub enum PenaltyKind {
     Kl,
     L1,
     MeanAbs,
+    /// Step-function L0 with straight-through gradients to the thresholds (jumprelu).
+    L0,
+    /// The top-k auxiliary loss: dead latents reconstruct the residual.
+    Auxk,
     None,
 }
 
@@ -166,6 +210,10 @@ pub struct SparsityConfig {
     /// kl only: allow an activation that is not bounded to (0, 1); the mean
     /// activation is then clamped into (0, 1) before the KL.
     pub allow_unbounded_kl: bool,
+    /// Steps over which the weight rises linearly from 0 to `weight`.
+    pub warmup_steps: i64,
+    /// auxk: how many dead latents reconstruct the residual; `auto` = d_out / 2.
+    pub auxk_k: Auto<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +248,41 @@ pub struct TrainConfig {
     pub checkpoint_every: i64,
     /// CPU threads for libtorch; `auto` = all cores.
     pub threads: Auto<i64>,
+    pub lr_schedule: LrSchedule,
+    pub lr_warmup_steps: i64,
+    pub lr_decay_steps: i64,
+    /// Where `cosine` and `linear` end.
+    pub lr_end: f64,
+    /// Largest global L2 norm of the gradient (clipped like torch's clip_grad_norm_).
+    pub grad_clip: Option<f64>,
+    /// Keep decoder rows at unit norm: remove the gradient's component along
+    /// each row before the step, renormalise the rows after it.
+    pub unit_norm_decoder: bool,
+    /// Steps without firing after which a latent counts as dead.
+    pub dead_window: i64,
+    /// Every this many steps, re-initialise dead latents (0: never).
+    pub resample_every: i64,
+    pub input_noise: InputNoise,
+    /// Standard deviation (gaussian) or drop probability (mask).
+    pub noise_level: f64,
+}
+
+/// The learning rate after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    Constant,
+    Cosine,
+    Linear,
+}
+
+/// Corruption of the model's input for denoising training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputNoise {
+    None,
+    Gaussian,
+    Mask,
 }
 
 impl Default for Config {
@@ -223,6 +306,8 @@ impl Default for DataConfig {
             valid_fraction: 0.0,
             normalize: NormalizeKind::None,
             truth: None,
+            target: None,
+            valid_target: None,
         }
     }
 }
@@ -239,6 +324,12 @@ impl Default for ModelConfig {
             decoder_activation: OutputActivation::None,
             apply_b_dec_to_input: true,
             tied: false,
+            hidden: Vec::new(),
+            decoder_init_norm: 1.0,
+            b_dec_init: None,
+            jumprelu_init_threshold: 0.01,
+            jumprelu_bandwidth: 0.05,
+            topk_threshold_lr: 0.01,
         }
     }
 }
@@ -251,6 +342,8 @@ impl Default for SparsityConfig {
             weight: 0.001,
             l1_decoder_norm: true,
             allow_unbounded_kl: false,
+            warmup_steps: 0,
+            auxk_k: Auto::Auto,
         }
     }
 }
@@ -278,6 +371,16 @@ impl Default for TrainConfig {
             log_every: 1,
             checkpoint_every: 1000,
             threads: Auto::Auto,
+            lr_schedule: LrSchedule::Constant,
+            lr_warmup_steps: 0,
+            lr_decay_steps: 0,
+            lr_end: 0.0,
+            grad_clip: None,
+            unit_norm_decoder: false,
+            dead_window: 1000,
+            resample_every: 0,
+            input_noise: InputNoise::None,
+            noise_level: 0.1,
         }
     }
 }
@@ -344,6 +447,7 @@ impl Config {
         for o in overrides {
             apply_override(&mut root, o)?;
         }
+        fill_d_hidden_from_hidden(&mut root);
         // serde_path_to_error names the key at fault (`train.epochs: ...`).
         let cfg: Config = serde_path_to_error::deserialize(root).map_err(|e| {
             let path = e.path().to_string();
@@ -395,23 +499,27 @@ impl Config {
             return Err(format!("model.d_hidden: {} must be at least 1", m.d_hidden));
         }
         match (m.activation, m.k) {
-            (ActivationKind::Topk, None) => {
-                return Err("model.k: required for activation topk".into());
+            (a, None) if a.uses_k() => {
+                return Err(format!(
+                    "model.k: required for activation {}",
+                    activation_name(a)
+                ));
             }
-            (ActivationKind::Topk, Some(k)) if k < 1 || k > m.d_hidden => {
+            (a, Some(k)) if a.uses_k() && (k < 1 || k > m.d_hidden) => {
                 return Err(format!(
                     "model.k: {k} must be between 1 and model.d_hidden ({})",
                     m.d_hidden
                 ));
             }
-            (a, Some(_)) if a != ActivationKind::Topk => {
+            (a, Some(_)) if !a.uses_k() => {
                 return Err(format!(
-                    "model.k: only used by activation topk, not {}",
+                    "model.k: only used by activations topk and batchtopk, not {}",
                     activation_name(a)
                 ));
             }
             _ => {}
         }
+        self.validate_recipe()?;
         if matches!(s.penalty, PenaltyKind::Kl | PenaltyKind::MeanAbs)
             && !(s.target > 0.0 && s.target < 1.0)
         {
@@ -490,5 +598,195 @@ pub fn activation_name(a: ActivationKind) -> &'static str {
         ActivationKind::Sigmoid => "sigmoid",
         ActivationKind::Relu => "relu",
         ActivationKind::Topk => "topk",
+        ActivationKind::Batchtopk => "batchtopk",
+        ActivationKind::Jumprelu => "jumprelu",
+        ActivationKind::Gated => "gated",
+    }
+}
+
+/// `model.hidden: [.., c]` names the code width `c`; when the config does not
+/// give `model.d_hidden` it is taken from there (so the default of 64 does not
+/// contradict it).
+fn fill_d_hidden_from_hidden(root: &mut serde_yaml::Value) {
+    let Some(model) = root.get_mut("model").and_then(|m| m.as_mapping_mut()) else {
+        return;
+    };
+    if model.contains_key("d_hidden") {
+        return;
+    }
+    let last = model
+        .get("hidden")
+        .and_then(|h| h.as_sequence())
+        .and_then(|h| h.last())
+        .and_then(|v| v.as_i64());
+    if let Some(c) = last {
+        model.insert("d_hidden".into(), c.into());
+    }
+}
+
+impl Config {
+    /// The keys of the training recipes (issue 8): activations beyond the
+    /// tutorial ones, schedules, constraints, deep/denoising/transcoder models.
+    fn validate_recipe(&self) -> std::result::Result<(), String> {
+        let m = &self.model;
+        let s = &self.sparsity;
+        let t = &self.train;
+        let d = &self.data;
+        let finite_nonneg = |v: f64| v.is_finite() && v >= 0.0;
+        if !(m.jumprelu_bandwidth > 0.0 && m.jumprelu_bandwidth.is_finite()) {
+            return Err(format!(
+                "model.jumprelu_bandwidth: {} must be > 0",
+                m.jumprelu_bandwidth
+            ));
+        }
+        if !finite_nonneg(m.jumprelu_init_threshold) {
+            return Err(format!(
+                "model.jumprelu_init_threshold: {} must be >= 0",
+                m.jumprelu_init_threshold
+            ));
+        }
+        if !(m.topk_threshold_lr > 0.0 && m.topk_threshold_lr <= 1.0) {
+            return Err(format!(
+                "model.topk_threshold_lr: {} must be in (0, 1]",
+                m.topk_threshold_lr
+            ));
+        }
+        if !(m.decoder_init_norm > 0.0 && m.decoder_init_norm.is_finite()) {
+            return Err(format!(
+                "model.decoder_init_norm: {} must be > 0",
+                m.decoder_init_norm
+            ));
+        }
+        match s.penalty {
+            PenaltyKind::L0 if m.activation != ActivationKind::Jumprelu => {
+                return Err(format!(
+                    "sparsity.penalty: l0 needs activation jumprelu (it trains the thresholds), \
+                     not {}",
+                    activation_name(m.activation)
+                ));
+            }
+            _ if m.activation == ActivationKind::Gated && m.tied => {
+                return Err("model.tied: not supported with activation gated".into());
+            }
+            PenaltyKind::Auxk if m.hidden.len() > 1 => {
+                return Err("sparsity.penalty: auxk is not available for a deep model \
+                     (model.hidden): its residual is not in W_dec's space"
+                    .into());
+            }
+            PenaltyKind::Auxk if !m.activation.uses_k() => {
+                return Err(format!(
+                    "sparsity.penalty: auxk needs activation topk or batchtopk, not {}",
+                    activation_name(m.activation)
+                ));
+            }
+            _ => {}
+        }
+        if s.warmup_steps < 0 {
+            return Err(format!(
+                "sparsity.warmup_steps: {} must be >= 0",
+                s.warmup_steps
+            ));
+        }
+        if let Auto::Value(k) = s.auxk_k {
+            if k < 1 {
+                return Err(format!("sparsity.auxk_k: {k} must be `auto` or at least 1"));
+            }
+        }
+        if let Some(&bad) = m.hidden.iter().find(|&&w| w < 1) {
+            return Err(format!("model.hidden: width {bad} must be at least 1"));
+        }
+        if let Some(&last) = m.hidden.last() {
+            if last != m.d_hidden {
+                return Err(format!(
+                    "model.d_hidden: {} but model.hidden ends in {last}; the last hidden \
+                     width is the code (leave d_hidden out, or make them agree)",
+                    m.d_hidden
+                ));
+            }
+            if m.tied && m.hidden.len() > 1 {
+                return Err("model.tied: not supported for a deep model (model.hidden)".into());
+            }
+            if m.apply_b_dec_to_input && m.hidden.len() > 1 {
+                return Err(
+                    "model.apply_b_dec_to_input: must be false for a deep model \
+                     (model.hidden with more than one width): b_dec is not in the input space"
+                        .into(),
+                );
+            }
+            if m.b_dec_init.is_some() && m.hidden.len() > 1 {
+                return Err("model.b_dec_init: not available for a deep model \
+                     (model.hidden with more than one width): b_dec is not in the data space"
+                    .into());
+            }
+        }
+        if d.target.is_some() {
+            if m.apply_b_dec_to_input {
+                return Err(
+                    "model.apply_b_dec_to_input: must be false with data.target \
+                     (b_dec lives in the target's space, not the input's)"
+                        .into(),
+                );
+            }
+            if m.tied {
+                return Err("model.tied: not supported with data.target".into());
+            }
+            if d.valid.is_some() && d.valid_target.is_none() {
+                return Err(
+                    "data.valid_target: required when data.valid and data.target are given".into(),
+                );
+            }
+        } else if d.valid_target.is_some() {
+            return Err("data.valid_target: only used with data.target".into());
+        }
+        if t.lr_warmup_steps < 0 {
+            return Err(format!(
+                "train.lr_warmup_steps: {} must be >= 0",
+                t.lr_warmup_steps
+            ));
+        }
+        if t.lr_decay_steps < 0 {
+            return Err(format!(
+                "train.lr_decay_steps: {} must be >= 0",
+                t.lr_decay_steps
+            ));
+        }
+        if !finite_nonneg(t.lr_end) {
+            return Err(format!("train.lr_end: {} must be >= 0", t.lr_end));
+        }
+        if let Some(c) = t.grad_clip {
+            if !(c > 0.0 && c.is_finite()) {
+                return Err(format!(
+                    "train.grad_clip: {c} must be > 0 (or null for none)"
+                ));
+            }
+        }
+        if t.dead_window < 1 {
+            return Err(format!(
+                "train.dead_window: {} must be at least 1",
+                t.dead_window
+            ));
+        }
+        if t.resample_every < 0 {
+            return Err(format!(
+                "train.resample_every: {} must be >= 0 (0: never)",
+                t.resample_every
+            ));
+        }
+        match t.input_noise {
+            InputNoise::Gaussian if !finite_nonneg(t.noise_level) => {
+                return Err(format!(
+                    "train.noise_level: {} must be >= 0 (the noise standard deviation)",
+                    t.noise_level
+                ));
+            }
+            InputNoise::Mask if !(0.0..1.0).contains(&t.noise_level) => {
+                return Err(format!(
+                    "train.noise_level: {} must be in [0, 1) (the drop probability)",
+                    t.noise_level
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
     }
 }

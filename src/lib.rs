@@ -20,6 +20,7 @@ pub mod optim;
 pub mod penalty;
 pub mod plot;
 pub mod report;
+pub mod schedule;
 pub mod sweep;
 pub mod train;
 

@@ -95,10 +95,24 @@ pub fn evaluate(
     target: f64,
     truth: Option<&Tensor>,
 ) -> Metrics {
+    evaluate_target(model, x, None, batch, target, truth)
+}
+
+/// [`evaluate`] for a model that reconstructs `y` (row-aligned with `x`; a
+/// transcoder) rather than `x`: the reconstruction metrics compare with `y`,
+/// in the model's output space.
+pub fn evaluate_target(
+    model: &Sae,
+    x: &Tensor,
+    y: Option<&Tensor>,
+    batch: i64,
+    target: f64,
+    truth: Option<&Tensor>,
+) -> Metrics {
     let _guard = tch::no_grad_guard();
     let device = model.device();
     let n = x.size()[0];
-    let d = x.size()[1];
+    let d = y.map_or(x.size()[1], |y| y.size()[1]);
     let h = model.spec.d_hidden;
     let thr = model.spec.activation.active_threshold();
     let dopts = (Kind::Double, device);
@@ -118,6 +132,14 @@ pub fn evaluate(
         let xn = model.norm.apply(&xb);
         let z = model.encode_normalized(&xn);
         let xh = model.decode_normalized(&z);
+        let xn = match y {
+            Some(y) => model.output_norm().apply(
+                &y.narrow(0, start, len)
+                    .to_device(device)
+                    .to_kind(Kind::Float),
+            ),
+            None => xn,
+        };
         let xn = xn.to_kind(Kind::Double);
         sse += (xh.to_kind(Kind::Double) - &xn).square().sum(Kind::Double);
         sum_x += xn.sum_dim_intlist(0, false, Kind::Double);
@@ -150,7 +172,11 @@ pub fn evaluate(
         .mean(Kind::Double)
         .double_value(&[]);
     let l0 = freq.sum(Kind::Double).double_value(&[]);
-    let mmcs = truth.map(|t| mmcs(t, &decoder_rows_in_data_space(model)));
+    // Decoder rows are dictionary directions only when they map straight to
+    // the output (not for deep models).
+    let mmcs = truth
+        .filter(|_| model.decoder_rows_in_output_space())
+        .map(|t| mmcs(t, &decoder_rows_in_data_space(model)));
     Metrics {
         rows: n,
         mse: sse / (nf * d as f64),
@@ -175,7 +201,7 @@ fn to_vec(t: &Tensor) -> Vec<f64> {
 /// Decoder directions `[h, d]` in the data's own space.
 pub fn decoder_rows_in_data_space(model: &Sae) -> Tensor {
     let w = model.decoder_weight().detach();
-    match &model.norm.scale {
+    match &model.output_norm().scale {
         Some(scale) => w * scale,
         None => w,
     }

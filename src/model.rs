@@ -3,8 +3,17 @@
 //!
 //! `encode(x) = act((norm(x) - b_dec) @ W_enc + b_enc)` (the `b_dec`
 //! subtraction is optional), `decode(z) = unnorm(out_act(z @ W_dec + b_dec))`.
+//!
+//! Variants on the same struct:
+//! - jumprelu / batchtopk models carry a `threshold` (`[d_hidden]`);
+//! - gated models carry `r_mag` and `b_mag` (`b_enc` is the gate's bias);
+//! - a transcoder (`data.target`) reconstructs another array: `W_dec` is
+//!   `[d_hidden, d_out]` and the output has its own normalisation (`out_norm`);
+//! - a deep model (`model.hidden`) has extra ReLU layers before `W_enc`
+//!   (`enc_layers`) and after `W_dec` (`dec_layers`); `W_enc`/`W_dec` are the
+//!   layers into and out of the code.
 
-use crate::activation::Activation;
+use crate::activation::{self, Activation};
 use crate::config::{InitScheme, ModelConfig, OutputActivation};
 use crate::normalize::Normalizer;
 use tch::{Device, Kind, Tensor};
@@ -25,7 +34,7 @@ impl ModelSpec {
         ModelSpec {
             d_in,
             d_hidden: m.d_hidden,
-            activation: Activation::from_config(m.activation, m.k),
+            activation: Activation::from_model_config(m),
             decoder_activation: m.decoder_activation,
             apply_b_dec_to_input: m.apply_b_dec_to_input,
             tied: m.tied,
@@ -33,52 +42,134 @@ impl ModelSpec {
     }
 }
 
+/// The magnitude path of a gated SAE: `relu(x @ (W_enc * exp(r_mag)) + b_mag)`.
+#[derive(Debug)]
+pub struct Gate {
+    /// `[d_hidden]`
+    pub r_mag: Tensor,
+    /// `[d_hidden]`
+    pub b_mag: Tensor,
+}
+
+/// A dense layer of a deep model: `y = x @ w + b`, `w [in, out]`.
+#[derive(Debug)]
+pub struct Layer {
+    pub w: Tensor,
+    pub b: Tensor,
+}
+
 #[derive(Debug)]
 pub struct Sae {
     pub spec: ModelSpec,
-    /// `[d_in, d_hidden]`
+    /// `[d_in, d_hidden]` (deep: `[width before the code, d_hidden]`)
     pub w_enc: Tensor,
     /// `[d_hidden]`
     pub b_enc: Tensor,
-    /// `[d_hidden, d_in]`; `None` when tied (then it is `W_enc.T`).
+    /// `[d_hidden, d_out]`; `None` when tied (then it is `W_enc.T`).
     pub w_dec: Option<Tensor>,
-    /// `[d_in]`
+    /// `[d_out]` (deep: the width after the code)
     pub b_dec: Tensor,
+    /// jumprelu: learned thresholds `[d_hidden]` (a parameter); batchtopk: the
+    /// inference threshold (a buffer; a scalar while training, `[d_hidden]`
+    /// once saved). `None` for other activations.
+    pub threshold: Option<Tensor>,
+    /// Gated models: the magnitude path's parameters.
+    pub gate: Option<Gate>,
+    /// Deep models: ReLU layers from the input to `W_enc`, and from `W_dec`
+    /// to the output (the last one followed by `decoder_activation`).
+    pub enc_layers: Vec<Layer>,
+    pub dec_layers: Vec<Layer>,
+    /// Input normalisation.
     pub norm: Normalizer,
+    /// Output normalisation when it differs from the input's (transcoders).
+    pub out_norm: Option<Normalizer>,
+}
+
+/// `nn.Linear(fan_in, fan_out)` weights, stored `[fan_in, fan_out]`, and bias.
+fn torch_linear(fan_in: i64, fan_out: i64, device: Device) -> Layer {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    let opts = (Kind::Float, device);
+    let w = Tensor::empty([fan_out, fan_in], opts)
+        .uniform_(-bound, bound)
+        .tr()
+        .contiguous();
+    let b = Tensor::empty([fan_out], opts).uniform_(-bound, bound);
+    Layer { w, b }
 }
 
 impl Sae {
     /// Fresh weights on `device`, drawn from libtorch's global generator
-    /// (seed it first for reproducible runs).
-    pub fn init(spec: ModelSpec, scheme: InitScheme, norm: Normalizer, device: Device) -> Sae {
+    /// (seed it first for reproducible runs). `d_out` is the reconstruction's
+    /// width (`d_in` except for transcoders); `m` gives the init scheme, deep
+    /// widths, decoder norm and jumprelu threshold.
+    pub fn init(
+        spec: ModelSpec,
+        m: &ModelConfig,
+        d_out: i64,
+        norm: Normalizer,
+        out_norm: Option<Normalizer>,
+        device: Device,
+    ) -> Sae {
         let opts = (Kind::Float, device);
-        let (d_in, d_h) = (spec.d_in, spec.d_hidden);
-        let (w_enc, b_enc, w_dec, b_dec) = match scheme {
+        let d_h = spec.d_hidden;
+        // Widths between the input and the code (deep models), mirrored after it.
+        let inner: &[i64] = match m.hidden.len() {
+            0 | 1 => &[],
+            n => &m.hidden[..n - 1],
+        };
+        let mut chain_in = vec![spec.d_in];
+        chain_in.extend_from_slice(inner);
+        let mut chain_out: Vec<i64> = inner.iter().rev().copied().collect();
+        chain_out.push(d_out);
+        let (code_in, code_out) = (*chain_in.last().unwrap(), chain_out[0]);
+
+        let enc_layers: Vec<Layer> = chain_in
+            .windows(2)
+            .map(|w| torch_linear(w[0], w[1], device))
+            .collect();
+        let (w_enc, b_enc, w_dec, b_dec) = match m.init_scheme {
             InitScheme::TorchLinear => {
-                // nn.Linear(in, out): weight and bias ~ U(-1/sqrt(in), 1/sqrt(in)).
                 // Drawn in the order nn.Linear would: encoder weight, encoder
                 // bias, decoder weight, decoder bias (weights stored transposed).
-                let be = 1.0 / (d_in as f64).sqrt();
-                let bd = 1.0 / (d_h as f64).sqrt();
-                let w_enc = Tensor::empty([d_h, d_in], opts).uniform_(-be, be).tr();
-                let b_enc = Tensor::empty([d_h], opts).uniform_(-be, be);
-                let w_dec = Tensor::empty([d_in, d_h], opts).uniform_(-bd, bd).tr();
-                let b_dec = Tensor::empty([d_in], opts).uniform_(-bd, bd);
-                (w_enc, b_enc, w_dec, b_dec)
+                let enc = torch_linear(code_in, d_h, device);
+                let dec = torch_linear(d_h, code_out, device);
+                (enc.w, enc.b, dec.w, dec.b)
             }
             InitScheme::Sae => {
-                // Unit-norm random decoder rows; encoder starts as its transpose.
-                let w_dec = Tensor::randn([d_h, d_in], opts);
-                let w_dec = &w_dec / w_dec.norm_scalaropt_dim(2, [1], true);
-                let w_enc = w_dec.tr();
+                // Random decoder rows of norm decoder_init_norm; the encoder
+                // starts as its transpose (when the shapes allow).
+                let unit_rows = |t: Tensor| &t / t.norm_scalaropt_dim(2, [1], true);
+                let w_dec = unit_rows(Tensor::randn([d_h, code_out], opts)) * m.decoder_init_norm;
+                let w_enc = if code_in == code_out {
+                    w_dec.tr()
+                } else {
+                    unit_rows(Tensor::randn([d_h, code_in], opts)).tr() * m.decoder_init_norm
+                };
                 (
                     w_enc,
                     Tensor::zeros([d_h], opts),
                     w_dec,
-                    Tensor::zeros([d_in], opts),
+                    Tensor::zeros([code_out], opts),
                 )
             }
         };
+        let dec_layers: Vec<Layer> = chain_out
+            .windows(2)
+            .map(|w| torch_linear(w[0], w[1], device))
+            .collect();
+        let threshold = match spec.activation {
+            Activation::JumpRelu { .. } => {
+                Some(Tensor::full([d_h], m.jumprelu_init_threshold, opts))
+            }
+            // SAELens keeps the running estimate in float64.
+            Activation::BatchTopK { .. } => Some(Tensor::zeros([], (Kind::Double, device))),
+            _ => None,
+        };
+        // SAELens: r_mag and b_mag start at 0 (b_enc, the gate's bias, too).
+        let gate = matches!(spec.activation, Activation::Gated).then(|| Gate {
+            r_mag: Tensor::zeros([d_h], opts),
+            b_mag: Tensor::zeros([d_h], opts),
+        });
         let w_dec = (!spec.tied).then_some(w_dec);
         Sae {
             spec,
@@ -86,8 +177,18 @@ impl Sae {
             b_enc,
             w_dec: w_dec.map(|w| w.contiguous()),
             b_dec,
+            threshold,
+            gate,
+            enc_layers,
+            dec_layers,
             norm: norm.to_device(device),
+            out_norm: out_norm.map(|n| n.to_device(device)),
         }
+    }
+
+    /// Whether the threshold is trained by gradient (jumprelu).
+    fn threshold_is_parameter(&self) -> bool {
+        matches!(self.spec.activation, Activation::JumpRelu { .. }) && self.threshold.is_some()
     }
 
     /// The trainable tensors, in a fixed order.
@@ -97,30 +198,49 @@ impl Sae {
             p.push(w);
         }
         p.push(&self.b_dec);
+        if self.threshold_is_parameter() {
+            p.push(self.threshold.as_ref().unwrap());
+        }
+        if let Some(g) = &self.gate {
+            p.push(&g.r_mag);
+            p.push(&g.b_mag);
+        }
+        for l in self.enc_layers.iter().chain(&self.dec_layers) {
+            p.push(&l.w);
+            p.push(&l.b);
+        }
         p
     }
 
     /// The trainable tensors, mutable, in the order of [`Sae::parameters`].
     pub fn parameters_mut(&mut self) -> Vec<&mut Tensor> {
+        let with_threshold = self.threshold_is_parameter();
         let mut p = vec![&mut self.w_enc, &mut self.b_enc];
         if let Some(w) = &mut self.w_dec {
             p.push(w);
         }
         p.push(&mut self.b_dec);
+        if with_threshold {
+            p.push(self.threshold.as_mut().unwrap());
+        }
+        if let Some(g) = &mut self.gate {
+            p.push(&mut g.r_mag);
+            p.push(&mut g.b_mag);
+        }
+        for l in self.enc_layers.iter_mut().chain(self.dec_layers.iter_mut()) {
+            p.push(&mut l.w);
+            p.push(&mut l.b);
+        }
         p
     }
 
     pub fn set_requires_grad(&mut self, on: bool) {
-        let set = |t: &mut Tensor| *t = t.detach().set_requires_grad(on);
-        set(&mut self.w_enc);
-        set(&mut self.b_enc);
-        if let Some(w) = &mut self.w_dec {
-            set(w);
+        for t in self.parameters_mut() {
+            *t = t.detach().set_requires_grad(on);
         }
-        set(&mut self.b_dec);
     }
 
-    /// `W_dec [d_hidden, d_in]` (a view of `W_enc.T` when tied).
+    /// `W_dec [d_hidden, d_out]` (a view of `W_enc.T` when tied).
     pub fn decoder_weight(&self) -> Tensor {
         match &self.w_dec {
             Some(w) => w.shallow_clone(),
@@ -128,28 +248,112 @@ impl Sae {
         }
     }
 
+    /// Width of the reconstruction (`d_in`, or the target's for a transcoder).
+    pub fn d_out(&self) -> i64 {
+        match self.dec_layers.last() {
+            Some(l) => l.w.size()[1],
+            None => self.b_dec.size()[0],
+        }
+    }
+
+    /// Whether the model has layers beyond the code layer (`model.hidden`).
+    pub fn is_deep(&self) -> bool {
+        !self.enc_layers.is_empty() || !self.dec_layers.is_empty()
+    }
+
+    /// Whether `W_dec` rows live in the output (data) space: not for deep models.
+    pub fn decoder_rows_in_output_space(&self) -> bool {
+        self.dec_layers.is_empty()
+    }
+
     pub fn device(&self) -> Device {
         self.w_enc.device()
     }
 
-    /// Pre-activations of already-normalised input.
-    pub fn pre_activations(&self, xn: &Tensor) -> Tensor {
-        let x = if self.spec.apply_b_dec_to_input {
-            xn - &self.b_dec
-        } else {
-            xn.shallow_clone()
-        };
-        x.matmul(&self.w_enc) + &self.b_enc
+    /// The normalisation of the output space.
+    pub fn output_norm(&self) -> &Normalizer {
+        self.out_norm.as_ref().unwrap_or(&self.norm)
     }
 
-    /// Codes of already-normalised input.
+    /// Normalised input through the deep layers (the input itself otherwise).
+    fn through_layers(&self, xn: &Tensor) -> Tensor {
+        let mut h = xn.shallow_clone();
+        for l in &self.enc_layers {
+            h = (h.matmul(&l.w) + &l.b).relu();
+        }
+        h
+    }
+
+    /// What the code layer reads: normalised input through the deep layers,
+    /// minus `b_dec` when `apply_b_dec_to_input`.
+    fn code_input(&self, xn: &Tensor) -> Tensor {
+        let h = self.through_layers(xn);
+        if self.spec.apply_b_dec_to_input {
+            h - &self.b_dec
+        } else {
+            h
+        }
+    }
+
+    /// Gated models: `relu(pi_gate)`, what their sparsity penalty and
+    /// auxiliary reconstruction see; recomputed as SAELens does
+    /// (`sae_in - b_dec * apply_b_dec_to_input`), so the autograd graph and
+    /// its gradient sums match SAELens's.
+    pub fn gate_codes(&self, xn: &Tensor) -> Option<Tensor> {
+        self.gate.as_ref()?;
+        let apply = if self.spec.apply_b_dec_to_input {
+            1.0
+        } else {
+            0.0
+        };
+        let centered = self.through_layers(xn) - &self.b_dec * apply;
+        Some((centered.matmul(&self.w_enc) + &self.b_enc).relu())
+    }
+
+    /// Pre-activations of already-normalised input (gated: the gate's).
+    pub fn pre_activations(&self, xn: &Tensor) -> Tensor {
+        self.code_input(xn).matmul(&self.w_enc) + &self.b_enc
+    }
+
+    /// Codes from the code layer's input `x` and pre-activations `pre`
+    /// (inference mode unless `train`).
+    fn codes(&self, x: &Tensor, pre: &Tensor, train: bool) -> Tensor {
+        let act = &self.spec.activation;
+        match &self.gate {
+            Some(g) => {
+                // SAELens order: W_enc * exp(r_mag), then the matmul.
+                let pi_mag = x.matmul(&(&self.w_enc * g.r_mag.exp())) + &g.b_mag;
+                activation::gated(pre, &pi_mag)
+            }
+            None if train => act.apply_train(pre, self.threshold.as_ref()),
+            None => act.apply(pre, self.threshold.as_ref()),
+        }
+    }
+
+    /// Codes of already-normalised input (inference).
     pub fn encode_normalized(&self, xn: &Tensor) -> Tensor {
-        self.spec.activation.apply(&self.pre_activations(xn))
+        let x = self.code_input(xn);
+        let pre = x.matmul(&self.w_enc) + &self.b_enc;
+        self.codes(&x, &pre, false)
+    }
+
+    /// One training forward pass on normalised input: pre-activations, codes
+    /// in training mode (batch top-k over the batch, straight-through
+    /// jumprelu), and the reconstruction.
+    pub fn forward_train(&self, xn: &Tensor) -> Forward {
+        let x = self.code_input(xn);
+        let pre = x.matmul(&self.w_enc) + &self.b_enc;
+        let z = self.codes(&x, &pre, true);
+        let recon = self.decode_normalized(&z);
+        Forward { pre, z, recon }
     }
 
     /// Reconstruction in the normalised space.
     pub fn decode_normalized(&self, z: &Tensor) -> Tensor {
-        let out = z.matmul(&self.decoder_weight()) + &self.b_dec;
+        let mut out = z.matmul(&self.decoder_weight()) + &self.b_dec;
+        for l in &self.dec_layers {
+            out = out.relu().matmul(&l.w) + &l.b;
+        }
         match self.spec.decoder_activation {
             OutputActivation::None => out,
             OutputActivation::Sigmoid => out.sigmoid(),
@@ -161,10 +365,27 @@ impl Sae {
     }
 
     pub fn decode(&self, z: &Tensor) -> Tensor {
-        self.norm.invert(&self.decode_normalized(z))
+        self.output_norm().invert(&self.decode_normalized(z))
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.decode(&self.encode(x))
     }
+
+    /// The threshold as saved: `[d_hidden]` float32 (a batchtopk scalar expanded).
+    pub fn threshold_for_saving(&self) -> Option<Tensor> {
+        self.threshold.as_ref().map(|t| {
+            t.detach()
+                .to_kind(Kind::Float)
+                .expand([self.spec.d_hidden], false)
+                .contiguous()
+        })
+    }
+}
+
+/// The tensors of one training forward pass.
+pub struct Forward {
+    pub pre: Tensor,
+    pub z: Tensor,
+    pub recon: Tensor,
 }

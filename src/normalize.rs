@@ -46,6 +46,18 @@ impl Normalizer {
                 let max = x.amax(0, false);
                 (min.shallow_clone(), max - min)
             }
+            NormalizeKind::ExpectedNorm => {
+                // x_n = x * sqrt(d) / mean_rows(||x||), as one scale per column.
+                let d = x.size()[1];
+                let mean_norm = x
+                    .to_kind(Kind::Double)
+                    .norm_scalaropt_dim(2, [1], false)
+                    .mean(Kind::Double)
+                    .double_value(&[]);
+                let scale = mean_norm / (d as f64).sqrt();
+                let opts = (Kind::Float, x.device());
+                (Tensor::zeros([d], opts), Tensor::full([d], scale, opts))
+            }
         };
         let ones = scale.ones_like();
         let scale = ones.where_self(&scale.le(0.0), &scale);

@@ -1,7 +1,9 @@
 //! Sparsity penalties, unweighted: total loss = mse + sparsity.weight * penalty.
-//! To add one: a variant here, its name in `config::PenaltyKind`, a line in `value`.
+//! To add one: a variant here, its name in `config::PenaltyKind`, a line in
+//! `from_config` and one in `value`.
 
-use crate::config::{PenaltyKind, SparsityConfig};
+use crate::activation::step_with_ste;
+use crate::config::{Auto, ModelConfig, PenaltyKind, SparsityConfig};
 use tch::{Kind, Tensor};
 
 /// Keeps the KL finite when a unit's mean activation saturates at 0 or 1.
@@ -21,24 +23,84 @@ pub enum Penalty {
     MeanAbs {
         target: f64,
     },
+    /// `mean_over_batch(sum_j H(pre_j - threshold_j))`: the number of active
+    /// latents, with SAELens's straight-through pseudo-gradient (rectangle
+    /// kernel of width `bandwidth`) to the jumprelu thresholds.
+    L0 {
+        bandwidth: f64,
+    },
+    /// Top-k auxiliary loss (OpenAI, SAELens): the `k_aux` largest
+    /// pre-activations among dead latents reconstruct the detached residual
+    /// `target - recon` through `W_dec` (no bias); the mean over elements of
+    /// the squared error, times `min(n_dead / k_aux, 1)`. 0 with no dead latent.
+    AuxK {
+        k_aux: i64,
+    },
     None,
 }
 
+/// What a penalty may look at for one training batch.
+pub struct PenaltyInput<'a> {
+    /// Codes `[batch, d_hidden]` (training mode).
+    pub z: &'a Tensor,
+    /// Pre-activations `[batch, d_hidden]`.
+    pub pre: &'a Tensor,
+    /// What the model reconstructs `[batch, d_out]`, and its reconstruction.
+    pub target: &'a Tensor,
+    pub recon: &'a Tensor,
+    /// `W_dec [d_hidden, d_out]`.
+    pub w_dec: &'a Tensor,
+    /// jumprelu thresholds `[d_hidden]`.
+    pub threshold: Option<&'a Tensor>,
+    /// Latents that have not fired for `train.dead_window` steps (bool `[d_hidden]`).
+    pub dead: Option<&'a Tensor>,
+}
+
+impl<'a> PenaltyInput<'a> {
+    /// Just codes and the decoder weight: enough for kl, l1, mean_abs and none.
+    pub fn codes(z: &'a Tensor, w_dec: &'a Tensor) -> PenaltyInput<'a> {
+        PenaltyInput {
+            z,
+            pre: z,
+            target: z,
+            recon: z,
+            w_dec,
+            threshold: None,
+            dead: None,
+        }
+    }
+}
+
 impl Penalty {
-    pub fn from_config(s: &SparsityConfig) -> Penalty {
+    /// `d_out` is the reconstruction's width (auxk's default `k_aux` is half of it).
+    pub fn from_config(s: &SparsityConfig, m: &ModelConfig, d_out: i64) -> Penalty {
         match s.penalty {
             PenaltyKind::Kl => Penalty::Kl { target: s.target },
             PenaltyKind::L1 => Penalty::L1 {
                 decoder_norm: s.l1_decoder_norm,
             },
             PenaltyKind::MeanAbs => Penalty::MeanAbs { target: s.target },
+            PenaltyKind::L0 => Penalty::L0 {
+                bandwidth: m.jumprelu_bandwidth,
+            },
+            PenaltyKind::Auxk => Penalty::AuxK {
+                k_aux: match s.auxk_k {
+                    Auto::Auto => (d_out / 2).max(1),
+                    Auto::Value(k) => k,
+                },
+            },
             PenaltyKind::None => Penalty::None,
         }
     }
 
-    /// The penalty for codes `z [batch, d_hidden]` of a model whose decoder
-    /// weight is `w_dec [d_hidden, d_in]`; a scalar tensor.
-    pub fn value(&self, z: &Tensor, w_dec: &Tensor) -> Tensor {
+    /// Whether training must track which latents are dead for this penalty.
+    pub fn needs_dead_mask(&self) -> bool {
+        matches!(self, Penalty::AuxK { .. })
+    }
+
+    /// The penalty for one batch; a scalar tensor.
+    pub fn value(&self, p: &PenaltyInput) -> Tensor {
+        let z = p.z;
         match *self {
             Penalty::Kl { target } => {
                 let rho_hat = z
@@ -49,7 +111,7 @@ impl Penalty {
             Penalty::L1 { decoder_norm } => {
                 let a = z.abs();
                 let a = if decoder_norm {
-                    a * w_dec.norm_scalaropt_dim(2, [1], false)
+                    a * p.w_dec.norm_scalaropt_dim(2, [1], false)
                 } else {
                     a
                 };
@@ -58,9 +120,37 @@ impl Penalty {
             Penalty::MeanAbs { target } => (z.mean_dim(0, false, Kind::Float) - target)
                 .abs()
                 .sum(Kind::Float),
+            Penalty::L0 { bandwidth } => {
+                let t = p.threshold.expect("validated: l0 goes with jumprelu");
+                step_with_ste(p.pre, t, bandwidth)
+                    .sum_dim_intlist(-1, false, Kind::Float)
+                    .mean(Kind::Float)
+            }
+            Penalty::AuxK { k_aux } => auxk(p, k_aux),
             Penalty::None => Tensor::zeros([], (Kind::Float, z.device())),
         }
     }
+}
+
+fn auxk(p: &PenaltyInput, k_aux: i64) -> Tensor {
+    let zero = || Tensor::zeros([], (Kind::Float, p.z.device()));
+    let Some(dead) = p.dead else {
+        return zero();
+    };
+    let n_dead = dead.sum(Kind::Int64).int64_value(&[]);
+    if n_dead == 0 {
+        return zero();
+    }
+    let scale = (n_dead as f64 / k_aux as f64).min(1.0);
+    let k = k_aux.min(n_dead);
+    let residual = (p.target - p.recon).detach();
+    let candidates = p
+        .pre
+        .where_scalarother(&dead.unsqueeze(0), f64::NEG_INFINITY);
+    let (values, indices) = candidates.topk(k, -1, true, false);
+    let acts = p.pre.zeros_like().scatter(-1, &indices, &values);
+    let recons = acts.matmul(p.w_dec);
+    (recons - residual).square().mean(Kind::Float) * scale
 }
 
 /// `KL(p || q) = p log(p/q) + (1-p) log((1-p)/(1-q))`, elementwise over `q`.

@@ -69,7 +69,8 @@ pub fn run_plots(run: &Path, model: &Sae, train: &Metrics) -> Result<()> {
         &histogram_categories(h),
         &[("latents".into(), h.iter().map(|b| b.count as f64).collect())],
     )?;
-    if let Some(side) = plot::square_side(model.spec.d_in) {
+    let side = plot::square_side(model.d_out()).filter(|_| model.decoder_rows_in_output_space());
+    if let Some(side) = side {
         let w = crate::metrics::decoder_rows_in_data_space(model).to_device(tch::Device::Cpu);
         let n = model.spec.d_hidden.min(256);
         let rows: Vec<Vec<f32>> = (0..n)

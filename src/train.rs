@@ -1,8 +1,9 @@
 //! The training loop: data in, run directory out. The model, the penalty and
 //! the optimizer each live in their own module; this file only wires them.
 
-use crate::config::{Auto, Config};
-use crate::data::dataset::{epoch_order, read_order, Dataset};
+use crate::activation::Activation;
+use crate::config::{Auto, BDecInit, Config, InputNoise, TrainConfig};
+use crate::data::dataset::{epoch_order, permutation, read_order, Dataset};
 use crate::data::npy;
 use crate::error::user;
 use crate::export::{self, RUN_MODEL_FILE};
@@ -10,7 +11,8 @@ use crate::metrics::{self, Metrics};
 use crate::model::{ModelSpec, Sae};
 use crate::normalize::Normalizer;
 use crate::optim::Adam;
-use crate::penalty::Penalty;
+use crate::penalty::{Penalty, PenaltyInput};
+use crate::schedule;
 use crate::{bail_user, device, fsutil, Result};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -52,6 +54,9 @@ struct Prepared {
     device: Device,
     train: Tensor,
     valid: Option<Tensor>,
+    /// `data.target` (and its validation rows): what a transcoder reconstructs.
+    train_target: Option<Tensor>,
+    valid_target: Option<Tensor>,
     truth: Option<Tensor>,
     /// `train.order`, read and checked.
     fixed_order: Option<Vec<Vec<i64>>>,
@@ -89,21 +94,58 @@ fn prepare(cfg: &Config) -> Result<Prepared> {
         }
         None => None,
     };
+    let read_target = |key: &str, p: &str, rows: i64, of: &str| -> Result<Tensor> {
+        let y = npy::read_tensor(p).with_context(|| key.to_string())?;
+        if y.size()[0] != rows {
+            bail_user!(
+                "{key}: {p} has {} rows but {of} has {rows}; the target must be row-aligned with it",
+                y.size()[0]
+            );
+        }
+        Ok(y)
+    };
+    let mut train_target = match &cfg.data.target {
+        Some(p) => Some(read_target("data.target", p, train.size()[0], &train_path)?),
+        None => None,
+    };
+    let d_out = train_target.as_ref().map_or(d_in, |y| y.size()[1]);
+    let mut valid_target = match (&cfg.data.valid_target, &valid, &cfg.data.valid) {
+        (Some(p), Some(v), Some(vp)) => {
+            let y = read_target("data.valid_target", p, v.size()[0], vp)?;
+            if y.size()[1] != d_out {
+                bail_user!(
+                    "data.valid_target: {p} has {} columns but data.target has {d_out}",
+                    y.size()[1]
+                );
+            }
+            Some(y)
+        }
+        _ => None,
+    };
     if cfg.data.valid_fraction > 0.0 {
         let n = train.size()[0];
         if n < 2 {
             bail_user!("data.valid_fraction: {train_path} has {n} row(s), too few to split");
         }
-        let (t, v) = Dataset::new(train, Device::Cpu).split(cfg.data.valid_fraction, cfg.seed);
-        train = t.x;
-        valid = Some(v.x);
+        // Split input and target together (same rows).
+        let joined = match &train_target {
+            Some(y) => Tensor::cat(&[train.to_kind(Kind::Float), y.to_kind(Kind::Float)], 1),
+            None => train,
+        };
+        let (t, v) = Dataset::new(joined, Device::Cpu).split(cfg.data.valid_fraction, cfg.seed);
+        train = t.x.narrow(1, 0, d_in);
+        valid = Some(v.x.narrow(1, 0, d_in));
+        if train_target.is_some() {
+            train_target = Some(t.x.narrow(1, d_in, d_out));
+            valid_target = Some(v.x.narrow(1, d_in, d_out));
+        }
     }
     let truth = match &cfg.data.truth {
         Some(p) => {
             let t = npy::read_tensor(p).context("data.truth")?;
-            if t.size()[1] != d_in {
+            if t.size()[1] != d_out {
                 bail_user!(
-                    "data.truth: {p} has {} columns but the data has {d_in}",
+                    "data.truth: {p} has {} columns but the reconstructed data has {d_out}",
                     t.size()[1]
                 );
             }
@@ -117,44 +159,288 @@ fn prepare(cfg: &Config) -> Result<Prepared> {
         None => None,
     };
     let norm = Normalizer::fit(cfg.data.normalize, &train);
+    let out_norm = train_target
+        .as_ref()
+        .map(|y| Normalizer::fit(cfg.data.normalize, &y.to_kind(Kind::Float)));
     let spec = ModelSpec::from_config(&cfg.model, d_in);
-    let mut model = Sae::init(spec, cfg.model.init_scheme, norm, device);
+    let mut model = Sae::init(spec, &cfg.model, d_out, norm, out_norm, device);
     if let Some(init) = &cfg.model.init {
+        if model.is_deep() {
+            bail_user!("model.init: not supported for a deep model (model.hidden)");
+        }
         load_init_weights(&mut model, Path::new(init))?;
+    }
+    if let Some(how) = cfg.model.b_dec_init {
+        // In the space the decoder writes to: the (normalised) reconstruction target.
+        let y = train_target.as_ref().unwrap_or(&train).to_kind(Kind::Float);
+        let y = model.output_norm().apply(&y.to_device(device));
+        model.b_dec = b_dec_init(how, &y, cfg.seed);
+    }
+    if cfg.train.unit_norm_decoder {
+        normalize_decoder_rows(&mut model);
     }
     Ok(Prepared {
         cfg,
         device,
         train,
         valid,
+        train_target,
+        valid_target,
         truth,
         fixed_order,
         model,
     })
 }
 
-/// `model.init`: copies `W_enc`, `b_enc`, `W_dec`, `b_dec` from a
-/// safetensors file (SAELens names and shapes) into a fresh model. The
-/// architecture comes from the config; the shapes must agree with it.
+/// Rows used to estimate `b_dec` (a seeded subset of larger data).
+const B_DEC_INIT_ROWS: usize = 100_000;
+
+/// `model.b_dec_init` on (normalised) rows `y [n, d]`.
+fn b_dec_init(how: BDecInit, y: &Tensor, seed: u64) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    let n = y.size()[0] as usize;
+    let y = if n > B_DEC_INIT_ROWS {
+        let idx = &permutation(n, seed ^ 0xB_DEC)[..B_DEC_INIT_ROWS];
+        y.index_select(0, &Tensor::from_slice(idx).to_device(y.device()))
+    } else {
+        y.shallow_clone()
+    };
+    match how {
+        BDecInit::Zeros => y.zeros_like().select(0, 0).contiguous(),
+        BDecInit::Mean => y.mean_dim(0, false, Kind::Float),
+        BDecInit::GeometricMedian => geometric_median(&y).to_kind(Kind::Float),
+    }
+}
+
+/// The geometric median of the rows of `points` (Weiszfeld's algorithm, as
+/// SAELens `compute_geometric_median`: at most 100 iterations, stop when the
+/// objective changes by less than 1e-20 of itself), in float64.
+pub fn geometric_median(points: &Tensor) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    const EPS: f64 = 1e-6;
+    const MAXITER: usize = 100;
+    const FTOL: f64 = 1e-20;
+    let p = points.to_kind(Kind::Double);
+    let weighted_average = |w: &Tensor| {
+        (&p * w.unsqueeze(1)).sum_dim_intlist(0, false, Kind::Double) / w.sum(Kind::Double)
+    };
+    let objective = |m: &Tensor| {
+        (&p - m)
+            .norm_scalaropt_dim(2, [1], false)
+            .sum(Kind::Double)
+            .double_value(&[])
+    };
+    let ones = Tensor::ones([p.size()[0]], (Kind::Double, p.device()));
+    let mut median = weighted_average(&ones);
+    let mut obj = objective(&median);
+    for _ in 0..MAXITER {
+        let norms = (&p - &median).norm_scalaropt_dim(2, [1], false);
+        let w = norms.clamp_min(EPS).reciprocal();
+        median = weighted_average(&w);
+        let prev = obj;
+        obj = objective(&median);
+        if (prev - obj).abs() <= FTOL * obj {
+            break;
+        }
+    }
+    median
+}
+
+/// The decoder rows as a tensor and the dimension along which a row's
+/// entries lie: `(W_dec, 1)`, or `(W_enc, 0)` when tied (rows are columns).
+fn decoder_rows(model: &mut Sae) -> (&mut Tensor, i64) {
+    match &mut model.w_dec {
+        Some(w) => (w, 1),
+        None => (&mut model.w_enc, 0),
+    }
+}
+
+/// Scales every decoder row to unit L2 norm, in place.
+pub fn normalize_decoder_rows(model: &mut Sae) {
+    let _guard = tch::no_grad_guard();
+    let (w, dim) = decoder_rows(model);
+    let norms = w.norm_scalaropt_dim(2, [dim], true).clamp_min(1e-12);
+    let _ = w.g_div_(&norms);
+}
+
+/// Removes from the decoder's gradient its component along each (unit)
+/// decoder row, so an update moves rows along the unit sphere.
+pub fn remove_parallel_gradient(model: &mut Sae) {
+    let _guard = tch::no_grad_guard();
+    let (w, dim) = decoder_rows(model);
+    let mut g = w.grad();
+    if !g.defined() {
+        return;
+    }
+    let unit = &*w / w.norm_scalaropt_dim(2, [dim], true).clamp_min(1e-12);
+    let parallel = (&g * &unit).sum_dim_intlist(dim, true, Kind::Float);
+    let _ = g.g_sub_(&(parallel * unit));
+}
+
+/// Scales all gradients so their global L2 norm is at most `max_norm`
+/// (torch `clip_grad_norm_`); returns the norm before clipping.
+pub fn clip_grad_norm(params: &mut [&mut Tensor], max_norm: f64) -> f64 {
+    let _guard = tch::no_grad_guard();
+    let grads: Vec<Tensor> = params
+        .iter()
+        .map(|p| p.grad())
+        .filter(|g| g.defined())
+        .collect();
+    if grads.is_empty() {
+        return 0.0;
+    }
+    let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
+    let total = Tensor::stack(&norms, 0).norm();
+    // Python's `max_norm / (total + 1e-6)` on a tensor is reciprocal() * max_norm.
+    let coef = ((&total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+    for mut g in grads {
+        let _ = g.g_mul_(&coef);
+    }
+    total.double_value(&[])
+}
+
+/// Steps since each latent last fired (on a training batch).
+struct DeadTracker {
+    since_fired: Tensor,
+    window: i64,
+}
+
+impl DeadTracker {
+    fn new(d_hidden: i64, window: i64, device: Device) -> DeadTracker {
+        DeadTracker {
+            since_fired: Tensor::zeros([d_hidden], (Kind::Int64, device)),
+            window,
+        }
+    }
+
+    /// Latents that have not fired for more than `window` steps (SAELens's rule).
+    fn dead(&self) -> Tensor {
+        self.since_fired.gt(self.window)
+    }
+
+    fn update(&mut self, z: &Tensor, active_threshold: f64) {
+        let _guard = tch::no_grad_guard();
+        let fired = z.detach().gt(active_threshold).any_dim(0, false);
+        let _ = self.since_fired.g_add_scalar_(1);
+        let _ = self.since_fired.masked_fill_(&fired, 0);
+    }
+}
+
+/// `train.input_noise` applied to a batch (the reconstruction target stays clean).
+fn corrupt(x: &Tensor, t: &TrainConfig) -> Tensor {
+    match t.input_noise {
+        InputNoise::None => x.shallow_clone(),
+        InputNoise::Gaussian => x + x.randn_like() * t.noise_level,
+        InputNoise::Mask => {
+            let keep = x.empty_like().bernoulli_float_(1.0 - t.noise_level);
+            x * keep
+        }
+    }
+}
+
+/// Re-initialises dead latents (Anthropic's recipe, simplified): each takes
+/// the direction of an input of the batch drawn with probability
+/// proportional to its squared reconstruction error; its decoder row is that
+/// direction (of the mean live decoder norm), its encoder column the same
+/// direction scaled to 0.2 x the mean live encoder norm, its encoder bias 0,
+/// and Adam's moments for it are reset. Returns how many were resampled.
+fn resample_dead(
+    model: &mut Sae,
+    adam: &mut Adam,
+    dead: &Tensor,
+    input: &Tensor,
+    target: &Tensor,
+    recon: &Tensor,
+) -> i64 {
+    let _guard = tch::no_grad_guard();
+    let idx = dead.nonzero().squeeze_dim(1);
+    let n_dead = idx.size()[0];
+    if n_dead == 0 {
+        return 0;
+    }
+    let err = (recon.detach() - target)
+        .square()
+        .sum_dim_intlist(1, false, Kind::Float);
+    let probs = err.square();
+    let probs = if probs.sum(Kind::Double).double_value(&[]) > 0.0 {
+        probs
+    } else {
+        probs.ones_like()
+    };
+    let rows = probs.multinomial(n_dead, true);
+    let unit = |t: Tensor| &t / t.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
+    let enc_dir = unit(input.index_select(0, &rows));
+    let dec_dir = unit(target.index_select(0, &rows));
+    let alive = dead.logical_not();
+    let any_alive = alive.any().int64_value(&[]) != 0;
+    let mean_norm = |norms: Tensor| {
+        if any_alive {
+            norms.masked_select(&alive).mean(Kind::Float)
+        } else {
+            norms.mean(Kind::Float)
+        }
+    };
+    let enc_norm = mean_norm(model.w_enc.norm_scalaropt_dim(2, [0], false)) * 0.2;
+    let new_cols = (enc_dir * enc_norm).tr();
+    let _ = model.w_enc.index_copy_(1, &idx, &new_cols);
+    let _ = model.b_enc.index_fill_(0, &idx, 0.0);
+    if let Some(w_dec) = &mut model.w_dec {
+        let dec_norm = mean_norm(w_dec.norm_scalaropt_dim(2, [1], false));
+        let _ = w_dec.index_copy_(0, &idx, &(dec_dir * dec_norm));
+    }
+    // Adam moments of the touched slices: W_enc columns, b_enc, W_dec rows.
+    let dims: Vec<i64> = if model.w_dec.is_some() {
+        vec![1, 0, 0]
+    } else {
+        vec![1, 0]
+    };
+    for (i, dim) in dims.into_iter().enumerate() {
+        let _ = adam.exp_avg[i].index_fill_(dim, &idx, 0.0);
+        let _ = adam.exp_avg_sq[i].index_fill_(dim, &idx, 0.0);
+    }
+    if let Some(g) = &mut model.gate {
+        // Gated models are untied and have no threshold: r_mag and b_mag
+        // follow W_enc, b_enc, W_dec, b_dec in the parameter list.
+        let _ = g.r_mag.index_fill_(0, &idx, 0.0);
+        let _ = g.b_mag.index_fill_(0, &idx, 0.0);
+        for i in [4, 5] {
+            let _ = adam.exp_avg[i].index_fill_(0, &idx, 0.0);
+            let _ = adam.exp_avg_sq[i].index_fill_(0, &idx, 0.0);
+        }
+    }
+    n_dead
+}
+
+/// `model.init`: copies `W_enc`, `b_enc`, `W_dec`, `b_dec` into a fresh
+/// model from any format `--model` takes (run directory, `.safetensors`,
+/// TorchScript file, SAELens directory) or a bare safetensors file holding
+/// those four tensors (SAELens names and shapes). The architecture comes from
+/// the config; the shapes must agree with it.
 fn load_init_weights(model: &mut Sae, path: &Path) -> Result<()> {
-    if !path.is_file() {
+    if !path.exists() {
         bail_user!("model.init: {}: no such file", path.display());
     }
-    let (mut t, _) = export::safetensors::read_all(path).context("model.init")?;
+    let w = export::load_weights(&path.to_string_lossy()).context("model.init")?;
     let (d, h) = (model.spec.d_in, model.spec.d_hidden);
     let dev = model.device();
-    let take = |t: &mut _, name: &str, shape: &[i64]| {
-        export::safetensors::take(t, name, shape, path)
-            .map(|x| x.to_device(dev))
-            .context("model.init")
+    let fit = |t: Tensor, name: &str, shape: &[i64]| -> Result<Tensor> {
+        if t.size() != shape {
+            bail_user!(
+                "model.init: {}: `{name}` has shape {:?}, but the configured model needs {:?}",
+                path.display(),
+                t.size(),
+                shape
+            );
+        }
+        Ok(t.to_device(dev))
     };
-    model.w_enc = take(&mut t, "W_enc", &[d, h])?;
-    model.b_enc = take(&mut t, "b_enc", &[h])?;
-    let w_dec = take(&mut t, "W_dec", &[h, d])?;
+    model.w_enc = fit(w.w_enc, "W_enc", &[d, h])?;
+    model.b_enc = fit(w.b_enc, "b_enc", &[h])?;
+    let w_dec = fit(w.w_dec, "W_dec", &[h, model.d_out()])?;
     if !model.spec.tied {
         model.w_dec = Some(w_dec);
     }
-    model.b_dec = take(&mut t, "b_dec", &[d])?;
+    model.b_dec = fit(w.b_dec, "b_dec", &[model.d_out()])?;
     Ok(())
 }
 
@@ -187,6 +473,14 @@ struct StepLog {
     mse: f64,
     sparsity_loss: f64,
     l0: f64,
+    /// The learning rate and sparsity weight this step used (schedules).
+    lr: f64,
+    sparsity_weight: f64,
+    /// Gated models: the gate's own reconstruction loss (added unweighted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aux_loss: Option<f64>,
+    /// Latents that have not fired on a training batch for `train.dead_window` steps.
+    dead: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     valid_mse: Option<f64>,
 }
@@ -199,10 +493,43 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
         device,
         train,
         valid,
+        train_target,
+        valid_target,
         truth,
         fixed_order,
         mut model,
     } = prepare(cfg)?;
+
+    let t = &cfg.train;
+    let d_in = model.spec.d_in;
+    let d_out = model.d_out();
+    // Input and target side by side, so one batch order serves both.
+    let joined = |x: &Tensor, y: Option<&Tensor>| -> Tensor {
+        let xn = model.norm.apply(&x.to_kind(Kind::Float).to_device(device));
+        match y {
+            Some(y) => {
+                let yn = model
+                    .output_norm()
+                    .apply(&y.to_kind(Kind::Float).to_device(device));
+                Tensor::cat(&[xn, yn], 1)
+            }
+            None => xn,
+        }
+    };
+    let data = Dataset::new(joined(&train, train_target.as_ref()), device);
+    let valid_n = valid.as_ref().map(|v| joined(v, valid_target.as_ref()));
+    let per_epoch = data.batch_count(t.batch_size) as u64;
+    let total = per_epoch * t.epochs as u64;
+    if t.lr_warmup_steps + t.lr_decay_steps > total as i64 {
+        bail_user!(
+            "train.lr_warmup_steps + train.lr_decay_steps: {} + {} exceeds the run's {total} steps",
+            t.lr_warmup_steps,
+            t.lr_decay_steps
+        );
+    }
+    if t.resample_every > 0 && model.is_deep() {
+        bail_user!("train.resample_every: not supported for a deep model (model.hidden)");
+    }
 
     if opts.force && opts.out.exists() {
         fs::remove_dir_all(&opts.out)
@@ -212,22 +539,15 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
         .map_err(|e| user(format!("--out {}: cannot create: {e}", opts.out.display())))?;
     fsutil::write_bytes_atomic(&opts.out.join("config.yaml"), cfg.to_yaml()?.as_bytes())?;
 
-    let data = Dataset::new(model.norm.apply(&train), device);
-    let penalty = Penalty::from_config(&cfg.sparsity);
+    let penalty = Penalty::from_config(&cfg.sparsity, &cfg.model, d_out);
     let weight = cfg.sparsity.weight;
-    let t = &cfg.train;
     model.set_requires_grad(true);
     let mut adam = Adam::new(&t.optimizer, &model.parameters());
-    let valid_n = valid
-        .as_ref()
-        .map(|v| model.norm.apply(&v.to_device(device)));
 
     let log_file = File::create(opts.out.join("metrics.jsonl"))
         .with_context(|| format!("creating {}", opts.out.join("metrics.jsonl").display()))?;
     let mut log = BufWriter::new(log_file);
 
-    let per_epoch = data.batch_count(t.batch_size) as u64;
-    let total = per_epoch * t.epochs as u64;
     let tty = std::io::stderr().is_terminal();
     let pb = if opts.progress && tty {
         ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
@@ -242,6 +562,12 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
     );
     let line_every = (t.epochs / 20).max(1);
     let thr = model.spec.activation.active_threshold();
+    let mut dead = DeadTracker::new(model.spec.d_hidden, t.dead_window, device);
+    let is_jumprelu = matches!(model.spec.activation, Activation::JumpRelu { .. });
+    let topk_threshold_lr = match model.spec.activation {
+        Activation::BatchTopK { .. } => Some(cfg.model.topk_threshold_lr),
+        _ => None,
+    };
 
     let start = Instant::now();
     let mut step: i64 = 0;
@@ -253,17 +579,72 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
             None => epoch_order(data.rows(), cfg.seed, epoch, t.shuffle),
         };
         let n_batches = per_epoch as i64;
-        for (b, xb) in data.batches(&order, t.batch_size).enumerate() {
+        for (b, batch) in data.batches(&order, t.batch_size).enumerate() {
             step += 1;
-            samples += xb.size()[0];
-            let z = model.encode_normalized(&xb);
-            let xh = model.decode_normalized(&z);
-            let mse = xh.mse_loss(&xb, Reduction::Mean);
-            let sparsity = penalty.value(&z, &model.decoder_weight());
-            let loss = &mse + &sparsity * weight;
+            samples += batch.size()[0];
+            let xb = batch.narrow(1, 0, d_in);
+            let target = if train_target.is_some() {
+                batch.narrow(1, d_in, d_out)
+            } else {
+                xb.shallow_clone()
+            };
+            let lr = schedule::lr_at(t, step, total as i64);
+            let w_s = schedule::sparsity_weight_at(weight, cfg.sparsity.warmup_steps, step);
+            if is_jumprelu {
+                // SAELens: thresholds stay >= 0 (projected before each forward pass).
+                let _guard = tch::no_grad_guard();
+                let _ = model.threshold.as_mut().unwrap().clamp_min_(0.0);
+            }
+            let input = corrupt(&xb, t);
+            let f = model.forward_train(&input);
+            let mse = f.recon.mse_loss(&target, Reduction::Mean);
+            // Gated: the penalty acts on the gate, relu(pi_gate), not the codes.
+            let gate_codes = model.gate_codes(&input);
+            let dead_mask = penalty.needs_dead_mask().then(|| dead.dead());
+            let w_dec = model.decoder_weight();
+            let sparsity = penalty.value(&PenaltyInput {
+                z: gate_codes.as_ref().unwrap_or(&f.z),
+                pre: &f.pre,
+                target: &target,
+                recon: &f.recon,
+                w_dec: &w_dec,
+                threshold: model.threshold.as_ref(),
+                dead: dead_mask.as_ref(),
+            });
+            // Gated: the gate alone must reconstruct too (SAELens's auxiliary loss).
+            let aux = gate_codes.as_ref().map(|g| {
+                (model.decode_normalized(g) - &target)
+                    .square()
+                    .mean(Kind::Float)
+            });
+            let loss = match &aux {
+                Some(a) => &mse + &sparsity * w_s + a,
+                None => &mse + &sparsity * w_s,
+            };
+            dead.update(&f.z, thr);
+            if let Some(rate) = topk_threshold_lr {
+                update_topk_threshold(&mut model, &f.z, rate);
+            }
             Adam::zero_grad(&mut model.parameters_mut());
             loss.backward();
+            if t.unit_norm_decoder {
+                remove_parallel_gradient(&mut model);
+            }
+            if let Some(max_norm) = t.grad_clip {
+                clip_grad_norm(&mut model.parameters_mut(), max_norm);
+            }
+            adam.cfg.lr = lr;
             adam.step(&mut model.parameters_mut());
+            if t.unit_norm_decoder {
+                normalize_decoder_rows(&mut model);
+            }
+            if t.resample_every > 0 && step % t.resample_every == 0 {
+                let d = dead.dead();
+                let n = resample_dead(&mut model, &mut adam, &d, &input, &target, &f.recon);
+                if n > 0 {
+                    let _ = dead.since_fired.masked_fill_(&d, 0);
+                }
+            }
 
             let end_of_epoch = b as i64 + 1 == n_batches;
             if step % t.log_every == 0 || end_of_epoch {
@@ -276,13 +657,13 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
                 }
                 last_loss = loss_v;
                 let l0 = tch::no_grad(|| {
-                    z.gt(thr)
+                    f.z.gt(thr)
                         .sum_dim_intlist(-1, false, Kind::Float)
                         .mean(Kind::Float)
                         .double_value(&[])
                 });
                 let valid_mse = match (&valid_n, end_of_epoch) {
-                    (Some(v), true) => Some(valid_mse(&model, v)),
+                    (Some(v), true) => Some(valid_mse(&model, v, d_in)),
                     _ => None,
                 };
                 let entry = StepLog {
@@ -292,6 +673,10 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
                     mse: mse.double_value(&[]),
                     sparsity_loss: sparsity.double_value(&[]),
                     l0,
+                    lr,
+                    sparsity_weight: w_s,
+                    aux_loss: aux.as_ref().map(|a| a.double_value(&[])),
+                    dead: dead.dead().sum(Kind::Int64).int64_value(&[]),
                     valid_mse,
                 };
                 serde_json::to_writer(&mut log, &entry)?;
@@ -324,12 +709,32 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
     drop(log);
 
     model.set_requires_grad(false);
+    if is_jumprelu {
+        // The last step may leave a threshold below 0; at inference that acts
+        // as 0 (relu(pre) * (pre > t)), so save it projected.
+        let _ = model.threshold.as_mut().unwrap().clamp_min_(0.0);
+    }
     export::safetensors::save(&model, &opts.out.join(RUN_MODEL_FILE))?;
+    export::torchscript::save(&model, &opts.out.join(export::RUN_TORCHSCRIPT_FILE))?;
     let target = cfg.sparsity.target;
-    let train_m = metrics::evaluate(&model, &train, EVAL_BATCH, target, truth.as_ref());
-    let valid_m = valid
-        .as_ref()
-        .map(|v| metrics::evaluate(&model, v, EVAL_BATCH, target, truth.as_ref()));
+    let train_m = metrics::evaluate_target(
+        &model,
+        &train,
+        train_target.as_ref(),
+        EVAL_BATCH,
+        target,
+        truth.as_ref(),
+    );
+    let valid_m = valid.as_ref().map(|v| {
+        metrics::evaluate_target(
+            &model,
+            v,
+            valid_target.as_ref(),
+            EVAL_BATCH,
+            target,
+            truth.as_ref(),
+        )
+    });
     let summary = Summary {
         steps: step,
         epochs: t.epochs,
@@ -346,19 +751,43 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
     Ok(summary)
 }
 
-fn valid_mse(model: &Sae, xn: &Tensor) -> f64 {
+/// BatchTopK's inference threshold: an exponential moving average of the
+/// smallest positive training code (SAELens `update_topk_threshold`, float64).
+fn update_topk_threshold(model: &mut Sae, z: &Tensor, rate: f64) {
     let _guard = tch::no_grad_guard();
-    let n = xn.size()[0];
+    let z = z.detach();
+    let positive = z.gt(0.0);
+    if positive.any().int64_value(&[]) == 0 {
+        return;
+    }
+    let min_positive = z.masked_select(&positive).min().to_kind(Kind::Double);
+    let t = model.threshold.as_mut().expect("batchtopk has a threshold");
+    *t = &*t * (1.0 - rate) + min_positive * rate;
+}
+
+/// MSE on validation rows `joined` (normalised input, then the normalised
+/// target for transcoders).
+fn valid_mse(model: &Sae, joined: &Tensor, d_in: i64) -> f64 {
+    let _guard = tch::no_grad_guard();
+    let n = joined.size()[0];
+    let d_out = model.d_out();
+    let has_target = joined.size()[1] > d_in;
     let mut sse = 0.0;
     let mut start = 0;
     while start < n {
         let len = EVAL_BATCH.min(n - start);
-        let xb = xn.narrow(0, start, len);
+        let b = joined.narrow(0, start, len);
+        let xb = b.narrow(1, 0, d_in);
+        let yb = if has_target {
+            b.narrow(1, d_in, d_out)
+        } else {
+            xb.shallow_clone()
+        };
         let xh = model.decode_normalized(&model.encode_normalized(&xb));
-        sse += (xh - &xb).square().sum(Kind::Double).double_value(&[]);
+        sse += (xh - &yb).square().sum(Kind::Double).double_value(&[]);
         start += len;
     }
-    sse / (n * xn.size()[1]) as f64
+    sse / (n * d_out) as f64
 }
 
 /// A small text table of train/valid metrics.

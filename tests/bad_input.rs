@@ -274,6 +274,20 @@ fn bad_data_files_are_rejected_naming_the_file() {
         &f32s(&[1.0, 2.0, f32::NAN, 0.0]),
     );
     std::fs::write(d.join("magic.npy"), b"PK\x03\x04 this is not npy").unwrap();
+    // Header claims 4e14 values (1.6 PB) but 16 bytes follow: must not allocate from the header.
+    raw_npy(
+        &d.join("lies.npy"),
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (100000000000, 4000), }",
+        &[0u8; 16],
+    );
+    raw_npy(
+        &d.join("lies-fortran.npy"),
+        "{'descr': '<f8', 'fortran_order': True, 'shape': (100000000000, 4000), }",
+        &[0u8; 16],
+    );
+    // Fuzzer finding: deep bracket nesting made the header parser backtrack for minutes.
+    raw_npy(&d.join("nested.npy"), "{'descr': '<f2', 'fortran_order': False, 'shape': (2, 3),'shape':[[[[[[[[[[[[[[[[[[[[[ (2, 3), }", &[0u8; 12]);
+    raw_npy(&d.join("overflow.npy"), "{'descr': '<f8', 'fortran_order': False, 'shape': (18446744073709551615, 18446744073709551615), }", &[0u8; 16]);
     let cases: &[(&str, &[&str])] = &[
         ("1d.npy", &["1d.npy", "2-D"]),
         ("3d.npy", &["3d.npy", "2-D"]),
@@ -284,6 +298,10 @@ fn bad_data_files_are_rejected_naming_the_file() {
         ("truncated.npy", &["truncated.npy"]),
         ("nan.npy", &["nan.npy", "row 1, column 0", "NaN"]),
         ("magic.npy", &["magic.npy", "not a valid .npy"]),
+        ("lies.npy", &["lies.npy", "truncated"]),
+        ("lies-fortran.npy", &["lies-fortran.npy", "truncated"]),
+        ("overflow.npy", &["overflow.npy"]),
+        ("nested.npy", &["nested.npy", "nests brackets"]),
         ("missing.npy", &["missing.npy", "no such file"]),
     ];
     for (file, needles) in cases {

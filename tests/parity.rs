@@ -58,6 +58,9 @@ enum Reference {
     SaeLensStandard,
     /// `saelens.py --architecture topk`.
     SaeLensTopK,
+    /// `recipes.py`: top-k/batch top-k + AuxK, JumpReLU + L0, schedules and
+    /// constraints (issue 8); its arguments are the case's `ref_args`.
+    Recipes,
 }
 
 struct Case {
@@ -82,6 +85,10 @@ struct Case {
     /// different random order each epoch (`train.order`, `[epochs, n]`).
     batch: Option<usize>,
     seed: u64,
+    /// Extra `--set key=value` for `sae train`, and the matching reference
+    /// arguments (`Recipes` cases).
+    sets: &'static [&'static str],
+    ref_args: &'static [&'static str],
 }
 
 impl Case {
@@ -177,6 +184,20 @@ train:
                     s(&self.k.expect("topk case has k")),
                 ],
             ),
+            Reference::Recipes => {
+                let mut a = vec![s(&"--architecture"), s(&self.activation)];
+                if let Some(k) = self.k {
+                    a.extend([s(&"--k"), s(&k)]);
+                }
+                a.extend([
+                    s(&"--penalty"),
+                    s(&self.penalty),
+                    s(&"--coefficient"),
+                    s(&self.weight),
+                ]);
+                a.extend(self.ref_args.iter().map(|x| x.to_string()));
+                ("recipes.py", a)
+            }
         }
     }
 }
@@ -286,15 +307,17 @@ fn check(case: &Case) {
     // Ours.
     let config = tmp.path().join("config.yaml");
     fs::write(&config, case.config_yaml(&input)).expect("write config");
-    run(
-        Command::new(sae_bin())
-            .arg("train")
-            .arg("--config")
-            .arg(&config)
-            .arg("--out")
-            .arg(&run_dir),
-        &format!("{}: sae train", case.name),
-    );
+    let mut train = Command::new(sae_bin());
+    train
+        .arg("train")
+        .arg("--config")
+        .arg(&config)
+        .arg("--out")
+        .arg(&run_dir);
+    for set in case.sets {
+        train.args(["--set", set]);
+    }
+    run(&mut train, &format!("{}: sae train", case.name));
 
     // The PyTorch reference.
     let (script, extra) = case.reference_args();
@@ -362,7 +385,12 @@ fn check(case: &Case) {
     let wb = read_weights(&ref_dir.join("weights.safetensors"));
     let mut dweight = 0.0f64;
     let mut per_tensor = Vec::new();
-    for name in WEIGHTS {
+    // jumprelu / batchtopk thresholds and gated magnitudes too, when the
+    // reference has them.
+    let extra = ["threshold", "r_mag", "b_mag"]
+        .into_iter()
+        .filter(|n| wb.contains_key(*n));
+    for name in WEIGHTS.into_iter().chain(extra) {
         let (a, b) = match (wa.get(name), wb.get(name)) {
             (Some(a), Some(b)) => (a, b),
             _ => {
@@ -444,6 +472,8 @@ fn seed002(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
         epochs,
         batch,
         seed: 2,
+        sets: &[],
+        ref_args: &[],
     }
 }
 
@@ -469,6 +499,8 @@ fn seed004(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
         epochs,
         batch,
         seed: 4,
+        sets: &[],
+        ref_args: &[],
     }
 }
 
@@ -494,6 +526,8 @@ fn saelens_l1(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
         epochs,
         batch,
         seed: 3,
+        sets: &[],
+        ref_args: &[],
     }
 }
 
@@ -518,6 +552,8 @@ fn saelens_topk(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
         epochs,
         batch,
         seed: 5,
+        sets: &[],
+        ref_args: &[],
     }
 }
 
@@ -562,4 +598,220 @@ fn topk_full_batch() {
 #[test]
 fn topk_minibatch() {
     check(&saelens_topk("topk_minibatch", 10, Some(48)));
+}
+
+/// Top-k (k = 4 of 128) with the AuxK loss (coefficient 1/32, k_aux = d_in/2):
+/// latents silent for more than 3 steps count as dead and reconstruct the
+/// residual.
+fn topk_auxk(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
+    Case {
+        name,
+        reference: Reference::Recipes,
+        data_kind: "sparse",
+        n: Some(500),
+        init_kind: "sae",
+        normalize: "none",
+        d_hidden: 128,
+        activation: "topk",
+        k: Some(4),
+        decoder_activation: "none",
+        apply_b_dec_to_input: true,
+        penalty: "auxk",
+        target: 0.05,
+        weight: 0.03125,
+        lr: 3e-3,
+        epochs,
+        batch,
+        seed: 6,
+        sets: &["train.dead_window=3"],
+        ref_args: &["--dead-window", "3"],
+    }
+}
+
+/// JumpReLU + the step-function L0 penalty, straight-through to the
+/// thresholds (SAELens's own autograd Functions on the reference side).
+fn jumprelu_l0(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
+    Case {
+        name,
+        reference: Reference::Recipes,
+        data_kind: "sparse",
+        n: Some(500),
+        init_kind: "sae",
+        normalize: "none",
+        d_hidden: 64,
+        activation: "jumprelu",
+        k: None,
+        decoder_activation: "none",
+        apply_b_dec_to_input: true,
+        penalty: "l0",
+        target: 0.05,
+        weight: 0.002,
+        lr: 3e-3,
+        epochs,
+        batch,
+        seed: 7,
+        sets: &[
+            "model.jumprelu_init_threshold=0.1",
+            "model.jumprelu_bandwidth=0.05",
+        ],
+        ref_args: &["--init-threshold", "0.1", "--bandwidth", "0.05"],
+    }
+}
+
+/// The training recipe knobs together, on batch top-k + AuxK: LR warm-up,
+/// cosine decay to lr_end and a final linear decay, sparsity-weight warm-up,
+/// unit-norm decoder rows, gradient clipping, b_dec = data mean, and the
+/// inference threshold (running min positive code) compared at the end.
+fn batchtopk_recipe(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
+    Case {
+        name,
+        reference: Reference::Recipes,
+        data_kind: "sparse",
+        n: Some(500),
+        init_kind: "sae",
+        normalize: "none",
+        d_hidden: 96,
+        activation: "batchtopk",
+        k: Some(3),
+        decoder_activation: "none",
+        apply_b_dec_to_input: true,
+        penalty: "auxk",
+        target: 0.05,
+        weight: 0.0625,
+        lr: 4e-3,
+        epochs,
+        batch,
+        seed: 8,
+        sets: &[
+            "train.dead_window=4",
+            "train.lr_schedule=cosine",
+            "train.lr_warmup_steps=10",
+            "train.lr_decay_steps=15",
+            "train.lr_end=0.001",
+            "sparsity.warmup_steps=20",
+            "train.unit_norm_decoder=true",
+            "train.grad_clip=0.05",
+            "model.b_dec_init=mean",
+            "model.topk_threshold_lr=0.05",
+        ],
+        ref_args: &[
+            "--dead-window",
+            "4",
+            "--lr-schedule",
+            "cosine",
+            "--lr-warmup-steps",
+            "10",
+            "--lr-decay-steps",
+            "15",
+            "--lr-end",
+            "0.001",
+            "--sparsity-warmup-steps",
+            "20",
+            "--unit-norm-decoder",
+            "--grad-clip",
+            "0.05",
+            "--b-dec-mean",
+            "--topk-threshold-lr",
+            "0.05",
+        ],
+    }
+}
+
+/// JumpReLU + L0 with the recipe knobs (linear LR decay after warm-up,
+/// L0-coefficient warm-up, unit-norm decoder, gradient clipping).
+fn jumprelu_recipe(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
+    let mut c = jumprelu_l0(name, epochs, batch);
+    c.seed = 9;
+    c.sets = &[
+        "model.jumprelu_init_threshold=0.1",
+        "train.lr_schedule=linear",
+        "train.lr_warmup_steps=5",
+        "train.lr_end=0.0005",
+        "sparsity.warmup_steps=30",
+        "train.unit_norm_decoder=true",
+        "train.grad_clip=0.02",
+    ];
+    c.ref_args = &[
+        "--init-threshold",
+        "0.1",
+        "--lr-schedule",
+        "linear",
+        "--lr-warmup-steps",
+        "5",
+        "--lr-end",
+        "0.0005",
+        "--sparsity-warmup-steps",
+        "30",
+        "--unit-norm-decoder",
+        "--grad-clip",
+        "0.02",
+    ];
+    c
+}
+
+/// Gated SAE (SAELens `gated`): gate L1 scaled by decoder norms plus the
+/// gate's own reconstruction loss.
+fn gated(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
+    Case {
+        name,
+        reference: Reference::Recipes,
+        data_kind: "sparse",
+        n: Some(500),
+        init_kind: "sae",
+        normalize: "none",
+        d_hidden: 64,
+        activation: "gated",
+        k: None,
+        decoder_activation: "none",
+        apply_b_dec_to_input: true,
+        penalty: "l1",
+        target: 0.05,
+        weight: 0.003,
+        lr: 3e-3,
+        epochs,
+        batch,
+        seed: 10,
+        sets: &[],
+        ref_args: &[],
+    }
+}
+
+#[test]
+fn gated_full_batch() {
+    check(&gated("gated_full", 200, None));
+}
+
+#[test]
+fn gated_minibatch() {
+    check(&gated("gated_minibatch", 10, Some(48)));
+}
+
+#[test]
+fn topk_auxk_full_batch() {
+    check(&topk_auxk("topk_auxk_full", 100, None));
+}
+
+#[test]
+fn topk_auxk_minibatch() {
+    check(&topk_auxk("topk_auxk_minibatch", 10, Some(48)));
+}
+
+#[test]
+fn jumprelu_full_batch() {
+    check(&jumprelu_l0("jumprelu_full", 200, None));
+}
+
+#[test]
+fn jumprelu_minibatch() {
+    check(&jumprelu_l0("jumprelu_minibatch", 10, Some(48)));
+}
+
+#[test]
+fn batchtopk_recipe_minibatch() {
+    check(&batchtopk_recipe("batchtopk_recipe", 10, Some(48)));
+}
+
+#[test]
+fn jumprelu_recipe_minibatch() {
+    check(&jumprelu_recipe("jumprelu_recipe", 10, Some(48)));
 }

@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use sae::data::npy;
-use sae::penalty::Penalty;
+use sae::penalty::{Penalty, PenaltyInput};
 use tch::{Kind, Tensor};
 
 fn rel_close(a: f64, b: f64, tol: f64) -> bool {
@@ -26,17 +26,19 @@ fn penalties_match_torch() {
     npy::write_npy(&zp, &z).unwrap();
     npy::write_npy(&wp, &w).unwrap();
     let ours = [
-        Penalty::Kl { target: 0.1 }.value(&z, &w).double_value(&[]),
+        Penalty::Kl { target: 0.1 }
+            .value(&PenaltyInput::codes(&z, &w))
+            .double_value(&[]),
         Penalty::L1 { decoder_norm: true }
-            .value(&z, &w)
+            .value(&PenaltyInput::codes(&z, &w))
             .double_value(&[]),
         Penalty::L1 {
             decoder_norm: false,
         }
-        .value(&z, &w)
+        .value(&PenaltyInput::codes(&z, &w))
         .double_value(&[]),
         Penalty::MeanAbs { target: 0.05 }
-            .value(&z, &w)
+            .value(&PenaltyInput::codes(&z, &w))
             .double_value(&[]),
     ];
     let out = py(
@@ -64,7 +66,7 @@ print(" ".join(repr(float(v)) for v in vals))
     // One value by hand: KL(0.1 || 0.5) = 0.1 ln 0.2 + 0.9 ln 1.8.
     let half = Tensor::full([4, 1], 0.5, (Kind::Float, tch::Device::Cpu));
     let kl = Penalty::Kl { target: 0.1 }
-        .value(&half, &half)
+        .value(&PenaltyInput::codes(&half, &half))
         .double_value(&[]);
     let by_hand = 0.1 * 0.2f64.ln() + 0.9 * 1.8f64.ln();
     assert!(

@@ -40,7 +40,8 @@ impl NpyRows {
     pub fn open(path: &Path) -> Result<NpyRows> {
         let origin = path.display().to_string();
         let f = File::open(path).map_err(|e| user(format!("{origin}: cannot open: {e}")))?;
-        let header = npyz::NpyHeader::from_reader(BufReader::new(&f))
+        let prefix = crate::data::npy::read_header_bytes(&mut BufReader::new(&f), &origin)?;
+        let header = npyz::NpyHeader::from_reader(std::io::Cursor::new(prefix))
             .map_err(|e| user(format!("{origin}: not a valid .npy file: {e}")))?;
         let npy = npyz::NpyFile::with_header(header, std::io::empty());
         let shape = npy.shape().to_vec();

@@ -6,7 +6,7 @@
 use crate::activation::Activation;
 use crate::config::{ActivationKind, NormalizeKind, OutputActivation};
 use crate::error::user;
-use crate::model::{ModelSpec, Sae};
+use crate::model::{Gate, Layer, ModelSpec, Sae};
 use crate::normalize::Normalizer;
 use crate::{bail_user, Result};
 use anyhow::Context;
@@ -18,7 +18,8 @@ use tch::{Device, Kind, Tensor};
 
 /// Metadata key holding [`Architecture`] as JSON.
 const META_KEY: &str = "sae";
-const FORMAT: &str = "sae-rs/1";
+/// The `format` value of [`Architecture`], also stored in TorchScript exports.
+pub const FORMAT: &str = "sae-rs/1";
 
 /// The serialised form of a [`ModelSpec`] plus normalisation kind.
 #[derive(Debug, Serialize, Deserialize)]
@@ -32,6 +33,16 @@ pub struct Architecture {
     pub apply_b_dec_to_input: bool,
     pub tied: bool,
     pub normalize: NormalizeKind,
+    /// Transcoders: the output width (absent: `d_in`) and its normalisation
+    /// (tensors `out_norm_shift`, `out_norm_scale`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d_out: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_normalize: Option<NormalizeKind>,
+    /// Deep models: `model.hidden` (tensors `enc_layers.{i}.W [in, out]`,
+    /// `enc_layers.{i}.b`, `dec_layers.{i}.W`, `dec_layers.{i}.b`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden: Vec<i64>,
 }
 
 impl Architecture {
@@ -47,6 +58,15 @@ impl Architecture {
             apply_b_dec_to_input: s.apply_b_dec_to_input,
             tied: s.tied,
             normalize: model.norm.kind,
+            d_out: (model.d_out() != s.d_in || model.out_norm.is_some()).then(|| model.d_out()),
+            out_normalize: model.out_norm.as_ref().map(|n| n.kind),
+            hidden: if model.is_deep() {
+                let mut h: Vec<i64> = model.enc_layers.iter().map(|l| l.w.size()[1]).collect();
+                h.push(s.d_hidden);
+                h
+            } else {
+                Vec::new()
+            },
         }
     }
 }
@@ -62,8 +82,11 @@ fn to_f32_bytes(t: &Tensor) -> Result<(Vec<usize>, Vec<u8>)> {
     Ok((shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
 }
 
-/// Serialises named tensors (as float32) with string metadata.
-pub fn to_bytes(tensors: &[(&str, Tensor)], metadata: HashMap<String, String>) -> Result<Vec<u8>> {
+/// Serialises named tensors (as float32) with optional string metadata.
+pub fn to_bytes(
+    tensors: &[(&str, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, t)| to_f32_bytes(t).map(|(s, b)| (n.to_string(), s, b)))
@@ -72,20 +95,39 @@ pub fn to_bytes(tensors: &[(&str, Tensor)], metadata: HashMap<String, String>) -
         .iter()
         .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
         .collect::<Result<_>>()?;
-    Ok(safetensors::serialize(views, &Some(metadata))?)
+    Ok(safetensors::serialize(views, &metadata)?)
 }
 
 /// The named tensors of a model, as saved.
-pub fn named_tensors(model: &Sae) -> Vec<(&'static str, Tensor)> {
+pub fn named_tensors(model: &Sae) -> Vec<(String, Tensor)> {
     let mut out = vec![
-        ("W_enc", model.w_enc.detach()),
-        ("b_enc", model.b_enc.detach()),
-        ("W_dec", model.decoder_weight().detach()),
-        ("b_dec", model.b_dec.detach()),
+        ("W_enc".to_string(), model.w_enc.detach()),
+        ("b_enc".into(), model.b_enc.detach()),
+        ("W_dec".into(), model.decoder_weight().detach()),
+        ("b_dec".into(), model.b_dec.detach()),
     ];
+    if let Some(t) = model.threshold_for_saving() {
+        out.push(("threshold".into(), t));
+    }
+    if let Some(g) = &model.gate {
+        out.push(("r_mag".into(), g.r_mag.detach()));
+        out.push(("b_mag".into(), g.b_mag.detach()));
+    }
     if let (Some(shift), Some(scale)) = (&model.norm.shift, &model.norm.scale) {
-        out.push(("norm_shift", shift.detach()));
-        out.push(("norm_scale", scale.detach()));
+        out.push(("norm_shift".into(), shift.detach()));
+        out.push(("norm_scale".into(), scale.detach()));
+    }
+    if let Some(n) = &model.out_norm {
+        if let (Some(shift), Some(scale)) = (&n.shift, &n.scale) {
+            out.push(("out_norm_shift".into(), shift.detach()));
+            out.push(("out_norm_scale".into(), scale.detach()));
+        }
+    }
+    for (side, layers) in [("enc", &model.enc_layers), ("dec", &model.dec_layers)] {
+        for (i, l) in layers.iter().enumerate() {
+            out.push((format!("{side}_layers.{i}.W"), l.w.detach()));
+            out.push((format!("{side}_layers.{i}.b"), l.b.detach()));
+        }
     }
     out
 }
@@ -96,7 +138,12 @@ pub fn save(model: &Sae, path: &Path) -> Result<()> {
         META_KEY.to_string(),
         serde_json::to_string(&Architecture::of(model))?,
     )]);
-    let bytes = to_bytes(&named_tensors(model), meta)?;
+    let named = named_tensors(model);
+    let refs: Vec<(&str, Tensor)> = named
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.shallow_clone()))
+        .collect();
+    let bytes = to_bytes(&refs, Some(meta))?;
     crate::fsutil::write_bytes_atomic(path, &bytes)
 }
 
@@ -179,17 +226,79 @@ pub fn load(path: &Path, device: Device) -> Result<Sae> {
         tied: arch.tied,
     };
     let (d, h) = (spec.d_in, spec.d_hidden);
-    let w_enc = take(&mut tensors, "W_enc", &[d, h], path)?;
+    let d_out = arch.d_out.unwrap_or(d);
+    // Deep models: widths between the input and the code, mirrored after it.
+    let inner: &[i64] = match arch.hidden.len() {
+        0 | 1 => &[],
+        n => &arch.hidden[..n - 1],
+    };
+    let mut chain_in = vec![d];
+    chain_in.extend_from_slice(inner);
+    let mut chain_out: Vec<i64> = inner.iter().rev().copied().collect();
+    chain_out.push(d_out);
+    let (code_in, code_out) = (*chain_in.last().unwrap(), chain_out[0]);
+    let mut layers = |side: &str, chain: &[i64]| -> Result<Vec<Layer>> {
+        chain
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| {
+                Ok(Layer {
+                    w: take(
+                        &mut tensors,
+                        &format!("{side}_layers.{i}.W"),
+                        &[w[0], w[1]],
+                        path,
+                    )?
+                    .to_device(device),
+                    b: take(&mut tensors, &format!("{side}_layers.{i}.b"), &[w[1]], path)?
+                        .to_device(device),
+                })
+            })
+            .collect()
+    };
+    let enc_layers = layers("enc", &chain_in)?;
+    let dec_layers = layers("dec", &chain_out)?;
+    let w_enc = take(&mut tensors, "W_enc", &[code_in, h], path)?;
     let b_enc = take(&mut tensors, "b_enc", &[h], path)?;
-    let w_dec = take(&mut tensors, "W_dec", &[h, d], path)?;
-    let b_dec = take(&mut tensors, "b_dec", &[d], path)?;
-    let norm = match arch.normalize {
-        NormalizeKind::None => Normalizer::identity(),
-        kind => Normalizer {
-            kind,
-            shift: Some(take(&mut tensors, "norm_shift", &[d], path)?),
-            scale: Some(take(&mut tensors, "norm_scale", &[d], path)?),
-        },
+    let w_dec = take(&mut tensors, "W_dec", &[h, code_out], path)?;
+    let b_dec = take(&mut tensors, "b_dec", &[code_out], path)?;
+    let threshold = if spec.activation.has_threshold() {
+        Some(take(&mut tensors, "threshold", &[h], path)?.to_device(device))
+    } else {
+        None
+    };
+    let gate = if spec.activation == Activation::Gated {
+        Some(Gate {
+            r_mag: take(&mut tensors, "r_mag", &[h], path)?.to_device(device),
+            b_mag: take(&mut tensors, "b_mag", &[h], path)?.to_device(device),
+        })
+    } else {
+        None
+    };
+    let mut read_norm = |kind: NormalizeKind, prefix: &str, width: i64| -> Result<Normalizer> {
+        Ok(match kind {
+            NormalizeKind::None => Normalizer::identity(),
+            kind => Normalizer {
+                kind,
+                shift: Some(take(
+                    &mut tensors,
+                    &format!("{prefix}shift"),
+                    &[width],
+                    path,
+                )?),
+                scale: Some(take(
+                    &mut tensors,
+                    &format!("{prefix}scale"),
+                    &[width],
+                    path,
+                )?),
+            },
+        })
+    };
+    let norm = read_norm(arch.normalize, "norm_", d)?;
+    let out_norm = match arch.out_normalize {
+        Some(kind) => Some(read_norm(kind, "out_norm_", d_out)?.to_device(device)),
+        None => None,
     };
     Ok(Sae {
         spec,
@@ -197,6 +306,11 @@ pub fn load(path: &Path, device: Device) -> Result<Sae> {
         b_enc: b_enc.to_device(device),
         w_dec: (!spec.tied).then(|| w_dec.to_device(device)),
         b_dec: b_dec.to_device(device),
+        threshold,
+        gate,
+        enc_layers,
+        dec_layers,
         norm: norm.to_device(device),
+        out_norm,
     })
 }

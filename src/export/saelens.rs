@@ -1,0 +1,450 @@
+//! SAELens directories: `cfg.json` + `sae_weights.safetensors`, as
+//! `sae_lens` 6.x `SAE.save_model` writes them, so
+//! `sae_lens.SAE.load_from_disk(DIR)` loads our export and we load theirs.
+//!
+//! Architectures, both ways: `standard` (ReLU), `topk`, `jumprelu`
+//! (`threshold` per latent). Our `batchtopk` exports as `jumprelu` with the
+//! threshold estimated in training, as sae_lens saves BatchTopK SAEs for
+//! inference; a sae_lens `batchtopk` training save (`topk_threshold`) reads
+//! as our batchtopk. SAELens has no sigmoid activation or decoder output, no
+//! deep (`model.hidden`) SAEs, and transcoders are not written here yet:
+//! those are refused with the reason. SAELens has no per-feature input
+//! normalisation either; ours is affine, so it is folded into the weights
+//! exactly (see [`fold_normalization`]). Reading a `topk` SAE trained with
+//! `rescale_acts_by_decoder_norm` folds the decoder norms into the weights
+//! (exact, as SAELens's own `fold_W_dec_norm`).
+//!
+//! To add an architecture: an arm in `architecture_of` (export) and in
+//! `activation_from_cfg` (import).
+
+use super::safetensors::{read_all, take};
+use crate::activation::Activation;
+use crate::config::OutputActivation;
+use crate::error::user;
+use crate::model::{Gate, ModelSpec, Sae};
+use crate::normalize::Normalizer;
+use crate::{bail_user, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+pub const CFG_FILE: &str = "cfg.json";
+pub const WEIGHTS_FILE: &str = "sae_weights.safetensors";
+/// The `sae_lens_version` we write: the format generation we follow (6.x
+/// reads configs at or above 6.0.0 as-is).
+const SAELENS_FORMAT_VERSION: &str = "6.0.0";
+
+/// Whether `dir` holds a SAELens SAE.
+pub fn is_saelens_dir(dir: &Path) -> bool {
+    dir.join(CFG_FILE).is_file() && dir.join(WEIGHTS_FILE).is_file()
+}
+
+/// The SAELens architecture name and its extra config fields for our
+/// activation, or why there is none.
+fn architecture_of(
+    act: &Activation,
+) -> std::result::Result<(&'static str, Map<String, Value>), String> {
+    match act {
+        Activation::Relu => Ok(("standard", Map::new())),
+        Activation::TopK { k } => {
+            let mut m = Map::new();
+            m.insert("k".into(), json!(k));
+            m.insert("rescale_acts_by_decoder_norm".into(), json!(false));
+            Ok(("topk", m))
+        }
+        // SAELens saves a BatchTopK SAE for inference as a JumpReLU whose
+        // threshold is the one estimated in training; ours is the same.
+        Activation::JumpRelu { .. } | Activation::BatchTopK { .. } => Ok(("jumprelu", Map::new())),
+        // b_enc is SAELens's b_gate; r_mag and b_mag are saved as they are.
+        Activation::Gated => Ok(("gated", Map::new())),
+        Activation::Sigmoid => Err("SAELens has no sigmoid-activation architecture \
+             (it has standard/ReLU, topk, batchtopk, jumprelu)"
+            .into()),
+    }
+}
+
+/// `cfg.json` in sae_lens's field order (`SAEConfig.to_dict()`).
+#[derive(Serialize)]
+struct CfgOut {
+    d_in: i64,
+    d_sae: i64,
+    dtype: &'static str,
+    device: &'static str,
+    apply_b_dec_to_input: bool,
+    normalize_activations: &'static str,
+    reshape_activations: &'static str,
+    metadata: Map<String, Value>,
+    #[serde(flatten)]
+    arch_fields: Map<String, Value>,
+    architecture: &'static str,
+}
+
+/// Weights with the input normalisation `x_n = (x - s) / c` folded in, so
+/// that on raw x the folded SAE gives the same codes and the un-normalised
+/// reconstruction:
+/// - `W_enc' = diag(1/c) W_enc`
+/// - `W_dec' = W_dec diag(c)`, `b_dec' = b_dec * c + s`
+/// - `b_enc' = b_enc` when `b_dec` is subtracted from the input, since
+///   `(x - s)/c - b_dec = (x - b_dec')/c`; otherwise `b_enc - s @ W_enc'`.
+///
+/// Returns (W_enc, b_enc, W_dec, b_dec).
+pub fn fold_normalization(model: &Sae) -> (Tensor, Tensor, Tensor, Tensor) {
+    let w_enc = model.w_enc.detach().to_kind(Kind::Float);
+    let b_enc = model.b_enc.detach().to_kind(Kind::Float);
+    let w_dec = model.decoder_weight().detach().to_kind(Kind::Float);
+    let b_dec = model.b_dec.detach().to_kind(Kind::Float);
+    let (Some(s), Some(c)) = (&model.norm.shift, &model.norm.scale) else {
+        return (w_enc, b_enc, w_dec.contiguous(), b_dec);
+    };
+    // Per-feature statistics; a scalar scale broadcasts the same way.
+    let d = [model.spec.d_in];
+    let s = s.to_kind(Kind::Float).broadcast_to(d).contiguous();
+    let c = c.to_kind(Kind::Float).broadcast_to(d).contiguous();
+    let w_enc_f = &w_enc / c.unsqueeze(1);
+    let w_dec_f = &w_dec * c.unsqueeze(0);
+    let b_dec_f = &b_dec * &c + &s;
+    let b_enc_f = if model.spec.apply_b_dec_to_input {
+        b_enc
+    } else {
+        b_enc - s.matmul(&w_enc_f)
+    };
+    (w_enc_f, b_enc_f, w_dec_f, b_dec_f)
+}
+
+/// Writes `model` as a SAELens directory `dir` (created if missing).
+pub fn save(model: &Sae, dir: &Path) -> Result<()> {
+    let (architecture, arch_fields) = architecture_of(&model.spec.activation).map_err(|why| {
+        user(format!(
+            "cannot export to SAELens: {why}; export as torchscript or safetensors instead"
+        ))
+    })?;
+    if model.is_deep() {
+        bail_user!(
+            "cannot export to SAELens: the model has hidden layers (model.hidden) and SAELens \
+             SAEs have one encoder and one decoder layer; export as torchscript or safetensors instead"
+        );
+    }
+    if model.out_norm.is_some() || model.d_out() != model.spec.d_in {
+        bail_user!(
+            "cannot export to SAELens: transcoders (data.target) are not written in SAELens \
+             format yet; export as torchscript or safetensors instead"
+        );
+    }
+    if model.spec.decoder_activation != OutputActivation::None {
+        bail_user!(
+            "cannot export to SAELens: the decoder output activation is sigmoid and SAELens \
+             decoders are linear; export as torchscript or safetensors instead"
+        );
+    }
+    let (w_enc, b_enc, w_dec, b_dec) = fold_normalization(model);
+    let mut metadata = Map::new();
+    metadata.insert("sae_lens_version".into(), json!(SAELENS_FORMAT_VERSION));
+    metadata.insert("sae_lens_training_version".into(), Value::Null);
+    metadata.insert(
+        "exported_by".into(),
+        json!(format!("sae {}", env!("CARGO_PKG_VERSION"))),
+    );
+    if model.norm.shift.is_some() {
+        metadata.insert(
+            "folded_input_normalization".into(),
+            serde_json::to_value(model.norm.kind)?,
+        );
+    }
+    let cfg = CfgOut {
+        d_in: model.spec.d_in,
+        d_sae: model.spec.d_hidden,
+        dtype: "float32",
+        device: "cpu",
+        apply_b_dec_to_input: model.spec.apply_b_dec_to_input,
+        normalize_activations: "none",
+        reshape_activations: "none",
+        metadata,
+        arch_fields,
+        architecture,
+    };
+    let cfg_json = serde_json::to_string(&cfg)?;
+    // sae_lens writes state_dict order with no safetensors metadata.
+    let mut tensors = match &model.gate {
+        // Gated: the gate's bias is `b_gate`; the fold shifts the magnitude
+        // bias by the same amount times exp(r_mag) (sae_lens's own rule).
+        Some(g) => {
+            let shift = model.b_enc.detach().to_kind(Kind::Float) - &b_enc;
+            let r_mag = g.r_mag.detach().to_kind(Kind::Float);
+            let b_mag = g.b_mag.detach().to_kind(Kind::Float) - shift * r_mag.exp();
+            vec![
+                ("W_enc", w_enc),
+                ("b_gate", b_enc),
+                ("r_mag", r_mag),
+                ("b_mag", b_mag),
+                ("W_dec", w_dec),
+                ("b_dec", b_dec),
+            ]
+        }
+        None => vec![
+            ("W_enc", w_enc),
+            ("b_enc", b_enc),
+            ("W_dec", w_dec),
+            ("b_dec", b_dec),
+        ],
+    };
+    // Thresholds act on pre-activations, which the fold leaves unchanged.
+    if let Some(t) = model.threshold_for_saving() {
+        tensors.push(("threshold", t));
+    }
+    let weights = super::safetensors::to_bytes(&tensors, None)?;
+    write_dir(
+        dir,
+        &[(CFG_FILE, cfg_json.as_bytes()), (WEIGHTS_FILE, &weights)],
+    )
+}
+
+/// Writes files into `dir`. A new directory is built under a temporary name
+/// and renamed into place; in an existing directory each file is replaced
+/// atomically.
+fn write_dir(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    if dir.exists() {
+        if !dir.is_dir() {
+            bail_user!("--out {}: exists and is not a directory", dir.display());
+        }
+        for (name, bytes) in files {
+            crate::fsutil::write_bytes_atomic(&dir.join(name), bytes)?;
+        }
+        return Ok(());
+    }
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp: PathBuf = dir.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| user(format!("cannot create {}: {e}", dir.display())))?;
+        for (name, bytes) in files {
+            crate::fsutil::write_bytes_atomic(&tmp.join(name), bytes)?;
+        }
+        std::fs::rename(&tmp, dir)
+            .map_err(|e| anyhow::anyhow!("renaming into {}: {e}", dir.display()))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// The fields of `cfg.json` we read; pre-6.0 names included.
+#[derive(Deserialize)]
+struct CfgIn {
+    architecture: Option<String>,
+    d_in: i64,
+    d_sae: i64,
+    apply_b_dec_to_input: Option<bool>,
+    normalize_activations: Option<Value>,
+    reshape_activations: Option<String>,
+    k: Option<i64>,
+    rescale_acts_by_decoder_norm: Option<bool>,
+    /// Pre-6.0 configs name the activation here.
+    #[serde(alias = "activation_fn_str")]
+    activation_fn: Option<String>,
+    activation_fn_kwargs: Option<Value>,
+}
+
+/// How a SAELens architecture maps onto ours.
+struct Imported {
+    activation: Activation,
+    /// Codes are computed with decoder-norm rescaling (folded on load).
+    fold_dec_norm: bool,
+    /// The tensor holding the per-latent threshold (`threshold`), or a
+    /// scalar one (`topk_threshold` of a batchtopk training save).
+    threshold: Option<&'static str>,
+}
+
+/// Our activation for a SAELens architecture.
+fn activation_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
+    let pre6_topk_k = cfg
+        .activation_fn_kwargs
+        .as_ref()
+        .and_then(|v| v.get("k"))
+        .and_then(Value::as_i64);
+    let arch = match (&cfg.architecture, cfg.activation_fn.as_deref()) {
+        (Some(a), _) => a.as_str(),
+        (None, Some("topk")) => "topk",
+        (None, _) => "standard",
+    };
+    match arch {
+        "standard" => {
+            if let Some(f) = cfg.activation_fn.as_deref().filter(|f| *f != "relu") {
+                bail_user!(
+                    "{origin}: activation_fn {f:?} is not supported (only relu for `standard`)"
+                );
+            }
+            Ok(Imported {
+                activation: Activation::Relu,
+                fold_dec_norm: false,
+                threshold: None,
+            })
+        }
+        "topk" => {
+            let k = cfg.k.or(pre6_topk_k).unwrap_or(100); // sae_lens's default
+            if k < 1 || k > cfg.d_sae {
+                bail_user!("{origin}: k = {k} must be in 1..=d_sae ({})", cfg.d_sae);
+            }
+            Ok(Imported {
+                activation: Activation::TopK { k },
+                fold_dec_norm: cfg.rescale_acts_by_decoder_norm.unwrap_or(false),
+                threshold: None,
+            })
+        }
+        "jumprelu" => Ok(Imported {
+            activation: Activation::JumpRelu {
+                bandwidth: crate::activation::DEFAULT_BANDWIDTH,
+            },
+            fold_dec_norm: false,
+            threshold: Some("threshold"),
+        }),
+        // A training save (sae_lens saves batchtopk for inference as jumprelu).
+        "batchtopk" => {
+            let k = cfg.k.unwrap_or(100);
+            if k < 1 {
+                bail_user!("{origin}: k = {k} must be at least 1");
+            }
+            if cfg.rescale_acts_by_decoder_norm.unwrap_or(false) {
+                bail_user!(
+                    "{origin}: a batchtopk training save with rescale_acts_by_decoder_norm is not \
+                     supported; save it for inference in sae_lens first (it becomes jumprelu)"
+                );
+            }
+            Ok(Imported {
+                activation: Activation::BatchTopK { k },
+                fold_dec_norm: false,
+                threshold: Some("topk_threshold"),
+            })
+        }
+        "gated" => Ok(Imported {
+            activation: Activation::Gated,
+            fold_dec_norm: false,
+            threshold: None,
+        }),
+        other => bail_user!(
+            "{origin}: architecture `{other}` is not supported \
+             (supported: standard, topk, jumprelu, batchtopk, gated)"
+        ),
+    }
+}
+
+/// Loads a SAELens directory as a model on `device`.
+pub fn load(dir: &Path, device: Device) -> Result<Sae> {
+    let cfg_path = dir.join(CFG_FILE);
+    let origin = cfg_path.display().to_string();
+    let text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| user(format!("{origin}: cannot read: {e}")))?;
+    let cfg: CfgIn = serde_json::from_str(&text)
+        .map_err(|e| user(format!("{origin}: not a SAELens config: {e}")))?;
+    if cfg.d_in < 1 || cfg.d_sae < 1 {
+        bail_user!("{origin}: d_in and d_sae must be positive");
+    }
+    match &cfg.normalize_activations {
+        None | Some(Value::Bool(false)) => {}
+        Some(Value::String(s)) if s == "none" => {}
+        Some(other) => bail_user!(
+            "{origin}: normalize_activations = {other} is not supported: it needs statistics \
+             that are not in the saved files (fold it into the weights in sae_lens first, \
+             e.g. fold_activation_norm_scaling_factor)"
+        ),
+    }
+    match cfg.reshape_activations.as_deref() {
+        // hook_z only reshapes [.., heads, d_head] to [.., d_in]; our rows are flat.
+        None | Some("none") | Some("hook_z") => {}
+        Some(other) => bail_user!("{origin}: reshape_activations = {other:?} is not supported"),
+    }
+    let imported = activation_from_cfg(&cfg, &origin)?;
+
+    let weights = dir.join(WEIGHTS_FILE);
+    let (mut t, _) = read_all(&weights)?;
+    let (d, h) = (cfg.d_in, cfg.d_sae);
+    let mut w_enc = take(&mut t, "W_enc", &[d, h], &weights)?;
+    let gated = imported.activation == Activation::Gated;
+    let mut b_enc = take(
+        &mut t,
+        if gated { "b_gate" } else { "b_enc" },
+        &[h],
+        &weights,
+    )?;
+    let gate = if gated {
+        Some(Gate {
+            r_mag: take(&mut t, "r_mag", &[h], &weights)?.to_device(device),
+            b_mag: take(&mut t, "b_mag", &[h], &weights)?.to_device(device),
+        })
+    } else {
+        None
+    };
+    let mut w_dec = take(&mut t, "W_dec", &[h, d], &weights)?;
+    let b_dec = take(&mut t, "b_dec", &[d], &weights)?;
+    let threshold = match imported.threshold {
+        Some(name) => {
+            let t = t.remove(name).ok_or_else(|| {
+                user(format!(
+                    "{}: tensor `{name}` is missing (architecture needs it)",
+                    weights.display()
+                ))
+            })?;
+            if t.numel() != 1 && t.size() != [h] {
+                bail_user!(
+                    "{}: tensor `{name}` has shape {:?}, expected [{h}]",
+                    weights.display(),
+                    t.size()
+                );
+            }
+            Some(t.to_kind(Kind::Float).expand([h], false).contiguous())
+        }
+        None => None,
+    };
+    // Older saves carry an all-ones `scaling_factor` that sae_lens drops too.
+    if let Some(sf) = t.remove("scaling_factor") {
+        if sf.ne(1.0).any().int64_value(&[]) != 0 {
+            bail_user!(
+                "{}: `scaling_factor` (finetuning scaling) is not all ones; not supported",
+                weights.display()
+            );
+        }
+    }
+    if !t.is_empty() {
+        let mut extra: Vec<String> = t.into_keys().collect();
+        extra.sort();
+        bail_user!(
+            "{}: unexpected tensors {} (expected W_enc, b_enc, W_dec, b_dec and a threshold \
+             for jumprelu)",
+            weights.display(),
+            extra.join(", ")
+        );
+    }
+    if imported.fold_dec_norm {
+        // sae_lens: codes = topk(pre * |W_dec_j|), decode (codes / |W_dec_j|) @ W_dec.
+        let norms = w_dec.norm_scalaropt_dim(2, [1], false).clamp_min(1e-8);
+        w_enc = &w_enc * norms.unsqueeze(0);
+        b_enc = &b_enc * &norms;
+        w_dec = &w_dec / norms.unsqueeze(1);
+    }
+    let spec = ModelSpec {
+        d_in: d,
+        d_hidden: h,
+        activation: imported.activation,
+        decoder_activation: OutputActivation::None,
+        apply_b_dec_to_input: cfg.apply_b_dec_to_input.unwrap_or(true),
+        tied: false,
+    };
+    Ok(Sae {
+        spec,
+        w_enc: w_enc.to_device(device),
+        b_enc: b_enc.to_device(device),
+        w_dec: Some(w_dec.to_device(device)),
+        b_dec: b_dec.to_device(device),
+        threshold: threshold.map(|t| t.to_device(device)),
+        gate,
+        enc_layers: Vec::new(),
+        dec_layers: Vec::new(),
+        norm: Normalizer::identity(),
+        out_norm: None,
+    })
+}

@@ -1,0 +1,357 @@
+"""Reference trainer for the modern SAE recipes (issue 8), in plain PyTorch,
+written from SAELens 6.x (saes/topk_sae.py, saes/batchtopk_sae.py,
+saes/jumprelu_sae.py, training/sae_trainer.py, training/optim.py) and
+dictionary_learning (unit-norm decoder). It does not import sae_lens or this
+project; the autograd Functions below are SAELens's own, copied.
+
+    sae_in     = x - b_dec                          (apply_b_dec_to_input)
+    hidden_pre = sae_in @ W_enc + b_enc
+    topk:      feature_acts = scatter(topk(hidden_pre, k)) of relu(values)
+    batchtopk: feature_acts = the k*batch largest of relu(hidden_pre) over the batch;
+               topk_threshold <- (1 - lr) topk_threshold + lr min(positive acts)  (float64)
+    jumprelu:  threshold.clamp_(min=0) before the pass;
+               feature_acts = JumpReLU.apply(hidden_pre, threshold, bandwidth)
+    gated:     feature_acts = (pi_gate > 0) * relu(sae_in @ (W_enc * exp(r_mag)) + b_mag),
+               pi_gate = sae_in @ W_enc + b_gate (saes/gated_sae.py); its penalty is
+               mean_batch(sum_j relu(pi_gate_j) ||W_dec[j]||), and it adds the auxiliary
+               loss mean over elements of (relu(pi_gate) @ W_dec + b_dec - x)^2
+    sae_out    = feature_acts @ W_dec + b_dec
+    mse        = F.mse_loss(sae_out, x)             (mean over elements: this
+                                                     project's convention;
+                                                     SAELens sums over d_in)
+    l0 penalty = mean_batch(sum_j Step.apply(hidden_pre, threshold, bandwidth))
+    auxk       = dead latents (not fired for more than --dead-window steps)
+                 reconstruct the detached residual: mean over elements of
+                 (topk_aux(where(dead, hidden_pre, -inf)) @ W_dec - residual)^2
+                 times min(n_dead / k_aux, 1), k_aux = d_in // 2
+    loss       = mse + coefficient(step) * penalty
+
+Recipe options: LR warm-up / cosine / linear decay with torch's schedulers
+(SAELens get_lr_scheduler), sparsity-coefficient warm-up (SAELens
+CoefficientScheduler), unit-norm decoder rows (remove the gradient component
+parallel to each row before the step, renormalise after it), gradient clipping
+(torch.nn.utils.clip_grad_norm_), b_dec initialised to the data mean.
+"""
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.optim.lr_scheduler as lr_scheduler
+
+import common
+
+
+# --- SAELens saes/jumprelu_sae.py (6.x), verbatim --------------------------
+
+def rectangle(x: torch.Tensor) -> torch.Tensor:
+    return ((x > -0.5) & (x < 0.5)).to(x)
+
+
+class Step(torch.autograd.Function):
+    @staticmethod
+    def forward(x, threshold, bandwidth, ste_to_input):
+        return (x > threshold).to(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs, output) -> None:
+        x, threshold, bandwidth, ste_to_input = inputs
+        del output
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        ctx.ste_to_input = ste_to_input
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):
+        x, threshold = ctx.saved_tensors
+        bandwidth = ctx.bandwidth
+        ste = (1.0 / bandwidth) * rectangle((x - threshold) / bandwidth) * grad_output
+        threshold_grad = torch.sum(-ste, dim=0)
+        x_grad = ste if ctx.ste_to_input else None
+        return x_grad, threshold_grad, None, None
+
+
+class JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(x, threshold, bandwidth, ste_to_input):
+        return (x * (x > threshold)).to(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs, output) -> None:
+        x, threshold, bandwidth, ste_to_input = inputs
+        del output
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        ctx.ste_to_input = ste_to_input
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):
+        x, threshold = ctx.saved_tensors
+        bandwidth = ctx.bandwidth
+        ste = (threshold / bandwidth) * rectangle((x - threshold) / bandwidth) * grad_output
+        threshold_grad = torch.sum(-ste, dim=0)
+        x_grad = (x > threshold) * grad_output
+        if ctx.ste_to_input:
+            x_grad = x_grad + ste
+        return x_grad, threshold_grad, None, None
+
+
+# --- SAELens saes/topk_sae.py, batchtopk_sae.py ----------------------------
+
+def topk_acts(x, k):
+    topk_values, topk_indices = torch.topk(x, k=k, dim=-1, sorted=False)
+    result = torch.zeros_like(x)
+    result.scatter_(-1, topk_indices, topk_values.relu())
+    return result
+
+
+def batch_topk_acts(x, k):
+    acts = x.relu()
+    flat_acts = acts.flatten()
+    num_samples = acts.shape[:-1].numel()
+    acts_topk_flat = torch.topk(flat_acts, int(k * num_samples), dim=-1)
+    return (
+        torch.zeros_like(flat_acts)
+        .scatter(-1, acts_topk_flat.indices, acts_topk_flat.values)
+        .reshape(acts.shape)
+    )
+
+
+def calculate_topk_aux_acts(k_aux, hidden_pre, dead_neuron_mask):
+    auxk_latents = torch.where(dead_neuron_mask[None], hidden_pre, -torch.inf)
+    auxk_topk = auxk_latents.topk(k_aux, sorted=False)
+    auxk_acts = torch.zeros_like(hidden_pre)
+    auxk_acts.scatter_(-1, auxk_topk.indices, auxk_topk.values)
+    return auxk_acts
+
+
+def topk_aux_loss(sae_in, sae_out, hidden_pre, W_dec, dead_neuron_mask):
+    """SAELens calculate_topk_aux_loss, without its coefficient, with the
+    squared error averaged over elements (this project's mse convention)."""
+    if dead_neuron_mask is None or (num_dead := int(dead_neuron_mask.sum())) == 0:
+        return sae_out.new_tensor(0.0)
+    residual = (sae_in - sae_out).detach()
+    k_aux = sae_in.shape[-1] // 2
+    scale = min(num_dead / k_aux, 1.0)
+    k_aux = min(k_aux, num_dead)
+    auxk_acts = calculate_topk_aux_acts(k_aux, hidden_pre, dead_neuron_mask)
+    recons = auxk_acts @ W_dec
+    return (recons - residual).pow(2).mean() * scale
+
+
+# --- SAELens training/optim.py ---------------------------------------------
+
+def get_lr_scheduler(scheduler_name, optimizer, training_steps, lr, warm_up_steps,
+                     decay_steps, lr_end):
+    base_scheduler_steps = training_steps - warm_up_steps - decay_steps
+    if scheduler_name == "constant":
+        main = lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda steps: 1.0)
+    elif scheduler_name == "cosine":
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=base_scheduler_steps,
+                                              eta_min=lr_end)
+    elif scheduler_name == "linear":
+        # Linear from lr to lr_end over the main phase (not in SAELens).
+        main = lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=lr_end / lr,
+                                     total_iters=base_scheduler_steps)
+    else:
+        raise ValueError(scheduler_name)
+    if scheduler_name == "constant":
+        lr_end = lr
+    schedulers, milestones = [], []
+    if warm_up_steps > 0:
+        schedulers.append(lr_scheduler.LinearLR(optimizer, start_factor=1 / warm_up_steps,
+                                                end_factor=1.0, total_iters=warm_up_steps - 1))
+        milestones.append(warm_up_steps)
+    schedulers.append(main)
+    if decay_steps > 0:
+        schedulers.append(lr_scheduler.LinearLR(optimizer, start_factor=lr_end / lr,
+                                                end_factor=0.0, total_iters=decay_steps))
+        milestones.append(training_steps - decay_steps)
+    return lr_scheduler.SequentialLR(optimizer, schedulers=schedulers, milestones=milestones)
+
+
+class CoefficientScheduler:
+    """Linearly warms up a scalar value from 0.0 to a final value (SAELens)."""
+
+    def __init__(self, warm_up_steps, final_value):
+        self.warm_up_steps = warm_up_steps
+        self.final_value = final_value
+        self.current_step = 0
+        self.current_value = 0.0 if warm_up_steps > 0 else final_value
+
+    def step(self):
+        if self.current_step < self.warm_up_steps:
+            self.current_value = self.final_value * ((self.current_step + 1) / self.warm_up_steps)
+        else:
+            self.current_value = self.final_value
+        self.current_step += 1
+
+    @property
+    def value(self):
+        return self.current_value
+
+
+# --- unit-norm decoder (dictionary_learning's ConstrainedAdam) --------------
+
+@torch.no_grad()
+def remove_parallel_gradient(W_dec):
+    normed = W_dec / W_dec.norm(dim=1, keepdim=True)
+    parallel = (W_dec.grad * normed).sum(dim=1, keepdim=True)
+    W_dec.grad -= parallel * normed
+
+
+@torch.no_grad()
+def normalize_rows(W_dec):
+    W_dec.data /= W_dec.norm(dim=1, keepdim=True)
+
+
+class SAE(nn.Module):
+    def __init__(self, w, args):
+        super().__init__()
+        self.W_enc = nn.Parameter(torch.from_numpy(w["W_enc"]).clone())
+        self.b_enc = nn.Parameter(torch.from_numpy(w["b_enc"]).clone())
+        self.W_dec = nn.Parameter(torch.from_numpy(w["W_dec"]).clone())
+        self.b_dec = nn.Parameter(torch.from_numpy(w["b_dec"]).clone())
+        self.args = args
+        if args.architecture == "jumprelu":
+            self.threshold = nn.Parameter(
+                torch.full((self.W_enc.shape[1],), args.init_threshold, dtype=torch.float32))
+        if args.architecture == "batchtopk":
+            self.register_buffer("topk_threshold", torch.tensor(0.0, dtype=torch.double))
+        if args.architecture == "gated":
+            # SAELens _init_weights_gated (b_gate from the init's b_enc).
+            self.b_gate = self.b_enc
+            del self.b_enc
+            h = self.W_enc.shape[1]
+            self.r_mag = nn.Parameter(torch.zeros(h))
+            self.b_mag = nn.Parameter(torch.zeros(h))
+
+    def encode_with_hidden_pre(self, x):
+        a = self.args
+        if a.architecture == "gated":
+            sae_in = x - self.b_dec
+            gating_pre_activation = sae_in @ self.W_enc + self.b_gate
+            active_features = (gating_pre_activation > 0).to(x.dtype)
+            magnitude_pre_activation = sae_in @ (self.W_enc * self.r_mag.exp()) + self.b_mag
+            feature_magnitudes = torch.relu(magnitude_pre_activation)
+            return active_features * feature_magnitudes, magnitude_pre_activation
+        hidden_pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        if a.architecture == "topk":
+            acts = topk_acts(hidden_pre, a.k)
+        elif a.architecture == "batchtopk":
+            acts = batch_topk_acts(hidden_pre, a.k)
+        else:
+            acts = JumpReLU.apply(hidden_pre, self.threshold, a.bandwidth, False)
+        return acts, hidden_pre
+
+    @torch.no_grad()
+    def update_topk_threshold(self, acts_topk):
+        positive_mask = acts_topk > 0
+        lr = self.args.topk_threshold_lr
+        if positive_mask.any():
+            min_positive = acts_topk[positive_mask].min().to(self.topk_threshold.dtype)
+            self.topk_threshold = (1 - lr) * self.topk_threshold + lr * min_positive
+
+
+def main():
+    p = common.base_parser(__doc__)
+    p.add_argument("--architecture", choices=["topk", "batchtopk", "jumprelu", "gated"],
+                   required=True)
+    p.add_argument("--k", type=int, default=None)
+    p.add_argument("--penalty", choices=["none", "auxk", "l0", "l1"], default="none")
+    p.add_argument("--coefficient", type=float, default=0.0)
+    p.add_argument("--dead-window", type=int, default=1000)
+    p.add_argument("--bandwidth", type=float, default=0.05)
+    p.add_argument("--init-threshold", type=float, default=0.01)
+    p.add_argument("--topk-threshold-lr", type=float, default=0.01)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant")
+    p.add_argument("--lr-warmup-steps", type=int, default=0)
+    p.add_argument("--lr-decay-steps", type=int, default=0)
+    p.add_argument("--lr-end", type=float, default=0.0)
+    p.add_argument("--sparsity-warmup-steps", type=int, default=0)
+    p.add_argument("--unit-norm-decoder", action="store_true")
+    p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--b-dec-mean", action="store_true", help="b_dec = mean of the data rows")
+    args = p.parse_args()
+    common.setup(args)
+
+    X = torch.tensor(common.load_data(args.data), dtype=torch.float32)
+    w = common.read_safetensors(args.init)
+    sae = SAE(w, args)
+    if args.b_dec_mean:
+        with torch.no_grad():
+            sae.b_dec.copy_(X.mean(dim=0))
+    if args.unit_norm_decoder:
+        normalize_rows(sae.W_dec)
+    params = list(sae.parameters())
+    optimizer = torch.optim.Adam(params, lr=args.lr, foreach=False)
+
+    batches = list(common.epoch_batches(len(X), args.epochs, args.batch_size, args.order))
+    scheduler = get_lr_scheduler(args.lr_schedule, optimizer, len(batches), args.lr,
+                                 args.lr_warmup_steps, args.lr_decay_steps, args.lr_end)
+    coefficient = CoefficientScheduler(args.sparsity_warmup_steps, args.coefficient)
+    since_fired = torch.zeros(sae.W_enc.shape[1])
+
+    log = common.LossLog(args.out)
+    for epoch, idx in batches:
+        sae_in = X[idx]
+        if args.architecture == "jumprelu":
+            with torch.no_grad():
+                sae.threshold.data.clamp_(min=0.0)
+        dead = since_fired > args.dead_window
+        feature_acts, hidden_pre = sae.encode_with_hidden_pre(sae_in)
+        sae_out = feature_acts @ sae.W_dec + sae.b_dec
+        mse_loss = F.mse_loss(sae_out, sae_in)
+        if args.penalty == "auxk":
+            penalty = topk_aux_loss(sae_in, sae_out, hidden_pre, sae.W_dec, dead)
+        elif args.penalty == "l0":
+            l0 = torch.sum(Step.apply(hidden_pre, sae.threshold, args.bandwidth, False), dim=-1)
+            penalty = l0.mean()
+        elif args.penalty == "l1":
+            # SAELens GatedTrainingSAE.calculate_aux_loss (gate L1 only here).
+            sae_in_centered = sae_in - sae.b_dec * True
+            pi_gate_act = torch.relu(sae_in_centered @ sae.W_enc + sae.b_gate)
+            penalty = torch.sum(pi_gate_act * sae.W_dec.norm(dim=1), dim=-1).mean()
+        else:
+            penalty = torch.zeros((), dtype=sae_out.dtype)
+        loss = mse_loss + penalty * coefficient.value
+        if args.architecture == "gated":
+            via_gate_reconstruction = pi_gate_act @ sae.W_dec + sae.b_dec
+            loss = loss + (via_gate_reconstruction - sae_in).pow(2).mean()
+        with torch.no_grad():
+            did_fire = feature_acts.bool().float().sum(-2).bool()
+            since_fired += 1
+            since_fired[did_fire] = 0
+        if args.architecture == "batchtopk":
+            sae.update_topk_threshold(feature_acts)
+        optimizer.zero_grad()
+        loss.backward()
+        if args.unit_norm_decoder:
+            remove_parallel_gradient(sae.W_dec)
+        if args.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        if args.unit_norm_decoder:
+            normalize_rows(sae.W_dec)
+        scheduler.step()
+        coefficient.step()
+        log.log(epoch, loss.item(), mse_loss.item(), penalty.item())
+    log.close()
+
+    b_enc = sae.b_gate if args.architecture == "gated" else sae.b_enc
+    tensors = {"W_enc": sae.W_enc, "b_enc": b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if args.architecture == "gated":
+        tensors["r_mag"] = sae.r_mag
+        tensors["b_mag"] = sae.b_mag
+    if args.architecture == "jumprelu":
+        # Saved projected to >= 0 (the same map at inference: relu(pre) * (pre > t)).
+        tensors["threshold"] = sae.threshold.detach().clamp(min=0.0)
+    if args.architecture == "batchtopk":
+        tensors["threshold"] = torch.ones_like(sae.b_enc) * sae.topk_threshold.item()
+    common.write_safetensors(f"{args.out}/weights.safetensors", tensors)
+
+
+if __name__ == "__main__":
+    main()
