@@ -55,3 +55,20 @@ pub fn set_threads(n: Option<i64>) {
         tch::set_num_threads(n as i32);
     }
 }
+
+/// Keeps freed tensor buffers in the process heap for reuse. With glibc's
+/// defaults every buffer over 32 MiB is a fresh `mmap`, so each training
+/// step page-faults and zeroes its large activations and gradients again:
+/// measured at ~35 % of a 768→16384 top-k step in the kernel
+/// (`clear_page_erms`). Disabling mmap for malloc and never trimming the heap
+/// top reuses the pages instead (top-k step 3.2x faster, ReLU+L1 step 14 %).
+/// Memory use stays bounded by the peak of live tensors.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called once at
+    // start-up before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}

@@ -14,11 +14,14 @@ fn main() -> ExitCode {
         let first = msg.lines().next().unwrap_or(msg);
         eprintln!("sae: internal error: {first}");
     }));
+    sae::device::tune_allocator();
     let cli = sae::cli::Cli::parse();
     match std::panic::catch_unwind(|| sae::cli::run(cli)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            eprintln!("sae: error: {}", sae::error::one_line(&e));
+            let interrupted = e.chain().any(|c| c.is::<sae::error::Interrupted>());
+            let prefix = if interrupted { "sae: " } else { "sae: error: " };
+            eprintln!("{prefix}{}", sae::error::one_line(&e));
             ExitCode::from(sae::error::exit_code(&e) as u8)
         }
         Err(_) => ExitCode::from(1),

@@ -93,6 +93,12 @@ impl Penalty {
         }
     }
 
+    /// Whether this penalty differentiates through the pre-activations (then
+    /// the model's sparse top-k training path cannot be used).
+    pub fn needs_pre_gradient(&self) -> bool {
+        matches!(self, Penalty::AuxK { .. } | Penalty::L0 { .. })
+    }
+
     /// Whether training must track which latents are dead for this penalty.
     pub fn needs_dead_mask(&self) -> bool {
         matches!(self, Penalty::AuxK { .. })

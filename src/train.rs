@@ -596,7 +596,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
                 let _ = model.threshold.as_mut().unwrap().clamp_min_(0.0);
             }
             let input = corrupt(&xb, t);
-            let f = model.forward_train(&input);
+            let f = model.forward_train_fast(&input, !penalty.needs_pre_gradient());
             let mse = f.recon.mse_loss(&target, Reduction::Mean);
             // Gated: the penalty acts on the gate, relu(pi_gate), not the codes.
             let gate_codes = model.gate_codes(&input);
