@@ -92,8 +92,9 @@ pub struct SynthArgs {
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// YAML config; every key is documented in configs/reference.yaml.
-    #[arg(long)]
-    pub config: PathBuf,
+    /// Optional with `--resume DIR` (then DIR/config.yaml is used).
+    #[arg(long, required_unless_present = "resume")]
+    pub config: Option<PathBuf>,
     /// Run directory [default: runs/<config name>].
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -102,8 +103,14 @@ pub struct TrainArgs {
     #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
     pub set: Vec<String>,
     /// Replace the run directory if it exists.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub force: bool,
+    /// Continue an interrupted run from its last checkpoint: the run
+    /// directory DIR, or --out (or the default run directory) when no DIR
+    /// is given. The config must be the run's own (only train.epochs may
+    /// change); without --config, DIR/config.yaml is used.
+    #[arg(long, value_name = "DIR", num_args = 0..=1)]
+    pub resume: Option<Option<PathBuf>>,
     /// No progress output.
     #[arg(long, short)]
     pub quiet: bool,
@@ -267,17 +274,38 @@ fn data_synth(a: &SynthArgs) -> Result<()> {
 }
 
 fn train_cmd(a: &TrainArgs) -> Result<()> {
-    let cfg = Config::from_file(&a.config, &a.set)?;
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| default_out_dir("runs", &a.config));
+    let out = match (&a.resume, &a.out, &a.config) {
+        (Some(Some(dir)), Some(out), _) if dir != out => bail_user!(
+            "--resume {} and --out {}: name one run directory",
+            dir.display(),
+            out.display()
+        ),
+        (Some(Some(dir)), _, _) => dir.clone(),
+        (_, Some(out), _) => out.clone(),
+        (_, None, Some(config)) => default_out_dir("runs", config),
+        (_, None, None) => bail_user!("--config: required (or --resume DIR)"),
+    };
+    let resume = a.resume.is_some();
+    let cfg = match &a.config {
+        Some(config) => Config::from_file(config, &a.set)?,
+        None => {
+            let saved = out.join("config.yaml");
+            if !saved.is_file() {
+                bail_user!(
+                    "--resume {}: not a run directory (no config.yaml)",
+                    out.display()
+                );
+            }
+            Config::from_file(&saved, &a.set)?
+        }
+    };
     let summary = train::train(
         &cfg,
         &TrainOptions {
             out: out.clone(),
             force: a.force,
             progress: !a.quiet,
+            resume,
         },
     )?;
     print!("{}", train::summary_table(&summary));

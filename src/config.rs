@@ -114,6 +114,8 @@ pub struct DataConfig {
     pub target: Option<String>,
     /// Row-aligned target for `valid` (needed when `valid` is given with `target`).
     pub valid_target: Option<String>,
+    /// Drop rows holding NaN or Inf (with a warning) instead of refusing the data.
+    pub allow_nonfinite: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,6 +310,7 @@ impl Default for DataConfig {
             truth: None,
             target: None,
             valid_target: None,
+            allow_nonfinite: false,
         }
     }
 }
@@ -451,7 +454,11 @@ impl Config {
         // serde_path_to_error names the key at fault (`train.epochs: ...`).
         let cfg: Config = serde_path_to_error::deserialize(root).map_err(|e| {
             let path = e.path().to_string();
-            let inner = e.into_inner();
+            let inner = e.into_inner().to_string();
+            let inner = match suggest_field(&inner) {
+                Some(near) => format!("{inner}; did you mean `{near}`?"),
+                None => inner,
+            };
             if path == "." || path.is_empty() {
                 user(format!("{origin}: {inner}"))
             } else {
@@ -591,6 +598,35 @@ impl Config {
         crate::device::parse_device(&self.device).map_err(|e| format!("device: {e}"))?;
         Ok(())
     }
+}
+
+/// For serde's "unknown field `x`, expected one of `a`, `b`": the expected
+/// name nearest to `x` when it is a plausible misspelling.
+fn suggest_field(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    let (got, rest) = rest.split_once('`')?;
+    let expected = rest.split_once("expected ")?.1;
+    let names = expected.split('`').skip(1).step_by(2);
+    let (best, dist) = names
+        .map(|n| (n, edit_distance(got, n)))
+        .min_by_key(|&(_, d)| d)?;
+    // Close enough to be a typo: at most a third of the longer name differs.
+    (dist * 3 <= got.len().max(best.len()) && dist > 0).then(|| best.to_string())
+}
+
+/// Levenshtein distance between two short strings.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 pub fn activation_name(a: ActivationKind) -> &'static str {

@@ -28,9 +28,33 @@ macro_rules! bail_user {
     };
 }
 
-/// Exit code for an error: 2 when any cause is a [`UserError`], else 1.
+/// Training stopped by a signal after checkpointing: exit `128 + signal`
+/// (130 for SIGINT, 143 for SIGTERM), like a shell reports it.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub code: i32,
+    pub msg: String,
+}
+
+impl fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Exit code for an error: `128 + signal` for [`Interrupted`], 2 when any
+/// cause is a [`UserError`], else 1.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
-    if err.chain().any(|c| c.is::<UserError>()) {
+    if let Some(i) = err.chain().find_map(|c| c.downcast_ref::<Interrupted>()) {
+        return i.code;
+    }
+    let user_io = |c: &(dyn std::error::Error + 'static)| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(crate::fsutil::is_user_io_error)
+    };
+    if err.chain().any(|c| c.is::<UserError>() || user_io(c)) {
         2
     } else {
         1

@@ -6,6 +6,7 @@
 //! ([`metrics`]); model files ([`export`]); the CLI ([`cli`]).
 
 pub mod activation;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;

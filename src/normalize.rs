@@ -68,6 +68,68 @@ impl Normalizer {
         }
     }
 
+    /// Like [`Normalizer::fit`] for data too large to copy (a memory-mapped
+    /// tensor): one pass over `chunk`-row slices with float64 accumulators.
+    /// Also rejects non-finite values, naming the row. `origin` names the data.
+    pub fn fit_chunked(
+        kind: NormalizeKind,
+        x: &Tensor,
+        chunk: i64,
+        origin: &str,
+    ) -> crate::Result<Normalizer> {
+        let _guard = tch::no_grad_guard();
+        let (n, d) = (x.size()[0], x.size()[1]);
+        let dopts = (Kind::Double, Device::Cpu);
+        let mut sum = Tensor::zeros([d], dopts);
+        let mut sum_sq = Tensor::zeros([d], dopts);
+        let mut min = Tensor::full([d], f64::INFINITY, dopts);
+        let mut max = Tensor::full([d], f64::NEG_INFINITY, dopts);
+        let mut norm_sum = 0.0;
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            let c = x.narrow(0, start, len).to_kind(Kind::Double);
+            let finite = c.isfinite().all_dim(1, false);
+            if !bool::try_from(finite.all()).unwrap_or(false) {
+                let bad = finite.logical_not().nonzero().int64_value(&[0, 0]);
+                crate::bail_user!(
+                    "{origin}: row {} has a non-finite value; remove such rows first",
+                    start + bad
+                );
+            }
+            sum += c.sum_dim_intlist(0, false, Kind::Double);
+            sum_sq += c.square().sum_dim_intlist(0, false, Kind::Double);
+            min = min.minimum(&c.amin(0, false));
+            max = max.maximum(&c.amax(0, false));
+            norm_sum += c
+                .norm_scalaropt_dim(2, [1], false)
+                .sum(Kind::Double)
+                .double_value(&[]);
+            start += len;
+        }
+        let nf = n as f64;
+        let (shift, scale) = match kind {
+            NormalizeKind::None => return Ok(Normalizer::identity()),
+            NormalizeKind::Standardize => {
+                let mean = &sum / nf;
+                let var = (sum_sq / nf - mean.square()).clamp_min(0.0);
+                (mean, var.sqrt())
+            }
+            NormalizeKind::Minmax => (min.shallow_clone(), max - min),
+            NormalizeKind::ExpectedNorm => {
+                let scale = norm_sum / nf / (d as f64).sqrt();
+                (Tensor::zeros([d], dopts), Tensor::full([d], scale, dopts))
+            }
+        };
+        let (shift, scale) = (shift.to_kind(Kind::Float), scale.to_kind(Kind::Float));
+        let scale = scale.ones_like().where_self(&scale.le(0.0), &scale);
+        Ok(Normalizer {
+            kind,
+            shift: Some(shift),
+            scale: Some(scale),
+        })
+    }
+
     pub fn apply(&self, x: &Tensor) -> Tensor {
         match (&self.shift, &self.scale) {
             (Some(shift), Some(scale)) => (x - shift) / scale,

@@ -224,6 +224,7 @@ pub fn run(path: &Path, out: &Path, progress: bool) -> Result<Vec<Row>> {
                     out: dir.clone(),
                     force: true,
                     progress: false,
+                    resume: false,
                 },
             )?;
         }

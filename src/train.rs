@@ -2,7 +2,8 @@
 //! the optimizer each live in their own module; this file only wires them.
 
 use crate::activation::Activation;
-use crate::config::{Auto, BDecInit, Config, InputNoise, TrainConfig};
+use crate::checkpoint::{self, Buffers, Position};
+use crate::config::{Auto, BDecInit, BatchSize, Config, InputNoise, TrainConfig};
 use crate::data::dataset::{epoch_order, permutation, read_order, Dataset};
 use crate::data::npy;
 use crate::error::user;
@@ -17,9 +18,11 @@ use crate::{bail_user, device, fsutil, Result};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -29,6 +32,8 @@ pub struct TrainOptions {
     pub force: bool,
     /// Show a progress bar / progress lines on stderr.
     pub progress: bool,
+    /// Continue the run in `out` from its last checkpoint.
+    pub resume: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -73,7 +78,15 @@ fn prepare(cfg: &Config) -> Result<Prepared> {
     tch::manual_seed(cfg.seed as i64);
 
     let train_path = cfg.data.train.clone().expect("validated");
-    let mut train = npy::read_tensor(&train_path).context("data.train")?;
+    let allow_nonfinite = cfg.data.allow_nonfinite;
+    let read = |p: &str| {
+        if allow_nonfinite {
+            npy::read_tensor_allow_nonfinite(p)
+        } else {
+            npy::read_tensor(p)
+        }
+    };
+    let mut train = read(&train_path).context("data.train")?;
     let d_in = train.size()[1];
     if let Auto::Value(d) = cfg.model.d_in {
         if d != d_in {
@@ -83,7 +96,7 @@ fn prepare(cfg: &Config) -> Result<Prepared> {
     cfg.model.d_in = Auto::Value(d_in);
     let mut valid = match &cfg.data.valid {
         Some(p) => {
-            let v = npy::read_tensor(p).context("data.valid")?;
+            let v = read(p).context("data.valid")?;
             if v.size()[1] != d_in {
                 bail_user!(
                     "data.valid: {p} has {} columns but data.train has {d_in}",
@@ -95,7 +108,7 @@ fn prepare(cfg: &Config) -> Result<Prepared> {
         None => None,
     };
     let read_target = |key: &str, p: &str, rows: i64, of: &str| -> Result<Tensor> {
-        let y = npy::read_tensor(p).with_context(|| key.to_string())?;
+        let y = read(p).with_context(|| key.to_string())?;
         if y.size()[0] != rows {
             bail_user!(
                 "{key}: {p} has {} rows but {of} has {rows}; the target must be row-aligned with it",
@@ -122,6 +135,16 @@ fn prepare(cfg: &Config) -> Result<Prepared> {
         }
         _ => None,
     };
+    if allow_nonfinite {
+        (train, train_target) = drop_nonfinite(train, train_target, "data.train", &train_path)?;
+        if let (Some(v), Some(vp)) = (valid, &cfg.data.valid) {
+            let (v, vt) = drop_nonfinite(v, valid_target, "data.valid", vp)?;
+            valid = Some(v);
+            valid_target = vt;
+        } else {
+            valid = None;
+        }
+    }
     if cfg.data.valid_fraction > 0.0 {
         let n = train.size()[0];
         if n < 2 {
@@ -190,6 +213,34 @@ fn prepare(cfg: &Config) -> Result<Prepared> {
         fixed_order,
         model,
     })
+}
+
+/// `data.allow_nonfinite`: drops the rows of `x` (and of its row-aligned
+/// target) that hold NaN or Inf, with a warning; refuses data left empty.
+fn drop_nonfinite(
+    x: Tensor,
+    y: Option<Tensor>,
+    key: &str,
+    path: &str,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let mut keep = x.isfinite().all_dim(1, false);
+    if let Some(y) = &y {
+        keep = keep.logical_and(&y.isfinite().all_dim(1, false));
+    }
+    let n = x.size()[0];
+    let kept = keep.sum(Kind::Int64).int64_value(&[]);
+    if kept == n {
+        return Ok((x, y));
+    }
+    if kept == 0 {
+        bail_user!("{key}: {path}: every one of its {n} rows holds NaN or Inf");
+    }
+    eprintln!(
+        "sae: warning: {key}: {path}: dropped {} of {n} rows holding NaN or Inf (data.allow_nonfinite)",
+        n - kept
+    );
+    let idx = keep.nonzero().squeeze_dim(1);
+    Ok((x.index_select(0, &idx), y.map(|y| y.index_select(0, &idx))))
 }
 
 /// Rows used to estimate `b_dec` (a seeded subset of larger data).
@@ -487,7 +538,12 @@ struct StepLog {
 
 /// Trains per `cfg` and writes the run directory `opts.out`.
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
-    check_out_dir(&opts.out, opts.force)?;
+    if opts.resume {
+        // Fail fast (before loading data) when there is nothing to resume.
+        checkpoint::read_position(&opts.out)?;
+    } else {
+        check_out_dir(&opts.out, opts.force)?;
+    }
     let Prepared {
         cfg,
         device,
@@ -530,8 +586,11 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
     if t.resample_every > 0 && model.is_deep() {
         bail_user!("train.resample_every: not supported for a deep model (model.hidden)");
     }
+    if opts.resume {
+        check_same_config(&opts.out, &cfg)?;
+    }
 
-    if opts.force && opts.out.exists() {
+    if opts.force && !opts.resume && opts.out.exists() {
         fs::remove_dir_all(&opts.out)
             .map_err(|e| user(format!("--out {}: cannot clear: {e}", opts.out.display())))?;
     }
@@ -543,10 +602,48 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
     let weight = cfg.sparsity.weight;
     model.set_requires_grad(true);
     let mut adam = Adam::new(&t.optimizer, &model.parameters());
+    let mut dead = DeadTracker::new(model.spec.d_hidden, t.dead_window, device);
+    let pos = if opts.resume {
+        let pos = checkpoint::load(
+            &opts.out,
+            &mut model,
+            &mut adam,
+            &mut Buffers {
+                since_fired: &mut dead.since_fired,
+            },
+        )?;
+        if pos.step > total as i64 {
+            bail_user!(
+                "train.epochs: {} epochs make {total} steps, fewer than the {} the checkpoint in {} has done",
+                t.epochs,
+                pos.step,
+                opts.out.display()
+            );
+        }
+        pos
+    } else {
+        Position {
+            step: 0,
+            epoch: 1,
+            batch: 0,
+            samples: 0,
+            adam_step: 0,
+            last_loss: None,
+        }
+    };
 
-    let log_file = File::create(opts.out.join("metrics.jsonl"))
-        .with_context(|| format!("creating {}", opts.out.join("metrics.jsonl").display()))?;
+    let log_path = opts.out.join("metrics.jsonl");
+    let log_err = |e: std::io::Error| fsutil::write_error(&log_path, e);
+    let log_file = if opts.resume {
+        // As if uninterrupted: the lines up to the checkpoint, then ours.
+        truncate_log(&log_path, pos.step)?;
+        OpenOptions::new().append(true).open(&log_path)
+    } else {
+        File::create(&log_path)
+    }
+    .map_err(log_err)?;
     let mut log = BufWriter::new(log_file);
+    let signals = SignalFlags::register()?;
 
     let tty = std::io::stderr().is_terminal();
     let pb = if opts.progress && tty {
@@ -562,7 +659,6 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
     );
     let line_every = (t.epochs / 20).max(1);
     let thr = model.spec.activation.active_threshold();
-    let mut dead = DeadTracker::new(model.spec.d_hidden, t.dead_window, device);
     let is_jumprelu = matches!(model.spec.activation, Activation::JumpRelu { .. });
     let topk_threshold_lr = match model.spec.activation {
         Activation::BatchTopK { .. } => Some(cfg.model.topk_threshold_lr),
@@ -570,18 +666,38 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
     };
 
     let start = Instant::now();
-    let mut step: i64 = 0;
-    let mut last_loss = f64::NAN;
-    let mut samples: i64 = 0;
-    for epoch in 1..=t.epochs {
+    let mut step: i64 = pos.step;
+    let mut last_loss = pos.last_loss.unwrap_or(f64::NAN);
+    let mut samples: i64 = pos.samples;
+    // The step of the newest checkpoint on disk (-1: none yet).
+    let mut saved_step: i64 = if opts.resume { pos.step } else { -1 };
+    // Input noise and resampling draw random numbers: libtorch is re-seeded
+    // from (seed, step) before each step, so a resumed run draws the same.
+    let uses_rng = t.input_noise != InputNoise::None || t.resample_every > 0;
+    let batch_rows = match t.batch_size {
+        BatchSize::Full => data.rows(),
+        BatchSize::Rows(b) => b as usize,
+    };
+    pb.set_position(pos.step as u64);
+    for epoch in pos.epoch..=t.epochs {
         let order = match &fixed_order {
             Some(o) => o[((epoch - 1) as usize).min(o.len() - 1)].clone(),
             None => epoch_order(data.rows(), cfg.seed, epoch, t.shuffle),
         };
         let n_batches = per_epoch as i64;
-        for (b, batch) in data.batches(&order, t.batch_size).enumerate() {
+        let first = if epoch == pos.epoch {
+            pos.batch as usize
+        } else {
+            0
+        };
+        let skip = (first * batch_rows).min(order.len());
+        for (i, batch) in data.batches(&order[skip..], t.batch_size).enumerate() {
+            let b = first + i;
             step += 1;
             samples += batch.size()[0];
+            if uses_rng {
+                tch::manual_seed(step_seed(cfg.seed, step));
+            }
             let xb = batch.narrow(1, 0, d_in);
             let target = if train_target.is_some() {
                 batch.narrow(1, d_in, d_out)
@@ -651,8 +767,9 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
                 let loss_v = loss.double_value(&[]);
                 if !loss_v.is_finite() {
                     bail_user!(
-                        "training diverged: loss is {loss_v} at step {step} (epoch {epoch}); \
-                         lower train.optimizer.lr or sparsity.weight"
+                        "training diverged: loss is {loss_v} at step {step} (epoch {epoch}); {}; \
+                         lower train.optimizer.lr or sparsity.weight",
+                        kept_checkpoint(&opts.out, saved_step)
                     );
                 }
                 last_loss = loss_v;
@@ -679,8 +796,8 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
                     dead: dead.dead().sum(Kind::Int64).int64_value(&[]),
                     valid_mse,
                 };
-                serde_json::to_writer(&mut log, &entry)?;
-                log.write_all(b"\n")?;
+                serde_json::to_writer(&mut log, &entry).map_err(|e| log_err(e.into()))?;
+                log.write_all(b"\n").map_err(log_err)?;
                 pb.set_message(format!(
                     "epoch {epoch}/{} loss {loss_v:.5} l0 {l0:.1}",
                     t.epochs
@@ -700,13 +817,60 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
                 }
             }
             pb.inc(1);
+            let signal = signals.received();
+            if step % t.checkpoint_every == 0 || signal.is_some() {
+                let next = if end_of_epoch {
+                    (epoch + 1, 0)
+                } else {
+                    (epoch, b as i64 + 1)
+                };
+                log.flush().map_err(log_err)?;
+                let pos = Position {
+                    step,
+                    epoch: next.0,
+                    batch: next.1,
+                    samples,
+                    adam_step: adam.step,
+                    last_loss: last_loss.is_finite().then_some(last_loss),
+                };
+                save_checkpoint(&opts.out, &model, &adam, &mut dead, &pos, saved_step)?;
+                saved_step = step;
+            }
+            if let Some(sig) = signal {
+                pb.finish_and_clear();
+                let (name, code) = match sig {
+                    signal_hook::consts::SIGINT => ("SIGINT", 130),
+                    _ => ("SIGTERM", 143),
+                };
+                return Err(anyhow::Error::new(crate::error::Interrupted {
+                    code,
+                    msg: format!(
+                        "interrupted by {name} after step {step} of {total}; checkpoint saved in {}; \
+                         continue with: sae train --resume {}",
+                        checkpoint::path(&opts.out).display(),
+                        opts.out.display()
+                    ),
+                }));
+            }
         }
-        log.flush()?;
+        log.flush().map_err(log_err)?;
     }
     pb.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
-    log.flush()?;
+    log.flush().map_err(log_err)?;
     drop(log);
+    drop(signals);
+    if saved_step != step {
+        let pos = Position {
+            step,
+            epoch: t.epochs + 1,
+            batch: 0,
+            samples,
+            adam_step: adam.step,
+            last_loss: last_loss.is_finite().then_some(last_loss),
+        };
+        save_checkpoint(&opts.out, &model, &adam, &mut dead, &pos, saved_step)?;
+    }
 
     model.set_requires_grad(false);
     if is_jumprelu {
@@ -749,6 +913,191 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
     fsutil::write_bytes_atomic(&opts.out.join("summary.json"), json.as_bytes())?;
     crate::report::run_plots(&opts.out, &model, &summary.train)?;
     Ok(summary)
+}
+
+/// libtorch's seed for training step `step` (SplitMix64 of seed and step).
+fn step_seed(seed: u64, step: i64) -> i64 {
+    let mut z = seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as i64
+}
+
+/// What the divergence message says about the checkpoint on disk.
+fn kept_checkpoint(run: &Path, saved_step: i64) -> String {
+    if saved_step > 0 {
+        format!(
+            "the last good checkpoint (step {saved_step}) is kept in {}",
+            checkpoint::path(run).display()
+        )
+    } else {
+        "no checkpoint was written before it".to_string()
+    }
+}
+
+/// Writes a checkpoint after checking that every weight is finite, so the
+/// checkpoint on disk is always a good one.
+fn save_checkpoint(
+    run: &Path,
+    model: &Sae,
+    adam: &Adam,
+    dead: &mut DeadTracker,
+    pos: &Position,
+    saved_step: i64,
+) -> Result<()> {
+    let finite = tch::no_grad(|| {
+        model
+            .parameters()
+            .iter()
+            .all(|p| p.isfinite().all().int64_value(&[]) != 0)
+    });
+    if !finite {
+        bail_user!(
+            "training diverged: a weight is NaN or infinite after step {} (epoch {}); {}; \
+             lower train.optimizer.lr or sparsity.weight",
+            pos.step,
+            model_epoch_hint(pos),
+            kept_checkpoint(run, saved_step)
+        );
+    }
+    checkpoint::save(
+        run,
+        model,
+        adam,
+        &Buffers {
+            since_fired: &mut dead.since_fired,
+        },
+        pos,
+    )
+}
+
+/// The epoch the last step belonged to (`pos` points at the next one).
+fn model_epoch_hint(pos: &Position) -> i64 {
+    if pos.batch == 0 {
+        pos.epoch - 1
+    } else {
+        pos.epoch
+    }
+}
+
+/// Keeps the complete lines of `metrics.jsonl` whose step is at most `step`.
+fn truncate_log(path: &Path, step: i64) -> Result<()> {
+    let text = match fs::read(path) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(fsutil::write_error(path, e)),
+    };
+    let mut keep = String::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue; // a line cut short by a kill
+        };
+        if v["step"].as_i64().is_some_and(|s| s <= step) {
+            keep.push_str(line);
+            keep.push('\n');
+        }
+    }
+    fsutil::write_bytes_atomic(path, keep.as_bytes())
+}
+
+/// `--resume`: the config must be the run's own, except `train.epochs`.
+fn check_same_config(run: &Path, cfg: &Config) -> Result<()> {
+    let saved_path = run.join("config.yaml");
+    let saved = Config::from_file(&saved_path, &[])?;
+    let a = serde_yaml::to_value(&saved)?;
+    let b = serde_yaml::to_value(cfg)?;
+    if let Some((key, was, now)) = first_difference(&a, &b, "") {
+        bail_user!(
+            "--resume {}: {key} is {was} in the run's config.yaml but {now} now; \
+             a resumed run keeps its config (only train.epochs may change)",
+            run.display()
+        );
+    }
+    Ok(())
+}
+
+/// The first key path (other than `train.epochs`) whose values differ.
+fn first_difference(
+    a: &serde_yaml::Value,
+    b: &serde_yaml::Value,
+    path: &str,
+) -> Option<(String, String, String)> {
+    use serde_yaml::Value;
+    if path == "train.epochs" {
+        return None;
+    }
+    if let (Value::Mapping(ma), Value::Mapping(mb)) = (a, b) {
+        let null = Value::Null;
+        let keys = ma.keys().chain(mb.keys().filter(|k| !ma.contains_key(*k)));
+        for k in keys {
+            let name = k
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("{k:?}"));
+            let sub = if path.is_empty() {
+                name
+            } else {
+                format!("{path}.{name}")
+            };
+            let d = first_difference(ma.get(k).unwrap_or(&null), mb.get(k).unwrap_or(&null), &sub);
+            if d.is_some() {
+                return d;
+            }
+        }
+        return None;
+    }
+    if a == b {
+        return None;
+    }
+    let show = |v: &Value| {
+        serde_yaml::to_string(v)
+            .unwrap_or_default()
+            .trim()
+            .replace('\n', " ")
+    };
+    Some((path.to_string(), show(a), show(b)))
+}
+
+/// SIGINT / SIGTERM while training: the loop finishes its step, checkpoints
+/// and stops. A second signal exits at once. Handlers are removed on drop.
+struct SignalFlags {
+    which: Arc<AtomicUsize>,
+    ids: Vec<signal_hook::SigId>,
+}
+
+impl SignalFlags {
+    fn register() -> Result<SignalFlags> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        use signal_hook::flag;
+        let which = Arc::new(AtomicUsize::new(0));
+        let term = Arc::new(AtomicBool::new(false));
+        let mut ids = Vec::new();
+        for sig in [SIGINT, SIGTERM] {
+            ids.push(flag::register_conditional_shutdown(
+                sig,
+                128 + sig,
+                Arc::clone(&term),
+            )?);
+            ids.push(flag::register(sig, Arc::clone(&term))?);
+            ids.push(flag::register_usize(sig, Arc::clone(&which), sig as usize)?);
+        }
+        Ok(SignalFlags { which, ids })
+    }
+
+    fn received(&self) -> Option<i32> {
+        match self.which.load(Ordering::Relaxed) {
+            0 => None,
+            s => Some(s as i32),
+        }
+    }
+}
+
+impl Drop for SignalFlags {
+    fn drop(&mut self) {
+        for id in self.ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
 }
 
 /// BatchTopK's inference threshold: an exponential moving average of the

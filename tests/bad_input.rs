@@ -69,7 +69,14 @@ fn bad_configs_are_rejected_naming_the_key() {
         "unknown-key",
         &good.replace("epochs: 1", "epoch: 1"),
         &[],
-        &["epoch", "epochs"],
+        &["epoch", "epochs", "did you mean `epochs`?"],
+    );
+    train_fails(
+        d,
+        "misspelt-nested-key",
+        &good.replace("d_hidden: 8", "d_hiden: 8"),
+        &[],
+        &["model", "d_hiden", "did you mean `d_hidden`?"],
     );
     train_fails(
         d,
@@ -273,6 +280,31 @@ fn bad_data_files_are_rejected_naming_the_file() {
         "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }",
         &f32s(&[1.0, 2.0, f32::NAN, 0.0]),
     );
+    raw_npy(
+        &d.join("inf.npy"),
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }",
+        &f32s(&[1.0, 2.0, 0.0, f32::NEG_INFINITY]),
+    );
+    raw_npy(
+        &d.join("object.npy"),
+        "{'descr': '|O', 'fortran_order': False, 'shape': (2, 2), }",
+        &[0u8; 32],
+    );
+    raw_npy(
+        &d.join("unicode.npy"),
+        "{'descr': '<U3', 'fortran_order': False, 'shape': (2, 2), }",
+        &[0u8; 48],
+    );
+    raw_npy(
+        &d.join("bytes.npy"),
+        "{'descr': '|S3', 'fortran_order': False, 'shape': (2, 2), }",
+        &[0u8; 12],
+    );
+    std::fs::create_dir(d.join("empty-shards")).unwrap();
+    py(
+        "import numpy as np, sys; np.savez(sys.argv[1], train=np.ones((4, 3), np.float32))",
+        &[&p("arch.npz")],
+    );
     std::fs::write(d.join("magic.npy"), b"PK\x03\x04 this is not npy").unwrap();
     // Header claims 4e14 values (1.6 PB) but 16 bytes follow: must not allocate from the header.
     raw_npy(
@@ -297,6 +329,13 @@ fn bad_data_files_are_rejected_naming_the_file() {
         ("bool.npy", &["bool.npy", "not supported"]),
         ("truncated.npy", &["truncated.npy"]),
         ("nan.npy", &["nan.npy", "row 1, column 0", "NaN"]),
+        ("inf.npy", &["inf.npy", "row 1, column 1", "inf"]),
+        ("object.npy", &["object.npy", "not supported"]),
+        ("unicode.npy", &["unicode.npy", "not supported"]),
+        ("bytes.npy", &["bytes.npy", "not supported"]),
+        ("empty-shards", &["empty-shards", "no .npy shards"]),
+        ("arch.npz:nope", &["arch.npz", "nope"]),
+        ("arch.npz", &["arch.npz", ":KEY"]),
         ("magic.npy", &["magic.npy", "not a valid .npy"]),
         ("lies.npy", &["lies.npy", "truncated"]),
         ("lies-fortran.npy", &["lies-fortran.npy", "truncated"]),
@@ -371,5 +410,118 @@ fn existing_run_directory_needs_force() {
         before,
         std::fs::read(d.join("run/model.safetensors")).unwrap(),
         "--force did not replace"
+    );
+}
+
+#[test]
+fn allow_nonfinite_drops_rows_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut v = vec![0.5f32; 40];
+    v[5] = f32::NAN;
+    v[13] = f32::INFINITY;
+    raw_npy(
+        &d.join("x.npy"),
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (10, 4), }",
+        &f32s(&v),
+    );
+    let cfg = write_config(
+        d,
+        "c.yaml",
+        &GOOD.replace('X', &d.join("x.npy").display().to_string()),
+    );
+    let run = d.join("run").display().to_string();
+    let o = sae(&[
+        "train",
+        "-q",
+        "--config",
+        &cfg,
+        "--out",
+        &run,
+        "--set",
+        "data.allow_nonfinite=true",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("dropped 2 of 10 rows"),
+        "{}",
+        stderr(&o)
+    );
+    println!("{:<40} -> {}", "allow-nonfinite", stderr(&o).trim());
+    assert_eq!(summary(Path::new(&run))["train"]["rows"].as_i64(), Some(8));
+}
+
+/// Outputs that cannot be written: exit 2 naming the path, nothing partial.
+#[test]
+fn unwritable_and_full_output_locations_are_user_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 256, 4, 4, 1);
+    let cfg = write_config(d, "c.yaml", &GOOD.replace('X', &x));
+    // Root ignores permission bits, so "unwritable" is a path through a regular file.
+    let file = d.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let under = file.join("run").display().to_string();
+    let o = sae(&["train", "-q", "--config", &cfg, "--out", &under]);
+    assert_user_error(&o, &[&under], "out-under-a-file");
+    let run = d.join("run").display().to_string();
+    sae_ok(&["train", "-q", "--config", &cfg, "--out", &run]);
+    let codes = file.join("codes.npy").display().to_string();
+    let o = sae(&["encode", "--model", &run, "--data", &x, "--out", &codes]);
+    assert_user_error(&o, &["codes.npy"], "encode-out-under-a-file");
+
+    // A full disk: a 64 KiB tmpfs (needs root; skipped elsewhere).
+    let mnt = d.join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=64k",
+            "tmpfs",
+            mnt.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        println!("full-disk: cannot mount a tmpfs here (not root?); skipped");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&mnt);
+    // 4096 x 64 float32 codes = 1 MiB: cannot fit.
+    let big = d.join("big");
+    std::fs::create_dir(&big).unwrap();
+    let (xb, _) = synth(&big, 4096, 4, 4, 1);
+    let codes = mnt.join("codes.npy").display().to_string();
+    let o = sae(&["encode", "--model", &run, "--data", &xb, "--out", &codes]);
+    assert_user_error(&o, &["codes.npy"], "encode-disk-full");
+    assert!(
+        std::fs::read_dir(&mnt).unwrap().next().is_none(),
+        "partial output left on the full disk"
+    );
+    // A training run whose outputs do not fit.
+    let full_run = mnt.join("run").display().to_string();
+    let o = sae(&[
+        "train",
+        "-q",
+        "--config",
+        &cfg,
+        "--out",
+        &full_run,
+        "--set",
+        "model.d_hidden=512",
+    ]);
+    assert_user_error(&o, &["small/run"], "train-disk-full");
+    assert!(
+        !mnt.join("run/model.safetensors").exists(),
+        "a half-written model on the full disk"
     );
 }

@@ -1,6 +1,7 @@
 //! Data: `.npy` I/O, in-memory datasets and batching, synthetic data.
 
 pub mod dataset;
+pub mod mmap;
 pub mod npy;
 pub mod stream;
 pub mod synth;

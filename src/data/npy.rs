@@ -187,8 +187,16 @@ fn truncated(origin: &str) -> impl Fn(std::io::Error) -> anyhow::Error + '_ {
     }
 }
 
+thread_local! {
+    /// Set while [`read_tensor_allow_nonfinite`] reads: NaN/Inf pass through.
+    static ALLOW_NONFINITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Rejects non-finite values, naming the row (counted over the whole spec).
 fn check_finite(data: &[f32], cols: usize, first_row: usize, origin: &str) -> Result<()> {
+    if ALLOW_NONFINITE.with(|a| a.get()) {
+        return Ok(());
+    }
     if let Some(i) = data.iter().position(|v| !v.is_finite()) {
         bail_user!(
             "{origin}: value at row {}, column {} is {}; remove non-finite rows first",
@@ -327,8 +335,19 @@ fn fortran_to_c(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 fn read_header<R: Read + ?Sized>(reader: &mut R, origin: &str) -> Result<ArrayInfo> {
     let prefix = read_header_bytes(reader, origin)?;
-    let header = NpyHeader::from_reader(std::io::Cursor::new(prefix))
-        .map_err(|e| user(format!("{origin}: not a valid .npy file: {e}")))?;
+    let header = NpyHeader::from_reader(std::io::Cursor::new(&prefix)).map_err(|e| {
+        // Object arrays (`|O`, pickled Python objects) fail in the parser:
+        // say what they are rather than "invalid type string".
+        let text = String::from_utf8_lossy(&prefix);
+        if text.contains("'|O'") || text.contains("'O'") {
+            user(format!(
+                "{origin}: dtype `|O` (Python objects, pickled) is not supported; \
+                 save a plain float array"
+            ))
+        } else {
+            user(format!("{origin}: not a valid .npy file: {e}"))
+        }
+    })?;
     parse_header(&header, origin)
 }
 
@@ -547,6 +566,20 @@ pub fn read_npy<R: Read>(mut reader: R, origin: &str) -> Result<Matrix> {
 /// Reads a 2-D float32 tensor from a data spec.
 pub fn read_tensor(spec: &str) -> Result<Tensor> {
     Ok(read_matrix(spec)?.to_tensor())
+}
+
+/// Like [`read_tensor`], but NaN and Inf values are kept (`data.allow_nonfinite`:
+/// the caller drops those rows).
+pub fn read_tensor_allow_nonfinite(spec: &str) -> Result<Tensor> {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ALLOW_NONFINITE.with(|a| a.set(false));
+        }
+    }
+    ALLOW_NONFINITE.with(|a| a.set(true));
+    let _reset = Reset;
+    read_tensor(spec)
 }
 
 fn shape_dict(shape: &[u64]) -> String {

@@ -1,0 +1,213 @@
+//! `RUN/checkpoint/`: everything `--resume` needs to continue a run exactly:
+//! parameters, optimizer moments and step, the non-parameter buffers that
+//! training updates (BatchTopK's threshold, the dead-latent counters), and
+//! the loop position. One safetensors file written by temp + fsync + rename,
+//! so the previous checkpoint stays intact until the new one is complete.
+//!
+//! Tensors are stored by position in `Sae::parameters()` (`param.N`,
+//! `exp_avg.N`, `exp_avg_sq.N`), so any architecture checkpoints the same way,
+//! and in their own dtype (float32, float64, int64), so a resumed run
+//! continues bit for bit. The RNG needs no state: training re-seeds libtorch
+//! from `(seed, step)` at each step that draws random numbers.
+
+use crate::error::user;
+use crate::model::Sae;
+use crate::optim::Adam;
+use crate::{bail_user, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+pub const DIR: &str = "checkpoint";
+const FILE: &str = "state.safetensors";
+const META_KEY: &str = "train_state";
+
+/// Where the loop stands: the next step resumes at `epoch`, batch `batch`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Position {
+    /// Steps done.
+    pub step: i64,
+    /// Epoch of the next step (1-based).
+    pub epoch: i64,
+    /// Index of the next batch within that epoch.
+    pub batch: i64,
+    /// Training samples seen.
+    pub samples: i64,
+    /// Optimizer steps done (Adam's bias-correction counter).
+    pub adam_step: i64,
+    /// Loss of the last logged step (the summary's `final_loss`).
+    pub last_loss: Option<f64>,
+}
+
+pub fn path(run: &Path) -> PathBuf {
+    run.join(DIR).join(FILE)
+}
+
+/// The training state that is not a model parameter.
+pub struct Buffers<'a> {
+    /// Steps since each latent last fired (int64 `[d_hidden]`).
+    pub since_fired: &'a mut Tensor,
+}
+
+fn tensor_bytes(t: &Tensor) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
+    let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+    let shape = t.size().iter().map(|&d| d as usize).collect();
+    let flat = t.flatten(0, -1);
+    let (dtype, bytes) = match t.kind() {
+        Kind::Float => (
+            Dtype::F32,
+            Vec::<f32>::try_from(&flat)?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        Kind::Double => (
+            Dtype::F64,
+            Vec::<f64>::try_from(&flat)?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        Kind::Int64 => (
+            Dtype::I64,
+            Vec::<i64>::try_from(&flat)?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        other => anyhow::bail!("checkpoint: cannot store a tensor of kind {other:?}"),
+    };
+    Ok((dtype, shape, bytes))
+}
+
+/// Writes the checkpoint atomically.
+pub fn save(run: &Path, model: &Sae, adam: &Adam, buffers: &Buffers, pos: &Position) -> Result<()> {
+    let dir = run.join(DIR);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| user(format!("{}: cannot create: {e}", dir.display())))?;
+    let mut named: Vec<(String, &Tensor)> = Vec::new();
+    for (i, p) in model.parameters().into_iter().enumerate() {
+        named.push((format!("param.{i}"), p));
+        named.push((format!("exp_avg.{i}"), &adam.exp_avg[i]));
+        named.push((format!("exp_avg_sq.{i}"), &adam.exp_avg_sq[i]));
+    }
+    if let Some(t) = &model.threshold {
+        named.push(("threshold".into(), t));
+    }
+    named.push(("since_fired".into(), &*buffers.since_fired));
+    let owned = named
+        .iter()
+        .map(|(n, t)| tensor_bytes(t).map(|(d, s, b)| (n.clone(), d, s, b)))
+        .collect::<Result<Vec<_>>>()?;
+    let views = owned
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let meta = HashMap::from([(META_KEY.to_string(), serde_json::to_string(pos)?)]);
+    let bytes = safetensors::serialize(views, &Some(meta))?;
+    crate::fsutil::write_bytes_atomic(&path(run), &bytes)
+}
+
+/// The stored position alone (no tensors restored).
+pub fn read_position(run: &Path) -> Result<Position> {
+    let file = path(run);
+    let bytes = read_bytes(run)?;
+    let (_, header) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| user(format!("{}: not a valid checkpoint: {e}", file.display())))?;
+    parse_position(header.metadata(), &file)
+}
+
+fn parse_position(meta: &Option<HashMap<String, String>>, file: &Path) -> Result<Position> {
+    let text = meta.as_ref().and_then(|m| m.get(META_KEY)).ok_or_else(|| {
+        user(format!(
+            "{}: not a checkpoint (no `{META_KEY}`)",
+            file.display()
+        ))
+    })?;
+    serde_json::from_str(text).map_err(|e| {
+        user(format!(
+            "{}: unreadable checkpoint state: {e}",
+            file.display()
+        ))
+    })
+}
+
+fn read_bytes(run: &Path) -> Result<Vec<u8>> {
+    let file = path(run);
+    if !file.is_file() {
+        bail_user!(
+            "{}: no checkpoint to resume from (the run stopped before its first \
+             checkpoint, train.checkpoint_every steps in; start it again)",
+            run.display()
+        );
+    }
+    std::fs::read(&file).map_err(|e| user(format!("{}: cannot read: {e}", file.display())))
+}
+
+/// Restores parameters, optimizer state and buffers in place; returns the position.
+pub fn load(
+    run: &Path,
+    model: &mut Sae,
+    adam: &mut Adam,
+    buffers: &mut Buffers,
+) -> Result<Position> {
+    let file = path(run);
+    let bytes = read_bytes(run)?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| user(format!("{}: not a valid checkpoint: {e}", file.display())))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| user(format!("{}: not a valid checkpoint: {e}", file.display())))?;
+    let pos = parse_position(header.metadata(), &file)?;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    for (name, view) in st.tensors() {
+        let kind = match view.dtype() {
+            Dtype::F32 => Kind::Float,
+            Dtype::F64 => Kind::Double,
+            Dtype::I64 => Kind::Int64,
+            other => bail_user!("{}: tensor `{name}` has dtype {other:?}", file.display()),
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        t.insert(name, Tensor::from_data_size(view.data(), &shape, kind));
+    }
+    let mut take = |name: String, like: &Tensor| -> Result<Tensor> {
+        let v = t.remove(&name).ok_or_else(|| {
+            user(format!(
+                "{}: tensor `{name}` is missing: the checkpoint does not belong to this config",
+                file.display()
+            ))
+        })?;
+        if v.size() != like.size() || v.kind() != like.kind() {
+            bail_user!(
+                "{}: tensor `{name}` is {:?} {:?}, but this config's model needs {:?} {:?}",
+                file.display(),
+                v.kind(),
+                v.size(),
+                like.kind(),
+                like.size()
+            );
+        }
+        Ok(v.to_device(like.device()))
+    };
+    let _guard = tch::no_grad_guard();
+    for (i, p) in model.parameters_mut().into_iter().enumerate() {
+        let value = take(format!("param.{i}"), p)?;
+        p.copy_(&value);
+        adam.exp_avg[i] = take(format!("exp_avg.{i}"), &adam.exp_avg[i])?;
+        adam.exp_avg_sq[i] = take(format!("exp_avg_sq.{i}"), &adam.exp_avg_sq[i])?;
+    }
+    if let Some(th) = model.threshold.as_mut() {
+        let value = take("threshold".into(), th)?;
+        th.copy_(&value);
+    }
+    *buffers.since_fired = take("since_fired".into(), buffers.since_fired)?;
+    if let Some(extra) = t.keys().next() {
+        bail_user!(
+            "{}: tensor `{extra}` does not belong to this config's model",
+            file.display()
+        );
+    }
+    adam.step = pos.adam_step;
+    Ok(pos)
+}

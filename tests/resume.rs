@@ -1,0 +1,315 @@
+//! Checkpoints and `--resume`: a run killed (SIGKILL) at a random step and
+//! resumed ends bit-identical to an uninterrupted one; SIGINT / SIGTERM
+//! finish the step, checkpoint and exit 130 / 143 saying how to resume; a
+//! resumed run refuses a changed config; divergence names the step and keeps
+//! the last good checkpoint.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Top-k with AuxK, unit-norm decoder, cosine schedule with warm-up, input
+/// noise and resampling (libtorch RNG): all the state a checkpoint must hold.
+const TOPK: &str = "device: cpu
+seed: 3
+data: {train: X}
+model: {d_hidden: 32, activation: topk, k: 4}
+sparsity: {penalty: auxk, weight: 0.03}
+train:
+  epochs: 8
+  batch_size: 64
+  checkpoint_every: 5
+  threads: 1
+  unit_norm_decoder: true
+  lr_schedule: cosine
+  lr_warmup_steps: 10
+  lr_decay_steps: 50
+  input_noise: gaussian
+  noise_level: 0.05
+  resample_every: 40
+  dead_window: 10
+";
+
+/// BatchTopK (its float64 threshold buffer), mask noise, clipping, AdamW.
+const BATCHTOPK: &str = "device: cpu
+seed: 11
+data: {train: X}
+model: {d_hidden: 24, activation: batchtopk, k: 3}
+sparsity: {penalty: none}
+train:
+  epochs: 16
+  batch_size: 50
+  checkpoint_every: 7
+  threads: 1
+  grad_clip: 0.5
+  input_noise: mask
+  noise_level: 0.1
+  optimizer: {name: adamw, lr: 0.003, weight_decay: 0.01}
+";
+
+fn spawn_train(args: &[&str]) -> Child {
+    Command::new(sae_bin())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning sae")
+}
+
+/// Waits until the run has written its first checkpoint (or exited).
+fn wait_for_checkpoint(child: &mut Child, run: &Path) {
+    let ckpt = run.join("checkpoint/state.safetensors");
+    let t0 = Instant::now();
+    while !ckpt.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its first checkpoint"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no checkpoint after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn random_ms(max: u64) -> u64 {
+    let n = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    n % max
+}
+
+fn same_file(a: &Path, b: &Path, what: &str) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert!(x == y, "{what}: {} and {} differ", a.display(), b.display());
+}
+
+fn steps_of(run: &Path) -> i64 {
+    summary(run)["steps"].as_i64().unwrap()
+}
+
+/// Reference run, then a SIGKILLed + resumed run, a SIGINT and a SIGTERM run:
+/// all must end with the reference's model.safetensors and metrics.jsonl.
+fn interrupted_runs_match_uninterrupted(yaml: &str, name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 2000, 16, 32, 3);
+    let cfg = write_config(d, "c.yaml", &yaml.replace('X', &x));
+    let reference = d.join("reference");
+    sae_ok(&[
+        "train",
+        "-q",
+        "--config",
+        &cfg,
+        "--out",
+        reference.to_str().unwrap(),
+    ]);
+    let total = steps_of(&reference);
+
+    // SIGKILL at a random moment after the first checkpoint.
+    let killed = d.join("killed");
+    let mut child = spawn_train(&[
+        "train",
+        "-q",
+        "--config",
+        &cfg,
+        "--out",
+        killed.to_str().unwrap(),
+    ]);
+    wait_for_checkpoint(&mut child, &killed);
+    std::thread::sleep(Duration::from_millis(random_ms(300)));
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    let lines = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap_or_default();
+    println!(
+        "{name}: killed ({status:?}) with {} of {total} metrics lines written",
+        lines.lines().count()
+    );
+    // `--resume DIR` alone: the config comes from DIR/config.yaml.
+    sae_ok(&["train", "-q", "--resume", killed.to_str().unwrap()]);
+    same_file(
+        &reference.join("model.safetensors"),
+        &killed.join("model.safetensors"),
+        name,
+    );
+    same_file(
+        &reference.join("metrics.jsonl"),
+        &killed.join("metrics.jsonl"),
+        name,
+    );
+    assert_eq!(steps_of(&killed), total);
+
+    // SIGINT -> 130, SIGTERM -> 143, each with a message naming --resume.
+    for (sig, code) in [("INT", 130), ("TERM", 143)] {
+        let run = d.join(format!("sig{sig}"));
+        let run_s = run.to_str().unwrap();
+        let mut child = spawn_train(&["train", "-q", "--config", &cfg, "--out", run_s]);
+        wait_for_checkpoint(&mut child, &run);
+        std::thread::sleep(Duration::from_millis(random_ms(200)));
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.code() == Some(0) {
+            println!("{name}: SIG{sig} arrived after the run had finished");
+        } else {
+            assert_eq!(out.status.code(), Some(code), "SIG{sig}: {err}");
+            assert!(err.contains(&format!("SIG{sig}")), "{err}");
+            assert!(
+                err.contains(&format!("sae train --resume {run_s}")),
+                "{err}"
+            );
+            assert!(!err.contains("panicked"), "{err}");
+            assert!(!run.join("model.safetensors").exists());
+            println!("{name}: SIG{sig} -> exit {code}: {}", err.trim());
+        }
+        // --config with --out and a bare --resume (the SPEC's form).
+        sae_ok(&["train", "-q", "--config", &cfg, "--out", run_s, "--resume"]);
+        same_file(
+            &reference.join("model.safetensors"),
+            &run.join("model.safetensors"),
+            name,
+        );
+        same_file(
+            &reference.join("metrics.jsonl"),
+            &run.join("metrics.jsonl"),
+            name,
+        );
+    }
+}
+
+#[test]
+fn topk_auxk_noise_resampling_resume_is_bit_identical() {
+    interrupted_runs_match_uninterrupted(TOPK, "topk");
+}
+
+#[test]
+fn batchtopk_threshold_resume_is_bit_identical() {
+    interrupted_runs_match_uninterrupted(BATCHTOPK, "batchtopk");
+}
+
+fn user_error(o: &std::process::Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks `{n}`: {err}");
+    }
+    println!("-> {}", err.trim());
+}
+
+#[test]
+fn resume_checks_config_and_extends_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 300, 8, 8, 2);
+    let yaml = "device: cpu\ndata: {train: X}\nmodel: {d_hidden: 8}\n\
+                train: {epochs: 2, batch_size: 50, checkpoint_every: 4}\n"
+        .replace('X', &x);
+    let cfg = write_config(d, "c.yaml", &yaml);
+    let run = d.join("run");
+    let run_s = run.to_str().unwrap();
+
+    // Nothing to resume yet.
+    let o = sae(&["train", "-q", "--resume", run_s]);
+    user_error(&o, &[run_s, "config.yaml"]);
+    let o = sae(&["train", "-q", "--config", &cfg, "--out", run_s, "--resume"]);
+    user_error(&o, &[run_s, "no checkpoint"]);
+    assert!(!run.exists());
+    let o = sae(&[
+        "train", "-q", "--config", &cfg, "--out", run_s, "--resume", "--force",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+
+    sae_ok(&["train", "-q", "--config", &cfg, "--out", run_s]);
+    // A different config is refused, naming the key.
+    let o = sae(&[
+        "train",
+        "-q",
+        "--resume",
+        run_s,
+        "--set",
+        "model.d_hidden=9",
+    ]);
+    user_error(&o, &["model.d_hidden", "9", "8", "train.epochs"]);
+    let o = sae(&[
+        "train", "-q", "--config", &cfg, "--resume", run_s, "--set", "seed=1",
+    ]);
+    user_error(&o, &["seed"]);
+    let o = sae(&[
+        "train",
+        "-q",
+        "--resume",
+        run_s,
+        "--out",
+        d.join("other").to_str().unwrap(),
+    ]);
+    user_error(&o, &["--out"]);
+    // Fewer epochs than done.
+    let o = sae(&["train", "-q", "--resume", run_s, "--set", "train.epochs=1"]);
+    user_error(&o, &["train.epochs"]);
+
+    // More epochs: continues to the end of epoch 4, as if run for 4 at once.
+    sae_ok(&["train", "-q", "--resume", run_s, "--set", "train.epochs=4"]);
+    let four = d.join("four");
+    sae_ok(&[
+        "train",
+        "-q",
+        "--config",
+        &cfg,
+        "--out",
+        four.to_str().unwrap(),
+        "--set",
+        "train.epochs=4",
+    ]);
+    assert_eq!(steps_of(&run), 24);
+    same_file(
+        &four.join("model.safetensors"),
+        &run.join("model.safetensors"),
+        "epochs 2 -> 4",
+    );
+    same_file(
+        &four.join("metrics.jsonl"),
+        &run.join("metrics.jsonl"),
+        "epochs 2 -> 4",
+    );
+    // A finished run resumed does nothing new and keeps its result.
+    sae_ok(&["train", "-q", "--resume", run_s, "--set", "train.epochs=4"]);
+    same_file(
+        &four.join("model.safetensors"),
+        &run.join("model.safetensors"),
+        "re-resume",
+    );
+}
+
+#[test]
+fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 400, 8, 8, 2);
+    let yaml = "device: cpu\ndata: {train: X}\nmodel: {d_hidden: 8}\n\
+                train: {epochs: 20, batch_size: 20, checkpoint_every: 1, \
+                optimizer: {lr: 1.0e+30}}\n"
+        .replace('X', &x);
+    let cfg = write_config(d, "c.yaml", &yaml);
+    let run = d.join("run");
+    let o = sae(&[
+        "train",
+        "-q",
+        "--config",
+        &cfg,
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    user_error(&o, &["diverged", "step"]);
+    assert!(!run.join("model.safetensors").exists());
+    user_error(&o, &["last good checkpoint (step 1)"]);
+    assert!(run.join("checkpoint/state.safetensors").exists());
+}
