@@ -116,6 +116,9 @@ pub struct DataConfig {
     pub valid_target: Option<String>,
     /// Drop rows holding NaN or Inf (with a warning) instead of refusing the data.
     pub allow_nonfinite: bool,
+    /// Train from a memory-mapped `data.train` (float32 C-order `.npy`)
+    /// instead of loading it: for data larger than memory.
+    pub stream: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,6 +314,7 @@ impl Default for DataConfig {
             target: None,
             valid_target: None,
             allow_nonfinite: false,
+            stream: false,
         }
     }
 }
@@ -496,6 +500,20 @@ impl Config {
         }
         if self.data.valid.is_some() && self.data.valid_fraction > 0.0 {
             return Err("data.valid and data.valid_fraction: give one or the other".into());
+        }
+        if self.data.stream {
+            let clash = [
+                (
+                    self.data.valid_fraction > 0.0,
+                    "data.valid_fraction (give a data.valid file)",
+                ),
+                (self.data.target.is_some(), "data.target"),
+                (self.data.allow_nonfinite, "data.allow_nonfinite"),
+                (self.model.b_dec_init.is_some(), "model.b_dec_init"),
+            ];
+            if let Some((_, key)) = clash.iter().find(|(on, _)| *on) {
+                return Err(format!("data.stream: not available with {key}"));
+            }
         }
         if let Auto::Value(d) = m.d_in {
             if d < 1 {

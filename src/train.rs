@@ -55,6 +55,8 @@ const EVAL_BATCH: i64 = 4096;
 /// Everything loaded and checked before the run directory is created, so a
 /// run that fails validation leaves nothing behind.
 struct Prepared {
+    /// The mapping behind `train` with data.stream (dropped after training).
+    _mapped: Option<crate::data::mmap::Mapped>,
     cfg: Config,
     device: Device,
     train: Tensor,
@@ -86,7 +88,15 @@ fn prepare(cfg: &Config) -> Result<Prepared> {
             npy::read_tensor(p)
         }
     };
-    let mut train = read(&train_path).context("data.train")?;
+    // data.stream: a view of the mapped file; `mapped` keeps the mapping alive.
+    let mapped = match cfg.data.stream {
+        true => Some(crate::data::mmap::map_npy(Path::new(&train_path)).context("data.train")?),
+        false => None,
+    };
+    let mut train = match &mapped {
+        Some(m) => m.tensor.shallow_clone(),
+        None => read(&train_path).context("data.train")?,
+    };
     let d_in = train.size()[1];
     if let Auto::Value(d) = cfg.model.d_in {
         if d != d_in {
@@ -181,7 +191,12 @@ fn prepare(cfg: &Config) -> Result<Prepared> {
         Some(p) => Some(read_order(p, train.size()[0] as usize, cfg.train.epochs)?),
         None => None,
     };
-    let norm = Normalizer::fit(cfg.data.normalize, &train);
+    let norm = match &mapped {
+        // One chunked pass (float64 sums) that also rejects non-finite rows.
+        Some(_) => Normalizer::fit_chunked(cfg.data.normalize, &train, 1 << 16, &train_path)
+            .context("data.train")?,
+        None => Normalizer::fit(cfg.data.normalize, &train),
+    };
     let out_norm = train_target
         .as_ref()
         .map(|y| Normalizer::fit(cfg.data.normalize, &y.to_kind(Kind::Float)));
@@ -205,6 +220,7 @@ fn prepare(cfg: &Config) -> Result<Prepared> {
     Ok(Prepared {
         cfg,
         device,
+        _mapped: mapped,
         train,
         valid,
         train_target,
@@ -547,6 +563,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
     let Prepared {
         cfg,
         device,
+        _mapped,
         train,
         valid,
         train_target,
@@ -572,7 +589,16 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
             None => xn,
         }
     };
-    let data = Dataset::new(joined(&train, train_target.as_ref()), device);
+    // In memory: normalise once. Streamed: keep the mapped rows and normalise
+    // each batch as it is gathered, so nothing of the file's size is copied.
+    let stream_norm = cfg.data.stream.then(|| model.norm.clone());
+    let data = if stream_norm.is_some() {
+        Dataset {
+            x: train.shallow_clone(),
+        }
+    } else {
+        Dataset::new(joined(&train, train_target.as_ref()), device)
+    };
     let valid_n = valid.as_ref().map(|v| joined(v, valid_target.as_ref()));
     let per_epoch = data.batch_count(t.batch_size) as u64;
     let total = per_epoch * t.epochs as u64;
@@ -692,6 +718,10 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
         };
         let skip = (first * batch_rows).min(order.len());
         for (i, batch) in data.batches(&order[skip..], t.batch_size).enumerate() {
+            let batch = match &stream_norm {
+                Some(n) => n.apply(&batch.to_device(device)),
+                None => batch,
+            };
             let b = first + i;
             step += 1;
             samples += batch.size()[0];
