@@ -4,7 +4,7 @@
 use crate::activation::Activation;
 use crate::checkpoint::{self, Buffers, Position};
 use crate::config::{Auto, BDecInit, BatchSize, Config, InputNoise, TrainConfig};
-use crate::data::dataset::{epoch_order, permutation, read_order, Dataset};
+use crate::data::dataset::{block_shuffled_order, epoch_order, permutation, read_order, Dataset};
 use crate::data::npy;
 use crate::error::user;
 use crate::export::{self, RUN_MODEL_FILE};
@@ -48,6 +48,10 @@ pub struct Summary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub valid: Option<Metrics>,
 }
+
+/// data.stream: rows per contiguous block, and blocks mixed per window.
+const STREAM_BLOCK_ROWS: usize = 4096;
+const STREAM_WINDOW_BLOCKS: usize = 16;
 
 /// Rows processed per evaluation batch (bounded memory, any data size).
 const EVAL_BATCH: i64 = 4096;
@@ -193,7 +197,7 @@ fn prepare(cfg: &Config) -> Result<Prepared> {
     };
     let norm = match &mapped {
         // One chunked pass (float64 sums) that also rejects non-finite rows.
-        Some(_) => Normalizer::fit_chunked(cfg.data.normalize, &train, 1 << 16, &train_path)
+        Some(_) => Normalizer::fit_chunked(cfg.data.normalize, &train, 8192, &train_path)
             .context("data.train")?,
         None => Normalizer::fit(cfg.data.normalize, &train),
     };
@@ -708,6 +712,15 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
     for epoch in pos.epoch..=t.epochs {
         let order = match &fixed_order {
             Some(o) => o[((epoch - 1) as usize).min(o.len() - 1)].clone(),
+            // Streamed data: shuffle within windows of contiguous blocks, so
+            // reads stay near-sequential (see block_shuffled_order).
+            None if stream_norm.is_some() && t.shuffle => block_shuffled_order(
+                data.rows(),
+                cfg.seed,
+                epoch,
+                STREAM_BLOCK_ROWS,
+                STREAM_WINDOW_BLOCKS,
+            ),
             None => epoch_order(data.rows(), cfg.seed, epoch, t.shuffle),
         };
         let n_batches = per_epoch as i64;
@@ -717,7 +730,23 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
             0
         };
         let skip = (first * batch_rows).min(order.len());
+        let window_rows = STREAM_BLOCK_ROWS * STREAM_WINDOW_BLOCKS;
+        let batch_rows_n = match t.batch_size {
+            BatchSize::Full => order.len().max(1),
+            BatchSize::Rows(r) => r as usize,
+        };
         for (i, batch) in data.batches(&order[skip..], t.batch_size).enumerate() {
+            if let Some(m) = _mapped.as_ref().filter(|_| stream_norm.is_some()) {
+                // At the start of each window, read the next one ahead.
+                let pos = skip + i * batch_rows_n;
+                if pos % window_rows < batch_rows_n || i == 0 {
+                    let next = (pos / window_rows + 1) * window_rows;
+                    let end = (next + window_rows).min(order.len());
+                    if next < end {
+                        m.prefetch_rows(&order[next..end], STREAM_BLOCK_ROWS);
+                    }
+                }
+            }
             let batch = match &stream_norm {
                 Some(n) => n.apply(&batch.to_device(device)),
                 None => batch,

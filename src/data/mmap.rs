@@ -16,6 +16,28 @@ use tch::{Device, Kind, Tensor};
 pub struct Mapped {
     pub tensor: Tensor,
     _map: Arc<memmap2::Mmap>,
+    offset: usize,
+    row_bytes: usize,
+}
+
+impl Mapped {
+    /// Asks the kernel to start reading the `block`-row blocks that hold
+    /// `rows` (MADV_WILLNEED returns at once), so disk reads for the next
+    /// stretch of an epoch overlap the compute of the current one.
+    pub fn prefetch_rows(&self, rows: &[i64], block: usize) {
+        let mut blocks: Vec<usize> = rows.iter().map(|&r| r as usize / block).collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        let page = 4096;
+        for b in blocks {
+            let lo = self.offset + b * block * self.row_bytes;
+            let hi = (lo + block * self.row_bytes).min(self._map.len());
+            let start = lo / page * page;
+            let _ = self
+                ._map
+                .advise_range(memmap2::Advice::WillNeed, start, hi - start);
+        }
+    }
 }
 
 impl std::fmt::Debug for Mapped {
@@ -52,7 +74,6 @@ pub fn map_npy(path: &Path) -> Result<Mapped> {
     // while we train, reads fault (as with any mmap user) — documented.
     let map = unsafe { memmap2::Mmap::map(&file) }
         .map_err(|e| user(format!("{origin}: cannot map: {e}")))?;
-    let _ = map.advise(memmap2::Advice::Random);
     let map = Arc::new(map);
     // SAFETY: the pointer stays valid while `_map` lives, and `Mapped` keeps
     // both; the tensor is only read (training never writes to its input).
@@ -65,7 +86,12 @@ pub fn map_npy(path: &Path) -> Result<Mapped> {
             Device::Cpu,
         )
     };
-    Ok(Mapped { tensor, _map: map })
+    Ok(Mapped {
+        tensor,
+        _map: map,
+        offset,
+        row_bytes: cols * 4,
+    })
 }
 
 #[cfg(test)]
@@ -102,7 +128,7 @@ mod tests {
         // Other layouts are refused with a way out.
         let f64p = dir.path().join("d.npy");
         let mut dict = "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 1), }".to_string();
-        while (10 + dict.len() + 1) % 64 != 0 {
+        while !(10 + dict.len() + 1).is_multiple_of(64) {
             dict.push(' ');
         }
         dict.push('\n');
