@@ -5,7 +5,8 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-fn temp_path(path: &Path) -> PathBuf {
+/// The temp name beside `path` used while writing it (`.NAME.tmp.PID`).
+pub fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -32,7 +32,7 @@ use crate::normalize::Normalizer;
 use crate::{bail_user, Result};
 use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
@@ -201,14 +201,6 @@ fn first_line(s: &str) -> &str {
     s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim()
 }
 
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
-}
-
 /// Writes the module to a temp file beside `path`, then renames it over
 /// `path`: readers see the old file, the new one, or none.
 pub fn save_module_atomic(def: &ModuleDef, path: &Path) -> Result<()> {
@@ -224,7 +216,7 @@ pub fn save_module_atomic(def: &ModuleDef, path: &Path) -> Result<()> {
             );
         }
     }
-    let tmp = temp_path(path);
+    let tmp = crate::fsutil::temp_path(path);
     let result = save_module_to(def, &tmp).and_then(|()| {
         std::fs::rename(&tmp, path)
             .map_err(|e| anyhow::anyhow!("renaming into {}: {e}", path.display()))
