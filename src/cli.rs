@@ -133,7 +133,7 @@ pub struct SweepArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// A run directory or a model.safetensors written by this tool.
+    /// A run directory, a .safetensors or TorchScript file, or a SAELens directory.
     #[arg(long)]
     pub model: String,
     /// Data: .npy, file.npz:key, or a directory of .npy shards.
