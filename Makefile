@@ -47,8 +47,13 @@ demo: build
 	@bash scripts/demo.sh
 
 # SAE_REQUIRE_SAELENS: the SAELens interop tests fail (not skip) without sae_lens.
+# Unit and integration tests (no doc-tests: there are none), then one
+# closing line with the totals over every test binary.
+TEST_LOG := target/test.log
 test: $(STAMP) $(SAELENS_STAMP) build
-	SAE_REQUIRE_SAELENS=1 $(CARGO_ENV) cargo test --release --locked -- --test-threads=2
+	@set -o pipefail; SAE_REQUIRE_SAELENS=1 $(CARGO_ENV) cargo test --release --locked --lib --bins --tests \
+	    -- --test-threads=2 2>&1 | tee $(TEST_LOG)
+	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' $(TEST_LOG)
 
 # Training parity with the plain-PyTorch references in tests/reference/:
 # runs tests/parity.rs only, then tabulates its PARITY lines (also on failure).
