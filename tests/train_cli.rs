@@ -43,20 +43,12 @@ fn every_valid_activation_penalty_pair_trains_and_loss_falls() {
                 continue; // rejected by validation: tested in bad_input.rs
             }
             let name = format!("{activation}-{penalty}");
-            let cfg = write_config(
+            let run = train_run(
                 dir.path(),
-                &format!("{name}.yaml"),
+                &name,
                 &base_config(&x, activation, penalty, ""),
+                &[],
             );
-            let run = dir.path().join(&name);
-            sae_ok(&[
-                "train",
-                "-q",
-                "--config",
-                &cfg,
-                "--out",
-                run.to_str().unwrap(),
-            ]);
             for f in [
                 "config.yaml",
                 "model.safetensors",
@@ -89,22 +81,12 @@ fn l0_falls_as_l1_weight_rises() {
     let (x, _) = synth(dir.path(), 2048, 16, 32, 3);
     let mut l0s = Vec::new();
     for w in ["0.0", "0.03", "0.3"] {
-        let cfg = write_config(
+        let run = train_run(
             dir.path(),
-            &format!("w{w}.yaml"),
+            &format!("w{w}"),
             &base_config(&x, "relu", "l1", ""),
+            &[&format!("sparsity.weight={w}")],
         );
-        let run = dir.path().join(format!("w{w}"));
-        sae_ok(&[
-            "train",
-            "-q",
-            "--config",
-            &cfg,
-            "--out",
-            run.to_str().unwrap(),
-            "--set",
-            &format!("sparsity.weight={w}"),
-        ]);
         l0s.push(summary(&run)["train"]["l0"].as_f64().unwrap());
     }
     println!("l1 weight 0, 0.03, 0.3 -> l0 {l0s:?}");
@@ -120,24 +102,12 @@ fn kl_moves_mean_activation_toward_target() {
     let (x, _) = synth(dir.path(), 2048, 16, 32, 3);
     let mut kls = Vec::new();
     for w in ["0.0", "0.5"] {
-        let cfg = write_config(
+        let run = train_run(
             dir.path(),
-            &format!("kl{w}.yaml"),
+            &format!("kl{w}"),
             &base_config(&x, "sigmoid", "kl", ""),
+            &[&format!("sparsity.weight={w}"), "train.epochs=10"],
         );
-        let run = dir.path().join(format!("kl{w}"));
-        sae_ok(&[
-            "train",
-            "-q",
-            "--config",
-            &cfg,
-            "--out",
-            run.to_str().unwrap(),
-            "--set",
-            &format!("sparsity.weight={w}"),
-            "--set",
-            "train.epochs=10",
-        ]);
         kls.push(summary(&run)["train"]["kl_to_target"].as_f64().unwrap());
     }
     println!("kl weight 0, 0.5 -> KL(rho || mean activation) {kls:?}");
@@ -151,20 +121,7 @@ fn kl_moves_mean_activation_toward_target() {
 fn topk_codes_have_at_most_k_active_units() {
     let dir = tempfile::tempdir().unwrap();
     let (x, _) = synth(dir.path(), 1024, 16, 24, 3);
-    let cfg = write_config(
-        dir.path(),
-        "topk.yaml",
-        &base_config(&x, "topk", "none", ""),
-    );
-    let run = dir.path().join("run");
-    sae_ok(&[
-        "train",
-        "-q",
-        "--config",
-        &cfg,
-        "--out",
-        run.to_str().unwrap(),
-    ]);
+    let run = train_run(dir.path(), "run", &base_config(&x, "topk", "none", ""), &[]);
     let codes = dir.path().join("codes.npy");
     sae_ok(&[
         "encode",
@@ -293,17 +250,11 @@ fn cuda_training_when_available() {
         return;
     }
     let (x, _) = synth(dir.path(), 2048, 16, 24, 3);
-    let cfg = write_config(dir.path(), "c.yaml", &base_config(&x, "topk", "none", ""));
-    let run = dir.path().join("run");
-    sae_ok(&[
-        "train",
-        "-q",
-        "--config",
-        &cfg,
-        "--out",
-        run.to_str().unwrap(),
-        "--set",
-        "device=cuda",
-    ]);
+    let run = train_run(
+        dir.path(),
+        "run",
+        &base_config(&x, "topk", "none", ""),
+        &["device=cuda"],
+    );
     assert_eq!(summary(&run)["device"].as_str(), Some("cuda:0"));
 }

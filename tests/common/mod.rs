@@ -118,3 +118,23 @@ pub fn metrics_lines(run: &Path) -> Vec<serde_json::Value> {
 pub fn summary(run: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
 }
+
+/// Writes `yaml` as DIR/NAME.yaml, trains it into DIR/NAME with `--set`
+/// overrides (panics with stderr on failure) and returns the run directory.
+pub fn train_run(dir: &Path, name: &str, yaml: &str, sets: &[&str]) -> PathBuf {
+    let cfg = write_config(dir, &format!("{name}.yaml"), yaml);
+    let run = dir.join(name);
+    let mut args = vec![
+        "train",
+        "-q",
+        "--config",
+        &cfg,
+        "--out",
+        run.to_str().unwrap(),
+    ];
+    for s in sets {
+        args.extend_from_slice(&["--set", s]);
+    }
+    sae_ok(&args);
+    run
+}
