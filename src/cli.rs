@@ -354,7 +354,21 @@ fn eval(a: &EvalArgs) -> Result<()> {
         bail_user!("--batch-size {}: must be at least 1", a.batch_size);
     }
     let model = load(&a.model, &a.device)?;
-    let x = npy::read_tensor(&a.data)?;
+    // A float32 C-order file is memory-mapped (any size, bounded memory; the
+    // metrics run over it in --batch-size chunks); anything else is read.
+    let mapped = crate::data::mmap::map_npy(std::path::Path::new(&a.data)).ok();
+    let x = match &mapped {
+        Some(m) => {
+            crate::normalize::Normalizer::fit_chunked(
+                crate::config::NormalizeKind::None,
+                &m.tensor,
+                8192,
+                &a.data,
+            )?;
+            m.tensor.shallow_clone()
+        }
+        None => npy::read_tensor(&a.data)?,
+    };
     check_cols(&x, model.spec.d_in, "d_in", &a.data)?;
     let transcoder = model.out_norm.is_some() || model.d_out() != model.spec.d_in;
     let y = match (&a.target_data, transcoder) {

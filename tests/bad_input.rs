@@ -378,6 +378,28 @@ fn model_commands_reject_bad_models_and_mismatched_data() {
     assert_user_error(&o, &["nope"], "eval-missing-model");
     let o = sae(&["eval", "--model", &x, "--data", &x]);
     assert_user_error(&o, &["unrecognised model format"], "eval-npy-as-model");
+    // eval memory-maps float32 files: non-finite rows are still refused, by row.
+    let nan = d.join("nan4.npy");
+    raw_npy(
+        &nan,
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }",
+        &f32s(&[
+            0.0,
+            1.0,
+            2.0,
+            3.0,
+            0.0,
+            1.0,
+            2.0,
+            3.0,
+            0.0,
+            f32::INFINITY,
+            2.0,
+            3.0,
+        ]),
+    );
+    let o = sae(&["eval", "--model", &run, "--data", nan.to_str().unwrap()]);
+    assert_user_error(&o, &["nan4.npy", "row 2"], "eval-mapped-nonfinite");
     // Usage errors (clap) are exit 2 as well.
     let o = sae(&["train"]);
     assert_eq!(o.status.code(), Some(2));
