@@ -359,12 +359,7 @@ fn eval(a: &EvalArgs) -> Result<()> {
     let mapped = crate::data::mmap::map_npy(std::path::Path::new(&a.data)).ok();
     let x = match &mapped {
         Some(m) => {
-            crate::normalize::Normalizer::fit_chunked(
-                crate::config::NormalizeKind::None,
-                &m.tensor,
-                8192,
-                &a.data,
-            )?;
+            crate::normalize::check_finite_chunked(&m.tensor, 8192, &a.data)?;
             m.tensor.shallow_clone()
         }
         None => npy::read_tensor(&a.data)?,

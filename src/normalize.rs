@@ -89,14 +89,7 @@ impl Normalizer {
         while start < n {
             let len = chunk.min(n - start);
             let c = x.narrow(0, start, len).to_kind(Kind::Double);
-            let finite = c.isfinite().all_dim(1, false);
-            if !bool::try_from(finite.all()).unwrap_or(false) {
-                let bad = finite.logical_not().nonzero().int64_value(&[0, 0]);
-                crate::bail_user!(
-                    "{origin}: row {} has a non-finite value; remove such rows first",
-                    start + bad
-                );
-            }
+            check_finite_rows(&c, start, origin)?;
             sum += c.sum_dim_intlist(0, false, Kind::Double);
             sum_sq += c.square().sum_dim_intlist(0, false, Kind::Double);
             min = min.minimum(&c.amin(0, false));
@@ -151,4 +144,31 @@ impl Normalizer {
             scale: self.scale.as_ref().map(|t| t.to_device(device)),
         }
     }
+}
+
+/// Fails naming the first row of `rows` (which starts at row `first`) that
+/// holds NaN or Inf.
+pub fn check_finite_rows(rows: &Tensor, first: i64, origin: &str) -> crate::Result<()> {
+    let finite = rows.isfinite().all_dim(1, false);
+    if !bool::try_from(finite.all()).unwrap_or(false) {
+        let bad = finite.logical_not().nonzero().int64_value(&[0, 0]);
+        crate::bail_user!(
+            "{origin}: row {} has a non-finite value; remove such rows first",
+            first + bad
+        );
+    }
+    Ok(())
+}
+
+/// [`check_finite_rows`] over `x` in `chunk`-row slices (no copy of `x`).
+pub fn check_finite_chunked(x: &Tensor, chunk: i64, origin: &str) -> crate::Result<()> {
+    let _guard = tch::no_grad_guard();
+    let n = x.size()[0];
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        check_finite_rows(&x.narrow(0, start, len), start, origin)?;
+        start += len;
+    }
+    Ok(())
 }
