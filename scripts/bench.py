@@ -13,7 +13,8 @@ only, no data loading); PyTorch's loop is timed the same way. Each case runs
 ours and PyTorch alternately REPEATS times; the table takes the best of each.
 The matmul peak is torch.mm at the M shape, measured in this same run.
 
-Usage: bench.py SAE_BIN OUT_DIR [--quick]
+Usage: bench.py SAE_BIN OUT_DIR [--quick] [--only S,M,T,E,OOC]
+  --only runs the named parts and prints their figures without writing the table.
 """
 import json, os, platform, subprocess, sys, time
 import numpy as np
@@ -24,6 +25,9 @@ SAE, OUT = sys.argv[1], sys.argv[2]
 QUICK = "--quick" in sys.argv
 THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
 REPEATS = 2 if QUICK else 3
+ONLY = None
+if "--only" in sys.argv:
+    ONLY = set(sys.argv[sys.argv.index("--only") + 1].upper().split(","))
 torch.set_num_threads(THREADS)
 os.makedirs(OUT, exist_ok=True)
 
@@ -34,7 +38,7 @@ def log(*a):
 
 CASES = {
     # name: d_in, d_hidden, batch, rows, epochs, kind
-    "S": dict(d_in=20, d_hidden=8, batch=32, rows=1000, epochs=40, kind="seed002"),
+    "S": dict(d_in=20, d_hidden=8, batch=32, rows=1000, epochs=100, kind="seed002"),
     "M": dict(d_in=768, d_hidden=8192, batch=1024, rows=1024 * (6 if QUICK else 12), epochs=1, kind="l1"),
     "T": dict(d_in=768, d_hidden=16384, batch=1024, rows=1024 * (4 if QUICK else 8), epochs=1, kind="topk", k=32),
 }
@@ -245,6 +249,8 @@ def main():
     log(f"torch matmul peak (1024x768 @ 768x8192, {THREADS} threads): {peaks[0]:.1f} GFLOP/s")
     rows = []
     for name, c in CASES.items():
+        if ONLY is not None and name not in ONLY:
+            continue
         peaks.append(matmul_peak())
         data = make_data(name, c)
         cfg = config(name, c, data)
@@ -257,6 +263,19 @@ def main():
         rows.append((name, o, t, o / t, o * flops_per_sample(c) / 1e9))
     peaks.append(matmul_peak())
     peak = max(peaks)
+    if ONLY is not None:
+        for name, o, t, ratio, gf in rows:
+            log(f"{name}: ours {o:,.0f}/s, PyTorch {t:,.0f}/s, {ratio:.2f}x, {gf:.1f} GFLOP/s of {peak:.1f}")
+        if ONLY & {"E", "OOC"}:
+            e_rows, e_rate, e_gf = bench_encode() if "E" in ONLY else (1_000_000, 0, 0)
+            if "E" in ONLY:
+                log(f"E: {e_rate:,.0f} rows/s, {e_gf:.1f} GFLOP/s")
+            if "OOC" in ONLY:
+                ooc = bench_out_of_core(os.path.join(OUT, f"E-{e_rows}.npy"), e_rows)
+                log(f"OOC: {ooc}")
+                if ooc and ooc.get("rc") == 0:
+                    log(f"OOC: stream/memory = {ooc['stream'] / ooc['memory']:.0%}")
+        return
     e_rows, e_rate, e_gf = bench_encode()
     ooc = bench_out_of_core(os.path.join(OUT, f"E-{e_rows}.npy"), e_rows)
     cpu = platform.processor() or platform.machine()
