@@ -342,7 +342,9 @@ impl Sae {
     /// jumprelu), and the reconstruction.
     pub fn forward_train(&self, xn: &Tensor) -> Forward {
         let x = self.code_input(xn);
-        let pre = x.matmul(&self.w_enc) + &self.b_enc;
+        // `mm`, not `matmul`: batches are 2-D, and matmul's shape dispatch
+        // is a measurable share of a tiny model's step.
+        let pre = x.mm(&self.w_enc) + &self.b_enc;
         let z = self.codes(&x, &pre, true);
         let recon = self.decode_normalized(&z);
         Forward { pre, z, recon }
@@ -409,7 +411,10 @@ impl Sae {
 
     /// Reconstruction in the normalised space.
     pub fn decode_normalized(&self, z: &Tensor) -> Tensor {
-        let mut out = z.matmul(&self.decoder_weight()) + &self.b_dec;
+        let mut out = match z.dim() {
+            2 => z.mm(&self.decoder_weight()),
+            _ => z.matmul(&self.decoder_weight()),
+        } + &self.b_dec;
         for l in &self.dec_layers {
             out = out.relu().matmul(&l.w) + &l.b;
         }

@@ -391,7 +391,8 @@ impl DeadTracker {
 
     fn update(&mut self, z: &Tensor, active_threshold: f64) {
         let _guard = tch::no_grad_guard();
-        let fired = z.detach().gt(active_threshold).any_dim(0, false);
+        // max > t, not (z > t).any(0): no [batch, d_hidden] temporary.
+        let fired = z.amax(0, false).gt(active_threshold);
         let _ = self.since_fired.g_add_scalar_(1);
         let _ = self.since_fired.masked_fill_(&fired, 0);
     }
@@ -708,6 +709,10 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
         BatchSize::Full => data.rows(),
         BatchSize::Rows(b) => b as usize,
     };
+    // Tiny models: MKL single-threaded (see device::SerialBlas).
+    let widest = model.spec.d_hidden * d_in.max(d_out) * batch_rows as i64;
+    let _serial_blas =
+        (device == Device::Cpu && widest < device::SMALL_MATMUL_WORK).then(device::SerialBlas::new);
     pb.set_position(pos.step as u64);
     for epoch in pos.epoch..=t.epochs {
         let order = match &fixed_order {
@@ -757,11 +762,10 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
             if uses_rng {
                 tch::manual_seed(step_seed(cfg.seed, step));
             }
-            let xb = batch.narrow(1, 0, d_in);
-            let target = if train_target.is_some() {
-                batch.narrow(1, d_in, d_out)
+            let (xb, target) = if train_target.is_some() {
+                (batch.narrow(1, 0, d_in), batch.narrow(1, d_in, d_out))
             } else {
-                xb.shallow_clone()
+                (batch.shallow_clone(), batch)
             };
             let lr = schedule::lr_at(t, step, total as i64);
             let w_s = schedule::sparsity_weight_at(weight, cfg.sparsity.warmup_steps, step);
@@ -800,7 +804,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
             if let Some(rate) = topk_threshold_lr {
                 update_topk_threshold(&mut model, &f.z, rate);
             }
-            Adam::zero_grad(&mut model.parameters_mut());
+            adam.zero_grad(&mut model.parameters_mut());
             loss.backward();
             if t.unit_norm_decoder {
                 remove_parallel_gradient(&mut model);
@@ -931,6 +935,8 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
         save_checkpoint(&opts.out, &model, &adam, &mut dead, &pos, saved_step)?;
     }
 
+    // Own storage per parameter again before anything saves the model.
+    adam.unflatten(&mut model.parameters_mut());
     model.set_requires_grad(false);
     if is_jumprelu {
         // The last step may leave a threshold below 0; at inference that acts

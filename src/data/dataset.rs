@@ -164,13 +164,14 @@ impl Dataset {
         };
         let device = self.x.device();
         let identity = order.iter().enumerate().all(|(i, &v)| i as i64 == v);
+        // One index tensor per epoch; each batch gathers through a view of it.
+        let index = (!identity).then(|| Tensor::from_slice(order).to_device(device));
         order.chunks(size).enumerate().map(move |(i, chunk)| {
-            if identity {
+            let (at, n) = ((i * size) as i64, chunk.len() as i64);
+            match &index {
+                Some(ix) => self.x.index_select(0, &ix.narrow(0, at, n)),
                 // Contiguous rows: a view, no gather.
-                self.x.narrow(0, (i * size) as i64, chunk.len() as i64)
-            } else {
-                self.x
-                    .index_select(0, &Tensor::from_slice(chunk).to_device(device))
+                None => self.x.narrow(0, at, n),
             }
         })
     }
