@@ -510,6 +510,10 @@ impl Config {
                 (self.data.target.is_some(), "data.target"),
                 (self.data.allow_nonfinite, "data.allow_nonfinite"),
                 (self.model.b_dec_init.is_some(), "model.b_dec_init"),
+                (
+                    self.train.batch_size == BatchSize::Full,
+                    "train.batch_size: full (one batch would hold the whole file)",
+                ),
             ];
             if let Some((_, key)) = clash.iter().find(|(on, _)| *on) {
                 return Err(format!("data.stream: not available with {key}"));

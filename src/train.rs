@@ -6,6 +6,7 @@ use crate::checkpoint::{self, Buffers, Position};
 use crate::config::{Auto, BDecInit, BatchSize, Config, InputNoise, TrainConfig};
 use crate::data::dataset::{block_shuffled_order, epoch_order, permutation, read_order, Dataset};
 use crate::data::npy;
+use crate::data::window::WindowReader;
 use crate::error::user;
 use crate::export::{self, RUN_MODEL_FILE};
 use crate::metrics::{self, Metrics};
@@ -597,6 +598,12 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
     // In memory: normalise once. Streamed: keep the mapped rows and normalise
     // each batch as it is gathered, so nothing of the file's size is copied.
     let stream_norm = cfg.data.stream.then(|| model.norm.clone());
+    let stream_src = match (&_mapped, cfg.data.stream) {
+        (Some(m), true) => {
+            Some(m.row_file(Path::new(cfg.data.train.as_deref().expect("validated"))))
+        }
+        _ => None,
+    };
     let data = if stream_norm.is_some() {
         Dataset {
             x: train.shallow_clone(),
@@ -696,7 +703,6 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
         _ => None,
     };
 
-    let start = Instant::now();
     let mut step: i64 = pos.step;
     let mut last_loss = pos.last_loss.unwrap_or(f64::NAN);
     let mut samples: i64 = pos.samples;
@@ -713,9 +719,8 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
     let widest = model.spec.d_hidden * d_in.max(d_out) * batch_rows as i64;
     let _serial_blas =
         (device == Device::Cpu && widest < device::SMALL_MATMUL_WORK).then(device::SerialBlas::new);
-    pb.set_position(pos.step as u64);
-    for epoch in pos.epoch..=t.epochs {
-        let order = match &fixed_order {
+    let order_of = |epoch: i64| -> Vec<i64> {
+        match &fixed_order {
             Some(o) => o[((epoch - 1) as usize).min(o.len() - 1)].clone(),
             // Streamed data: shuffle within windows of contiguous blocks, so
             // reads stay near-sequential (see block_shuffled_order).
@@ -727,34 +732,56 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
                 STREAM_WINDOW_BLOCKS,
             ),
             None => epoch_order(data.rows(), cfg.seed, epoch, t.shuffle),
-        };
+        }
+    };
+    let window_rows = STREAM_BLOCK_ROWS * STREAM_WINDOW_BLOCKS;
+    // Streamed: a reader thread reads each epoch ahead, window by window.
+    // Each next epoch's starts during the last window of the one before, so
+    // only the run's very first window is waited for, before the loop (as
+    // in-memory data is loaded before it).
+    let start_reader = |order: Vec<i64>| {
+        stream_src
+            .as_ref()
+            .map(|src| WindowReader::start(src, order, STREAM_BLOCK_ROWS, window_rows))
+    };
+    let mut next_reader = start_reader(
+        order_of(pos.epoch)
+            .into_iter()
+            .skip(pos.batch as usize * batch_rows)
+            .collect(),
+    );
+    if let Some(r) = next_reader.as_mut() {
+        r.prime()?;
+    }
+    let start = Instant::now();
+    pb.set_position(pos.step as u64);
+    for epoch in pos.epoch..=t.epochs {
+        let order = order_of(epoch);
         let n_batches = per_epoch as i64;
         let first = if epoch == pos.epoch {
             pos.batch as usize
         } else {
             0
         };
-        let skip = (first * batch_rows).min(order.len());
-        let window_rows = STREAM_BLOCK_ROWS * STREAM_WINDOW_BLOCKS;
+        let rest = &order[(first * batch_rows).min(order.len())..];
         let batch_rows_n = match t.batch_size {
-            BatchSize::Full => order.len().max(1),
+            BatchSize::Full => rest.len().max(1),
             BatchSize::Rows(r) => r as usize,
         };
-        for (i, batch) in data.batches(&order[skip..], t.batch_size).enumerate() {
-            if let Some(m) = _mapped.as_ref().filter(|_| stream_norm.is_some()) {
-                // At the start of each window, read the next one ahead.
-                let pos = skip + i * batch_rows_n;
-                if pos % window_rows < batch_rows_n || i == 0 {
-                    let next = (pos / window_rows + 1) * window_rows;
-                    let end = (next + window_rows).min(order.len());
-                    if next < end {
-                        m.prefetch_rows(&order[next..end], STREAM_BLOCK_ROWS);
-                    }
-                }
+        let mut reader = next_reader.take();
+        let mut in_memory = reader.is_none().then(|| data.batches(rest, t.batch_size));
+        for i in 0..rest.len().div_ceil(batch_rows_n) {
+            let left = rest.len() - i * batch_rows_n;
+            if reader.is_some() && next_reader.is_none() && epoch < t.epochs && left <= window_rows
+            {
+                next_reader = start_reader(order_of(epoch + 1));
             }
-            let batch = match &stream_norm {
-                Some(n) => n.apply(&batch.to_device(device)),
-                None => batch,
+            let batch = match (&mut reader, &mut in_memory, &stream_norm) {
+                (Some(r), _, Some(n)) => {
+                    n.apply(&r.next_batch(batch_rows_n.min(left))?.to_device(device))
+                }
+                (_, Some(m), _) => m.next().expect("one batch per chunk of the order"),
+                _ => unreachable!("streamed runs have a reader, others batches"),
             };
             let b = first + i;
             step += 1;

@@ -61,6 +61,7 @@ fn streamed_training_equals_in_memory_training() {
     for (set, key) in [
         ("data.valid_fraction=0.1", "data.valid_fraction"),
         ("model.b_dec_init=mean", "model.b_dec_init"),
+        ("train.batch_size=full", "train.batch_size: full"),
     ] {
         let out = d.join("refused");
         let o = sae(&[

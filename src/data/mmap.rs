@@ -1,8 +1,9 @@
 //! Out-of-core data: a float32 C-order `.npy` file memory-mapped and viewed
-//! as a tensor without copying. Batches gather their rows straight from the
-//! mapping; the kernel pages rows in and, under memory pressure, drops clean
-//! pages again, so resident memory is bounded by what the loop touches, not by
-//! the file. Used for `data.stream: true`.
+//! as a tensor without copying, for the whole-file passes of `data.stream:
+//! true` (normalisation fit, final metrics) and `sae eval`; the kernel pages
+//! rows in and, under memory pressure, drops clean pages again, so resident
+//! memory is bounded by what a pass touches, not by the file. Training
+//! batches are read ahead by `data::window` instead.
 
 use crate::error::user;
 use crate::{bail_user, Result};
@@ -16,27 +17,21 @@ use tch::{Device, Kind, Tensor};
 pub struct Mapped {
     pub tensor: Tensor,
     _map: Arc<memmap2::Mmap>,
+    file: Arc<File>,
     offset: usize,
-    row_bytes: usize,
 }
 
 impl Mapped {
-    /// Asks the kernel to start reading the `block`-row blocks that hold
-    /// `rows` (MADV_WILLNEED returns at once), so disk reads for the next
-    /// stretch of an epoch overlap the compute of the current one.
-    pub fn prefetch_rows(&self, rows: &[i64], block: usize) {
-        let mut blocks: Vec<usize> = rows.iter().map(|&r| r as usize / block).collect();
-        blocks.sort_unstable();
-        blocks.dedup();
-        let page = 4096;
-        for b in blocks {
-            let lo = self.offset + b * block * self.row_bytes;
-            let hi = (lo + block * self.row_bytes).min(self._map.len());
-            let start = lo / page * page;
-            let _ = self
-                ._map
-                .advise_range(memmap2::Advice::WillNeed, start, hi - start);
-        }
+    /// The same rows for reading with `pread` (see `data::window`).
+    pub fn row_file(&self, path: &Path) -> crate::data::window::RowFile {
+        let size = self.tensor.size();
+        crate::data::window::RowFile::open(
+            path,
+            self.file.clone(),
+            self.offset as u64,
+            size[0] as usize,
+            size[1] as usize,
+        )
     }
 }
 
@@ -89,8 +84,8 @@ pub fn map_npy(path: &Path) -> Result<Mapped> {
     Ok(Mapped {
         tensor,
         _map: map,
+        file: Arc::new(file),
         offset,
-        row_bytes: cols * 4,
     })
 }
 

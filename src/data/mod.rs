@@ -3,5 +3,5 @@
 pub mod dataset;
 pub mod mmap;
 pub mod npy;
-pub mod stream;
 pub mod synth;
+pub mod window;
