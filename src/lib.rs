@@ -26,3 +26,11 @@ pub mod sweep;
 pub mod train;
 
 pub type Result<T> = anyhow::Result<T>;
+
+/// Unit tests that seed libtorch's global generator hold this, so tests
+/// running in parallel do not draw from each other's stream.
+#[cfg(test)]
+pub(crate) fn seeded() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -257,6 +257,7 @@ mod tests {
     /// between steps (checkpoint restore), which forces a rebuild.
     #[test]
     fn flat_update_is_bit_identical_to_per_tensor_update() {
+        let _rng = crate::seeded();
         tch::manual_seed(3);
         let configs = [
             (OptimizerName::Adam, 0.0),
