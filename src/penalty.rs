@@ -54,6 +54,9 @@ pub struct PenaltyInput<'a> {
     pub threshold: Option<&'a Tensor>,
     /// Latents that have not fired for `train.dead_window` steps (bool `[d_hidden]`).
     pub dead: Option<&'a Tensor>,
+    /// `z = relu(pre)`: then `|z| = z`, and no gradient reaches `pre`
+    /// through z's zeros, so l1 may skip the `abs` (see `Penalty::value`).
+    pub relu_codes: bool,
 }
 
 impl<'a> PenaltyInput<'a> {
@@ -67,6 +70,7 @@ impl<'a> PenaltyInput<'a> {
             w_dec,
             threshold: None,
             dead: None,
+            relu_codes: false,
         }
     }
 }
@@ -115,13 +119,18 @@ impl Penalty {
                 kl_divergence(target, &rho_hat).sum(Kind::Float)
             }
             Penalty::L1 { decoder_norm } => {
-                let a = z.abs();
-                let a = if decoder_norm {
-                    a * p.w_dec.norm_scalaropt_dim(2, [1], false)
-                } else {
-                    a
+                let norms = decoder_norm.then(|| p.w_dec.norm_scalaropt_dim(2, [1], false));
+                let per_row = match (p.relu_codes, &norms) {
+                    // ReLU codes: Σ_j z_j·‖d_j‖ as one matrix-vector product,
+                    // not three [batch, d_hidden] passes (abs, scale, sum) and
+                    // their backward. Same value up to summation order, same
+                    // gradient (abs' zero slope at 0 is relu's too).
+                    (true, Some(n)) => z.mv(n),
+                    (true, None) => z.sum_dim_intlist(-1, false, Kind::Float),
+                    (false, Some(n)) => (z.abs() * n).sum_dim_intlist(-1, false, Kind::Float),
+                    (false, None) => z.abs().sum_dim_intlist(-1, false, Kind::Float),
                 };
-                a.sum_dim_intlist(-1, false, Kind::Float).mean(Kind::Float)
+                per_row.mean(Kind::Float)
             }
             Penalty::MeanAbs { target } => (z.mean_dim(0, false, Kind::Float) - target)
                 .abs()
@@ -165,4 +174,39 @@ pub fn kl_divergence(p: f64, q: &Tensor) -> Tensor {
     let a = (q.reciprocal() * p).log() * p;
     let b = ((-q + 1.0).reciprocal() * (1.0 - p)).log() * (1.0 - p);
     a + b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// With ReLU codes, l1's matrix-vector form has the value and the
+    /// gradients (to pre-activations and decoder) of the `abs` form.
+    #[test]
+    fn l1_on_relu_codes_matches_the_abs_form() {
+        let _rng = crate::seeded();
+        tch::manual_seed(5);
+        let pre0 = Tensor::randn([40, 24], (Kind::Float, Device::Cpu));
+        let w0 = Tensor::randn([24, 9], (Kind::Float, Device::Cpu));
+        for decoder_norm in [true, false] {
+            let run = |relu_codes: bool| {
+                let pre = pre0.copy().set_requires_grad(true);
+                let w = w0.copy().set_requires_grad(true);
+                let z = pre.relu();
+                let mut input = PenaltyInput::codes(&z, &w);
+                input.relu_codes = relu_codes;
+                let v = Penalty::L1 { decoder_norm }.value(&input);
+                v.backward();
+                (v.double_value(&[]), pre.grad(), w.grad())
+            };
+            let (va, ga_pre, ga_w) = run(false);
+            let (vb, gb_pre, gb_w) = run(true);
+            assert!((va - vb).abs() <= 1e-6 * va.abs(), "{va} vs {vb}");
+            assert!(ga_pre.allclose(&gb_pre, 1e-6, 1e-7, false));
+            if decoder_norm {
+                assert!(ga_w.allclose(&gb_w, 1e-5, 1e-7, false));
+            }
+        }
+    }
 }

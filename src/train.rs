@@ -816,6 +816,8 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
                 w_dec: &w_dec,
                 threshold: model.threshold.as_ref(),
                 dead: dead_mask.as_ref(),
+                relu_codes: gate_codes.is_none()
+                    && matches!(model.spec.activation, Activation::Relu),
             });
             // Gated: the gate alone must reconstruct too (SAELens's auxiliary loss).
             let aux = gate_codes.as_ref().map(|g| {
