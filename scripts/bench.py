@@ -311,7 +311,11 @@ def main():
                   f"{ooc['stream'] / ooc['memory']:.0%}"
                   f"{' (page cache dropped before each run)' if ooc['cold'] else ' (page cache not dropped: no root)'}."]
     lines += ["", "GFLOP/s counts the dense maths (12 * d_in * d_hidden per training sample; 10 for S),",
-              "also for T, where our sparse path does less work: there it is an effective rate.",
+              "also where our path does less work, so there it is an effective rate: T (sparse top-k:",
+              "k columns and rows instead of three dense matmuls) and M (b_dec's gradient as a vector",
+              "product instead of the input-gradient matmul: 10 * d_in * d_hidden really done, so the",
+              "matmuls run at 10/12 of the rate shown). Out-of-core: timing starts once the first",
+              "window (streamed) or the whole file (in memory) is loaded.",
               "Ours runs with its allocator tuning (glibc mallopt: large buffers reused, not re-mmapped);",
               "PyTorch with the default allocator, as a user's script runs."]
     table = "\n".join(lines)
