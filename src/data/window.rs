@@ -9,7 +9,8 @@
 //! in-memory rate in `make bench` with half the file's size as the cap).
 //! Reading ahead in a thread of its own takes both off the critical path.
 //!
-//! Memory: two windows (the one in use and the next), whatever the file size.
+//! Memory: the window in use and the next, plus the next epoch's first near an
+//! epoch's end: at most three window buffers, whatever the file size.
 
 use crate::error::user;
 use crate::Result;
