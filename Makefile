@@ -69,7 +69,8 @@ parity: $(STAMP) build
 	exit $$status
 
 # Ours vs a plain PyTorch loop, same maths and threads, alternating runs;
-# prints the table and writes it into BENCHMARKS.md. BENCH_ARGS=--quick for a short run.
+# prints the table and writes it into BENCHMARKS.md. BENCH_ARGS=--quick for a short run;
+# BENCH_ARGS="--only S,OOC" runs some parts and leaves BENCHMARKS.md alone.
 BENCH_DIR := target/bench
 bench: $(STAMP) build
 	$(PY) scripts/bench.py $(BIN) $(BENCH_DIR) $(BENCH_ARGS)

@@ -267,6 +267,9 @@ def main():
     peaks.append(matmul_peak())
     peak = max(peaks)
     if ONLY is not None:
+        # No table from a partial run: drop an old one so it is not reported again.
+        if os.path.exists(os.path.join(OUT, "table.md")):
+            os.remove(os.path.join(OUT, "table.md"))
         for name, o, t, ratio, gf in rows:
             log(f"{name}: ours {o:,.0f}/s, PyTorch {t:,.0f}/s, {ratio:.2f}x, {gf:.1f} GFLOP/s of {peak:.1f}")
         if ONLY & {"E", "OOC"}:

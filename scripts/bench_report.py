@@ -4,6 +4,10 @@ import os, sys
 
 table, target = sys.argv[1], sys.argv[2]
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+if not os.path.exists(table):
+    # bench.py --only writes no table (a partial run must not replace the full one).
+    print(f"no {table} (a partial run with --only?): {target} left as it is")
+    sys.exit(0)
 body = open(table).read().strip()
 doc = open(target).read() if os.path.exists(target) else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
 if BEGIN not in doc:
