@@ -87,7 +87,8 @@ pub const SMALL_MATMUL_WORK: i64 = 1 << 19;
 /// a product over rows and columns, not the inner sum, so results are
 /// bit-identical either way. A no-op when libtorch has no MKL.
 pub struct SerialBlas {
-    set: Option<MklSetLocal>,
+    /// The setter and the thread-local count it replaced.
+    set: Option<(MklSetLocal, i32)>,
 }
 
 /// `mkl_set_num_threads_local`; libtorch's MKL exports it with the Fortran
@@ -99,11 +100,11 @@ impl SerialBlas {
         // libtorch sets MKL's thread-local count itself when this thread
         // first asks for its thread count; make that happen before ours.
         let _ = tch::get_num_threads();
-        let set = mkl_set_num_threads_local();
-        if let Some(f) = set {
-            // SAFETY: the symbol is MKL's, called with a valid pointer.
-            unsafe { f(&1) };
-        }
+        let set = mkl_set_num_threads_local().map(|f| {
+            // SAFETY: the symbol is MKL's, called with a valid pointer; it
+            // returns the thread-local count it replaces.
+            (f, unsafe { f(&1) })
+        });
         SerialBlas { set }
     }
 }
@@ -116,10 +117,10 @@ impl Default for SerialBlas {
 
 impl Drop for SerialBlas {
     fn drop(&mut self) {
-        if let Some(f) = self.set {
-            // 0 hands the thread back to MKL's global setting.
+        if let Some((f, before)) = self.set {
+            // Back to what libtorch had set (`train.threads`) for this thread.
             // SAFETY: as in `new`.
-            unsafe { f(&0) };
+            unsafe { f(&before) };
         }
     }
 }
@@ -137,4 +138,30 @@ fn mkl_set_num_threads_local() -> Option<MklSetLocal> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The guard makes MKL single-threaded on this thread and gives back the
+    /// count libtorch had set when it goes.
+    #[test]
+    fn serial_blas_sets_and_restores_mkl_threads() {
+        let name = c"mkl_get_max_threads";
+        // SAFETY: dlsym on the global namespace; null means no MKL.
+        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        if p.is_null() {
+            println!("NOTE: libtorch has no MKL here; SerialBlas is a no-op, nothing to check");
+            return;
+        }
+        // SAFETY: MKL's `int mkl_get_max_threads(void)`.
+        let get = unsafe { std::mem::transmute::<*mut libc::c_void, extern "C" fn() -> i32>(p) };
+        let before = get();
+        {
+            let _g = SerialBlas::new();
+            assert_eq!(get(), 1);
+        }
+        assert_eq!(get(), before);
+    }
 }
