@@ -744,26 +744,29 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
             .as_ref()
             .map(|src| WindowReader::start(src, order, STREAM_BLOCK_ROWS, window_rows))
     };
-    let mut next_reader = start_reader(
-        order_of(pos.epoch)
-            .into_iter()
-            .skip(pos.batch as usize * batch_rows)
-            .collect(),
-    );
+    // Each epoch's order is drawn once: by whoever needs it first.
+    let mut next_order = Some(order_of(pos.epoch));
+    let resume_at = |order: &[i64]| (pos.batch as usize * batch_rows).min(order.len());
+    let mut next_reader = next_order
+        .as_ref()
+        .and_then(|o| start_reader(o[resume_at(o)..].to_vec()));
     if let Some(r) = next_reader.as_mut() {
         r.prime()?;
     }
     let start = Instant::now();
     pb.set_position(pos.step as u64);
     for epoch in pos.epoch..=t.epochs {
-        let order = order_of(epoch);
+        let order = next_order.take().unwrap_or_else(|| order_of(epoch));
         let n_batches = per_epoch as i64;
         let first = if epoch == pos.epoch {
             pos.batch as usize
         } else {
             0
         };
-        let rest = &order[(first * batch_rows).min(order.len())..];
+        let rest = match first {
+            0 => &order[..],
+            _ => &order[resume_at(&order)..],
+        };
         let batch_rows_n = match t.batch_size {
             BatchSize::Full => rest.len().max(1),
             BatchSize::Rows(r) => r as usize,
@@ -774,7 +777,9 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
             let left = rest.len() - i * batch_rows_n;
             if reader.is_some() && next_reader.is_none() && epoch < t.epochs && left <= window_rows
             {
-                next_reader = start_reader(order_of(epoch + 1));
+                let o = order_of(epoch + 1);
+                next_reader = start_reader(o.clone());
+                next_order = Some(o);
             }
             let batch = match (&mut reader, &mut in_memory, &stream_norm) {
                 (Some(r), _, Some(n)) => {

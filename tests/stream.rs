@@ -116,27 +116,13 @@ fn streamed_training_across_windows_and_epochs_equals_in_memory() {
          np.save(sys.argv[1], np.random.default_rng(0).standard_normal((150000, 4)).astype(np.float32))",
         &[x.to_str().unwrap()],
     );
-    let cfg = write_config(
-        d,
-        "c.yaml",
-        &format!(
-            "device: cpu\ndata:\n  train: {}\nmodel:\n  d_hidden: 8\nsparsity:\n  penalty: l1\n  weight: 0.001\n\
-             train:\n  epochs: 2\n  batch_size: 5000\n  threads: 1\n  shuffle: false\n",
-            x.display()
-        ),
+    let yaml = format!(
+        "device: cpu\ndata:\n  train: {}\nmodel:\n  d_hidden: 8\nsparsity:\n  penalty: l1\n  weight: 0.001\n\
+         train:\n  epochs: 2\n  batch_size: 5000\n  threads: 1\n  shuffle: false\n",
+        x.display()
     );
     let run = |name: &str, stream: &str| {
-        let out = d.join(name);
-        sae_ok(&[
-            "train",
-            "-q",
-            "--config",
-            &cfg,
-            "--out",
-            out.to_str().unwrap(),
-            "--set",
-            &format!("data.stream={stream}"),
-        ]);
+        let out = train_run(d, name, &yaml, &[&format!("data.stream={stream}")]);
         std::fs::read(out.join("model.safetensors")).unwrap()
     };
     assert!(
