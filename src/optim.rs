@@ -9,8 +9,9 @@
 //! not care how elements are grouped, so the result is bit-identical (unit
 //! test below; checked against torch in `tests/torch_reference.rs`). Anyone
 //! who swaps a parameter or moment tensor out (checkpoint restore, a frozen
-//! parameter) breaks the aliasing; `step` notices from the data pointers and
-//! rebuilds, or uses the per-tensor path for that step.
+//! parameter) breaks the aliasing; the data pointers are checked once per
+//! step (in `zero_grad`, or in `step` when no `zero_grad` came first), and a
+//! broken aliasing is rebuilt, or the per-tensor path is used for that step.
 
 use crate::config::{OptimizerConfig, OptimizerName};
 use tch::{Kind, Tensor};
@@ -24,6 +25,9 @@ pub struct Adam {
     pub exp_avg: Vec<Tensor>,
     pub exp_avg_sq: Vec<Tensor>,
     flat: Option<Flat>,
+    /// `zero_grad` found every tensor still aliasing `flat` (backward only
+    /// accumulates into the gradients in place, so `step` can trust it).
+    verified: bool,
 }
 
 /// One buffer each for parameters, gradients and moments; every tensor of
@@ -112,16 +116,14 @@ impl Adam {
             exp_avg: params.iter().map(|p| p.zeros_like()).collect(),
             exp_avg_sq: params.iter().map(|p| p.zeros_like()).collect(),
             flat: None,
+            verified: false,
         }
     }
 
     /// One update from the `.grad()` of each parameter. Parameters without a
     /// gradient are skipped, as torch does.
     pub fn step(&mut self, params: &mut [&mut Tensor]) {
-        let intact = self
-            .flat
-            .as_ref()
-            .is_some_and(|f| f.intact(params, &self.exp_avg, &self.exp_avg_sq));
+        let intact = std::mem::take(&mut self.verified) || self.intact(params);
         if !intact {
             self.flat = Flat::build(params, &mut self.exp_avg, &mut self.exp_avg_sq);
         }
@@ -146,6 +148,13 @@ impl Adam {
                 }
             }
         }
+    }
+
+    /// Whether the flat path is on and every tensor still aliases it.
+    fn intact(&self, params: &[&mut Tensor]) -> bool {
+        self.flat
+            .as_ref()
+            .is_some_and(|f| f.intact(params, &self.exp_avg, &self.exp_avg_sq))
     }
 
     /// torch's single-tensor Adam, op for op.
@@ -193,12 +202,9 @@ impl Adam {
     /// Clears the gradients of `params` before the next backward pass: one
     /// op on the flat buffer when the parameters still alias it.
     pub fn zero_grad(&mut self, params: &mut [&mut Tensor]) {
-        let flat_ok = self
-            .flat
-            .as_ref()
-            .is_some_and(|f| f.intact(params, &self.exp_avg, &self.exp_avg_sq));
+        self.verified = self.intact(params);
         match &mut self.flat {
-            Some(f) if flat_ok => {
+            Some(f) if self.verified => {
                 let _ = f.grad.zero_();
             }
             _ => {
@@ -212,6 +218,7 @@ impl Adam {
     /// Gives every parameter its own storage again (after training), so
     /// nothing that saves a parameter also saves its neighbours' buffer.
     pub fn unflatten(&mut self, params: &mut [&mut Tensor]) {
+        self.verified = false;
         if self.flat.take().is_none() {
             return;
         }
