@@ -1,11 +1,13 @@
 //! `sae`: train, evaluate and export sparse autoencoders on libtorch.
 //!
-//! Where things live: the model ([`model`]), its activations ([`activation`])
-//! and sparsity penalties ([`penalty`]); the data path ([`data`]); the training
-//! loop ([`train`]) and optimizer ([`optim`]); metric definitions
-//! ([`metrics`]); model files ([`export`]); the CLI ([`cli`]).
+//! Where things live: the model ([`model`]), what differs per architecture
+//! ([`arch`], named by [`activation::Activation`]) and sparsity penalties
+//! ([`penalty`]); the data path ([`data`]); the training run in parts
+//! ([`train`]: see docs/ARCHITECTURE.md) and optimizer ([`optim`]); metric
+//! definitions ([`metrics`]); model files ([`export`]); the CLI ([`cli`]).
 
 pub mod activation;
+pub mod arch;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -13,7 +13,8 @@
 //!   (`enc_layers`) and after `W_dec` (`dec_layers`); `W_enc`/`W_dec` are the
 //!   layers into and out of the code.
 
-use crate::activation::{self, Activation};
+use crate::activation::Activation;
+use crate::arch::Threshold;
 use crate::config::{InitScheme, ModelConfig, OutputActivation};
 use crate::normalize::Normalizer;
 use tch::{Device, Kind, Tensor};
@@ -157,16 +158,10 @@ impl Sae {
             .windows(2)
             .map(|w| torch_linear(w[0], w[1], device))
             .collect();
-        let threshold = match spec.activation {
-            Activation::JumpRelu { .. } => {
-                Some(Tensor::full([d_h], m.jumprelu_init_threshold, opts))
-            }
-            // SAELens keeps the running estimate in float64.
-            Activation::BatchTopK { .. } => Some(Tensor::zeros([], (Kind::Double, device))),
-            _ => None,
-        };
+        let arch = spec.activation.arch();
+        let threshold = arch.init_threshold(d_h, m, device);
         // SAELens: r_mag and b_mag start at 0 (b_enc, the gate's bias, too).
-        let gate = matches!(spec.activation, Activation::Gated).then(|| Gate {
+        let gate = arch.gated().then(|| Gate {
             r_mag: Tensor::zeros([d_h], opts),
             b_mag: Tensor::zeros([d_h], opts),
         });
@@ -188,28 +183,47 @@ impl Sae {
 
     /// Whether the threshold is trained by gradient (jumprelu).
     fn threshold_is_parameter(&self) -> bool {
-        matches!(self.spec.activation, Activation::JumpRelu { .. }) && self.threshold.is_some()
+        self.spec.activation.arch().threshold() == Threshold::Parameter && self.threshold.is_some()
     }
 
     /// The trainable tensors, in a fixed order.
     pub fn parameters(&self) -> Vec<&Tensor> {
-        let mut p = vec![&self.w_enc, &self.b_enc];
+        self.named_parameters()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect()
+    }
+
+    /// The trainable tensors with their names (SAELens's where it has one;
+    /// deep layers `enc.N.w`...), in the order of [`Sae::parameters`].
+    pub fn named_parameters(&self) -> Vec<(String, &Tensor)> {
+        let mut p = vec![
+            ("W_enc".to_string(), &self.w_enc),
+            ("b_enc".into(), &self.b_enc),
+        ];
         if let Some(w) = &self.w_dec {
-            p.push(w);
+            p.push(("W_dec".into(), w));
         }
-        p.push(&self.b_dec);
+        p.push(("b_dec".into(), &self.b_dec));
         if self.threshold_is_parameter() {
-            p.push(self.threshold.as_ref().unwrap());
+            p.push(("threshold".into(), self.threshold.as_ref().unwrap()));
         }
         if let Some(g) = &self.gate {
-            p.push(&g.r_mag);
-            p.push(&g.b_mag);
+            p.push(("r_mag".into(), &g.r_mag));
+            p.push(("b_mag".into(), &g.b_mag));
         }
-        for l in self.enc_layers.iter().chain(&self.dec_layers) {
-            p.push(&l.w);
-            p.push(&l.b);
+        for (side, layers) in [("enc", &self.enc_layers), ("dec", &self.dec_layers)] {
+            for (i, l) in layers.iter().enumerate() {
+                p.push((format!("{side}.{i}.w"), &l.w));
+                p.push((format!("{side}.{i}.b"), &l.b));
+            }
         }
         p
+    }
+
+    /// The position of parameter `name` in [`Sae::parameters`].
+    pub fn parameter_index(&self, name: &str) -> Option<usize> {
+        self.named_parameters().iter().position(|(n, _)| n == name)
     }
 
     /// The trainable tensors, mutable, in the order of [`Sae::parameters`].
@@ -323,7 +337,7 @@ impl Sae {
             Some(g) => {
                 // SAELens order: W_enc * exp(r_mag), then the matmul.
                 let pi_mag = x.matmul(&(&self.w_enc * g.r_mag.exp())) + &g.b_mag;
-                activation::gated(pre, &pi_mag)
+                crate::arch::gated(pre, &pi_mag)
             }
             None if train => act.apply_train(pre, self.threshold.as_ref()),
             None => act.apply(pre, self.threshold.as_ref()),

@@ -1,6 +1,5 @@
 //! In-memory datasets, validation splits and seeded mini-batch orders.
 
-use crate::config::BatchSize;
 use tch::{Device, Kind, Tensor};
 
 /// SplitMix64: a tiny, well-known generator, so the batch order depends on the
@@ -152,36 +151,45 @@ impl Dataset {
         (Dataset { x: train }, Dataset { x: valid })
     }
 
-    /// Batches in `order`, `batch` rows each (the last may be smaller).
-    pub fn batches<'a>(
-        &'a self,
-        order: &'a [i64],
-        batch: BatchSize,
-    ) -> impl Iterator<Item = Tensor> + 'a {
-        let size = match batch {
-            BatchSize::Full => order.len().max(1),
-            BatchSize::Rows(b) => b as usize,
-        };
-        let device = self.x.device();
+    /// Batches in `order`, `size` rows each (the last may be smaller).
+    pub fn batches(&self, order: &[i64], size: usize) -> EpochBatches {
         let identity = order.iter().enumerate().all(|(i, &v)| i as i64 == v);
-        // One index tensor per epoch; each batch gathers through a view of it.
-        let index = (!identity).then(|| Tensor::from_slice(order).to_device(device));
-        order.chunks(size).enumerate().map(move |(i, chunk)| {
-            let (at, n) = ((i * size) as i64, chunk.len() as i64);
-            match &index {
-                Some(ix) => self.x.index_select(0, &ix.narrow(0, at, n)),
-                // Contiguous rows: a view, no gather.
-                None => self.x.narrow(0, at, n),
-            }
-        })
-    }
-
-    /// Number of batches per epoch.
-    pub fn batch_count(&self, batch: BatchSize) -> usize {
-        match batch {
-            BatchSize::Full => 1,
-            BatchSize::Rows(b) => self.rows().div_ceil(b as usize),
+        EpochBatches {
+            x: self.x.shallow_clone(),
+            // One index tensor per epoch; each batch gathers through a view of it.
+            index: (!identity).then(|| Tensor::from_slice(order).to_device(self.x.device())),
+            len: order.len(),
+            size: size.max(1),
+            at: 0,
         }
+    }
+}
+
+/// One epoch's batches of a [`Dataset`], in a fixed order.
+pub struct EpochBatches {
+    x: Tensor,
+    /// The order as a tensor; `None` when it is `0..len` (batches are views).
+    index: Option<Tensor>,
+    len: usize,
+    size: usize,
+    at: usize,
+}
+
+impl Iterator for EpochBatches {
+    type Item = Tensor;
+
+    fn next(&mut self) -> Option<Tensor> {
+        if self.at >= self.len {
+            return None;
+        }
+        let n = self.size.min(self.len - self.at);
+        let (at, n64) = (self.at as i64, n as i64);
+        self.at += n;
+        Some(match &self.index {
+            Some(ix) => self.x.index_select(0, &ix.narrow(0, at, n64)),
+            // Contiguous rows: a view, no gather.
+            None => self.x.narrow(0, at, n64),
+        })
     }
 }
 

@@ -14,8 +14,8 @@
 //! `rescale_acts_by_decoder_norm` folds the decoder norms into the weights
 //! (exact, as SAELens's own `fold_W_dec_norm`).
 //!
-//! To add an architecture: an arm in `architecture_of` (export) and in
-//! `activation_from_cfg` (import).
+//! To add an architecture: its `Architecture::saelens` (export, in
+//! `src/arch/`) and an arm in `activation_from_cfg` (import).
 
 use super::safetensors::{read_all, take};
 use crate::activation::Activation;
@@ -45,23 +45,7 @@ pub fn is_saelens_dir(dir: &Path) -> bool {
 fn architecture_of(
     act: &Activation,
 ) -> std::result::Result<(&'static str, Map<String, Value>), String> {
-    match act {
-        Activation::Relu => Ok(("standard", Map::new())),
-        Activation::TopK { k } => {
-            let mut m = Map::new();
-            m.insert("k".into(), json!(k));
-            m.insert("rescale_acts_by_decoder_norm".into(), json!(false));
-            Ok(("topk", m))
-        }
-        // SAELens saves a BatchTopK SAE for inference as a JumpReLU whose
-        // threshold is the one estimated in training; ours is the same.
-        Activation::JumpRelu { .. } | Activation::BatchTopK { .. } => Ok(("jumprelu", Map::new())),
-        // b_enc is SAELens's b_gate; r_mag and b_mag are saved as they are.
-        Activation::Gated => Ok(("gated", Map::new())),
-        Activation::Sigmoid => Err("SAELens has no sigmoid-activation architecture \
-             (it has standard/ReLU, topk, batchtopk, jumprelu)"
-            .into()),
-    }
+    act.arch().saelens()
 }
 
 /// `cfg.json` in sae_lens's field order (`SAEConfig.to_dict()`).

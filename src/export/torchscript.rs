@@ -311,68 +311,27 @@ const CLASS_NAME: &str = "__torch__.sae.SparseAutoencoder";
 
 /// The TorchScript that maps pre-activations `pre` to codes (the body of
 /// `def activation(self, pre: Tensor) -> Tensor`, indented 4 spaces), plus
-/// extra parameters/buffers and attributes it reads.
-struct ActivationCode {
-    body: String,
-    tensors: Vec<(String, Tensor, bool)>,
-    attrs: Vec<(String, AttrValue)>,
+/// extra parameters/buffers (name, tensor, is a parameter) and attributes it
+/// reads. Each architecture gives its own (`Architecture::torchscript`).
+pub struct ActivationCode {
+    pub body: String,
+    pub tensors: Vec<(String, Tensor, bool)>,
+    pub attrs: Vec<(String, AttrValue)>,
+}
+
+impl ActivationCode {
+    /// A body that reads nothing but `pre`.
+    pub fn simple(body: &str) -> ActivationCode {
+        ActivationCode {
+            body: body.into(),
+            tensors: vec![],
+            attrs: vec![],
+        }
+    }
 }
 
 fn activation_code(model: &Sae) -> ActivationCode {
-    let simple = |body: &str| ActivationCode {
-        body: body.into(),
-        tensors: vec![],
-        attrs: vec![],
-    };
-    // SAELens JumpReLU inference: relu(pre) * (pre > threshold).
-    let jump = "    return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)\n";
-    let threshold = || {
-        model
-            .threshold_for_saving()
-            .expect("a jumprelu/batchtopk model has a threshold")
-    };
-    match model.spec.activation {
-        Activation::Sigmoid => simple("    return torch.sigmoid(pre)\n"),
-        Activation::Relu => simple("    return torch.relu(pre)\n"),
-        // Top-k of the raw pre-activations, ReLU on the kept values (as
-        // `Activation::apply` and SAELens do).
-        Activation::TopK { k } => ActivationCode {
-            body: "    values, indices = torch.topk(pre, self.k, dim=-1)\n    \
-                   return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))\n"
-                .into(),
-            tensors: vec![],
-            attrs: vec![("k".into(), AttrValue::Int(k))],
-        },
-        // The learned threshold is a parameter.
-        Activation::JumpRelu { bandwidth } => ActivationCode {
-            body: jump.into(),
-            tensors: vec![("threshold".into(), threshold(), true)],
-            attrs: vec![("jumprelu_bandwidth".into(), AttrValue::Float(bandwidth))],
-        },
-        // Inference uses the threshold estimated in training (a buffer), as
-        // SAELens saves a BatchTopK SAE for inference.
-        Activation::BatchTopK { k } => ActivationCode {
-            body: jump.into(),
-            tensors: vec![("threshold".into(), threshold(), false)],
-            attrs: vec![("k".into(), AttrValue::Int(k))],
-        },
-        // Gate 1[pre > 0] times relu(x @ (W_enc * exp(r_mag)) + b_mag), the
-        // magnitude written from `pre` (x @ W_enc = pre - b_enc; equal up to
-        // float rounding).
-        Activation::Gated => {
-            let g = model.gate.as_ref().expect("a gated model has r_mag, b_mag");
-            ActivationCode {
-                body: "    mag = (pre - self.b_enc) * torch.exp(self.r_mag) + self.b_mag\n    \
-                       return (pre > 0).to(pre.dtype) * torch.relu(mag)\n"
-                    .into(),
-                tensors: vec![
-                    ("r_mag".into(), g.r_mag.shallow_clone(), true),
-                    ("b_mag".into(), g.b_mag.shallow_clone(), true),
-                ],
-                attrs: vec![],
-            }
-        }
-    }
+    model.spec.activation.arch().torchscript(model)
 }
 
 fn kind_name<T: serde::Serialize>(v: &T) -> String {

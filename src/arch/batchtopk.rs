@@ -1,0 +1,76 @@
+//! Batch top-k (SAELens `batchtopk`): training keeps the `k x batch` largest
+//! ReLU'd pre-activations of the whole batch (k per row on average) and
+//! tracks a threshold; inference is a JumpReLU with that threshold, as
+//! SAELens saves a BatchTopK SAE for inference.
+
+use super::{jump, saved_threshold, Architecture, Threshold, JUMP_TS};
+use crate::config::ModelConfig;
+use crate::export::torchscript::{ActivationCode, AttrValue};
+use crate::model::Sae;
+use serde_json::{Map, Value};
+use tch::{Device, Kind, Tensor};
+
+pub struct BatchTopK {
+    pub k: i64,
+}
+
+impl Architecture for BatchTopK {
+    fn apply(&self, pre: &Tensor, threshold: Option<&Tensor>) -> Tensor {
+        jump(pre, threshold)
+    }
+
+    fn apply_train(&self, pre: &Tensor, _threshold: Option<&Tensor>) -> Tensor {
+        batch_topk(pre, self.k)
+    }
+
+    fn threshold(&self) -> Threshold {
+        Threshold::Buffer
+    }
+
+    /// SAELens keeps the running estimate in float64, a scalar while training.
+    fn init_threshold(&self, _d_hidden: i64, _m: &ModelConfig, device: Device) -> Option<Tensor> {
+        Some(Tensor::zeros([], (Kind::Double, device)))
+    }
+
+    /// The inference threshold: an exponential moving average of the
+    /// smallest positive training code (SAELens `update_topk_threshold`).
+    fn after_forward(&self, model: &mut Sae, z: &Tensor, m: &ModelConfig) {
+        let _guard = tch::no_grad_guard();
+        let z = z.detach();
+        let positive = z.gt(0.0);
+        if positive.any().int64_value(&[]) == 0 {
+            return;
+        }
+        let min_positive = z.masked_select(&positive).min().to_kind(Kind::Double);
+        let rate = m.topk_threshold_lr;
+        let t = model.threshold.as_mut().expect("batchtopk has a threshold");
+        *t = &*t * (1.0 - rate) + min_positive * rate;
+    }
+
+    /// SAELens saves a BatchTopK SAE for inference as a JumpReLU whose
+    /// threshold is the one estimated in training; ours is the same.
+    fn saelens(&self) -> Result<(&'static str, Map<String, Value>), String> {
+        Ok(("jumprelu", Map::new()))
+    }
+
+    /// The threshold is a buffer (estimated, not trained).
+    fn torchscript(&self, model: &Sae) -> ActivationCode {
+        ActivationCode {
+            body: JUMP_TS.into(),
+            tensors: vec![("threshold".into(), saved_threshold(model), false)],
+            attrs: vec![("k".into(), AttrValue::Int(self.k))],
+        }
+    }
+}
+
+/// BatchTopK (SAELens): the `k * rows` largest values of `relu(pre)` over the
+/// whole batch survive, the rest are zero.
+pub fn batch_topk(pre: &Tensor, k: i64) -> Tensor {
+    let acts = pre.relu();
+    let flat = acts.flatten(0, -1);
+    let keep = (k * pre.size()[0]).min(flat.size()[0]);
+    let (values, indices) = flat.topk(keep, -1, true, false);
+    flat.zeros_like()
+        .scatter(-1, &indices, &values)
+        .reshape(acts.size())
+}

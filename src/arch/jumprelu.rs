@@ -1,0 +1,71 @@
+//! JumpReLU (SAELens/DeepMind): `relu(pre) * (pre > threshold_j)` with a
+//! learned threshold per latent; training passes gradients to the
+//! thresholds through a straight-through estimator, a rectangle kernel of
+//! width `bandwidth`.
+
+use super::{jump, saved_threshold, Architecture, Threshold, JUMP_TS};
+use crate::activation::{rectangle, straight_through};
+use crate::config::ModelConfig;
+use crate::export::torchscript::{ActivationCode, AttrValue};
+use crate::model::Sae;
+use serde_json::{Map, Value};
+use tch::{Device, Kind, Tensor};
+
+pub struct JumpRelu {
+    pub bandwidth: f64,
+}
+
+impl Architecture for JumpRelu {
+    fn apply(&self, pre: &Tensor, threshold: Option<&Tensor>) -> Tensor {
+        jump(pre, threshold)
+    }
+
+    /// SAELens JumpReLU.forward: x * (x > threshold); backward:
+    /// d/dx = (x > threshold), d/dthreshold = -(threshold/bw) K((x - threshold)/bw).
+    fn apply_train(&self, pre: &Tensor, threshold: Option<&Tensor>) -> Tensor {
+        let t = threshold.expect("a jumprelu model has a threshold");
+        let value = pre * pre.gt_tensor(t).to_kind(pre.kind());
+        let coeff = (t.detach() / self.bandwidth * rectangle(pre, t, self.bandwidth)).neg();
+        value + straight_through(t, &coeff)
+    }
+
+    fn threshold(&self) -> Threshold {
+        Threshold::Parameter
+    }
+
+    fn init_threshold(&self, d_hidden: i64, m: &ModelConfig, device: Device) -> Option<Tensor> {
+        Some(Tensor::full(
+            [d_hidden],
+            m.jumprelu_init_threshold,
+            (Kind::Float, device),
+        ))
+    }
+
+    /// SAELens: thresholds stay >= 0 (projected before each forward pass).
+    fn before_forward(&self, model: &mut Sae) {
+        let _guard = tch::no_grad_guard();
+        let _ = model.threshold.as_mut().unwrap().clamp_min_(0.0);
+    }
+
+    /// The last step may leave a threshold below 0; at inference that acts
+    /// as 0 (relu(pre) * (pre > t)), so it is saved projected.
+    fn finish_training(&self, model: &mut Sae) {
+        let _ = model.threshold.as_mut().unwrap().clamp_min_(0.0);
+    }
+
+    fn saelens(&self) -> Result<(&'static str, Map<String, Value>), String> {
+        Ok(("jumprelu", Map::new()))
+    }
+
+    /// The learned threshold is a parameter.
+    fn torchscript(&self, model: &Sae) -> ActivationCode {
+        ActivationCode {
+            body: JUMP_TS.into(),
+            tensors: vec![("threshold".into(), saved_threshold(model), true)],
+            attrs: vec![(
+                "jumprelu_bandwidth".into(),
+                AttrValue::Float(self.bandwidth),
+            )],
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! What differs per architecture, one file each, behind one trait.
+//!
+//! The [`Activation`] value names an architecture and carries its settings
+//! (`k`, the JumpReLU bandwidth); [`of`] is the registry that maps it to the
+//! code in this folder. The model, the training step and the exporters ask
+//! the architecture instead of matching on the activation themselves.
+//!
+//! To add an architecture: a variant in [`Activation`] (and its config name
+//! in `config::ActivationKind`), a file here implementing [`Architecture`],
+//! and its line in [`of`]. Everything else has a default that fits a plain
+//! activation applied to the pre-activations.
+
+mod batchtopk;
+mod gated;
+mod jumprelu;
+mod relu;
+mod sigmoid;
+mod topk;
+
+pub use batchtopk::batch_topk;
+pub use gated::gated;
+
+use crate::activation::Activation;
+use crate::config::ModelConfig;
+use crate::export::torchscript::ActivationCode;
+use crate::model::Sae;
+use serde_json::{Map, Value};
+use tch::{Device, Tensor};
+
+/// The registry: the code for each [`Activation`].
+pub fn of(a: &Activation) -> Box<dyn Architecture> {
+    match *a {
+        Activation::Sigmoid => Box::new(sigmoid::Sigmoid),
+        Activation::Relu => Box::new(relu::Relu),
+        Activation::TopK { k } => Box::new(topk::TopK { k }),
+        Activation::BatchTopK { k } => Box::new(batchtopk::BatchTopK { k }),
+        Activation::JumpRelu { bandwidth } => Box::new(jumprelu::JumpRelu { bandwidth }),
+        Activation::Gated => Box::new(gated::Gated),
+    }
+}
+
+/// How the model holds a per-latent threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threshold {
+    None,
+    /// Trained by gradient (jumprelu): an optimizer parameter.
+    Parameter,
+    /// Estimated during training, used at inference (batchtopk): a buffer.
+    Buffer,
+}
+
+/// One architecture's behaviour. Defaults fit a plain activation.
+pub trait Architecture {
+    /// Codes from pre-activations `[batch, d_hidden]`, as at inference.
+    /// `threshold` is the model's (see [`Architecture::threshold`]).
+    fn apply(&self, pre: &Tensor, threshold: Option<&Tensor>) -> Tensor;
+
+    /// Codes during training (gradients flow through these).
+    fn apply_train(&self, pre: &Tensor, threshold: Option<&Tensor>) -> Tensor {
+        self.apply(pre, threshold)
+    }
+
+    /// The value above which a latent counts as active (L0, firing).
+    fn active_threshold(&self) -> f64 {
+        0.0
+    }
+
+    /// Whether codes are `relu(pre)`: then `|z| = z` and the l1 penalty can
+    /// skip its `abs` (see `Penalty::value`).
+    fn relu_codes(&self) -> bool {
+        false
+    }
+
+    fn threshold(&self) -> Threshold {
+        Threshold::None
+    }
+
+    /// The threshold a fresh model starts with (when it has one).
+    fn init_threshold(&self, _d_hidden: i64, _m: &ModelConfig, _device: Device) -> Option<Tensor> {
+        None
+    }
+
+    /// Whether the model carries a gate's magnitude path (`r_mag`, `b_mag`).
+    fn gated(&self) -> bool {
+        false
+    }
+
+    // --- training hooks, in the order a step calls them ---
+
+    /// Before each training forward pass (a projection of parameters).
+    fn before_forward(&self, _model: &mut Sae) {}
+
+    /// The codes the sparsity penalty sees instead of the training codes,
+    /// from the (possibly corrupted) normalised input.
+    fn penalty_codes(&self, _model: &Sae, _input: &Tensor) -> Option<Tensor> {
+        None
+    }
+
+    /// An extra loss term, added unweighted, from [`penalty_codes`]'s result.
+    ///
+    /// [`penalty_codes`]: Architecture::penalty_codes
+    fn aux_loss(&self, _model: &Sae, _penalty_codes: &Tensor, _target: &Tensor) -> Option<Tensor> {
+        None
+    }
+
+    /// After the forward pass, from the training codes (a running estimate).
+    fn after_forward(&self, _model: &mut Sae, _z: &Tensor, _m: &ModelConfig) {}
+
+    /// Once training ends, before the model is saved.
+    fn finish_training(&self, _model: &mut Sae) {}
+
+    // --- export descriptions ---
+
+    /// SAELens's architecture name and its extra `cfg.json` fields, or why
+    /// SAELens has none for this one.
+    fn saelens(&self) -> Result<(&'static str, Map<String, Value>), String>;
+
+    /// The TorchScript `activation(self, pre)` method and what it reads.
+    fn torchscript(&self, model: &Sae) -> ActivationCode;
+}
+
+/// SAELens's JumpReLU inference, `relu(pre) * (pre > threshold)`, shared by
+/// jumprelu and batchtopk (saved for inference as a JumpReLU).
+fn jump(pre: &Tensor, threshold: Option<&Tensor>) -> Tensor {
+    match threshold {
+        Some(t) => pre.relu() * pre.gt_tensor(t).to_kind(pre.kind()),
+        None => pre.relu(),
+    }
+}
+
+/// The TorchScript of [`jump`].
+const JUMP_TS: &str = "    return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)\n";
+
+/// The threshold as saved (`[d_hidden]` float32).
+fn saved_threshold(model: &Sae) -> Tensor {
+    model
+        .threshold_for_saving()
+        .expect("a jumprelu/batchtopk model has a threshold")
+}

@@ -1,0 +1,27 @@
+//! `relu(pre)`: SAELens's `standard` SAE.
+
+use super::Architecture;
+use crate::export::torchscript::ActivationCode;
+use crate::model::Sae;
+use serde_json::{Map, Value};
+use tch::Tensor;
+
+pub struct Relu;
+
+impl Architecture for Relu {
+    fn apply(&self, pre: &Tensor, _threshold: Option<&Tensor>) -> Tensor {
+        pre.relu()
+    }
+
+    fn relu_codes(&self) -> bool {
+        true
+    }
+
+    fn saelens(&self) -> Result<(&'static str, Map<String, Value>), String> {
+        Ok(("standard", Map::new()))
+    }
+
+    fn torchscript(&self, _model: &Sae) -> ActivationCode {
+        ActivationCode::simple("    return torch.relu(pre)\n")
+    }
+}

@@ -1,0 +1,37 @@
+//! Top-k: the k largest pre-activations per row survive (then ReLU).
+
+use super::Architecture;
+use crate::export::torchscript::{ActivationCode, AttrValue};
+use crate::model::Sae;
+use serde_json::{json, Map, Value};
+use tch::Tensor;
+
+pub struct TopK {
+    pub k: i64,
+}
+
+impl Architecture for TopK {
+    /// SAELens order: top-k of the raw pre-activations, then ReLU on the
+    /// kept values, so a row may have fewer than k positive codes.
+    fn apply(&self, pre: &Tensor, _threshold: Option<&Tensor>) -> Tensor {
+        let (values, indices) = pre.topk(self.k, -1, true, false);
+        pre.zeros_like().scatter(-1, &indices, &values.relu())
+    }
+
+    fn saelens(&self) -> Result<(&'static str, Map<String, Value>), String> {
+        let mut m = Map::new();
+        m.insert("k".into(), json!(self.k));
+        m.insert("rescale_acts_by_decoder_norm".into(), json!(false));
+        Ok(("topk", m))
+    }
+
+    fn torchscript(&self, _model: &Sae) -> ActivationCode {
+        ActivationCode {
+            body: "    values, indices = torch.topk(pre, self.k, dim=-1)\n    \
+                   return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))\n"
+                .into(),
+            tensors: vec![],
+            attrs: vec![("k".into(), AttrValue::Int(self.k))],
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! A training run, in parts (docs/ARCHITECTURE.md shows how a batch flows):
+//! - [`plan`]: the config resolved and checked, data read, model initialised
+//!   ([`init`]), before anything is written;
+//! - [`batches`]: where batches come from (memory or streamed windows) and
+//!   each epoch's order;
+//! - [`step`]: one step, the loss terms then the update;
+//! - [`state`]: where the loop stands, and the dead-latent counters;
+//! - [`run_dir`]: everything written to the run directory;
+//! - [`interrupt`], [`progress`]: signals, and what the user sees.
+//!
+//! This file is the loop that wires them, and the end of the run.
+
+pub mod batches;
+pub mod init;
+pub mod interrupt;
+pub mod plan;
+pub mod progress;
+pub mod run_dir;
+pub mod state;
+pub mod step;
+
+pub use init::{geometric_median, normalize_decoder_rows};
+pub use step::{clip_grad_norm, remove_parallel_gradient};
+
+use crate::checkpoint;
+use crate::config::Config;
+use crate::metrics::{self, Metrics};
+use crate::model::Sae;
+use crate::{bail_user, device, Result};
+use batches::{Batch, Batches};
+use plan::Plan;
+use progress::{Progress, Shown};
+use run_dir::{RunDir, StepLog};
+use serde::Serialize;
+use state::{DeadTracker, State};
+use std::path::PathBuf;
+use std::time::Instant;
+use step::{Learner, StepOutput, StepParams};
+use tch::{Device, Kind, Tensor};
+
+pub struct TrainOptions {
+    pub out: PathBuf,
+    /// Replace an existing run directory.
+    pub force: bool,
+    /// Show a progress bar / progress lines on stderr.
+    pub progress: bool,
+    /// Continue the run in `out` from its last checkpoint.
+    pub resume: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub steps: i64,
+    pub epochs: i64,
+    pub device: String,
+    pub seconds: f64,
+    pub samples_per_second: f64,
+    pub final_loss: f64,
+    pub train: Metrics,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub valid: Option<Metrics>,
+}
+
+/// Rows processed per evaluation batch (bounded memory, any data size).
+const EVAL_BATCH: i64 = 4096;
+
+/// Trains per `cfg` and writes the run directory `opts.out`.
+pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
+    run_dir::check_can_start(opts)?;
+    let plan = Plan::build(cfg)?;
+    let run = RunDir::create(opts, &plan.cfg)?;
+    let Plan {
+        cfg,
+        device,
+        data,
+        fixed_order,
+        model,
+        source,
+        valid_joined,
+        batch_rows,
+        per_epoch,
+        total_steps,
+    } = plan;
+    let d_hidden = model.spec.d_hidden;
+    let widest = d_hidden * model.spec.d_in.max(model.d_out()) * batch_rows as i64;
+    let mut learner = Learner::new(model, &cfg);
+    let mut dead = DeadTracker::new(
+        d_hidden,
+        cfg.train.dead_window,
+        learner.active_threshold(),
+        device,
+    );
+    let pos = match opts.resume {
+        true => {
+            let pos = run.load_checkpoint(&mut learner, &mut dead.since_fired)?;
+            if pos.step > total_steps {
+                bail_user!(
+                    "train.epochs: {} epochs make {total_steps} steps, fewer than the {} the checkpoint in {} has done",
+                    cfg.train.epochs,
+                    pos.step,
+                    opts.out.display()
+                );
+            }
+            pos
+        }
+        false => state::start(),
+    };
+    let mut state = State::at(&pos, opts.resume, dead);
+    let mut log = run.metrics_log(opts.resume.then_some(pos.step))?;
+    let interrupter = interrupt::Interrupter::register()?;
+    let progress = Progress::new(opts.progress, total_steps, cfg.train.epochs);
+    // Tiny models: MKL single-threaded (see device::SerialBlas).
+    let _serial_blas =
+        (device == Device::Cpu && widest < device::SMALL_MATMUL_WORK).then(device::SerialBlas::new);
+    let mut batches = Batches::new(source, &cfg, fixed_order, per_epoch, device, &pos)?;
+
+    let start = Instant::now();
+    progress.set_step(pos.step);
+    while let Some(batch) = batches.next_batch()? {
+        state.advance(&batch);
+        let params = StepParams::at(&cfg, state.step, total_steps);
+        let out = learner.step(&batch.x, &params, &mut state.dead);
+        if state.step % cfg.train.log_every == 0 || batch.end_of_epoch {
+            let entry = step_log(&learner, &out, &batch, &params, &state, &valid_joined);
+            if !entry.loss.is_finite() {
+                bail_user!(
+                    "training diverged: loss is {} at step {} (epoch {}); {}; \
+                     lower train.optimizer.lr or sparsity.weight",
+                    entry.loss,
+                    state.step,
+                    batch.epoch,
+                    run.kept_checkpoint(state.saved_step)
+                );
+            }
+            state.last_loss = entry.loss;
+            log.write(&entry)?;
+            progress.logged(&Shown {
+                epoch: batch.epoch,
+                loss: entry.loss,
+                mse: entry.mse,
+                l0: entry.l0,
+                valid_mse: entry.valid_mse,
+                end_of_epoch: batch.end_of_epoch,
+            });
+        }
+        progress.step_done();
+        let signal = interrupter.received();
+        if state.step % cfg.train.checkpoint_every == 0 || signal.is_some() {
+            log.flush()?;
+            run.save_checkpoint(&learner, &mut state)?;
+        }
+        if let Some(sig) = signal {
+            progress.finish();
+            return Err(interrupt::stopped(sig, |name| {
+                format!(
+                    "interrupted by {name} after step {} of {total_steps}; checkpoint saved in {}; \
+                     continue with: sae train --resume {}",
+                    state.step,
+                    checkpoint::path(&opts.out).display(),
+                    opts.out.display()
+                )
+            }));
+        }
+        if batch.end_of_epoch {
+            log.flush()?;
+        }
+    }
+    progress.finish();
+    let seconds = start.elapsed().as_secs_f64();
+    log.flush()?;
+    drop(log);
+    drop(interrupter);
+    if state.unsaved() {
+        run.save_checkpoint(&learner, &mut state)?;
+    }
+
+    let model = learner.into_model();
+    run.save_model(&model)?;
+    let (train_m, valid_m) = evaluate(&model, &data, cfg.sparsity.target);
+    let summary = Summary {
+        steps: state.step,
+        epochs: cfg.train.epochs,
+        device: device::describe(device),
+        seconds,
+        samples_per_second: state.samples as f64 / seconds.max(1e-9),
+        final_loss: state.last_loss,
+        train: train_m,
+        valid: valid_m,
+    };
+    run.save_summary(&model, &summary)?;
+    Ok(summary)
+}
+
+/// A logged step's scalars (each read back from the device here).
+fn step_log(
+    learner: &Learner,
+    out: &StepOutput,
+    batch: &Batch,
+    params: &StepParams,
+    state: &State,
+    valid: &Option<Tensor>,
+) -> StepLog {
+    let thr = learner.active_threshold();
+    let l0 = tch::no_grad(|| {
+        out.forward
+            .z
+            .gt(thr)
+            .sum_dim_intlist(-1, false, Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[])
+    });
+    let valid_mse = match (valid, batch.end_of_epoch) {
+        (Some(v), true) => Some(valid_mse(&learner.model, v)),
+        _ => None,
+    };
+    StepLog {
+        step: state.step,
+        epoch: batch.epoch,
+        loss: out.loss.double_value(&[]),
+        mse: out.mse.double_value(&[]),
+        sparsity_loss: out.sparsity.double_value(&[]),
+        l0,
+        lr: params.lr,
+        sparsity_weight: params.sparsity_weight,
+        aux_loss: out.aux.as_ref().map(|a| a.double_value(&[])),
+        dead: state.dead.dead().sum(Kind::Int64).int64_value(&[]),
+        valid_mse,
+    }
+}
+
+/// Metrics of the trained model on the training and validation rows.
+fn evaluate(model: &Sae, data: &plan::Data, target: f64) -> (Metrics, Option<Metrics>) {
+    let eval = |x: &Tensor, y: Option<&Tensor>| {
+        metrics::evaluate_target(model, x, y, EVAL_BATCH, target, data.truth.as_ref())
+    };
+    let train = eval(&data.train, data.train_target.as_ref());
+    let valid = data
+        .valid
+        .as_ref()
+        .map(|v| eval(v, data.valid_target.as_ref()));
+    (train, valid)
+}
+
+/// MSE on validation rows `joined` (normalised input, then the normalised
+/// target for transcoders).
+fn valid_mse(model: &Sae, joined: &Tensor) -> f64 {
+    let _guard = tch::no_grad_guard();
+    let n = joined.size()[0];
+    let (d_in, d_out) = (model.spec.d_in, model.d_out());
+    let has_target = joined.size()[1] > d_in;
+    let mut sse = 0.0;
+    let mut start = 0;
+    while start < n {
+        let len = EVAL_BATCH.min(n - start);
+        let b = joined.narrow(0, start, len);
+        let xb = b.narrow(1, 0, d_in);
+        let yb = if has_target {
+            b.narrow(1, d_in, d_out)
+        } else {
+            xb.shallow_clone()
+        };
+        let xh = model.decode_normalized(&model.encode_normalized(&xb));
+        sse += (xh - &yb).square().sum(Kind::Double).double_value(&[]);
+        start += len;
+    }
+    sse / (n * d_out) as f64
+}
+
+/// A small text table of train/valid metrics.
+pub fn summary_table(s: &Summary) -> String {
+    type Row = (&'static str, fn(&Metrics) -> Option<f64>);
+    let mut rows: Vec<Row> = vec![
+        ("mse", |m| Some(m.mse)),
+        ("fvu", |m| Some(m.fvu)),
+        ("explained_variance", |m| Some(m.explained_variance)),
+        ("l0", |m| Some(m.l0)),
+        ("dead_fraction", |m| Some(m.dead_fraction)),
+        ("dense_fraction", |m| Some(m.dense_fraction)),
+    ];
+    if s.train.mmcs.is_some() {
+        rows.push(("mmcs", |m| m.mmcs));
+    }
+    let fmt = |v: Option<f64>| match v {
+        Some(v) => format!("{v:>12.5}"),
+        None => format!("{:>12}", "-"),
+    };
+    let mut out = format!("{:<20}{:>12}{:>12}\n", "metric", "train", "valid");
+    for (name, f) in rows {
+        let v = s.valid.as_ref().and_then(f);
+        out += &format!("{name:<20}{}{}\n", fmt(f(&s.train)), fmt(v));
+    }
+    out += &format!(
+        "{} steps in {:.1} s ({:.0} samples/s) on {}\n",
+        s.steps, s.seconds, s.samples_per_second, s.device
+    );
+    out
+}

@@ -1,0 +1,324 @@
+//! Everything resolved and checked before training starts: the data read
+//! (or mapped), `d_in`/`d_out`, the model initialised, the steps counted and
+//! the checks that need any of these. A plan that fails leaves nothing on
+//! disk; everything after it can trust what it holds.
+
+use super::batches::Source;
+use super::init;
+use crate::config::{Auto, BatchSize, Config};
+use crate::data::dataset::{read_order, Dataset};
+use crate::data::mmap::Mapped;
+use crate::data::npy;
+use crate::model::Sae;
+use crate::{bail_user, device, Result};
+use anyhow::Context;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// The arrays of a run as read (not normalised).
+pub struct Data {
+    pub train: Tensor,
+    pub valid: Option<Tensor>,
+    /// `data.target` (and its validation rows): what a transcoder reconstructs.
+    pub train_target: Option<Tensor>,
+    pub valid_target: Option<Tensor>,
+    pub truth: Option<Tensor>,
+    /// data.stream: the mapping `train` is a view of.
+    pub mapped: Option<Mapped>,
+}
+
+pub struct Plan {
+    /// The config with everything resolved (`model.d_in` filled in).
+    pub cfg: Config,
+    pub device: Device,
+    pub data: Data,
+    /// `train.order`, read and checked.
+    pub fixed_order: Option<Vec<Vec<i64>>>,
+    /// The initialised model.
+    pub model: Sae,
+    /// Where training batches come from: normalised rows (input, then the
+    /// target for transcoders) in memory, or the mapped file.
+    pub source: Source,
+    /// Validation rows, normalised like `source`'s (the per-epoch valid_mse).
+    pub valid_joined: Option<Tensor>,
+    /// Rows per batch (`train.batch_size: full` is the training rows).
+    pub batch_rows: usize,
+    pub per_epoch: i64,
+    pub total_steps: i64,
+}
+
+impl Plan {
+    pub fn build(cfg: &Config) -> Result<Plan> {
+        let mut cfg = cfg.clone();
+        let device = device::resolve(&cfg.device)?;
+        device::set_threads(match cfg.train.threads {
+            Auto::Auto => None,
+            Auto::Value(n) => Some(n),
+        });
+        tch::manual_seed(cfg.seed as i64);
+        let data = load_data(&mut cfg)?;
+        let fixed_order = match &cfg.train.order {
+            Some(p) => Some(read_order(
+                p,
+                data.train.size()[0] as usize,
+                cfg.train.epochs,
+            )?),
+            None => None,
+        };
+        let model = init::model(&cfg, &data, device)?;
+        let source = Source::new(&cfg, &data, &model, device);
+        let valid_joined = data
+            .valid
+            .as_ref()
+            .map(|v| joined(&model, v, data.valid_target.as_ref(), device));
+        let rows = source.rows();
+        let batch_rows = match cfg.train.batch_size {
+            BatchSize::Full => rows,
+            BatchSize::Rows(b) => b as usize,
+        };
+        let per_epoch = match cfg.train.batch_size {
+            BatchSize::Full => 1,
+            BatchSize::Rows(b) => rows.div_ceil(b as usize) as i64,
+        };
+        let plan = Plan {
+            total_steps: per_epoch * cfg.train.epochs,
+            cfg,
+            device,
+            data,
+            fixed_order,
+            model,
+            source,
+            valid_joined,
+            batch_rows,
+            per_epoch,
+        };
+        plan.check()?;
+        Ok(plan)
+    }
+
+    /// Cross-key checks that need the step count or the model.
+    fn check(&self) -> Result<()> {
+        let t = &self.cfg.train;
+        if t.lr_warmup_steps + t.lr_decay_steps > self.total_steps {
+            bail_user!(
+                "train.lr_warmup_steps + train.lr_decay_steps: {} + {} exceeds the run's {} steps",
+                t.lr_warmup_steps,
+                t.lr_decay_steps,
+                self.total_steps
+            );
+        }
+        if t.resample_every > 0 && self.model.is_deep() {
+            bail_user!("train.resample_every: not supported for a deep model (model.hidden)");
+        }
+        Ok(())
+    }
+
+    pub fn d_in(&self) -> i64 {
+        self.model.spec.d_in
+    }
+}
+
+/// Normalised input and target side by side, so one batch order serves both.
+pub fn joined(model: &Sae, x: &Tensor, y: Option<&Tensor>, device: Device) -> Tensor {
+    let xn = model.norm.apply(&x.to_kind(Kind::Float).to_device(device));
+    match y {
+        Some(y) => {
+            let yn = model
+                .output_norm()
+                .apply(&y.to_kind(Kind::Float).to_device(device));
+            Tensor::cat(&[xn, yn], 1)
+        }
+        None => xn,
+    }
+}
+
+/// Reads every array the config names, checks they fit together, drops
+/// non-finite rows where allowed and splits off validation rows; fills in
+/// `model.d_in`.
+fn load_data(cfg: &mut Config) -> Result<Data> {
+    let mut data = read_arrays(cfg)?;
+    cfg.model.d_in = Auto::Value(data.train.size()[1]);
+    if cfg.data.allow_nonfinite {
+        drop_nonfinite_rows(&mut data, cfg)?;
+    }
+    if cfg.data.valid_fraction > 0.0 {
+        split_valid(&mut data, cfg)?;
+    }
+    data.truth = read_truth(cfg, d_out(&data))?;
+    Ok(data)
+}
+
+pub(super) fn train_path(cfg: &Config) -> &str {
+    cfg.data.train.as_deref().expect("validated")
+}
+
+/// The reconstruction's width.
+fn d_out(data: &Data) -> i64 {
+    data.train_target.as_ref().unwrap_or(&data.train).size()[1]
+}
+
+fn read(cfg: &Config, path: &str) -> Result<Tensor> {
+    if cfg.data.allow_nonfinite {
+        npy::read_tensor_allow_nonfinite(path)
+    } else {
+        npy::read_tensor(path)
+    }
+}
+
+/// data.train (read, or mapped with data.stream), data.valid and the targets.
+fn read_arrays(cfg: &Config) -> Result<Data> {
+    let train_path = train_path(cfg);
+    // data.stream: a view of the mapped file; `mapped` keeps the mapping alive.
+    let mapped = match cfg.data.stream {
+        true => Some(crate::data::mmap::map_npy(Path::new(train_path)).context("data.train")?),
+        false => None,
+    };
+    let train = match &mapped {
+        Some(m) => m.tensor.shallow_clone(),
+        None => read(cfg, train_path).context("data.train")?,
+    };
+    let d_in = train.size()[1];
+    if let Auto::Value(d) = cfg.model.d_in {
+        if d != d_in {
+            bail_user!("model.d_in: {d} but {train_path} has {d_in} columns");
+        }
+    }
+    let valid = match &cfg.data.valid {
+        Some(p) => {
+            let v = read(cfg, p).context("data.valid")?;
+            if v.size()[1] != d_in {
+                bail_user!(
+                    "data.valid: {p} has {} columns but data.train has {d_in}",
+                    v.size()[1]
+                );
+            }
+            Some(v)
+        }
+        None => None,
+    };
+    let read_target = |key: &str, p: &str, rows: i64, of: &str| -> Result<Tensor> {
+        let y = read(cfg, p).with_context(|| key.to_string())?;
+        if y.size()[0] != rows {
+            bail_user!(
+                "{key}: {p} has {} rows but {of} has {rows}; the target must be row-aligned with it",
+                y.size()[0]
+            );
+        }
+        Ok(y)
+    };
+    let train_target = match &cfg.data.target {
+        Some(p) => Some(read_target("data.target", p, train.size()[0], train_path)?),
+        None => None,
+    };
+    let d_out = train_target.as_ref().map_or(d_in, |y| y.size()[1]);
+    let valid_target = match (&cfg.data.valid_target, &valid, &cfg.data.valid) {
+        (Some(p), Some(v), Some(vp)) => {
+            let y = read_target("data.valid_target", p, v.size()[0], vp)?;
+            if y.size()[1] != d_out {
+                bail_user!(
+                    "data.valid_target: {p} has {} columns but data.target has {d_out}",
+                    y.size()[1]
+                );
+            }
+            Some(y)
+        }
+        _ => None,
+    };
+    Ok(Data {
+        train,
+        valid,
+        train_target,
+        valid_target,
+        truth: None,
+        mapped,
+    })
+}
+
+/// `data.allow_nonfinite`: training and validation rows without NaN or Inf.
+fn drop_nonfinite_rows(data: &mut Data, cfg: &Config) -> Result<()> {
+    let (train, target) = drop_nonfinite(
+        data.train.shallow_clone(),
+        data.train_target.take(),
+        "data.train",
+        train_path(cfg),
+    )?;
+    data.train = train;
+    data.train_target = target;
+    if let (Some(v), Some(vp)) = (data.valid.take(), &cfg.data.valid) {
+        let (v, vt) = drop_nonfinite(v, data.valid_target.take(), "data.valid", vp)?;
+        data.valid = Some(v);
+        data.valid_target = vt;
+    }
+    Ok(())
+}
+
+/// Drops the rows of `x` (and of its row-aligned target) that hold NaN or
+/// Inf, with a warning; refuses data left empty.
+fn drop_nonfinite(
+    x: Tensor,
+    y: Option<Tensor>,
+    key: &str,
+    path: &str,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let mut keep = x.isfinite().all_dim(1, false);
+    if let Some(y) = &y {
+        keep = keep.logical_and(&y.isfinite().all_dim(1, false));
+    }
+    let n = x.size()[0];
+    let kept = keep.sum(Kind::Int64).int64_value(&[]);
+    if kept == n {
+        return Ok((x, y));
+    }
+    if kept == 0 {
+        bail_user!("{key}: {path}: every one of its {n} rows holds NaN or Inf");
+    }
+    eprintln!(
+        "sae: warning: {key}: {path}: dropped {} of {n} rows holding NaN or Inf (data.allow_nonfinite)",
+        n - kept
+    );
+    let idx = keep.nonzero().squeeze_dim(1);
+    Ok((x.index_select(0, &idx), y.map(|y| y.index_select(0, &idx))))
+}
+
+/// `data.valid_fraction`: validation rows drawn from the training rows
+/// (input and target together, the same rows).
+fn split_valid(data: &mut Data, cfg: &Config) -> Result<()> {
+    let n = data.train.size()[0];
+    if n < 2 {
+        bail_user!(
+            "data.valid_fraction: {} has {n} row(s), too few to split",
+            train_path(cfg)
+        );
+    }
+    let (d_in, d_out) = (data.train.size()[1], d_out(data));
+    let joined = match &data.train_target {
+        Some(y) => Tensor::cat(
+            &[data.train.to_kind(Kind::Float), y.to_kind(Kind::Float)],
+            1,
+        ),
+        None => data.train.shallow_clone(),
+    };
+    let (t, v) = Dataset::new(joined, Device::Cpu).split(cfg.data.valid_fraction, cfg.seed);
+    data.train = t.x.narrow(1, 0, d_in);
+    data.valid = Some(v.x.narrow(1, 0, d_in));
+    if data.train_target.is_some() {
+        data.train_target = Some(t.x.narrow(1, d_in, d_out));
+        data.valid_target = Some(v.x.narrow(1, d_in, d_out));
+    }
+    Ok(())
+}
+
+/// `data.truth`: ground-truth features for the mmcs metric.
+fn read_truth(cfg: &Config, d_out: i64) -> Result<Option<Tensor>> {
+    let Some(p) = &cfg.data.truth else {
+        return Ok(None);
+    };
+    let t = npy::read_tensor(p).context("data.truth")?;
+    if t.size()[1] != d_out {
+        bail_user!(
+            "data.truth: {p} has {} columns but the reconstructed data has {d_out}",
+            t.size()[1]
+        );
+    }
+    Ok(Some(t))
+}

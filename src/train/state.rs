@@ -1,0 +1,111 @@
+//! Where the loop stands: steps and samples done, the last logged loss, the
+//! newest checkpoint on disk, and which latents are dead. One owner, and the
+//! checkpoint's [`Position`] is built here alone.
+
+use super::batches::Batch;
+pub use crate::checkpoint::Position;
+use tch::{Device, Kind, Tensor};
+
+pub struct State {
+    /// Steps done.
+    pub step: i64,
+    /// Training rows seen.
+    pub samples: i64,
+    /// Loss of the last logged step (NaN before the first).
+    pub last_loss: f64,
+    /// The step of the newest checkpoint on disk (-1: none yet).
+    pub saved_step: i64,
+    pub dead: DeadTracker,
+    /// Where the next step starts: (epoch, batch within it).
+    next: (i64, i64),
+}
+
+impl State {
+    /// The state at `pos`: a fresh run's start, or a checkpoint's
+    /// (`resumed`: that checkpoint is on disk).
+    pub fn at(pos: &Position, resumed: bool, dead: DeadTracker) -> State {
+        State {
+            step: pos.step,
+            samples: pos.samples,
+            last_loss: pos.last_loss.unwrap_or(f64::NAN),
+            saved_step: if resumed { pos.step } else { -1 },
+            dead,
+            next: (pos.epoch, pos.batch),
+        }
+    }
+
+    /// Counts the step about to train on `batch`.
+    pub fn advance(&mut self, batch: &Batch) {
+        self.step += 1;
+        self.samples += batch.x.size()[0];
+        self.next = match batch.end_of_epoch {
+            true => (batch.epoch + 1, 0),
+            false => (batch.epoch, batch.index + 1),
+        };
+    }
+
+    /// What a checkpoint written now records.
+    pub fn position(&self, adam_step: i64) -> Position {
+        Position {
+            step: self.step,
+            epoch: self.next.0,
+            batch: self.next.1,
+            samples: self.samples,
+            adam_step,
+            last_loss: self.last_loss.is_finite().then_some(self.last_loss),
+        }
+    }
+
+    /// Whether steps were done since the newest checkpoint.
+    pub fn unsaved(&self) -> bool {
+        self.saved_step != self.step
+    }
+}
+
+/// The start of a fresh run.
+pub fn start() -> Position {
+    Position {
+        step: 0,
+        epoch: 1,
+        batch: 0,
+        samples: 0,
+        adam_step: 0,
+        last_loss: None,
+    }
+}
+
+/// Steps since each latent last fired (on a training batch).
+pub struct DeadTracker {
+    pub since_fired: Tensor,
+    window: i64,
+    /// The value above which a code counts as firing.
+    active_threshold: f64,
+}
+
+impl DeadTracker {
+    pub fn new(d_hidden: i64, window: i64, active_threshold: f64, device: Device) -> DeadTracker {
+        DeadTracker {
+            since_fired: Tensor::zeros([d_hidden], (Kind::Int64, device)),
+            window,
+            active_threshold,
+        }
+    }
+
+    /// Latents that have not fired for more than `window` steps (SAELens's rule).
+    pub fn dead(&self) -> Tensor {
+        self.since_fired.gt(self.window)
+    }
+
+    pub fn update(&mut self, z: &Tensor) {
+        let _guard = tch::no_grad_guard();
+        // max > t, not (z > t).any(0): no [batch, d_hidden] temporary.
+        let fired = z.amax(0, false).gt(self.active_threshold);
+        let _ = self.since_fired.g_add_scalar_(1);
+        let _ = self.since_fired.masked_fill_(&fired, 0);
+    }
+
+    /// Counts the latents in `which` as just fired (they were resampled).
+    pub fn revive(&mut self, which: &Tensor) {
+        let _ = self.since_fired.masked_fill_(which, 0);
+    }
+}

@@ -1,0 +1,317 @@
+//! One training step, as burn-train splits it: the forward half returns the
+//! loss terms ([`StepOutput`]), then the update runs (backward, projection,
+//! clipping, optimizer, renormalisation). No I/O and no loop state: the loop
+//! and the in-process tests (tests/step.rs) call [`Learner::step`] alike.
+
+use super::init::{decoder_rows, normalize_decoder_rows};
+use super::state::DeadTracker;
+use crate::arch::Architecture;
+use crate::config::{Config, InputNoise, TrainConfig};
+use crate::model::{Forward, Sae};
+use crate::optim::Adam;
+use crate::penalty::{Penalty, PenaltyInput};
+use crate::schedule;
+use tch::{Kind, Reduction, Tensor};
+
+/// What one step uses that changes from step to step (schedules).
+#[derive(Debug, Clone, Copy)]
+pub struct StepParams {
+    /// This step's number, 1-based.
+    pub step: i64,
+    pub lr: f64,
+    pub sparsity_weight: f64,
+}
+
+impl StepParams {
+    pub fn at(cfg: &Config, step: i64, total_steps: i64) -> StepParams {
+        StepParams {
+            step,
+            lr: schedule::lr_at(&cfg.train, step, total_steps),
+            sparsity_weight: schedule::sparsity_weight_at(
+                cfg.sparsity.weight,
+                cfg.sparsity.warmup_steps,
+                step,
+            ),
+        }
+    }
+}
+
+/// The loss terms of one batch (tensors on the device: reading one back
+/// waits for the device, so the loop does it on logged steps only).
+pub struct StepOutput {
+    pub loss: Tensor,
+    pub mse: Tensor,
+    /// The unweighted sparsity penalty.
+    pub sparsity: Tensor,
+    /// An architecture's extra loss term (gated: the gate's reconstruction).
+    pub aux: Option<Tensor>,
+    pub forward: Forward,
+}
+
+/// The model and everything a step updates with it.
+pub struct Learner {
+    pub model: Sae,
+    pub adam: Adam,
+    penalty: Penalty,
+    arch: Box<dyn Architecture>,
+    cfg: Config,
+}
+
+impl Learner {
+    /// Ready to train `model` (gradients on, a fresh optimizer).
+    pub fn new(mut model: Sae, cfg: &Config) -> Learner {
+        let penalty = Penalty::from_config(&cfg.sparsity, &cfg.model, model.d_out());
+        model.set_requires_grad(true);
+        let adam = Adam::new(&cfg.train.optimizer, &model.parameters());
+        Learner {
+            arch: model.spec.activation.arch(),
+            model,
+            adam,
+            penalty,
+            cfg: cfg.clone(),
+        }
+    }
+
+    /// The value above which a code counts as firing (dead-latent tracking).
+    pub fn active_threshold(&self) -> f64 {
+        self.arch.active_threshold()
+    }
+
+    /// One step on `batch` (normalised input, then the target for
+    /// transcoders): forward, statistics, update, and dead-latent
+    /// resampling when due.
+    pub fn step(&mut self, batch: &Tensor, p: &StepParams, dead: &mut DeadTracker) -> StepOutput {
+        let resample_every = self.cfg.train.resample_every;
+        // Input noise and resampling draw random numbers: libtorch is
+        // re-seeded from (seed, step) before each step, so a resumed run
+        // draws the same.
+        if self.cfg.train.input_noise != InputNoise::None || resample_every > 0 {
+            tch::manual_seed(step_seed(self.cfg.seed, p.step));
+        }
+        let (d_in, d_out) = (self.model.spec.d_in, self.model.d_out());
+        let (xb, target) = match batch.size()[1] > d_in {
+            true => (batch.narrow(1, 0, d_in), batch.narrow(1, d_in, d_out)),
+            false => (batch.shallow_clone(), batch.shallow_clone()),
+        };
+        self.arch.before_forward(&mut self.model);
+        let input = corrupt(&xb, &self.cfg.train);
+        let dead_mask = self.penalty.needs_dead_mask().then(|| dead.dead());
+        let out = self.forward(&input, &target, p.sparsity_weight, dead_mask.as_ref());
+        dead.update(&out.forward.z);
+        self.arch
+            .after_forward(&mut self.model, &out.forward.z, &self.cfg.model);
+        self.update(&out.loss, p.lr);
+        if resample_every > 0 && p.step % resample_every == 0 {
+            let d = dead.dead();
+            let n = resample_dead(
+                &mut self.model,
+                &mut self.adam,
+                &d,
+                &input,
+                &target,
+                &out.forward.recon,
+            );
+            if n > 0 {
+                dead.revive(&d);
+            }
+        }
+        out
+    }
+
+    /// The forward half: the loss terms of `input` reconstructing `target`.
+    /// The order of ops is fixed: autograd sums a tensor's gradients in the
+    /// order its uses were recorded, so reordering changes the last bits.
+    pub fn forward(
+        &self,
+        input: &Tensor,
+        target: &Tensor,
+        sparsity_weight: f64,
+        dead: Option<&Tensor>,
+    ) -> StepOutput {
+        let model = &self.model;
+        let f = model.forward_train_fast(input, !self.penalty.needs_pre_gradient());
+        let mse = f.recon.mse_loss(target, Reduction::Mean);
+        let penalty_codes = self.arch.penalty_codes(model, input);
+        let w_dec = model.decoder_weight();
+        let sparsity = self.penalty.value(&PenaltyInput {
+            z: penalty_codes.as_ref().unwrap_or(&f.z),
+            pre: &f.pre,
+            target,
+            recon: &f.recon,
+            w_dec: &w_dec,
+            threshold: model.threshold.as_ref(),
+            dead,
+            relu_codes: penalty_codes.is_none() && self.arch.relu_codes(),
+        });
+        let aux = penalty_codes
+            .as_ref()
+            .and_then(|c| self.arch.aux_loss(model, c, target));
+        let loss = match &aux {
+            Some(a) => &mse + &sparsity * sparsity_weight + a,
+            None => &mse + &sparsity * sparsity_weight,
+        };
+        StepOutput {
+            loss,
+            mse,
+            sparsity,
+            aux,
+            forward: f,
+        }
+    }
+
+    /// The update half: gradients of `loss`, then the optimizer step at
+    /// learning rate `lr`, with the decoder kept at unit norm and gradients
+    /// clipped where the config asks.
+    pub fn update(&mut self, loss: &Tensor, lr: f64) {
+        let t = &self.cfg.train;
+        self.adam.zero_grad(&mut self.model.parameters_mut());
+        loss.backward();
+        if t.unit_norm_decoder {
+            remove_parallel_gradient(&mut self.model);
+        }
+        if let Some(max_norm) = t.grad_clip {
+            clip_grad_norm(&mut self.model.parameters_mut(), max_norm);
+        }
+        self.adam.cfg.lr = lr;
+        self.adam.step(&mut self.model.parameters_mut());
+        if t.unit_norm_decoder {
+            normalize_decoder_rows(&mut self.model);
+        }
+    }
+
+    /// The trained model, ready to save: parameters in storage of their
+    /// own, no gradients, the architecture's last projection applied.
+    pub fn into_model(mut self) -> Sae {
+        self.adam.unflatten(&mut self.model.parameters_mut());
+        self.model.set_requires_grad(false);
+        self.arch.finish_training(&mut self.model);
+        self.model
+    }
+}
+
+/// libtorch's seed for training step `step` (SplitMix64 of seed and step).
+fn step_seed(seed: u64, step: i64) -> i64 {
+    let mut z = seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as i64
+}
+
+/// `train.input_noise` applied to a batch (the reconstruction target stays clean).
+fn corrupt(x: &Tensor, t: &TrainConfig) -> Tensor {
+    match t.input_noise {
+        InputNoise::None => x.shallow_clone(),
+        InputNoise::Gaussian => x + x.randn_like() * t.noise_level,
+        InputNoise::Mask => {
+            let keep = x.empty_like().bernoulli_float_(1.0 - t.noise_level);
+            x * keep
+        }
+    }
+}
+
+/// Removes from the decoder's gradient its component along each (unit)
+/// decoder row, so an update moves rows along the unit sphere.
+pub fn remove_parallel_gradient(model: &mut Sae) {
+    let _guard = tch::no_grad_guard();
+    let (w, dim) = decoder_rows(model);
+    let mut g = w.grad();
+    if !g.defined() {
+        return;
+    }
+    let unit = &*w / w.norm_scalaropt_dim(2, [dim], true).clamp_min(1e-12);
+    let parallel = (&g * &unit).sum_dim_intlist(dim, true, Kind::Float);
+    let _ = g.g_sub_(&(parallel * unit));
+}
+
+/// Scales all gradients so their global L2 norm is at most `max_norm`
+/// (torch `clip_grad_norm_`); returns the norm before clipping.
+pub fn clip_grad_norm(params: &mut [&mut Tensor], max_norm: f64) -> f64 {
+    let _guard = tch::no_grad_guard();
+    let grads: Vec<Tensor> = params
+        .iter()
+        .map(|p| p.grad())
+        .filter(|g| g.defined())
+        .collect();
+    if grads.is_empty() {
+        return 0.0;
+    }
+    let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
+    let total = Tensor::stack(&norms, 0).norm();
+    // Python's `max_norm / (total + 1e-6)` on a tensor is reciprocal() * max_norm.
+    let coef = ((&total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+    for mut g in grads {
+        let _ = g.g_mul_(&coef);
+    }
+    total.double_value(&[])
+}
+
+/// Re-initialises dead latents (Anthropic's recipe, simplified): each takes
+/// the direction of an input of the batch drawn with probability
+/// proportional to its squared reconstruction error; its decoder row is that
+/// direction (of the mean live decoder norm), its encoder column the same
+/// direction scaled to 0.2 x the mean live encoder norm, its encoder bias 0
+/// (gated: r_mag and b_mag too), and Adam's moments for each of these are
+/// reset. Returns how many were resampled.
+fn resample_dead(
+    model: &mut Sae,
+    adam: &mut Adam,
+    dead: &Tensor,
+    input: &Tensor,
+    target: &Tensor,
+    recon: &Tensor,
+) -> i64 {
+    let _guard = tch::no_grad_guard();
+    let idx = dead.nonzero().squeeze_dim(1);
+    let n_dead = idx.size()[0];
+    if n_dead == 0 {
+        return 0;
+    }
+    let err = (recon.detach() - target)
+        .square()
+        .sum_dim_intlist(1, false, Kind::Float);
+    let probs = err.square();
+    let probs = if probs.sum(Kind::Double).double_value(&[]) > 0.0 {
+        probs
+    } else {
+        probs.ones_like()
+    };
+    let rows = probs.multinomial(n_dead, true);
+    let unit = |t: Tensor| &t / t.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
+    let enc_dir = unit(input.index_select(0, &rows));
+    let dec_dir = unit(target.index_select(0, &rows));
+    let alive = dead.logical_not();
+    let any_alive = alive.any().int64_value(&[]) != 0;
+    let mean_norm = |norms: Tensor| {
+        if any_alive {
+            norms.masked_select(&alive).mean(Kind::Float)
+        } else {
+            norms.mean(Kind::Float)
+        }
+    };
+    let enc_norm = mean_norm(model.w_enc.norm_scalaropt_dim(2, [0], false)) * 0.2;
+    let new_cols = (enc_dir * enc_norm).tr();
+    let _ = model.w_enc.index_copy_(1, &idx, &new_cols);
+    let _ = model.b_enc.index_fill_(0, &idx, 0.0);
+    if let Some(w_dec) = &mut model.w_dec {
+        let dec_norm = mean_norm(w_dec.norm_scalaropt_dim(2, [1], false));
+        let _ = w_dec.index_copy_(0, &idx, &(dec_dir * dec_norm));
+    }
+    if let Some(g) = &mut model.gate {
+        let _ = g.r_mag.index_fill_(0, &idx, 0.0);
+        let _ = g.b_mag.index_fill_(0, &idx, 0.0);
+    }
+    // Adam's moments of the touched slices, found by parameter name.
+    for (name, dim) in [
+        ("W_enc", 1),
+        ("b_enc", 0),
+        ("W_dec", 0),
+        ("r_mag", 0),
+        ("b_mag", 0),
+    ] {
+        if let Some(i) = model.parameter_index(name) {
+            let _ = adam.exp_avg[i].index_fill_(dim, &idx, 0.0);
+            let _ = adam.exp_avg_sq[i].index_fill_(dim, &idx, 0.0);
+        }
+    }
+    n_dead
+}
