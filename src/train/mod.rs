@@ -29,10 +29,10 @@ use crate::model::Sae;
 use crate::{bail_user, device, Result};
 use batches::{Batch, Batches};
 use plan::Plan;
-use progress::{Progress, Shown};
+use progress::Progress;
 use run_dir::{RunDir, StepLog};
 use serde::Serialize;
-use state::{DeadTracker, State};
+use state::{DeadTracker, Position, State};
 use std::path::PathBuf;
 use std::time::Instant;
 use step::{Learner, StepOutput, StepParams};
@@ -81,31 +81,8 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
         per_epoch,
         total_steps,
     } = plan;
-    let d_hidden = model.spec.d_hidden;
-    let widest = d_hidden * model.spec.d_in.max(model.d_out()) * batch_rows as i64;
-    let mut learner = Learner::new(model, &cfg);
-    let mut dead = DeadTracker::new(
-        d_hidden,
-        cfg.train.dead_window,
-        learner.active_threshold(),
-        device,
-    );
-    let pos = match opts.resume {
-        true => {
-            let pos = run.load_checkpoint(&mut learner, &mut dead.since_fired)?;
-            if pos.step > total_steps {
-                bail_user!(
-                    "train.epochs: {} epochs make {total_steps} steps, fewer than the {} the checkpoint in {} has done",
-                    cfg.train.epochs,
-                    pos.step,
-                    opts.out.display()
-                );
-            }
-            pos
-        }
-        false => state::start(),
-    };
-    let mut state = State::at(&pos, opts.resume, dead);
+    let widest = model.spec.d_hidden * model.spec.d_in.max(model.d_out()) * batch_rows as i64;
+    let (mut learner, mut state, pos) = start(&run, model, &cfg, device, opts.resume, total_steps)?;
     let mut log = run.metrics_log(opts.resume.then_some(pos.step))?;
     let interrupter = interrupt::Interrupter::register()?;
     let progress = Progress::new(opts.progress, total_steps, cfg.train.epochs);
@@ -114,7 +91,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
         (device == Device::Cpu && widest < device::SMALL_MATMUL_WORK).then(device::SerialBlas::new);
     let mut batches = Batches::new(source, &cfg, fixed_order, per_epoch, device, &pos)?;
 
-    let start = Instant::now();
+    let started = Instant::now();
     progress.set_step(pos.step);
     while let Some(batch) = batches.next_batch()? {
         state.advance(&batch);
@@ -134,14 +111,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
             }
             state.last_loss = entry.loss;
             log.write(&entry)?;
-            progress.logged(&Shown {
-                epoch: batch.epoch,
-                loss: entry.loss,
-                mse: entry.mse,
-                l0: entry.l0,
-                valid_mse: entry.valid_mse,
-                end_of_epoch: batch.end_of_epoch,
-            });
+            progress.logged(&entry, batch.end_of_epoch);
         }
         progress.step_done();
         let signal = interrupter.received();
@@ -166,17 +136,16 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
         }
     }
     progress.finish();
-    let seconds = start.elapsed().as_secs_f64();
+    let seconds = started.elapsed().as_secs_f64();
     log.flush()?;
     drop(log);
     drop(interrupter);
     if state.unsaved() {
         run.save_checkpoint(&learner, &mut state)?;
     }
-
     let model = learner.into_model();
     run.save_model(&model)?;
-    let (train_m, valid_m) = evaluate(&model, &data, cfg.sparsity.target);
+    let (train, valid) = evaluate(&model, &data, cfg.sparsity.target);
     let summary = Summary {
         steps: state.step,
         epochs: cfg.train.epochs,
@@ -184,11 +153,43 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
         seconds,
         samples_per_second: state.samples as f64 / seconds.max(1e-9),
         final_loss: state.last_loss,
-        train: train_m,
-        valid: valid_m,
+        train,
+        valid,
     };
     run.save_summary(&model, &summary)?;
     Ok(summary)
+}
+
+/// The learner and loop state at the run's start, or at its checkpoint
+/// when resuming; and that position.
+fn start(
+    run: &RunDir,
+    model: Sae,
+    cfg: &Config,
+    device: Device,
+    resume: bool,
+    total_steps: i64,
+) -> Result<(Learner, State, Position)> {
+    let d_hidden = model.spec.d_hidden;
+    let mut learner = Learner::new(model, cfg);
+    let window = cfg.train.dead_window;
+    let mut dead = DeadTracker::new(d_hidden, window, learner.active_threshold(), device);
+    let pos = match resume {
+        true => {
+            let pos = run.load_checkpoint(&mut learner, &mut dead.since_fired)?;
+            if pos.step > total_steps {
+                bail_user!(
+                    "train.epochs: {} epochs make {total_steps} steps, fewer than the {} the checkpoint in {} has done",
+                    cfg.train.epochs,
+                    pos.step,
+                    run.path.display()
+                );
+            }
+            pos
+        }
+        false => state::start(),
+    };
+    Ok((learner, State::at(&pos, resume, dead), pos))
 }
 
 /// A logged step's scalars (each read back from the device here).

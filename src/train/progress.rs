@@ -1,6 +1,7 @@
 //! What the user sees while a run trains: a progress bar on a terminal, or
 //! about twenty epoch lines on stderr otherwise (logs, CI); nothing with -q.
 
+use super::run_dir::StepLog;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 
@@ -10,16 +11,6 @@ pub struct Progress {
     lines: bool,
     line_every: i64,
     epochs: i64,
-}
-
-/// What a logged step shows.
-pub struct Shown {
-    pub epoch: i64,
-    pub loss: f64,
-    pub mse: f64,
-    pub l0: f64,
-    pub valid_mse: Option<f64>,
-    pub end_of_epoch: bool,
 }
 
 impl Progress {
@@ -52,14 +43,13 @@ impl Progress {
         self.bar.inc(1);
     }
 
-    pub fn logged(&self, s: &Shown) {
+    /// A logged step (`end_of_epoch`: the last of its epoch).
+    pub fn logged(&self, s: &StepLog, end_of_epoch: bool) {
         self.bar.set_message(format!(
             "epoch {}/{} loss {:.5} l0 {:.1}",
             s.epoch, self.epochs, s.loss, s.l0
         ));
-        if s.end_of_epoch
-            && self.lines
-            && (s.epoch % self.line_every == 0 || s.epoch == self.epochs)
+        if end_of_epoch && self.lines && (s.epoch % self.line_every == 0 || s.epoch == self.epochs)
         {
             let v = s
                 .valid_mse

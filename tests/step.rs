@@ -1,0 +1,246 @@
+//! The training step in-process, no binary: two parity cases replayed step
+//! by step through the library (`Plan` -> `Batches` -> `Learner::step`),
+//! each step's loss terms against the plain-PyTorch reference in
+//! `tests/reference/recipes.py` (relative 1e-5) and against `sae train`'s
+//! own metrics.jsonl (bit for bit: the loop adds nothing to the maths), the
+//! final weights against the reference (absolute 1e-5).
+
+mod common;
+
+use common::{python, sae_ok};
+use sae::config::Config;
+use sae::train::batches::Batches;
+use sae::train::plan::Plan;
+use sae::train::state::{self, DeadTracker};
+use sae::train::step::{Learner, StepParams};
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use tch::Tensor;
+
+/// A recipes.py case: `sae` config keys (YAML flow-mapping entries) beyond
+/// the common ones, and the reference's arguments.
+struct Case {
+    seed: u64,
+    d_hidden: i64,
+    model: &'static str,
+    sparsity: &'static str,
+    train: &'static str,
+    reference: &'static [&'static str],
+}
+
+const TOPK_AUXK: Case = Case {
+    seed: 6,
+    d_hidden: 128,
+    model: "activation: topk, k: 4",
+    sparsity: "penalty: auxk, weight: 0.03125",
+    train: "dead_window: 3",
+    reference: &[
+        "--architecture",
+        "topk",
+        "--k",
+        "4",
+        "--penalty",
+        "auxk",
+        "--coefficient",
+        "0.03125",
+        "--dead-window",
+        "3",
+    ],
+};
+
+const JUMPRELU_RECIPE: Case = Case {
+    seed: 9,
+    d_hidden: 64,
+    model: "activation: jumprelu, jumprelu_init_threshold: 0.1, jumprelu_bandwidth: 0.05",
+    sparsity: "penalty: l0, weight: 0.002, warmup_steps: 30",
+    train: "lr_schedule: linear, lr_warmup_steps: 5, lr_end: 0.0005, unit_norm_decoder: true, grad_clip: 0.02",
+    reference: &[
+        "--architecture",
+        "jumprelu",
+        "--penalty",
+        "l0",
+        "--coefficient",
+        "0.002",
+        "--init-threshold",
+        "0.1",
+        "--bandwidth",
+        "0.05",
+        "--lr-schedule",
+        "linear",
+        "--lr-warmup-steps",
+        "5",
+        "--lr-end",
+        "0.0005",
+        "--sparsity-warmup-steps",
+        "30",
+        "--unit-norm-decoder",
+        "--grad-clip",
+        "0.02",
+    ],
+};
+
+const EPOCHS: i64 = 10;
+const BATCH: i64 = 48;
+const LR: f64 = 3e-3;
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("starting python");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// (loss, mse, sparsity_loss) of each line of a metrics.jsonl.
+fn losses(path: &Path) -> Vec<[f64; 3]> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            ["loss", "mse", "sparsity_loss"].map(|k| v[k].as_f64().unwrap())
+        })
+        .collect()
+}
+
+fn config_yaml(case: &Case, input: &Path) -> String {
+    format!(
+        "seed: 0\ndevice: cpu\n\
+         data: {{train: {x:?}}}\n\
+         model: {{init: {init:?}, d_hidden: {h}, init_scheme: sae, {model}}}\n\
+         sparsity: {{{sparsity}}}\n\
+         train: {{epochs: {EPOCHS}, batch_size: {BATCH}, shuffle: false, order: {order:?}, threads: 1, \
+         log_every: 1, optimizer: {{name: adam, lr: {LR}}}, {train}}}\n",
+        x = input.join("x.npy"),
+        init = input.join("init.safetensors"),
+        order = input.join("order.npy"),
+        h = case.d_hidden,
+        model = case.model,
+        sparsity = case.sparsity,
+        train = case.train,
+    )
+}
+
+fn replay(case: &Case) {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, reference) = (dir.path().join("input"), dir.path().join("reference"));
+    let refdir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference");
+    let py = python();
+    run(Command::new(&py)
+        .arg(refdir.join("make_inputs.py"))
+        .arg("--out")
+        .arg(&input)
+        .args(["--data-kind", "sparse", "--init-kind", "sae", "--n", "500"])
+        .args(["--hidden", &case.d_hidden.to_string()])
+        .args(["--seed", &case.seed.to_string()])
+        .args(["--order-epochs", &EPOCHS.to_string()]));
+    run(Command::new(&py)
+        .arg(refdir.join("recipes.py"))
+        .arg("--data")
+        .arg(input.join("x.npy"))
+        .arg("--init")
+        .arg(input.join("init.safetensors"))
+        .arg("--out")
+        .arg(&reference)
+        .args(["--epochs", &EPOCHS.to_string(), "--lr", &LR.to_string()])
+        .args(["--threads", "1", "--batch-size", &BATCH.to_string()])
+        .arg("--order")
+        .arg(input.join("order.npy"))
+        .args(case.reference));
+    let theirs = losses(&reference.join("losses.jsonl"));
+
+    // The binary, for the bit-for-bit comparison.
+    let yaml = config_yaml(case, &input);
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, &yaml).unwrap();
+    let run_dir = dir.path().join("run");
+    sae_ok(&[
+        "train",
+        "-q",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        run_dir.to_str().unwrap(),
+    ]);
+    let binary = losses(&run_dir.join("metrics.jsonl"));
+
+    // In-process: the loop's parts without the run directory.
+    let cfg = Config::from_yaml_str(&yaml, "test", &[]).expect("config");
+    let plan = Plan::build(&cfg).expect("plan");
+    let start = state::start();
+    let mut batches = Batches::new(
+        plan.source,
+        &plan.cfg,
+        plan.fixed_order,
+        plan.per_epoch,
+        plan.device,
+        &start,
+    )
+    .unwrap();
+    let mut learner = Learner::new(plan.model, &plan.cfg);
+    let mut dead = DeadTracker::new(
+        case.d_hidden,
+        plan.cfg.train.dead_window,
+        learner.active_threshold(),
+        plan.device,
+    );
+    let mut ours = Vec::new();
+    while let Some(batch) = batches.next_batch().unwrap() {
+        let p = StepParams::at(&plan.cfg, ours.len() as i64 + 1, plan.total_steps);
+        let out = learner.step(&batch.x, &p, &mut dead);
+        ours.push([&out.loss, &out.mse, &out.sparsity].map(|t| t.double_value(&[])));
+    }
+    assert_eq!(ours.len() as i64, plan.total_steps);
+    assert_eq!(ours.len(), theirs.len(), "steps: ours vs the reference");
+    // The losses are float32; metrics.jsonl's decimal text parses back to
+    // the same float32 (serde_json's f64 parse may miss the last f64 ulp).
+    let as_f32 =
+        |v: &[[f64; 3]]| -> Vec<[f32; 3]> { v.iter().map(|r| r.map(|x| x as f32)).collect() };
+    assert_eq!(
+        as_f32(&ours),
+        as_f32(&binary),
+        "in-process steps differ from `sae train`"
+    );
+    for (step, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        for (x, y) in a.iter().zip(b) {
+            let rel = (x - y).abs() / y.abs().max(f64::MIN_POSITIVE);
+            assert!(
+                x == y || rel <= 1e-5,
+                "step {}: {a:?} vs the reference {b:?}",
+                step + 1
+            );
+        }
+    }
+    let model = learner.into_model();
+    let weights: HashMap<String, Tensor> =
+        Tensor::read_safetensors(reference.join("weights.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let dec = model.decoder_weight();
+    let mut ours_w = vec![
+        ("W_enc", &model.w_enc),
+        ("b_enc", &model.b_enc),
+        ("W_dec", &dec),
+        ("b_dec", &model.b_dec),
+    ];
+    if let Some(t) = &model.threshold {
+        ours_w.push(("threshold", t));
+    }
+    for (name, t) in ours_w {
+        let d = (t - &weights[name]).abs().max().double_value(&[]);
+        assert!(d <= 1e-5, "{name}: max |dweight| {d:e}");
+    }
+}
+
+#[test]
+fn topk_auxk_steps_in_process() {
+    replay(&TOPK_AUXK);
+}
+
+#[test]
+fn jumprelu_recipe_steps_in_process() {
+    replay(&JUMPRELU_RECIPE);
+}
