@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use sae::data::npy;
 use std::path::Path;
-use std::process::Command;
 
 const TOL: f64 = 1e-5;
 
@@ -22,37 +21,7 @@ fn fixture(name: &str) -> String {
 
 /// Runs a fixture script with `args`.
 fn py_script(script: &str, args: &[&str]) {
-    let o = Command::new(python())
-        .arg(fixture(script))
-        .args(args)
-        .output()
-        .expect("running python");
-    assert!(
-        o.status.success(),
-        "{script} {args:?} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// Whether the venv has sae_lens. Under `make test` (SAE_REQUIRE_SAELENS=1)
-/// its absence is a failure; a bare `cargo test` says loudly that the
-/// SAELens checks did not run.
-fn saelens_available(test: &str) -> bool {
-    let ok = Command::new(python())
-        .args(["-c", "import sae_lens"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        let msg = format!(
-            "{test}: sae_lens is not installed in {}; `make saelens` installs it (`make test` does)",
-            python().display()
-        );
-        if std::env::var("SAE_REQUIRE_SAELENS").as_deref() == Ok("1") {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED (NOT RUN): {msg}");
-    }
-    ok
+    py_file(fixture(script), args);
 }
 
 const BASE: &str = "device: cpu

@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{python, Case};
+use common::{python, run_ok, Case};
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -32,20 +32,6 @@ fn within(x: f64, tol: f64) -> bool {
 
 fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn run(cmd: &mut Command, what: &str) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot start {cmd:?}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{what} failed ({}):\n{cmd:?}\n--- stdout\n{}\n--- stderr\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 }
 
 #[derive(Clone, Copy)]
@@ -290,7 +276,7 @@ fn check(case: &Parity) {
     if case.batch.is_some() {
         make.args(["--order-epochs", &case.epochs.to_string()]);
     }
-    run(&mut make, &format!("{}: make_inputs.py", case.name));
+    run_ok(&mut make, &format!("{}: make_inputs.py", case.name));
 
     // Ours.
     let run_dir = Case::new(tmp.path(), "run")
@@ -325,7 +311,7 @@ fn check(case: &Parity) {
                 .arg(input.join("order.npy"));
         }
     }
-    run(&mut reference, &format!("{}: {script}", case.name));
+    run_ok(&mut reference, &format!("{}: {script}", case.name));
 
     // Losses, step by step.
     let ours = read_jsonl(&run_dir.join("metrics.jsonl"));

@@ -173,17 +173,7 @@ fn gated_trains_and_exports() {
         let d = npy_dev(&z, &z2);
         assert!(d < 1e-4, "{name}: codes differ by {d}");
     }
-    let has_saelens = std::process::Command::new(python())
-        .args(["-c", "import sae_lens"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_saelens {
-        assert_ne!(
-            std::env::var("SAE_REQUIRE_SAELENS").as_deref(),
-            Ok("1"),
-            "sae_lens is not installed (`make saelens`)"
-        );
-        eprintln!("SKIPPED (NOT RUN): sae_lens check of the gated export");
+    if !saelens_available("gated_trains_and_exports: the sae_lens check of the gated export") {
         return;
     }
     let out = py(

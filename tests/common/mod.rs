@@ -57,20 +57,59 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// Runs `cmd`; returns its stdout, panicking with `what`, the command and
+/// both streams unless it exits 0.
+pub fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot start {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({}):\n{cmd:?}\n--- stdout\n{}\n--- stderr\n{}",
+            out.status,
+            stdout(&out),
+            stderr(&out)
+        );
+    }
+    stdout(&out)
+}
+
 /// Runs a Python snippet with `args` (as sys.argv[1:]); returns stdout.
 pub fn py(code: &str, args: &[&str]) -> String {
-    let o = Command::new(python())
-        .arg("-c")
-        .arg(code)
-        .args(args)
+    run_ok(
+        Command::new(python()).arg("-c").arg(code).args(args),
+        &format!("python\n--- code ---\n{code}\n---"),
+    )
+}
+
+/// Runs a Python script with `args`; returns stdout.
+pub fn py_file(script: impl AsRef<Path>, args: &[&str]) -> String {
+    let script = script.as_ref();
+    run_ok(
+        Command::new(python()).arg(script).args(args),
+        &format!("{} {args:?}", script.display()),
+    )
+}
+
+/// Whether the venv has sae_lens. Under `make test` (SAE_REQUIRE_SAELENS=1)
+/// its absence is a failure; a bare `cargo test` says loudly that the
+/// SAELens checks of `test` did not run.
+pub fn saelens_available(test: &str) -> bool {
+    let ok = Command::new(python())
+        .args(["-c", "import sae_lens"])
         .output()
-        .expect("running python");
-    assert!(
-        o.status.success(),
-        "python failed:\n{}\n--- code ---\n{code}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        let msg = format!(
+            "{test}: sae_lens is not installed in {}; `make saelens` installs it (`make test` does)",
+            python().display()
+        );
+        if std::env::var("SAE_REQUIRE_SAELENS").as_deref() == Ok("1") {
+            panic!("{msg}");
+        }
+        eprintln!("SKIPPED (NOT RUN): {msg}");
+    }
+    ok
 }
 
 /// Synthetic data + truth in `dir`; returns (x.npy, truth.npy) paths.
