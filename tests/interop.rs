@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use sae::data::npy;
 use std::path::Path;
-use std::process::Command;
 
 const TOL: f64 = 1e-5;
 
@@ -22,37 +21,7 @@ fn fixture(name: &str) -> String {
 
 /// Runs a fixture script with `args`.
 fn py_script(script: &str, args: &[&str]) {
-    let o = Command::new(python())
-        .arg(fixture(script))
-        .args(args)
-        .output()
-        .expect("running python");
-    assert!(
-        o.status.success(),
-        "{script} {args:?} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// Whether the venv has sae_lens. Under `make test` (SAE_REQUIRE_SAELENS=1)
-/// its absence is a failure; a bare `cargo test` says loudly that the
-/// SAELens checks did not run.
-fn saelens_available(test: &str) -> bool {
-    let ok = Command::new(python())
-        .args(["-c", "import sae_lens"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        let msg = format!(
-            "{test}: sae_lens is not installed in {}; `make saelens` installs it (`make test` does)",
-            python().display()
-        );
-        if std::env::var("SAE_REQUIRE_SAELENS").as_deref() == Ok("1") {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED (NOT RUN): {msg}");
-    }
-    ok
+    py_file(fixture(script), args);
 }
 
 const BASE: &str = "device: cpu
@@ -71,15 +40,11 @@ train:
 
 /// Trains a small model on `x` with `--set` overrides; returns the run dir.
 fn train(dir: &Path, name: &str, x: &str, sets: &[&str]) -> String {
-    let cfg = write_config(dir, &format!("{name}.yaml"), &BASE.replace('X', x));
-    let run = dir.join(name).display().to_string();
-    let mut args = vec!["train", "-q", "--config", &cfg, "--out", &run];
-    for s in sets {
-        args.push("--set");
-        args.push(s);
-    }
-    sae_ok(&args);
-    run
+    let run = Case::new(dir, name)
+        .yaml(BASE.replace('X', x))
+        .sets(sets)
+        .train();
+    run.path().to_string()
 }
 
 fn p(dir: &Path, name: &str) -> String {
@@ -287,17 +252,7 @@ fn torchscript_export_matches_sae_for_every_activation() {
             ("reconstruct", &x, &xh),
             ("decode", &z, &dec),
         ] {
-            sae_ok(&[
-                cmd,
-                "--model",
-                &run,
-                "--data",
-                data,
-                "--out",
-                out,
-                "--batch-size",
-                "50",
-            ]);
+            apply(cmd, &run, data, out, &["--batch-size", "50"]);
         }
         let exported = p(d, &format!("{name}.pt"));
         sae_ok(&[
@@ -318,8 +273,8 @@ fn torchscript_export_matches_sae_for_every_activation() {
             p(d, &format!("{name}_xh2.npy")),
         );
         let pt = format!("{run}/model.pt");
-        sae_ok(&["encode", "--model", &pt, "--data", &x, "--out", &z2]);
-        sae_ok(&["reconstruct", "--model", &pt, "--data", &x, "--out", &xh2]);
+        apply("encode", &pt, &x, &z2, &[]);
+        apply("reconstruct", &pt, &x, &xh2, &[]);
         let (dz, dx) = (max_dev(&z, &z2), max_dev(&xh, &xh2));
         assert!(
             dz <= 1e-6 && dx <= 1e-6,
@@ -390,19 +345,9 @@ fn python_torchscript_modules_are_read_by_sae() {
             p(d, &format!("{name}_xh.npy")),
             p(d, &format!("{name}_dec.npy")),
         );
-        sae_ok(&[
-            "encode",
-            "--model",
-            &pt,
-            "--data",
-            &x,
-            "--out",
-            &z,
-            "--batch-size",
-            "33",
-        ]);
-        sae_ok(&["reconstruct", "--model", &pt, "--data", &x, "--out", &xh]);
-        sae_ok(&["decode", "--model", &pt, "--data", &z, "--out", &dec]);
+        apply("encode", &pt, &x, &z, &["--batch-size", "33"]);
+        apply("reconstruct", &pt, &x, &xh, &[]);
+        apply("decode", &pt, &z, &dec, &[]);
         groups.push([pt.clone(), x.clone(), z, xh, dec]);
         let out = sae_ok(&["eval", "--model", &pt, "--data", &x, "--json"]);
         let m: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -450,20 +395,17 @@ print(all(torch.allclose(p, w[n], atol=1e-7, rtol=0) for n, p in m.named_paramet
         "torchscript_sae.py",
         &[&odd, "--d-in", "8", "--d-hidden", "6", "--tanh"],
     );
-    let o = sae(&[
-        "encode",
-        "--model",
-        &odd,
-        "--data",
-        &x,
-        "--out",
-        &p(d, "odd_z.npy"),
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("odd.pt") && stderr(&o).contains("encode"),
-        "{}",
-        stderr(&o)
+    expect_user_error(
+        &[
+            "encode",
+            "--model",
+            &odd,
+            "--data",
+            &x,
+            "--out",
+            &p(d, "odd_z.npy"),
+        ],
+        &["odd.pt", "encode"],
     );
     assert!(!d.join("odd_z.npy").exists());
 }
@@ -540,8 +482,8 @@ fn saelens_export_loads_in_sae_lens_and_matches() {
             p(d, &format!("{name}_z.npy")),
             p(d, &format!("{name}_xh.npy")),
         );
-        sae_ok(&["encode", "--model", &run, "--data", &x, "--out", &z]);
-        sae_ok(&["reconstruct", "--model", &run, "--data", &x, "--out", &xh]);
+        apply("encode", &run, &x, &z, &[]);
+        apply("reconstruct", &run, &x, &xh, &[]);
         let out = p(d, &format!("{name}_saelens"));
         sae_ok(&[
             "export", "--model", &run, "--format", "saelens", "--out", &out,
@@ -587,15 +529,13 @@ for i in range(0, len(a), 4):
     }
     // Our reader takes our export back.
     let z2 = p(d, "relu_z2.npy");
-    sae_ok(&[
+    apply(
         "encode",
-        "--model",
-        &p(d, "relu_standardize_tied_saelens"),
-        "--data",
+        p(d, "relu_standardize_tied_saelens"),
         &x,
-        "--out",
         &z2,
-    ]);
+        &[],
+    );
     let dev = max_dev(&p(d, "relu_standardize_tied_z.npy"), &z2);
     assert!(dev <= TOL, "SAELens export read back deviates by {dev}");
 }
@@ -632,18 +572,8 @@ fn saelens_saved_sae_is_read_by_sae() {
             p(d, &format!("{name}_z.npy")),
             p(d, &format!("{name}_xh.npy")),
         );
-        sae_ok(&[
-            "encode",
-            "--model",
-            &sl,
-            "--data",
-            &x,
-            "--out",
-            &z,
-            "--batch-size",
-            "64",
-        ]);
-        sae_ok(&["reconstruct", "--model", &sl, "--data", &x, "--out", &xh]);
+        apply("encode", &sl, &x, &z, &["--batch-size", "64"]);
+        apply("reconstruct", &sl, &x, &xh, &[]);
         let (ez, ex) = (
             max_dev(&z, &format!("{sl}/codes.npy")),
             max_dev(&xh, &format!("{sl}/recon.npy")),
@@ -697,15 +627,13 @@ fn export_refusals_are_clear() {
         ],
     );
     let out = p(d, "sig_saelens");
-    let o = sae(&[
-        "export", "--model", &sig, "--format", "saelens", "--out", &out,
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("SAELens") && stderr(&o).contains("sigmoid"),
-        "{}",
-        stderr(&o)
-    );
+    let export = |model: &str, format: &str, out: &str, needles: &[&str]| {
+        expect_user_error(
+            &["export", "--model", model, "--format", format, "--out", out],
+            needles,
+        )
+    };
+    export(&sig, "saelens", &out, &["SAELens", "sigmoid"]);
     assert!(!Path::new(&out).exists(), "a refused export left {out}");
     let relu = train(
         d,
@@ -713,33 +641,11 @@ fn export_refusals_are_clear() {
         &x,
         &["model.decoder_activation=sigmoid", "train.epochs=1"],
     );
-    let o = sae(&[
-        "export", "--model", &relu, "--format", "saelens", "--out", &out,
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("decoder"), "{}", stderr(&o));
+    export(&relu, "saelens", &out, &["decoder"]);
     assert!(!Path::new(&out).exists());
-    let o = sae(&[
-        "export",
-        "--model",
-        &relu,
-        "--format",
-        "torchscript",
-        "--out",
-        &p(d, "no/such/dir/m.pt"),
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("no/such/dir"), "{}", stderr(&o));
-    let o = sae(&[
-        "export",
-        "--model",
-        &p(d, "missing"),
-        "--format",
-        "safetensors",
-        "--out",
-        &p(d, "m.safetensors"),
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let no_dir = p(d, "no/such/dir/m.pt");
+    export(&relu, "torchscript", &no_dir, &["no/such/dir"]);
+    export(&p(d, "missing"), "safetensors", &p(d, "m.safetensors"), &[]);
     // safetensors export of a TorchScript model reads back the same.
     let st = p(d, "from_ts.safetensors");
     sae_ok(&[
@@ -752,8 +658,8 @@ fn export_refusals_are_clear() {
         &st,
     ]);
     let (z1, z2) = (p(d, "z1.npy"), p(d, "z2.npy"));
-    sae_ok(&["encode", "--model", &st, "--data", &x, "--out", &z1]);
-    sae_ok(&["encode", "--model", &relu, "--data", &x, "--out", &z2]);
+    apply("encode", &st, &x, &z1, &[]);
+    apply("encode", &relu, &x, &z2, &[]);
     assert!(max_dev(&z1, &z2) <= 1e-6);
 }
 
@@ -773,15 +679,7 @@ fn every_npy_layout_streams_the_same() {
         &["data.normalize=standardize"],
     );
     let z_ref = p(d, "z_ref.npy");
-    sae_ok(&[
-        "encode",
-        "--model",
-        &run,
-        "--data",
-        &p(&fx, "reference.npy"),
-        "--out",
-        &z_ref,
-    ]);
+    apply("encode", &run, p(&fx, "reference.npy"), &z_ref, &[]);
     let z_ref_m = npy::read_matrix(&z_ref).unwrap();
     let specs = std::fs::read_to_string(fx.join("variants.txt")).unwrap();
     let mut n = 0;
@@ -821,17 +719,7 @@ fn every_npy_layout_streams_the_same() {
     ] {
         let z = p(d, "z.npy");
         let full = p(&fx, spec);
-        sae_ok(&[
-            "encode",
-            "--model",
-            &run,
-            "--data",
-            &full,
-            "--out",
-            &z,
-            "--batch-size",
-            "7",
-        ]);
+        apply("encode", &run, &full, &z, &["--batch-size", "7"]);
         let zm = npy::read_matrix(&z).unwrap();
         assert_eq!((zm.rows, zm.cols), (37, 12), "{spec}: output shape");
         let dev = zm
@@ -862,18 +750,8 @@ fn streaming_keeps_memory_bounded_and_scores_rows() {
     let run = train(d, "run", &x, &["model.d_hidden=8", "train.epochs=1"]);
     // Score per row = mean over columns of (x - x̂)² (no normalisation here).
     let (s, xh) = (p(d, "s.npy"), p(d, "xh.npy"));
-    sae_ok(&[
-        "score",
-        "--model",
-        &run,
-        "--data",
-        &x,
-        "--out",
-        &s,
-        "--batch-size",
-        "77",
-    ]);
-    sae_ok(&["reconstruct", "--model", &run, "--data", &x, "--out", &xh]);
+    apply("score", &run, &x, &s, &["--batch-size", "77"]);
+    apply("reconstruct", &run, &x, &xh, &[]);
     let dev: f64 = py(
         "import sys, numpy as np\nx, xh, s = (np.load(a) for a in sys.argv[1:4])\n\
          assert s.shape == (x.shape[0], 1), s.shape\nprint(np.abs(((x - xh) ** 2).mean(1, keepdims=True) - s).max())",

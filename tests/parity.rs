@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{python, sae_bin};
+use common::{python, run_ok, Case};
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -34,20 +34,6 @@ fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn run(cmd: &mut Command, what: &str) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot start {cmd:?}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{what} failed ({}):\n{cmd:?}\n--- stdout\n{}\n--- stderr\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
 #[derive(Clone, Copy)]
 enum Reference {
     /// `seed002.py`: nn.Linear, ReLU encoder, sigmoid decoder, mean_abs penalty.
@@ -63,7 +49,7 @@ enum Reference {
     Recipes,
 }
 
-struct Case {
+struct Parity {
     name: &'static str,
     reference: Reference,
     /// make_inputs.py `--data-kind`, `--n` (rows; `None`: the kind's own), `--init-kind`.
@@ -85,13 +71,12 @@ struct Case {
     /// different random order each epoch (`train.order`, `[epochs, n]`).
     batch: Option<usize>,
     seed: u64,
-    /// Extra `--set key=value` for `sae train`, and the matching reference
-    /// arguments (`Recipes` cases).
-    sets: &'static [&'static str],
-    ref_args: &'static [&'static str],
+    /// Recipe knobs (`Recipes` cases): each an extra `--set key=value` for
+    /// `sae train` with the matching reference arguments.
+    knobs: &'static [(&'static str, &'static [&'static str])],
 }
 
-impl Case {
+impl Parity {
     fn config_yaml(&self, input: &Path) -> String {
         let k = self.k.map(|k| format!("\n  k: {k}")).unwrap_or_default();
         let (batch, order) = match self.batch {
@@ -142,63 +127,53 @@ train:
 
     /// The reference script and its case-specific arguments.
     fn reference_args(&self) -> (&'static str, Vec<String>) {
-        let s = |v: &dyn ToString| v.to_string();
-        match self.reference {
+        let arg = |flag: &str, value: &dyn ToString| vec![flag.to_string(), value.to_string()];
+        let (script, args) = match self.reference {
             Reference::Seed002 => (
                 "seed002.py",
                 vec![
-                    s(&"--hidden"),
-                    s(&self.d_hidden),
-                    s(&"--factor"),
-                    s(&self.weight),
-                    s(&"--target"),
-                    s(&self.target),
+                    arg("--hidden", &self.d_hidden),
+                    arg("--factor", &self.weight),
+                    arg("--target", &self.target),
                 ],
             ),
             Reference::Seed004 => (
                 "seed004.py",
                 vec![
-                    s(&"--hidden"),
-                    s(&self.d_hidden),
-                    s(&"--target"),
-                    s(&self.target),
-                    s(&"--weight"),
-                    s(&self.weight),
+                    arg("--hidden", &self.d_hidden),
+                    arg("--target", &self.target),
+                    arg("--weight", &self.weight),
                 ],
             ),
             Reference::SaeLensStandard => (
                 "saelens.py",
                 vec![
-                    s(&"--architecture"),
-                    s(&"standard"),
-                    s(&"--l1-coefficient"),
-                    s(&self.weight),
+                    arg("--architecture", &"standard"),
+                    arg("--l1-coefficient", &self.weight),
                 ],
             ),
             Reference::SaeLensTopK => (
                 "saelens.py",
                 vec![
-                    s(&"--architecture"),
-                    s(&"topk"),
-                    s(&"--k"),
-                    s(&self.k.expect("topk case has k")),
+                    arg("--architecture", &"topk"),
+                    arg("--k", &self.k.expect("topk case has k")),
                 ],
             ),
-            Reference::Recipes => {
-                let mut a = vec![s(&"--architecture"), s(&self.activation)];
-                if let Some(k) = self.k {
-                    a.extend([s(&"--k"), s(&k)]);
-                }
-                a.extend([
-                    s(&"--penalty"),
-                    s(&self.penalty),
-                    s(&"--coefficient"),
-                    s(&self.weight),
-                ]);
-                a.extend(self.ref_args.iter().map(|x| x.to_string()));
-                ("recipes.py", a)
-            }
-        }
+            Reference::Recipes => (
+                "recipes.py",
+                vec![
+                    arg("--architecture", &self.activation),
+                    self.k.map(|k| arg("--k", &k)).unwrap_or_default(),
+                    arg("--penalty", &self.penalty),
+                    arg("--coefficient", &self.weight),
+                ],
+            ),
+        };
+        // Only `Recipes` cases have knobs.
+        let knobs = self.knobs.iter().flat_map(|(_, r)| r.iter());
+        let mut args = args.concat();
+        args.extend(knobs.map(|a| a.to_string()));
+        (script, args)
     }
 }
 
@@ -279,12 +254,11 @@ impl Worst {
     }
 }
 
-fn check(case: &Case) {
+fn check(case: &Parity) {
     let py = python();
     let refdir = manifest_dir().join("tests/reference");
     let tmp = tempfile::tempdir().expect("temp dir");
     let input = tmp.path().join("input");
-    let run_dir = tmp.path().join("run");
     let ref_dir = tmp.path().join("reference");
 
     // Inputs: data, init weights and (mini-batch cases) the batch order.
@@ -302,22 +276,14 @@ fn check(case: &Case) {
     if case.batch.is_some() {
         make.args(["--order-epochs", &case.epochs.to_string()]);
     }
-    run(&mut make, &format!("{}: make_inputs.py", case.name));
+    run_ok(&mut make, &format!("{}: make_inputs.py", case.name));
 
     // Ours.
-    let config = tmp.path().join("config.yaml");
-    fs::write(&config, case.config_yaml(&input)).expect("write config");
-    let mut train = Command::new(sae_bin());
-    train
-        .arg("train")
-        .arg("--config")
-        .arg(&config)
-        .arg("--out")
-        .arg(&run_dir);
-    for set in case.sets {
-        train.args(["--set", set]);
-    }
-    run(&mut train, &format!("{}: sae train", case.name));
+    let run_dir = Case::new(tmp.path(), "run")
+        .yaml(case.config_yaml(&input))
+        .sets(case.knobs.iter().map(|(set, _)| set))
+        .train()
+        .dir;
 
     // The PyTorch reference.
     let (script, extra) = case.reference_args();
@@ -345,7 +311,7 @@ fn check(case: &Case) {
                 .arg(input.join("order.npy"));
         }
     }
-    run(&mut reference, &format!("{}: {script}", case.name));
+    run_ok(&mut reference, &format!("{}: {script}", case.name));
 
     // Losses, step by step.
     let ours = read_jsonl(&run_dir.join("metrics.jsonl"));
@@ -450,99 +416,20 @@ fn check(case: &Case) {
     );
 }
 
-/// Seed 002: ReLU encoder, sigmoid decoder, `sum(factor * |rho_hat - 0.05|)`,
-/// Adam lr 1e-3, standardised make_classification-like data, 8 hidden units.
-fn seed002(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
-    Case {
+/// What most cases share: SAELens-style sparse data (500 rows), SAELens init,
+/// b_dec subtracted from the input, a linear decoder, Adam lr 3e-3; each
+/// case below says what it changes.
+fn sparse(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
         name,
-        reference: Reference::Seed002,
-        data_kind: "classification",
-        n: None, // fixed by the seed: 1000 samples, 800 in the train split
-        init_kind: "linear",
-        normalize: "standardize",
-        d_hidden: 8,
-        activation: "relu",
-        k: None,
-        decoder_activation: "sigmoid",
-        apply_b_dec_to_input: false,
-        penalty: "mean_abs",
-        target: 0.05,
-        weight: 0.05,
-        lr: 1e-3,
-        epochs,
-        batch,
-        seed: 2,
-        sets: &[],
-        ref_args: &[],
-    }
-}
-
-/// Seed 004: sigmoid coding layer, linear output, `0.2 * sum KL(0.1 || rho_hat)`,
-/// Adam lr 0.01, uint8 pixel data scaled to [0, 1] (minmax).
-fn seed004(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
-    Case {
-        name,
-        reference: Reference::Seed004,
-        data_kind: "pixels",
-        n: Some(600),
-        init_kind: "linear",
-        normalize: "minmax",
-        d_hidden: 48,
-        activation: "sigmoid",
-        k: None,
-        decoder_activation: "none",
-        apply_b_dec_to_input: false,
-        penalty: "kl",
-        target: 0.1,
-        weight: 0.2,
-        lr: 0.01,
-        epochs,
-        batch,
-        seed: 4,
-        sets: &[],
-        ref_args: &[],
-    }
-}
-
-/// SAELens standard: ReLU, L1 scaled by decoder row norms, b_dec subtracted
-/// from the input, SAELens init (b_dec = data mean).
-fn saelens_l1(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
-    Case {
-        name,
-        reference: Reference::SaeLensStandard,
-        data_kind: "sparse",
-        n: Some(500),
-        init_kind: "sae",
-        normalize: "none",
-        d_hidden: 32,
-        activation: "relu",
-        k: None,
-        decoder_activation: "none",
-        apply_b_dec_to_input: true,
-        penalty: "l1",
-        target: 0.05,
-        weight: 0.005,
-        lr: 3e-3,
-        epochs,
-        batch,
-        seed: 3,
-        sets: &[],
-        ref_args: &[],
-    }
-}
-
-/// SAELens top-k: k = 4 of 64, no penalty.
-fn saelens_topk(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
-    Case {
-        name,
-        reference: Reference::SaeLensTopK,
+        reference: Reference::Recipes,
         data_kind: "sparse",
         n: Some(500),
         init_kind: "sae",
         normalize: "none",
         d_hidden: 64,
-        activation: "topk",
-        k: Some(4),
+        activation: "relu",
+        k: None,
         decoder_activation: "none",
         apply_b_dec_to_input: true,
         penalty: "none",
@@ -551,110 +438,108 @@ fn saelens_topk(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
         lr: 3e-3,
         epochs,
         batch,
-        seed: 5,
-        sets: &[],
-        ref_args: &[],
+        seed: 0,
+        knobs: &[],
     }
 }
 
-// Mini-batch sizes leave a smaller last batch: 800 = 8*96 + 32,
-// 600 = 4*128 + 88, 500 = 7*64 + 52, 500 = 10*48 + 20.
-
-#[test]
-fn seed002_full_batch() {
-    check(&seed002("seed002_full", 200, None));
+/// Seed 002: ReLU encoder, sigmoid decoder, `sum(factor * |rho_hat - 0.05|)`,
+/// Adam lr 1e-3, standardised make_classification-like data, 8 hidden units.
+fn seed002(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        reference: Reference::Seed002,
+        data_kind: "classification",
+        n: None, // fixed by the seed: 1000 samples, 800 in the train split
+        init_kind: "linear",
+        normalize: "standardize",
+        d_hidden: 8,
+        decoder_activation: "sigmoid",
+        apply_b_dec_to_input: false,
+        penalty: "mean_abs",
+        weight: 0.05,
+        lr: 1e-3,
+        seed: 2,
+        ..sparse(name, epochs, batch)
+    }
 }
 
-#[test]
-fn seed002_minibatch() {
-    check(&seed002("seed002_minibatch", 8, Some(96)));
+/// Seed 004: sigmoid coding layer, linear output, `0.2 * sum KL(0.1 || rho_hat)`,
+/// Adam lr 0.01, uint8 pixel data scaled to [0, 1] (minmax).
+fn seed004(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        reference: Reference::Seed004,
+        data_kind: "pixels",
+        n: Some(600),
+        init_kind: "linear",
+        normalize: "minmax",
+        d_hidden: 48,
+        activation: "sigmoid",
+        apply_b_dec_to_input: false,
+        penalty: "kl",
+        target: 0.1,
+        weight: 0.2,
+        lr: 0.01,
+        seed: 4,
+        ..sparse(name, epochs, batch)
+    }
 }
 
-#[test]
-fn seed004_full_batch() {
-    check(&seed004("seed004_full", 100, None));
+/// SAELens standard: ReLU, L1 scaled by decoder row norms, b_dec subtracted
+/// from the input, SAELens init (b_dec = data mean).
+fn saelens_l1(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        reference: Reference::SaeLensStandard,
+        d_hidden: 32,
+        penalty: "l1",
+        weight: 0.005,
+        seed: 3,
+        ..sparse(name, epochs, batch)
+    }
 }
 
-#[test]
-fn seed004_minibatch() {
-    check(&seed004("seed004_minibatch", 10, Some(128)));
-}
-
-#[test]
-fn saelens_l1_full_batch() {
-    check(&saelens_l1("l1_full", 200, None));
-}
-
-#[test]
-fn saelens_l1_minibatch() {
-    check(&saelens_l1("l1_minibatch", 10, Some(64)));
-}
-
-#[test]
-fn topk_full_batch() {
-    check(&saelens_topk("topk_full", 200, None));
-}
-
-#[test]
-fn topk_minibatch() {
-    check(&saelens_topk("topk_minibatch", 10, Some(48)));
+/// SAELens top-k: k = 4 of 64, no penalty.
+fn saelens_topk(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        reference: Reference::SaeLensTopK,
+        activation: "topk",
+        k: Some(4),
+        seed: 5,
+        ..sparse(name, epochs, batch)
+    }
 }
 
 /// Top-k (k = 4 of 128) with the AuxK loss (coefficient 1/32, k_aux = d_in/2):
 /// latents silent for more than 3 steps count as dead and reconstruct the
 /// residual.
-fn topk_auxk(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
-    Case {
-        name,
-        reference: Reference::Recipes,
-        data_kind: "sparse",
-        n: Some(500),
-        init_kind: "sae",
-        normalize: "none",
+fn topk_auxk(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
         d_hidden: 128,
         activation: "topk",
         k: Some(4),
-        decoder_activation: "none",
-        apply_b_dec_to_input: true,
         penalty: "auxk",
-        target: 0.05,
         weight: 0.03125,
-        lr: 3e-3,
-        epochs,
-        batch,
         seed: 6,
-        sets: &["train.dead_window=3"],
-        ref_args: &["--dead-window", "3"],
+        knobs: &[("train.dead_window=3", &["--dead-window", "3"])],
+        ..sparse(name, epochs, batch)
     }
 }
 
 /// JumpReLU + the step-function L0 penalty, straight-through to the
 /// thresholds (SAELens's own autograd Functions on the reference side).
-fn jumprelu_l0(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
-    Case {
-        name,
-        reference: Reference::Recipes,
-        data_kind: "sparse",
-        n: Some(500),
-        init_kind: "sae",
-        normalize: "none",
-        d_hidden: 64,
+fn jumprelu_l0(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
         activation: "jumprelu",
-        k: None,
-        decoder_activation: "none",
-        apply_b_dec_to_input: true,
         penalty: "l0",
-        target: 0.05,
         weight: 0.002,
-        lr: 3e-3,
-        epochs,
-        batch,
         seed: 7,
-        sets: &[
-            "model.jumprelu_init_threshold=0.1",
-            "model.jumprelu_bandwidth=0.05",
+        knobs: &[
+            (
+                "model.jumprelu_init_threshold=0.1",
+                &["--init-threshold", "0.1"],
+            ),
+            ("model.jumprelu_bandwidth=0.05", &["--bandwidth", "0.05"]),
         ],
-        ref_args: &["--init-threshold", "0.1", "--bandwidth", "0.05"],
+        ..sparse(name, epochs, batch)
     }
 }
 
@@ -662,156 +547,102 @@ fn jumprelu_l0(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
 /// cosine decay to lr_end and a final linear decay, sparsity-weight warm-up,
 /// unit-norm decoder rows, gradient clipping, b_dec = data mean, and the
 /// inference threshold (running min positive code) compared at the end.
-fn batchtopk_recipe(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
-    Case {
-        name,
-        reference: Reference::Recipes,
-        data_kind: "sparse",
-        n: Some(500),
-        init_kind: "sae",
-        normalize: "none",
+fn batchtopk_recipe(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
         d_hidden: 96,
         activation: "batchtopk",
         k: Some(3),
-        decoder_activation: "none",
-        apply_b_dec_to_input: true,
         penalty: "auxk",
-        target: 0.05,
         weight: 0.0625,
         lr: 4e-3,
-        epochs,
-        batch,
         seed: 8,
-        sets: &[
-            "train.dead_window=4",
-            "train.lr_schedule=cosine",
-            "train.lr_warmup_steps=10",
-            "train.lr_decay_steps=15",
-            "train.lr_end=0.001",
-            "sparsity.warmup_steps=20",
-            "train.unit_norm_decoder=true",
-            "train.grad_clip=0.05",
-            "model.b_dec_init=mean",
-            "model.topk_threshold_lr=0.05",
+        knobs: &[
+            ("train.dead_window=4", &["--dead-window", "4"]),
+            ("train.lr_schedule=cosine", &["--lr-schedule", "cosine"]),
+            ("train.lr_warmup_steps=10", &["--lr-warmup-steps", "10"]),
+            ("train.lr_decay_steps=15", &["--lr-decay-steps", "15"]),
+            ("train.lr_end=0.001", &["--lr-end", "0.001"]),
+            (
+                "sparsity.warmup_steps=20",
+                &["--sparsity-warmup-steps", "20"],
+            ),
+            ("train.unit_norm_decoder=true", &["--unit-norm-decoder"]),
+            ("train.grad_clip=0.05", &["--grad-clip", "0.05"]),
+            ("model.b_dec_init=mean", &["--b-dec-mean"]),
+            (
+                "model.topk_threshold_lr=0.05",
+                &["--topk-threshold-lr", "0.05"],
+            ),
         ],
-        ref_args: &[
-            "--dead-window",
-            "4",
-            "--lr-schedule",
-            "cosine",
-            "--lr-warmup-steps",
-            "10",
-            "--lr-decay-steps",
-            "15",
-            "--lr-end",
-            "0.001",
-            "--sparsity-warmup-steps",
-            "20",
-            "--unit-norm-decoder",
-            "--grad-clip",
-            "0.05",
-            "--b-dec-mean",
-            "--topk-threshold-lr",
-            "0.05",
-        ],
+        ..sparse(name, epochs, batch)
     }
 }
 
 /// JumpReLU + L0 with the recipe knobs (linear LR decay after warm-up,
 /// L0-coefficient warm-up, unit-norm decoder, gradient clipping).
-fn jumprelu_recipe(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
-    let mut c = jumprelu_l0(name, epochs, batch);
-    c.seed = 9;
-    c.sets = &[
-        "model.jumprelu_init_threshold=0.1",
-        "train.lr_schedule=linear",
-        "train.lr_warmup_steps=5",
-        "train.lr_end=0.0005",
-        "sparsity.warmup_steps=30",
-        "train.unit_norm_decoder=true",
-        "train.grad_clip=0.02",
-    ];
-    c.ref_args = &[
-        "--init-threshold",
-        "0.1",
-        "--lr-schedule",
-        "linear",
-        "--lr-warmup-steps",
-        "5",
-        "--lr-end",
-        "0.0005",
-        "--sparsity-warmup-steps",
-        "30",
-        "--unit-norm-decoder",
-        "--grad-clip",
-        "0.02",
-    ];
-    c
+fn jumprelu_recipe(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        seed: 9,
+        knobs: &[
+            (
+                "model.jumprelu_init_threshold=0.1",
+                &["--init-threshold", "0.1"],
+            ),
+            ("train.lr_schedule=linear", &["--lr-schedule", "linear"]),
+            ("train.lr_warmup_steps=5", &["--lr-warmup-steps", "5"]),
+            ("train.lr_end=0.0005", &["--lr-end", "0.0005"]),
+            (
+                "sparsity.warmup_steps=30",
+                &["--sparsity-warmup-steps", "30"],
+            ),
+            ("train.unit_norm_decoder=true", &["--unit-norm-decoder"]),
+            ("train.grad_clip=0.02", &["--grad-clip", "0.02"]),
+        ],
+        ..jumprelu_l0(name, epochs, batch)
+    }
 }
 
 /// Gated SAE (SAELens `gated`): gate L1 scaled by decoder norms plus the
 /// gate's own reconstruction loss.
-fn gated(name: &'static str, epochs: i64, batch: Option<usize>) -> Case {
-    Case {
-        name,
-        reference: Reference::Recipes,
-        data_kind: "sparse",
-        n: Some(500),
-        init_kind: "sae",
-        normalize: "none",
-        d_hidden: 64,
+fn gated(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
         activation: "gated",
-        k: None,
-        decoder_activation: "none",
-        apply_b_dec_to_input: true,
         penalty: "l1",
-        target: 0.05,
         weight: 0.003,
-        lr: 3e-3,
-        epochs,
-        batch,
         seed: 10,
-        sets: &[],
-        ref_args: &[],
+        ..sparse(name, epochs, batch)
     }
 }
 
-#[test]
-fn gated_full_batch() {
-    check(&gated("gated_full", 200, None));
+/// `test_name: case(name, epochs, batch);` -> a `#[test]` checking that case.
+macro_rules! parity_tests {
+    ($($test:ident: $case:ident($name:literal, $epochs:literal, $batch:expr);)*) => {
+        $(
+            #[test]
+            fn $test() {
+                check(&$case($name, $epochs, $batch));
+            }
+        )*
+    };
 }
 
-#[test]
-fn gated_minibatch() {
-    check(&gated("gated_minibatch", 10, Some(48)));
-}
-
-#[test]
-fn topk_auxk_full_batch() {
-    check(&topk_auxk("topk_auxk_full", 100, None));
-}
-
-#[test]
-fn topk_auxk_minibatch() {
-    check(&topk_auxk("topk_auxk_minibatch", 10, Some(48)));
-}
-
-#[test]
-fn jumprelu_full_batch() {
-    check(&jumprelu_l0("jumprelu_full", 200, None));
-}
-
-#[test]
-fn jumprelu_minibatch() {
-    check(&jumprelu_l0("jumprelu_minibatch", 10, Some(48)));
-}
-
-#[test]
-fn batchtopk_recipe_minibatch() {
-    check(&batchtopk_recipe("batchtopk_recipe", 10, Some(48)));
-}
-
-#[test]
-fn jumprelu_recipe_minibatch() {
-    check(&jumprelu_recipe("jumprelu_recipe", 10, Some(48)));
+// Mini-batch sizes leave a smaller last batch: 800 = 8*96 + 32,
+// 600 = 4*128 + 88, 500 = 7*64 + 52, 500 = 10*48 + 20.
+parity_tests! {
+    seed002_full_batch: seed002("seed002_full", 200, None);
+    seed002_minibatch: seed002("seed002_minibatch", 8, Some(96));
+    seed004_full_batch: seed004("seed004_full", 100, None);
+    seed004_minibatch: seed004("seed004_minibatch", 10, Some(128));
+    saelens_l1_full_batch: saelens_l1("l1_full", 200, None);
+    saelens_l1_minibatch: saelens_l1("l1_minibatch", 10, Some(64));
+    topk_full_batch: saelens_topk("topk_full", 200, None);
+    topk_minibatch: saelens_topk("topk_minibatch", 10, Some(48));
+    gated_full_batch: gated("gated_full", 200, None);
+    gated_minibatch: gated("gated_minibatch", 10, Some(48));
+    topk_auxk_full_batch: topk_auxk("topk_auxk_full", 100, None);
+    topk_auxk_minibatch: topk_auxk("topk_auxk_minibatch", 10, Some(48));
+    jumprelu_full_batch: jumprelu_l0("jumprelu_full", 200, None);
+    jumprelu_minibatch: jumprelu_l0("jumprelu_minibatch", 10, Some(48));
+    batchtopk_recipe_minibatch: batchtopk_recipe("batchtopk_recipe", 10, Some(48));
+    jumprelu_recipe_minibatch: jumprelu_recipe("jumprelu_recipe", 10, Some(48));
 }

@@ -5,99 +5,53 @@
 
 mod common;
 use common::*;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Kind, Tensor};
 
-/// A small config on `x`; `model`, `sparsity` and `train` are YAML mapping
-/// lines (two-space indented) that add to or replace the defaults below.
-fn config(x: &str, model: &str, sparsity: &str, train: &str) -> String {
-    let base = format!(
-        "seed: 3\ndevice: cpu\ndata:\n  train: {x}\n\
-         model:\n  d_hidden: 48\n  init_scheme: sae\n\
-         sparsity: {{}}\n\
-         train:\n  epochs: 4\n  batch_size: 128\n  optimizer: {{lr: 0.005}}\n  threads: 1\n"
-    );
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&base).unwrap();
-    for (section, lines) in [("model", model), ("sparsity", sparsity), ("train", train)] {
-        let dedented: String = lines
-            .lines()
-            .map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l)))
-            .collect();
-        if let Some(extra) = serde_yaml::from_str::<serde_yaml::Value>(&dedented)
-            .unwrap()
-            .as_mapping()
-        {
-            let m = doc[section].as_mapping_mut().unwrap();
-            for (k, v) in extra {
-                m.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    serde_yaml::to_string(&doc).unwrap()
-}
-
-fn train(dir: &Path, name: &str, yaml: &str, sets: &[&str]) -> PathBuf {
-    let cfg = write_config(dir, &format!("{name}.yaml"), yaml);
-    let run = dir.join(name);
-    let mut args = vec![
-        "train",
-        "-q",
-        "--config",
-        &cfg,
-        "--out",
-        run.to_str().unwrap(),
-        "--force",
-    ];
-    for s in sets {
-        args.push("--set");
-        args.push(s);
-    }
-    sae_ok(&args);
-    run
-}
-
-fn weights(run: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(run.join("model.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect()
-}
-
-fn col(lines: &[serde_json::Value], key: &str) -> Vec<f64> {
-    lines.iter().map(|l| l[key].as_f64().unwrap()).collect()
+/// A small config on `x` (48 latents, 4 epochs of 128-row batches); each
+/// test adds its recipe as `--set` overrides.
+fn recipe(dir: &Path, name: &str, x: &str) -> Case {
+    Case::new(dir, name)
+        .yaml(format!(
+            "seed: 3\ndevice: cpu\ndata:\n  train: {x}\n\
+             model:\n  d_hidden: 48\n  init_scheme: sae\n\
+             sparsity: {{}}\n\
+             train:\n  epochs: 4\n  batch_size: 128\n  optimizer: {{lr: 0.005}}\n  threads: 1\n"
+        ))
+        .flag("--force")
 }
 
 fn data(dir: &Path) -> (String, String) {
     synth(dir, 2048, 16, 32, 3)
 }
 
+/// Largest |a - b| between two .npy files.
+fn npy_dev(a: &Path, b: &Path) -> f64 {
+    (Tensor::read_npy(a).unwrap() - Tensor::read_npy(b).unwrap())
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
 #[test]
 fn topk_l0_is_exactly_k() {
     let dir = tempfile::tempdir().unwrap();
     let (x, _) = data(dir.path());
-    let run = train(
-        dir.path(),
-        "topk",
-        &config(&x, "  activation: topk\n  k: 4\n", "  penalty: none\n", ""),
-        &[],
-    );
+    let run = recipe(dir.path(), "topk", &x)
+        .sets([
+            "model.activation=topk",
+            "model.k=4",
+            "sparsity.penalty=none",
+        ])
+        .train();
     // Every training batch, and the whole data set after training.
-    for l0 in col(&metrics_lines(&run), "l0") {
+    for l0 in run.metric("l0") {
         assert_eq!(l0, 4.0, "training-batch l0");
     }
-    assert_eq!(summary(&run)["train"]["l0"].as_f64().unwrap(), 4.0);
+    assert_eq!(run.stat("train", "l0"), 4.0);
     // Per row: never more than k codes, k on (nearly) every row.
     let z = dir.path().join("z.npy");
-    sae_ok(&[
-        "encode",
-        "--model",
-        run.to_str().unwrap(),
-        "--data",
-        &x,
-        "--out",
-        z.to_str().unwrap(),
-    ]);
+    run.apply("encode", &x, &z, &[]);
     let z = Tensor::read_npy(&z).unwrap();
     let per_row = z.gt(0.0).sum_dim_intlist(1, false, Kind::Int64);
     assert_eq!(per_row.max().int64_value(&[]), 4);
@@ -109,29 +63,26 @@ fn batchtopk_mean_l0_is_k_on_every_training_batch() {
     let dir = tempfile::tempdir().unwrap();
     let (x, _) = data(dir.path());
     // 2048 rows in batches of 128: k x 128 codes survive per batch.
-    let run = train(
-        dir.path(),
-        "batchtopk",
-        &config(
-            &x,
-            "  activation: batchtopk\n  k: 3\n  topk_threshold_lr: 0.05\n",
-            "  penalty: auxk\n  weight: 0.03\n",
-            "  dead_window: 10\n",
-        ),
-        &[],
-    );
-    let lines = metrics_lines(&run);
-    for l0 in col(&lines, "l0") {
+    let run = recipe(dir.path(), "batchtopk", &x)
+        .sets([
+            "model.activation=batchtopk",
+            "model.k=3",
+            "model.topk_threshold_lr=0.05",
+            "sparsity.penalty=auxk",
+            "sparsity.weight=0.03",
+            "train.dead_window=10",
+        ])
+        .train();
+    for l0 in run.metric("l0") {
         assert_eq!(l0, 3.0, "training-batch mean l0");
     }
     // The inference threshold: saved per latent, all equal, positive.
-    let w = weights(&run);
-    let t = &w["threshold"];
+    let t = &run.model()["threshold"];
     assert_eq!(t.size(), vec![48]);
     let (lo, hi) = (t.min().double_value(&[]), t.max().double_value(&[]));
     assert!(lo > 0.0 && lo == hi, "threshold {lo}..{hi}");
     // At inference the rows' L0 varies but averages near k.
-    let l0 = summary(&run)["train"]["l0"].as_f64().unwrap();
+    let l0 = run.stat("train", "l0");
     assert!((1.0..8.0).contains(&l0), "inference l0 {l0}");
 }
 
@@ -141,22 +92,22 @@ fn jumprelu_l0_falls_as_its_coefficient_rises() {
     let (x, _) = data(dir.path());
     let mut l0s = Vec::new();
     for w in ["0.0", "0.0003", "0.003", "0.03"] {
-        let run = train(
-            dir.path(),
-            &format!("jumprelu-{w}"),
-            &config(
-                &x,
-                "  activation: jumprelu\n  jumprelu_init_threshold: 0.05\n",
-                &format!("  penalty: l0\n  weight: {w}\n"),
-                "  epochs: 8\n",
-            ),
-            &[],
+        let run = recipe(dir.path(), &format!("jumprelu-{w}"), &x)
+            .sets([
+                "model.activation=jumprelu",
+                "model.jumprelu_init_threshold=0.05",
+                "sparsity.penalty=l0",
+                &format!("sparsity.weight={w}"),
+                "train.epochs=8",
+            ])
+            .train();
+        let l0 = run.stat("train", "l0");
+        println!(
+            "l0 weight {w}: l0 {l0:.3} fvu {:.4}",
+            run.stat("train", "fvu")
         );
-        let s = summary(&run);
-        let l0 = s["train"]["l0"].as_f64().unwrap();
-        println!("l0 weight {w}: l0 {l0:.3} fvu {:.4}", s["train"]["fvu"]);
         l0s.push(l0);
-        let t = &weights(&run)["threshold"];
+        let t = &run.model()["threshold"];
         assert_eq!(t.size(), vec![48]);
         assert!(t.min().double_value(&[]) >= 0.0, "thresholds stay >= 0");
     }
@@ -172,31 +123,30 @@ fn gated_trains_and_exports() {
     let dir = tempfile::tempdir().unwrap();
     let (x, _) = data(dir.path());
     let mut l0s = Vec::new();
-    let mut last = PathBuf::new();
+    let mut last = None;
     for w in ["0.001", "0.01"] {
-        let run = train(
-            dir.path(),
-            &format!("gated-{w}"),
-            &config(
-                &x,
-                "  activation: gated\n",
-                &format!("  penalty: l1\n  weight: {w}\n"),
-                "  epochs: 6\n",
-            ),
-            &["data.normalize=standardize"],
-        );
-        let lines = metrics_lines(&run);
+        let run = recipe(dir.path(), &format!("gated-{w}"), &x)
+            .sets([
+                "model.activation=gated",
+                "sparsity.penalty=l1",
+                &format!("sparsity.weight={w}"),
+                "train.epochs=6",
+                "data.normalize=standardize",
+            ])
+            .train();
+        let lines = run.metrics();
         let l = lines.last().unwrap();
         let want = l["mse"].as_f64().unwrap()
             + l["sparsity_weight"].as_f64().unwrap() * l["sparsity_loss"].as_f64().unwrap()
             + l["aux_loss"].as_f64().unwrap();
         assert!((l["loss"].as_f64().unwrap() - want).abs() < 1e-6, "{l}");
-        l0s.push(summary(&run)["train"]["l0"].as_f64().unwrap());
-        let w = weights(&run);
+        l0s.push(run.stat("train", "l0"));
+        let w = run.model();
         assert_eq!(w["r_mag"].size(), vec![48]);
         assert_eq!(w["b_mag"].size(), vec![48]);
-        last = run;
+        last = Some(run);
     }
+    let last = last.unwrap();
     assert!(
         l0s[1] < l0s[0],
         "gated l0 should fall with the weight: {l0s:?}"
@@ -205,54 +155,25 @@ fn gated_trains_and_exports() {
     sae_ok(&[
         "export",
         "--model",
-        last.to_str().unwrap(),
+        last.path(),
         "--format",
         "saelens",
         "--out",
         sl.to_str().unwrap(),
     ]);
     let z = dir.path().join("z.npy");
-    sae_ok(&[
-        "encode",
-        "--model",
-        last.to_str().unwrap(),
-        "--data",
-        &x,
-        "--out",
-        z.to_str().unwrap(),
-    ]);
+    last.apply("encode", &x, &z, &[]);
     // Our own reader of the SAELens directory and of the TorchScript module.
     for (m, name) in [
         (sl.clone(), "saelens"),
         (last.join("model.pt"), "torchscript"),
     ] {
         let z2 = dir.path().join(format!("z-{name}.npy"));
-        sae_ok(&[
-            "encode",
-            "--model",
-            m.to_str().unwrap(),
-            "--data",
-            &x,
-            "--out",
-            z2.to_str().unwrap(),
-        ]);
-        let d = (Tensor::read_npy(&z).unwrap() - Tensor::read_npy(&z2).unwrap())
-            .abs()
-            .max()
-            .double_value(&[]);
+        apply("encode", &m, &x, &z2, &[]);
+        let d = npy_dev(&z, &z2);
         assert!(d < 1e-4, "{name}: codes differ by {d}");
     }
-    let has_saelens = std::process::Command::new(python())
-        .args(["-c", "import sae_lens"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_saelens {
-        assert_ne!(
-            std::env::var("SAE_REQUIRE_SAELENS").as_deref(),
-            Ok("1"),
-            "sae_lens is not installed (`make saelens`)"
-        );
-        eprintln!("SKIPPED (NOT RUN): sae_lens check of the gated export");
+    if !saelens_available("gated_trains_and_exports: the sae_lens check of the gated export") {
         return;
     }
     let out = py(
@@ -271,6 +192,12 @@ print(type(sae).__name__, float(np.abs(z - np.load(sys.argv[3])).max()))
     assert!(d < 1e-4, "sae_lens codes differ by {d}");
 }
 
+/// Largest |row norm - 1| of the decoder.
+fn unit_norm_dev(run: &Run) -> f64 {
+    let norms = run.model()["W_dec"].norm_scalaropt_dim(2, [1], false);
+    (norms - 1.0).abs().max().double_value(&[])
+}
+
 #[test]
 fn decoder_rows_are_unit_norm_after_every_step() {
     let dir = tempfile::tempdir().unwrap();
@@ -278,20 +205,19 @@ fn decoder_rows_are_unit_norm_after_every_step() {
     for tied in [false, true] {
         // Full batch: epochs = steps; the model after step s is run s's.
         for steps in 1..=3 {
-            let run = train(
-                dir.path(),
-                &format!("unit-{tied}-{steps}"),
-                &config(
-                    &x,
-                    &format!("  activation: relu\n  tied: {tied}\n  init_scheme: torch_linear\n"),
-                    "  penalty: l1\n  weight: 0.01\n",
-                    &format!("  epochs: {steps}\n  batch_size: full\n  unit_norm_decoder: true\n"),
-                ),
-                &[],
-            );
-            let w_dec = &weights(&run)["W_dec"];
-            let norms = w_dec.norm_scalaropt_dim(2, [1], false);
-            let dev = (norms - 1.0).abs().max().double_value(&[]);
+            let run = recipe(dir.path(), &format!("unit-{tied}-{steps}"), &x)
+                .sets([
+                    "model.activation=relu",
+                    &format!("model.tied={tied}"),
+                    "model.init_scheme=torch_linear",
+                    "sparsity.penalty=l1",
+                    "sparsity.weight=0.01",
+                    &format!("train.epochs={steps}"),
+                    "train.batch_size=full",
+                    "train.unit_norm_decoder=true",
+                ])
+                .train();
+            let dev = unit_norm_dev(&run);
             assert!(
                 dev < 1e-5,
                 "tied {tied}, step {steps}: max |norm - 1| {dev}"
@@ -301,19 +227,17 @@ fn decoder_rows_are_unit_norm_after_every_step() {
     // Mini-batches with a schedule and clipping: still unit norm at the end,
     // and without the option the rows drift.
     for (unit, name) in [(true, "unit-mb"), (false, "free-mb")] {
-        let run = train(
-            dir.path(),
-            name,
-            &config(
-                &x,
-                "  activation: topk\n  k: 3\n",
-                "  penalty: none\n",
-                &format!("  unit_norm_decoder: {unit}\n  grad_clip: 1.0\n  lr_warmup_steps: 5\n"),
-            ),
-            &[],
-        );
-        let norms = weights(&run)["W_dec"].norm_scalaropt_dim(2, [1], false);
-        let dev = (norms - 1.0).abs().max().double_value(&[]);
+        let run = recipe(dir.path(), name, &x)
+            .sets([
+                "model.activation=topk",
+                "model.k=3",
+                "sparsity.penalty=none",
+                &format!("train.unit_norm_decoder={unit}"),
+                "train.grad_clip=1.0",
+                "train.lr_warmup_steps=5",
+            ])
+            .train();
+        let dev = unit_norm_dev(&run);
         if unit {
             assert!(dev < 1e-5, "{name}: max |norm - 1| {dev}");
         } else {
@@ -330,18 +254,19 @@ fn schedules_give_the_expected_values_at_given_steps() {
     let dir = tempfile::tempdir().unwrap();
     let (x, _) = data(dir.path());
     // 2048 / 128 = 16 steps per epoch, 4 epochs: 64 steps.
-    let run = train(
-        dir.path(),
-        "sched",
-        &config(
-            &x,
-            "  activation: relu\n",
-            "  penalty: l1\n  weight: 0.02\n  warmup_steps: 10\n",
-            "  lr_schedule: cosine\n  lr_warmup_steps: 8\n  lr_decay_steps: 16\n  lr_end: 0.001\n",
-        ),
-        &[],
-    );
-    let lines = metrics_lines(&run);
+    let run = recipe(dir.path(), "sched", &x)
+        .sets([
+            "model.activation=relu",
+            "sparsity.penalty=l1",
+            "sparsity.weight=0.02",
+            "sparsity.warmup_steps=10",
+            "train.lr_schedule=cosine",
+            "train.lr_warmup_steps=8",
+            "train.lr_decay_steps=16",
+            "train.lr_end=0.001",
+        ])
+        .train();
+    let lines = run.metrics();
     assert_eq!(lines.len(), 64);
     let at = |step: usize, key: &str| lines[step - 1][key].as_f64().unwrap();
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1e-12);
@@ -384,18 +309,17 @@ fn b_dec_starts_at_the_mean_or_geometric_median() {
     let xs = Tensor::read_npy(&x).unwrap().to_kind(Kind::Double);
     // lr tiny: after one step b_dec is still where it started.
     let run_for = |how: &str| {
-        let run = train(
-            dir.path(),
-            &format!("bdec-{how}"),
-            &config(
-                &x,
-                &format!("  activation: relu\n  b_dec_init: {how}\n"),
-                "  penalty: l1\n",
-                "  epochs: 1\n  batch_size: full\n  optimizer: {lr: 1.0e-9}\n",
-            ),
-            &[],
-        );
-        weights(&run)["b_dec"].to_kind(Kind::Double)
+        let run = recipe(dir.path(), &format!("bdec-{how}"), &x)
+            .sets([
+                "model.activation=relu",
+                "sparsity.penalty=l1",
+                "train.epochs=1",
+                "train.batch_size=full",
+                "train.optimizer={lr: 1.0e-9}",
+            ])
+            .set(format!("model.b_dec_init={how}"))
+            .train();
+        run.model()["b_dec"].to_kind(Kind::Double)
     };
     let mean = xs.mean_dim(0, false, Kind::Double);
     let b = run_for("mean");
@@ -443,18 +367,15 @@ print(" ".join(repr(float(v)) for v in m))
 fn expected_norm_scales_inputs_to_mean_norm_sqrt_d() {
     let dir = tempfile::tempdir().unwrap();
     let (x, _) = data(dir.path());
-    let run = train(
-        dir.path(),
-        "scaled",
-        &config(
-            &x,
-            "  activation: relu\n",
-            "  penalty: l1\n",
-            "  epochs: 1\n",
-        ),
-        &["data.normalize=expected_norm"],
-    );
-    let w = weights(&run);
+    let run = recipe(dir.path(), "scaled", &x)
+        .sets([
+            "model.activation=relu",
+            "sparsity.penalty=l1",
+            "train.epochs=1",
+            "data.normalize=expected_norm",
+        ])
+        .train();
+    let w = run.model();
     let xs = Tensor::read_npy(&x).unwrap().to_kind(Kind::Double);
     let scaled = &xs / w["norm_scale"].to_kind(Kind::Double);
     let mean_norm = scaled
@@ -468,22 +389,14 @@ fn expected_norm_scales_inputs_to_mean_norm_sqrt_d() {
     assert_eq!(w["norm_shift"].abs().max().double_value(&[]), 0.0);
     // Reconstructions come back in the data's own scale.
     let xh = dir.path().join("xh.npy");
-    sae_ok(&[
-        "reconstruct",
-        "--model",
-        run.to_str().unwrap(),
-        "--data",
-        &x,
-        "--out",
-        xh.to_str().unwrap(),
-    ]);
+    run.apply("reconstruct", &x, &xh, &[]);
     let xh = Tensor::read_npy(&xh).unwrap().to_kind(Kind::Double);
     let fvu = (&xh - &xs).square().sum(Kind::Double).double_value(&[])
         / (&xs - xs.mean_dim(0, true, Kind::Double))
             .square()
             .sum(Kind::Double)
             .double_value(&[]);
-    let reported = summary(&run)["train"]["fvu"].as_f64().unwrap();
+    let reported = run.stat("train", "fvu");
     assert!(
         (fvu - reported).abs() < 1e-4,
         "fvu {fvu} vs summary {reported}"
@@ -505,38 +418,26 @@ np.save(sys.argv[2], (X @ A + 0.5).astype(np.float32))
 "#,
         &[&x, y.to_str().unwrap()],
     );
-    let run = train(
-        dir.path(),
-        "transcoder",
-        &config(
-            &x,
-            "  activation: relu\n  apply_b_dec_to_input: false\n  b_dec_init: mean\n",
-            "  penalty: l1\n  weight: 0.001\n",
-            "  epochs: 10\n",
-        ),
-        &[
-            &format!("data.target={}", y.display()),
-            "data.normalize=standardize",
-            "data.valid_fraction=0.1",
-        ],
-    );
-    let w = weights(&run);
+    let run = recipe(dir.path(), "transcoder", &x)
+        .sets([
+            "model.activation=relu",
+            "model.apply_b_dec_to_input=false",
+            "model.b_dec_init=mean",
+            "sparsity.penalty=l1",
+            "sparsity.weight=0.001",
+            "train.epochs=10",
+        ])
+        .set(format!("data.target={}", y.display()))
+        .sets(["data.normalize=standardize", "data.valid_fraction=0.1"])
+        .train();
+    let w = run.model();
     assert_eq!(w["W_dec"].size(), vec![48, 10]);
     assert_eq!(w["out_norm_scale"].size(), vec![10]);
-    let s = summary(&run);
-    let fvu = s["valid"]["fvu"].as_f64().unwrap();
+    let fvu = run.stat("valid", "fvu");
     assert!(fvu < 0.2, "transcoder fvu {fvu}");
     // Reconstruct gives the target's width, in its own scale.
     let yh = dir.path().join("yh.npy");
-    sae_ok(&[
-        "reconstruct",
-        "--model",
-        run.to_str().unwrap(),
-        "--data",
-        &x,
-        "--out",
-        yh.to_str().unwrap(),
-    ]);
+    run.apply("reconstruct", &x, &yh, &[]);
     let yh = Tensor::read_npy(&yh).unwrap();
     let yt = Tensor::read_npy(&y).unwrap();
     assert_eq!(yh.size(), yt.size());
@@ -551,7 +452,7 @@ np.save(sys.argv[2], (X @ A + 0.5).astype(np.float32))
     let out = sae_ok(&[
         "eval",
         "--model",
-        run.to_str().unwrap(),
+        run.path(),
         "--data",
         &x,
         "--target-data",
@@ -559,19 +460,17 @@ np.save(sys.argv[2], (X @ A + 0.5).astype(np.float32))
         "--json",
     ]);
     let m: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let train_fvu = s["train"]["fvu"].as_f64().unwrap();
+    let train_fvu = run.stat("train", "fvu");
     assert!(m["fvu"].as_f64().unwrap() < 0.2, "{out}");
     println!(
         "transcoder: valid fvu {fvu:.4}, train {train_fvu:.4}, eval on all rows {}",
         m["fvu"]
     );
-    let o = sae(&["eval", "--model", run.to_str().unwrap(), "--data", &x]);
-    assert_eq!(
-        o.status.code(),
-        Some(2),
-        "eval of a transcoder without --target-data"
+    // Eval of a transcoder without --target-data.
+    expect_user_error(
+        &["eval", "--model", run.path(), "--data", &x],
+        &["--target-data"],
     );
-    assert!(stderr(&o).contains("--target-data"), "{}", stderr(&o));
 }
 
 #[test]
@@ -579,36 +478,29 @@ fn deep_and_denoising_models_train() {
     let dir = tempfile::tempdir().unwrap();
     let (x, _) = data(dir.path());
     // Deep: 16 -> 32 -> 24 (code) -> 32 -> 16.
-    let run = train(
-        dir.path(),
-        "deep",
-        &config(
-            &x,
-            "  activation: relu\n  hidden: [32, 24]\n  apply_b_dec_to_input: false\n  init_scheme: torch_linear\n",
-            "  penalty: l1\n  weight: 0.001\n",
-            "  epochs: 10\n",
-        ),
-        &["model.d_hidden=24"],
-    );
-    let w = weights(&run);
+    let run = recipe(dir.path(), "deep", &x)
+        .sets([
+            "model.activation=relu",
+            "model.hidden=[32, 24]",
+            "model.apply_b_dec_to_input=false",
+            "model.init_scheme=torch_linear",
+            "sparsity.penalty=l1",
+            "sparsity.weight=0.001",
+            "train.epochs=10",
+            "model.d_hidden=24",
+        ])
+        .train();
+    let w = run.model();
     assert_eq!(w["enc_layers.0.W"].size(), vec![16, 32]);
     assert_eq!(w["W_enc"].size(), vec![32, 24]);
     assert_eq!(w["W_dec"].size(), vec![24, 32]);
     assert_eq!(w["dec_layers.0.W"].size(), vec![32, 16]);
     let resolved = std::fs::read_to_string(run.join("config.yaml")).unwrap();
     assert!(resolved.contains("d_hidden: 24"), "{resolved}");
-    let fvu = summary(&run)["train"]["fvu"].as_f64().unwrap();
+    let fvu = run.stat("train", "fvu");
     assert!(fvu < 0.5, "deep fvu {fvu}");
     let z = dir.path().join("z.npy");
-    sae_ok(&[
-        "encode",
-        "--model",
-        run.to_str().unwrap(),
-        "--data",
-        &x,
-        "--out",
-        z.to_str().unwrap(),
-    ]);
+    run.apply("encode", &x, &z, &[]);
     assert_eq!(Tensor::read_npy(&z).unwrap().size(), vec![2048, 24]);
 
     // Denoising: trained on corrupted inputs, measured against the clean
@@ -626,27 +518,18 @@ np.save(sys.argv[2], (X * keep).astype(np.float32))
     );
     let mut errs = Vec::new();
     for (noise, name) in [("none", "clean"), ("mask", "denoise")] {
-        let run = train(
-            dir.path(),
-            name,
-            &config(
-                &x,
-                "  activation: relu\n",
-                "  penalty: l1\n  weight: 0.001\n",
-                &format!("  epochs: 10\n  input_noise: {noise}\n  noise_level: 0.3\n"),
-            ),
-            &[],
-        );
+        let run = recipe(dir.path(), name, &x)
+            .sets([
+                "model.activation=relu",
+                "sparsity.penalty=l1",
+                "sparsity.weight=0.001",
+                "train.epochs=10",
+                "train.noise_level=0.3",
+            ])
+            .set(format!("train.input_noise={noise}"))
+            .train();
         let xh = dir.path().join(format!("{name}-xh.npy"));
-        sae_ok(&[
-            "reconstruct",
-            "--model",
-            run.to_str().unwrap(),
-            "--data",
-            noisy.to_str().unwrap(),
-            "--out",
-            xh.to_str().unwrap(),
-        ]);
+        run.apply("reconstruct", &noisy, &xh, &[]);
         let xh = Tensor::read_npy(&xh).unwrap();
         let clean = Tensor::read_npy(&x).unwrap();
         errs.push((xh - clean).square().mean(Kind::Float).double_value(&[]));
@@ -660,18 +543,14 @@ np.save(sys.argv[2], (X * keep).astype(np.float32))
         "denoising should help on noisy inputs: {errs:?}"
     );
     // Gaussian noise trains too.
-    let run = train(
-        dir.path(),
-        "gauss",
-        &config(
-            &x,
-            "  activation: relu\n",
-            "  penalty: l1\n",
-            "  input_noise: gaussian\n",
-        ),
-        &[],
-    );
-    assert!(summary(&run)["train"]["fvu"].as_f64().unwrap() < 1.0);
+    let run = recipe(dir.path(), "gauss", &x)
+        .sets([
+            "model.activation=relu",
+            "sparsity.penalty=l1",
+            "train.input_noise=gaussian",
+        ])
+        .train();
+    assert!(run.stat("train", "fvu") < 1.0);
 }
 
 #[test]
@@ -679,22 +558,25 @@ fn dead_latents_are_counted_and_resampled() {
     let dir = tempfile::tempdir().unwrap();
     let (x, _) = data(dir.path());
     // Many latents for the data, k = 2: some go silent.
-    let base = |resample: i64| {
-        config(
-            &x,
-            "  activation: topk\n  k: 2\n",
-            "  penalty: none\n",
-            &format!("  epochs: 6\n  dead_window: 8\n  resample_every: {resample}\n"),
-        )
+    let run = |name: &str, resample: i64| {
+        recipe(dir.path(), name, &x)
+            .sets([
+                "model.activation=topk",
+                "model.k=2",
+                "sparsity.penalty=none",
+                "train.epochs=6",
+                "train.dead_window=8",
+                "model.d_hidden=128",
+            ])
+            .set(format!("train.resample_every={resample}"))
+            .train()
     };
-    let wide = ["model.d_hidden=128"];
-    let plain = metrics_lines(&train(dir.path(), "dead", &base(0), &wide));
-    let dead = col(&plain, "dead");
+    let dead = run("dead", 0).metric("dead");
     assert!(
         dead.iter().any(|&d| d > 0.0),
         "no dead latents seen: {dead:?}"
     );
-    let lines = metrics_lines(&train(dir.path(), "resampled", &base(20), &wide));
+    let lines = run("resampled", 20).metrics();
     for l in &lines {
         let step = l["step"].as_i64().unwrap();
         if step % 20 == 0 {
@@ -711,11 +593,8 @@ fn dead_latents_are_counted_and_resampled() {
 fn new_keys_are_validated() {
     let dir = tempfile::tempdir().unwrap();
     let (x, _) = data(dir.path());
-    let cfg = write_config(
-        dir.path(),
-        "v.yaml",
-        &config(&x, "  activation: relu\n", "  penalty: l1\n", ""),
-    );
+    let base =
+        recipe(dir.path(), "never", &x).sets(["model.activation=relu", "sparsity.penalty=l1"]);
     for (set, needle) in [
         ("sparsity.penalty=l0", "sparsity.penalty"),
         ("sparsity.penalty=auxk", "sparsity.penalty"),
@@ -728,19 +607,13 @@ fn new_keys_are_validated() {
         ("data.target=y.npy", "model.apply_b_dec_to_input"),
         ("train.lr_warmup_steps=100000", "train.lr_warmup_steps"),
     ] {
-        let mut args = vec!["train", "--config", &cfg, "--out"];
-        let out = dir.path().join("never");
-        args.push(out.to_str().unwrap());
-        args.extend(["--set", set]);
+        let mut case = base.clone().set(set);
         if set.starts_with("train.input_noise") {
-            args.extend(["--set", "train.noise_level=1.5"]);
+            case = case.set("train.noise_level=1.5");
         }
         if set.starts_with("model.hidden") {
-            args.extend(["--set", "model.d_hidden=16"]);
+            case = case.set("model.d_hidden=16");
         }
-        let o = sae(&args);
-        assert_eq!(o.status.code(), Some(2), "{set}: {}", stderr(&o));
-        assert!(stderr(&o).contains(needle), "{set}: {}", stderr(&o));
-        assert!(!out.exists(), "{set}: left a run directory");
+        case.fails(&[needle]);
     }
 }

@@ -49,7 +49,7 @@ train:
   optimizer: {name: adamw, lr: 0.003, weight_decay: 0.01}
 ";
 
-fn spawn_train(args: &[&str]) -> Child {
+fn spawn_train(args: &[String]) -> Child {
     Command::new(sae_bin())
         .args(args)
         .stdout(Stdio::null())
@@ -83,9 +83,17 @@ fn random_ms(max: u64) -> u64 {
     n % max
 }
 
-fn same_file(a: &Path, b: &Path, what: &str) {
-    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
-    assert!(x == y, "{what}: {} and {} differ", a.display(), b.display());
+/// Both runs wrote the same model.safetensors and metrics.jsonl, byte for byte.
+fn same_outputs(a: &Path, b: &Path, what: &str) {
+    for file in ["model.safetensors", "metrics.jsonl"] {
+        let (x, y) = (a.join(file), b.join(file));
+        assert!(
+            std::fs::read(&x).unwrap() == std::fs::read(&y).unwrap(),
+            "{what}: {} and {} differ",
+            x.display(),
+            y.display()
+        );
+    }
 }
 
 fn steps_of(run: &Path) -> i64 {
@@ -99,27 +107,14 @@ fn interrupted_runs_match_uninterrupted(yaml: &str, name: &str) {
     let d = dir.path();
     let (x, _) = synth(d, 2000, 16, 32, 3);
     let cfg = write_config(d, "c.yaml", &yaml.replace('X', &x));
-    let reference = d.join("reference");
-    sae_ok(&[
-        "train",
-        "-q",
-        "--config",
-        &cfg,
-        "--out",
-        reference.to_str().unwrap(),
-    ]);
+    let case = |name: &str| Case::new(d, name).config(&cfg);
+    let reference = case("reference").train().dir;
     let total = steps_of(&reference);
 
     // SIGKILL at a random moment after the first checkpoint.
-    let killed = d.join("killed");
-    let mut child = spawn_train(&[
-        "train",
-        "-q",
-        "--config",
-        &cfg,
-        "--out",
-        killed.to_str().unwrap(),
-    ]);
+    let killed = case("killed");
+    let mut child = spawn_train(&killed.args());
+    let killed = killed.dir().to_path_buf();
     wait_for_checkpoint(&mut child, &killed);
     std::thread::sleep(Duration::from_millis(random_ms(300)));
     child.kill().unwrap(); // SIGKILL
@@ -131,23 +126,15 @@ fn interrupted_runs_match_uninterrupted(yaml: &str, name: &str) {
     );
     // `--resume DIR` alone: the config comes from DIR/config.yaml.
     sae_ok(&["train", "-q", "--resume", killed.to_str().unwrap()]);
-    same_file(
-        &reference.join("model.safetensors"),
-        &killed.join("model.safetensors"),
-        name,
-    );
-    same_file(
-        &reference.join("metrics.jsonl"),
-        &killed.join("metrics.jsonl"),
-        name,
-    );
+    same_outputs(&reference, &killed, name);
     assert_eq!(steps_of(&killed), total);
 
     // SIGINT -> 130, SIGTERM -> 143, each with a message naming --resume.
     for (sig, code) in [("INT", 130), ("TERM", 143)] {
-        let run = d.join(format!("sig{sig}"));
+        let case = case(&format!("sig{sig}"));
+        let run = case.dir().to_path_buf();
         let run_s = run.to_str().unwrap();
-        let mut child = spawn_train(&["train", "-q", "--config", &cfg, "--out", run_s]);
+        let mut child = spawn_train(&case.args());
         wait_for_checkpoint(&mut child, &run);
         std::thread::sleep(Duration::from_millis(random_ms(200)));
         let ok = Command::new("kill")
@@ -171,17 +158,8 @@ fn interrupted_runs_match_uninterrupted(yaml: &str, name: &str) {
             println!("{name}: SIG{sig} -> exit {code}: {}", err.trim());
         }
         // --config with --out and a bare --resume (the SPEC's form).
-        sae_ok(&["train", "-q", "--config", &cfg, "--out", run_s, "--resume"]);
-        same_file(
-            &reference.join("model.safetensors"),
-            &run.join("model.safetensors"),
-            name,
-        );
-        same_file(
-            &reference.join("metrics.jsonl"),
-            &run.join("metrics.jsonl"),
-            name,
-        );
+        case.flag("--resume").train();
+        same_outputs(&reference, &run, name);
     }
 }
 
@@ -195,16 +173,6 @@ fn batchtopk_threshold_resume_is_bit_identical() {
     interrupted_runs_match_uninterrupted(BATCHTOPK, "batchtopk");
 }
 
-fn user_error(o: &std::process::Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks `{n}`: {err}");
-    }
-    println!("-> {}", err.trim());
-}
-
 #[test]
 fn resume_checks_config_and_extends_epochs() {
     let dir = tempfile::tempdir().unwrap();
@@ -214,79 +182,68 @@ fn resume_checks_config_and_extends_epochs() {
                 train: {epochs: 2, batch_size: 50, checkpoint_every: 4}\n"
         .replace('X', &x);
     let cfg = write_config(d, "c.yaml", &yaml);
-    let run = d.join("run");
+    let case = Case::new(d, "run").config(&cfg);
+    let run = case.dir().to_path_buf();
     let run_s = run.to_str().unwrap();
 
     // Nothing to resume yet.
-    let o = sae(&["train", "-q", "--resume", run_s]);
-    user_error(&o, &[run_s, "config.yaml"]);
-    let o = sae(&["train", "-q", "--config", &cfg, "--out", run_s, "--resume"]);
-    user_error(&o, &[run_s, "no checkpoint"]);
-    assert!(!run.exists());
-    let o = sae(&[
-        "train", "-q", "--config", &cfg, "--out", run_s, "--resume", "--force",
-    ]);
+    expect_user_error(&["train", "-q", "--resume", run_s], &[run_s, "config.yaml"]);
+    case.clone()
+        .flag("--resume")
+        .fails(&[run_s, "no checkpoint"]);
+    let o = case.clone().flag("--resume").flag("--force").output();
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 
-    sae_ok(&["train", "-q", "--config", &cfg, "--out", run_s]);
+    case.train();
     // A different config is refused, naming the key.
-    let o = sae(&[
-        "train",
-        "-q",
-        "--resume",
-        run_s,
-        "--set",
-        "model.d_hidden=9",
-    ]);
-    user_error(&o, &["model.d_hidden", "9", "8", "train.epochs"]);
-    let o = sae(&[
-        "train", "-q", "--config", &cfg, "--resume", run_s, "--set", "seed=1",
-    ]);
-    user_error(&o, &["seed"]);
-    let o = sae(&[
-        "train",
-        "-q",
-        "--resume",
-        run_s,
-        "--out",
-        d.join("other").to_str().unwrap(),
-    ]);
-    user_error(&o, &["--out"]);
+    expect_user_error(
+        &[
+            "train",
+            "-q",
+            "--resume",
+            run_s,
+            "--set",
+            "model.d_hidden=9",
+        ],
+        &["model.d_hidden", "9", "8", "train.epochs"],
+    );
+    expect_user_error(
+        &[
+            "train", "-q", "--config", &cfg, "--resume", run_s, "--set", "seed=1",
+        ],
+        &["seed"],
+    );
+    let other = d.join("other");
+    expect_user_error(
+        &[
+            "train",
+            "-q",
+            "--resume",
+            run_s,
+            "--out",
+            other.to_str().unwrap(),
+        ],
+        &["--out"],
+    );
     // Fewer epochs than done.
-    let o = sae(&["train", "-q", "--resume", run_s, "--set", "train.epochs=1"]);
-    user_error(&o, &["train.epochs"]);
+    expect_user_error(
+        &["train", "-q", "--resume", run_s, "--set", "train.epochs=1"],
+        &["train.epochs"],
+    );
 
     // More epochs: continues to the end of epoch 4, as if run for 4 at once.
-    sae_ok(&["train", "-q", "--resume", run_s, "--set", "train.epochs=4"]);
-    let four = d.join("four");
-    sae_ok(&[
-        "train",
-        "-q",
-        "--config",
-        &cfg,
-        "--out",
-        four.to_str().unwrap(),
-        "--set",
-        "train.epochs=4",
-    ]);
+    let more = ["train", "-q", "--resume", run_s, "--set", "train.epochs=4"];
+    sae_ok(&more);
+    let four = Case::new(d, "four")
+        .config(&cfg)
+        .set("train.epochs=4")
+        .train()
+        .dir;
     assert_eq!(steps_of(&run), 24);
-    same_file(
-        &four.join("model.safetensors"),
-        &run.join("model.safetensors"),
-        "epochs 2 -> 4",
-    );
-    same_file(
-        &four.join("metrics.jsonl"),
-        &run.join("metrics.jsonl"),
-        "epochs 2 -> 4",
-    );
+    same_outputs(&four, &run, "epochs 2 -> 4");
     // A finished run resumed does nothing new and keeps its result.
-    sae_ok(&["train", "-q", "--resume", run_s, "--set", "train.epochs=4"]);
-    same_file(
-        &four.join("model.safetensors"),
-        &run.join("model.safetensors"),
-        "re-resume",
-    );
+    sae_ok(&more);
+    same_outputs(&four, &run, "re-resume");
 }
 
 #[test]
@@ -298,18 +255,9 @@ fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
                 train: {epochs: 20, batch_size: 20, checkpoint_every: 1, \
                 optimizer: {lr: 1.0e+30}}\n"
         .replace('X', &x);
-    let cfg = write_config(d, "c.yaml", &yaml);
-    let run = d.join("run");
-    let o = sae(&[
-        "train",
-        "-q",
-        "--config",
-        &cfg,
-        "--out",
-        run.to_str().unwrap(),
-    ]);
-    user_error(&o, &["diverged", "step"]);
-    assert!(!run.join("model.safetensors").exists());
-    user_error(&o, &["last good checkpoint (step 1)"]);
-    assert!(run.join("checkpoint/state.safetensors").exists());
+    let case = Case::new(d, "run").yaml(yaml);
+    let err = case.user_error(&["diverged", "step"]);
+    assert!(!case.dir().join("model.safetensors").exists());
+    assert!(err.contains("last good checkpoint (step 1)"), "{err}");
+    assert!(case.dir().join("checkpoint/state.safetensors").exists());
 }

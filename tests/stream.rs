@@ -17,45 +17,26 @@ fn streamed_training_equals_in_memory_training() {
              sparsity:\n  penalty: none\ntrain:\n  epochs: 3\n  batch_size: 128\n  threads: 1\n  shuffle: false\n"
         ),
     );
-    let run = |name: &str, extra: &[&str]| {
-        let out = d.join(name);
-        let mut args = vec![
-            "train",
-            "-q",
-            "--config",
-            &cfg,
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        sae_ok(&args);
-        std::fs::read(out.join("model.safetensors")).unwrap()
-    };
+    let streamed = |name: &str| Case::new(d, name).config(&cfg).set("data.stream=true");
     // Same batches (no shuffling): the same model, byte for byte.
-    let memory = run("memory", &[]);
-    let streamed = run("stream", &["--set", "data.stream=true"]);
-    assert!(memory == streamed, "streamed and in-memory training differ");
+    let memory = Case::new(d, "memory").config(&cfg).train().model_bytes();
+    let stream = streamed("stream").train().model_bytes();
+    assert!(memory == stream, "streamed and in-memory training differ");
     // Shuffled, streaming mixes rows within windows of blocks: a different
     // order, still deterministic.
-    let a = run(
-        "stream-shuf-a",
-        &["--set", "data.stream=true", "--set", "train.shuffle=true"],
-    );
-    let b = run(
-        "stream-shuf-b",
-        &["--set", "data.stream=true", "--set", "train.shuffle=true"],
-    );
+    let shuffled = |name: &str| {
+        streamed(name)
+            .set("train.shuffle=true")
+            .train()
+            .model_bytes()
+    };
+    let (a, b) = (shuffled("stream-shuf-a"), shuffled("stream-shuf-b"));
     assert!(a == b, "shuffled streaming is not reproducible");
     // With normalisation both fit the same statistics up to float rounding.
-    let s = run(
-        "stream-std",
-        &[
-            "--set",
-            "data.stream=true",
-            "--set",
-            "data.normalize=standardize",
-        ],
-    );
+    let s = streamed("stream-std")
+        .set("data.normalize=standardize")
+        .train()
+        .model_bytes();
     assert!(!s.is_empty());
     // What streaming cannot do is refused up front, naming the key.
     for (set, key) in [
@@ -63,22 +44,7 @@ fn streamed_training_equals_in_memory_training() {
         ("model.b_dec_init=mean", "model.b_dec_init"),
         ("train.batch_size=full", "train.batch_size: full"),
     ] {
-        let out = d.join("refused");
-        let o = sae(&[
-            "train",
-            "-q",
-            "--config",
-            &cfg,
-            "--out",
-            out.to_str().unwrap(),
-            "--set",
-            "data.stream=true",
-            "--set",
-            set,
-        ]);
-        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-        assert!(stderr(&o).contains(key), "{}", stderr(&o));
-        assert!(!out.exists());
+        streamed("refused").set(set).fails(&[key]);
     }
     // float64 data cannot be mapped as float32: a clear error with the way out.
     let f64p = d.join("x64.npy");
@@ -86,20 +52,9 @@ fn streamed_training_equals_in_memory_training() {
         "import sys, numpy as np\nnp.save(sys.argv[2], np.load(sys.argv[1]).astype(np.float64))",
         &[&x, f64p.to_str().unwrap()],
     );
-    let o = sae(&[
-        "train",
-        "-q",
-        "--config",
-        &cfg,
-        "--out",
-        d.join("r64").to_str().unwrap(),
-        "--set",
-        "data.stream=true",
-        "--set",
-        &format!("data.train={}", f64p.display()),
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("data.stream: false"), "{}", stderr(&o));
+    streamed("r64")
+        .set(format!("data.train={}", f64p.display()))
+        .user_error(&["data.stream: false"]);
 }
 
 /// Across several windows and epochs (the reader hands over to the next
@@ -122,8 +77,11 @@ fn streamed_training_across_windows_and_epochs_equals_in_memory() {
         x.display()
     );
     let run = |name: &str, stream: &str| {
-        let out = train_run(d, name, &yaml, &[&format!("data.stream={stream}")]);
-        std::fs::read(out.join("model.safetensors")).unwrap()
+        Case::new(d, name)
+            .yaml(yaml.as_str())
+            .set(format!("data.stream={stream}"))
+            .train()
+            .model_bytes()
     };
     assert!(
         run("memory", "false") == run("stream", "true"),

@@ -110,35 +110,27 @@ print(1 - kept / s.sum())
         "bad.yaml",
         "base: base.yaml\ngrid:\n  sparsity.wieght: [1]\n",
     );
-    let o = sae(&[
-        "sweep",
-        "--config",
-        &bad,
-        "--out",
-        d.join("bad").to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("wieght"), "{}", stderr(&o));
+    expect_user_error(
+        &[
+            "sweep",
+            "--config",
+            &bad,
+            "--out",
+            d.join("bad").to_str().unwrap(),
+        ],
+        &["wieght"],
+    );
 }
 
 #[test]
 fn train_writes_plots_including_decoder_tiles_for_square_inputs() {
     let dir = tempfile::tempdir().unwrap();
     let (x, _) = synth(dir.path(), 400, 16, 20, 2); // 16 = 4x4 images
-    let cfg = write_config(
-        dir.path(),
-        "c.yaml",
-        &format!("device: cpu\ndata:\n  train: {x}\nmodel:\n  d_hidden: 12\ntrain:\n  epochs: 2\n"),
-    );
-    let run = dir.path().join("run");
-    sae_ok(&[
-        "train",
-        "-q",
-        "--config",
-        &cfg,
-        "--out",
-        run.to_str().unwrap(),
-    ]);
+    let run = Case::new(dir.path(), "run")
+        .yaml(format!(
+            "device: cpu\ndata:\n  train: {x}\nmodel:\n  d_hidden: 12\ntrain:\n  epochs: 2\n"
+        ))
+        .train();
     for png in ["loss.png", "firing_frequency.png"] {
         assert_eq!(png_size(&run.join("plots").join(png)), (900, 560), "{png}");
     }
@@ -150,27 +142,15 @@ fn train_writes_plots_including_decoder_tiles_for_square_inputs() {
 fn eval_per_unit_metrics_and_histogram_match_numpy() {
     let dir = tempfile::tempdir().unwrap();
     let (x, _) = synth(dir.path(), 500, 10, 12, 2);
-    let cfg = write_config(
-        dir.path(),
-        "c.yaml",
-        &format!(
+    let run = Case::new(dir.path(), "run")
+        .yaml(format!(
             "device: cpu\ndata:\n  train: {x}\nmodel:\n  d_hidden: 30\n  activation: sigmoid\n\
              sparsity:\n  penalty: kl\n  target: 0.1\n  weight: 0.1\ntrain:\n  epochs: 3\n  batch_size: 50\n"
-        ),
-    );
-    let run = dir.path().join("run");
-    let run_s = run.to_str().unwrap();
-    sae_ok(&["train", "-q", "--config", &cfg, "--out", run_s]);
+        ))
+        .train();
+    let run_s = run.path();
     let z = dir.path().join("z.npy");
-    sae_ok(&[
-        "encode",
-        "--model",
-        run_s,
-        "--data",
-        &x,
-        "--out",
-        z.to_str().unwrap(),
-    ]);
+    run.apply("encode", &x, &z, &[]);
     let json = sae_ok(&[
         "eval", "--model", run_s, "--data", &x, "--json", "--target", "0.1",
     ]);
@@ -208,16 +188,7 @@ print(json.dumps({
     assert_eq!(v["hist"][0], v["hist"][1], "firing histogram");
     // The readable table names the same metrics.
     let table = sae_ok(&["eval", "--model", run_s, "--data", &x]);
-    for key in [
-        "mse",
-        "fvu",
-        "explained_variance",
-        "l0",
-        "l1",
-        "dead_fraction",
-        "dense_fraction",
-        "kl_to_target",
-    ] {
+    for key in EVAL_METRICS.into_iter().chain(["kl_to_target"]) {
         assert!(table.contains(key), "table lacks {key}:\n{table}");
     }
 }

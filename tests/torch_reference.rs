@@ -95,52 +95,14 @@ fn encode_and_reconstruct_match_torch_for_every_activation() {
              sparsity:\n  penalty: {pen}\n  target: 0.1\ntrain:\n  epochs: 3\n  batch_size: 64\n"
         )
         .replace("decoder_activation", "  decoder_activation");
-        let cfg = write_config(dir.path(), &format!("c{i}.yaml"), &yaml);
-        let run = dir.path().join(format!("run{i}"));
-        let run_s = run.to_str().unwrap();
-        sae_ok(&["train", "-q", "--config", &cfg, "--out", run_s]);
-        let codes = dir.path().join(format!("z{i}.npy"));
-        let recon = dir.path().join(format!("xh{i}.npy"));
-        let dec = dir.path().join(format!("d{i}.npy"));
-        let score = dir.path().join(format!("s{i}.npy"));
-        sae_ok(&[
-            "encode",
-            "--model",
-            run_s,
-            "--data",
-            &x,
-            "--out",
-            codes.to_str().unwrap(),
-            "--batch-size",
-            "7",
-        ]);
-        sae_ok(&[
-            "reconstruct",
-            "--model",
-            run_s,
-            "--data",
-            &x,
-            "--out",
-            recon.to_str().unwrap(),
-        ]);
-        sae_ok(&[
-            "decode",
-            "--model",
-            run_s,
-            "--data",
-            codes.to_str().unwrap(),
-            "--out",
-            dec.to_str().unwrap(),
-        ]);
-        sae_ok(&[
-            "score",
-            "--model",
-            run_s,
-            "--data",
-            &x,
-            "--out",
-            score.to_str().unwrap(),
-        ]);
+        let run = Case::new(dir.path(), &format!("run{i}")).yaml(yaml).train();
+        let run_s = run.path();
+        let file = |prefix: &str| dir.path().join(format!("{prefix}{i}.npy"));
+        let (codes, recon, dec, score) = (file("z"), file("xh"), file("d"), file("s"));
+        run.apply("encode", &x, &codes, &["--batch-size", "7"]);
+        run.apply("reconstruct", &x, &recon, &[]);
+        run.apply("decode", &codes, &dec, &[]);
+        run.apply("score", &x, &score, &[]);
         let out = py(
             r#"
 import sys, json, numpy as np, torch
@@ -201,34 +163,14 @@ print(json.dumps({
 fn eval_metrics_match_numpy() {
     let dir = tempfile::tempdir().unwrap();
     let (x, t) = synth(dir.path(), 500, 10, 12, 2);
-    let cfg = write_config(
-        dir.path(),
-        "c.yaml",
-        &format!("device: cpu\ndata:\n  train: {x}\nmodel:\n  d_hidden: 40\n  init_scheme: sae\nsparsity:\n  weight: 0.05\ntrain:\n  epochs: 4\n  batch_size: 50\n  optimizer: {{lr: 0.005}}\n"),
-    );
-    let run = dir.path().join("run");
-    let run_s = run.to_str().unwrap();
-    sae_ok(&["train", "-q", "--config", &cfg, "--out", run_s]);
+    let run = Case::new(dir.path(), "run")
+        .yaml(format!("device: cpu\ndata:\n  train: {x}\nmodel:\n  d_hidden: 40\n  init_scheme: sae\nsparsity:\n  weight: 0.05\ntrain:\n  epochs: 4\n  batch_size: 50\n  optimizer: {{lr: 0.005}}\n"))
+        .train();
+    let run_s = run.path();
     let z = dir.path().join("z.npy");
     let xh = dir.path().join("xh.npy");
-    sae_ok(&[
-        "encode",
-        "--model",
-        run_s,
-        "--data",
-        &x,
-        "--out",
-        z.to_str().unwrap(),
-    ]);
-    sae_ok(&[
-        "reconstruct",
-        "--model",
-        run_s,
-        "--data",
-        &x,
-        "--out",
-        xh.to_str().unwrap(),
-    ]);
+    run.apply("encode", &x, &z, &[]);
+    run.apply("reconstruct", &x, &xh, &[]);
     let ours: serde_json::Value = serde_json::from_str(&sae_ok(&[
         "eval",
         "--model",
@@ -262,16 +204,7 @@ print(json.dumps({
         &[&x, z.to_str().unwrap(), xh.to_str().unwrap(), &t, run_s],
     );
     let np_: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    for key in [
-        "mse",
-        "fvu",
-        "explained_variance",
-        "l0",
-        "l1",
-        "dead_fraction",
-        "dense_fraction",
-        "mmcs",
-    ] {
+    for key in EVAL_METRICS.into_iter().chain(["mmcs"]) {
         let a = ours[key].as_f64().unwrap();
         let b = np_[key].as_f64().unwrap();
         println!("{key:<20} sae {a:.8} numpy {b:.8}");

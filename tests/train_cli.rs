@@ -14,6 +14,11 @@ fn base_config(x: &str, activation: &str, penalty: &str, extra: &str) -> String 
     )
 }
 
+/// A run named `name` in `dir` on [`base_config`] (no extra train lines).
+fn case(dir: &Path, name: &str, x: &str, activation: &str, penalty: &str) -> Case {
+    Case::new(dir, name).yaml(base_config(x, activation, penalty, ""))
+}
+
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
@@ -43,12 +48,7 @@ fn every_valid_activation_penalty_pair_trains_and_loss_falls() {
                 continue; // rejected by validation: tested in bad_input.rs
             }
             let name = format!("{activation}-{penalty}");
-            let run = train_run(
-                dir.path(),
-                &name,
-                &base_config(&x, activation, penalty, ""),
-                &[],
-            );
+            let run = case(dir.path(), &name, &x, activation, penalty).train();
             for f in [
                 "config.yaml",
                 "model.safetensors",
@@ -57,14 +57,14 @@ fn every_valid_activation_penalty_pair_trains_and_loss_falls() {
             ] {
                 assert!(run.join(f).is_file(), "{name}: {f} missing");
             }
-            let lines = metrics_lines(&run);
+            let lines = run.metrics();
             for key in ["step", "epoch", "loss", "mse", "sparsity_loss", "l0"] {
                 assert!(
                     lines[0].get(key).is_some(),
                     "{name}: metrics.jsonl lacks `{key}`"
                 );
             }
-            let (first, last) = first_last_epoch_loss(&run);
+            let (first, last) = first_last_epoch_loss(&run.dir);
             report.push(format!("{name}: epoch-1 loss {first:.5} -> last {last:.5}"));
             assert!(
                 last < first,
@@ -81,13 +81,10 @@ fn l0_falls_as_l1_weight_rises() {
     let (x, _) = synth(dir.path(), 2048, 16, 32, 3);
     let mut l0s = Vec::new();
     for w in ["0.0", "0.03", "0.3"] {
-        let run = train_run(
-            dir.path(),
-            &format!("w{w}"),
-            &base_config(&x, "relu", "l1", ""),
-            &[&format!("sparsity.weight={w}")],
-        );
-        l0s.push(summary(&run)["train"]["l0"].as_f64().unwrap());
+        let run = case(dir.path(), &format!("w{w}"), &x, "relu", "l1")
+            .set(format!("sparsity.weight={w}"))
+            .train();
+        l0s.push(run.stat("train", "l0"));
     }
     println!("l1 weight 0, 0.03, 0.3 -> l0 {l0s:?}");
     assert!(
@@ -102,13 +99,10 @@ fn kl_moves_mean_activation_toward_target() {
     let (x, _) = synth(dir.path(), 2048, 16, 32, 3);
     let mut kls = Vec::new();
     for w in ["0.0", "0.5"] {
-        let run = train_run(
-            dir.path(),
-            &format!("kl{w}"),
-            &base_config(&x, "sigmoid", "kl", ""),
-            &[&format!("sparsity.weight={w}"), "train.epochs=10"],
-        );
-        kls.push(summary(&run)["train"]["kl_to_target"].as_f64().unwrap());
+        let run = case(dir.path(), &format!("kl{w}"), &x, "sigmoid", "kl")
+            .sets([&format!("sparsity.weight={w}"), "train.epochs=10"])
+            .train();
+        kls.push(run.stat("train", "kl_to_target"));
     }
     println!("kl weight 0, 0.5 -> KL(rho || mean activation) {kls:?}");
     assert!(
@@ -121,17 +115,9 @@ fn kl_moves_mean_activation_toward_target() {
 fn topk_codes_have_at_most_k_active_units() {
     let dir = tempfile::tempdir().unwrap();
     let (x, _) = synth(dir.path(), 1024, 16, 24, 3);
-    let run = train_run(dir.path(), "run", &base_config(&x, "topk", "none", ""), &[]);
+    let run = case(dir.path(), "run", &x, "topk", "none").train();
     let codes = dir.path().join("codes.npy");
-    sae_ok(&[
-        "encode",
-        "--model",
-        run.to_str().unwrap(),
-        "--data",
-        &x,
-        "--out",
-        codes.to_str().unwrap(),
-    ]);
+    run.apply("encode", &x, &codes, &[]);
     let out = py(
         "import numpy as np, sys\nz = np.load(sys.argv[1])\nprint(z.shape[0], z.shape[1], int((z > 0).sum(1).max()), z.dtype)",
         &[codes.to_str().unwrap()],
@@ -152,23 +138,10 @@ fn same_config_and_seed_give_bit_identical_weights() {
         "c.yaml",
         &base_config(&x, "relu", "l1", "  shuffle: true\n").replace("threads: 1", "threads: 2"),
     );
-    let bytes = |name: &str, extra: &[&str]| {
-        let run = dir.path().join(name);
-        let mut args = vec![
-            "train",
-            "-q",
-            "--config",
-            &cfg,
-            "--out",
-            run.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        sae_ok(&args);
-        std::fs::read(run.join("model.safetensors")).unwrap()
-    };
-    let a = bytes("a", &[]);
-    let b = bytes("b", &[]);
-    let c = bytes("c", &["--set", "seed=2"]);
+    let run = |name: &str| Case::new(dir.path(), name).config(&cfg);
+    let a = run("a").train().model_bytes();
+    let b = run("b").train().model_bytes();
+    let c = run("c").set("seed=2").train().model_bytes();
     assert!(a == b, "same seed: model.safetensors differs");
     assert!(a != c, "different seed: model.safetensors is identical");
 }
@@ -177,25 +150,15 @@ fn same_config_and_seed_give_bit_identical_weights() {
 fn validation_split_and_truth_reported_in_summary() {
     let dir = tempfile::tempdir().unwrap();
     let (x, t) = synth(dir.path(), 1000, 16, 24, 3);
-    let cfg = write_config(
-        dir.path(),
-        "c.yaml",
-        &base_config(&x, "relu", "l1", "").replace(
+    let run = Case::new(dir.path(), "run")
+        .yaml(base_config(&x, "relu", "l1", "").replace(
             "data:\n",
             &format!("data:\n  valid_fraction: 0.2\n  truth: {t}\n  normalize: standardize\n"),
-        ),
-    );
-    let run = dir.path().join("run");
-    let out = sae_ok(&[
-        "train",
-        "-q",
-        "--config",
-        &cfg,
-        "--out",
-        run.to_str().unwrap(),
-    ]);
+        ))
+        .train();
+    let out = &run.stdout;
     assert!(out.contains("mmcs"), "summary table lacks mmcs:\n{out}");
-    let s = summary(&run);
+    let s = run.summary();
     assert_eq!(s["train"]["rows"].as_i64(), Some(800));
     assert_eq!(s["valid"]["rows"].as_i64(), Some(200));
     let mmcs = s["valid"]["mmcs"].as_f64().unwrap();
@@ -215,9 +178,7 @@ fn validation_split_and_truth_reported_in_summary() {
         );
     }
     // The last step line of each epoch carries the validation MSE.
-    assert!(metrics_lines(&run)
-        .iter()
-        .any(|l| l.get("valid_mse").is_some()));
+    assert!(run.metrics().iter().any(|l| l.get("valid_mse").is_some()));
 }
 
 #[test]
@@ -228,33 +189,14 @@ fn cuda_training_when_available() {
         println!("NOTE: no CUDA device here; the CUDA training test did not run (sae info: cuda available: false)");
         // `device: cuda` must then be a clear user error, not a crash.
         let (x, _) = synth(dir.path(), 256, 8, 8, 2);
-        let cfg = write_config(dir.path(), "c.yaml", &base_config(&x, "relu", "l1", ""));
-        let run = dir.path().join("run");
-        let o = sae(&[
-            "train",
-            "-q",
-            "--config",
-            &cfg,
-            "--out",
-            run.to_str().unwrap(),
-            "--set",
-            "device=cuda",
-        ]);
-        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-        assert!(
-            stderr(&o).contains("CUDA is not available"),
-            "{}",
-            stderr(&o)
-        );
-        assert!(!run.exists(), "a failed run left its directory behind");
+        case(dir.path(), "run", &x, "relu", "l1")
+            .set("device=cuda")
+            .fails(&["CUDA is not available"]);
         return;
     }
     let (x, _) = synth(dir.path(), 2048, 16, 24, 3);
-    let run = train_run(
-        dir.path(),
-        "run",
-        &base_config(&x, "topk", "none", ""),
-        &["device=cuda"],
-    );
-    assert_eq!(summary(&run)["device"].as_str(), Some("cuda:0"));
+    let run = case(dir.path(), "run", &x, "topk", "none")
+        .set("device=cuda")
+        .train();
+    assert_eq!(run.summary()["device"].as_str(), Some("cuda:0"));
 }
