@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{python, sae_ok};
+use common::{python, run_ok, sae_ok};
 use sae::config::Config;
 use sae::train::batches::Batches;
 use sae::train::plan::Plan;
@@ -84,15 +84,6 @@ const EPOCHS: i64 = 10;
 const BATCH: i64 = 48;
 const LR: f64 = 3e-3;
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("starting python");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// (loss, mse, sparsity_loss) of each line of a metrics.jsonl.
 fn losses(path: &Path) -> Vec<[f64; 3]> {
     std::fs::read_to_string(path)
@@ -128,27 +119,33 @@ fn replay(case: &Case) {
     let (input, reference) = (dir.path().join("input"), dir.path().join("reference"));
     let refdir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference");
     let py = python();
-    run(Command::new(&py)
-        .arg(refdir.join("make_inputs.py"))
-        .arg("--out")
-        .arg(&input)
-        .args(["--data-kind", "sparse", "--init-kind", "sae", "--n", "500"])
-        .args(["--hidden", &case.d_hidden.to_string()])
-        .args(["--seed", &case.seed.to_string()])
-        .args(["--order-epochs", &EPOCHS.to_string()]));
-    run(Command::new(&py)
-        .arg(refdir.join("recipes.py"))
-        .arg("--data")
-        .arg(input.join("x.npy"))
-        .arg("--init")
-        .arg(input.join("init.safetensors"))
-        .arg("--out")
-        .arg(&reference)
-        .args(["--epochs", &EPOCHS.to_string(), "--lr", &LR.to_string()])
-        .args(["--threads", "1", "--batch-size", &BATCH.to_string()])
-        .arg("--order")
-        .arg(input.join("order.npy"))
-        .args(case.reference));
+    run_ok(
+        Command::new(&py)
+            .arg(refdir.join("make_inputs.py"))
+            .arg("--out")
+            .arg(&input)
+            .args(["--data-kind", "sparse", "--init-kind", "sae", "--n", "500"])
+            .args(["--hidden", &case.d_hidden.to_string()])
+            .args(["--seed", &case.seed.to_string()])
+            .args(["--order-epochs", &EPOCHS.to_string()]),
+        "make_inputs.py",
+    );
+    run_ok(
+        Command::new(&py)
+            .arg(refdir.join("recipes.py"))
+            .arg("--data")
+            .arg(input.join("x.npy"))
+            .arg("--init")
+            .arg(input.join("init.safetensors"))
+            .arg("--out")
+            .arg(&reference)
+            .args(["--epochs", &EPOCHS.to_string(), "--lr", &LR.to_string()])
+            .args(["--threads", "1", "--batch-size", &BATCH.to_string()])
+            .arg("--order")
+            .arg(input.join("order.npy"))
+            .args(case.reference),
+        "recipes.py",
+    );
     let theirs = losses(&reference.join("losses.jsonl"));
 
     // The binary, for the bit-for-bit comparison.
