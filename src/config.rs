@@ -484,139 +484,14 @@ impl Config {
     }
 
     /// Checks values that parse but make no sense. The message names the key.
+    /// The sections run in a fixed order, so with several faults the one
+    /// reported is always the same.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        let m = &self.model;
-        let s = &self.sparsity;
-        let t = &self.train;
-        let o = &t.optimizer;
-        if self.data.train.is_none() {
-            return Err("data.train: required (a .npy file with one row per sample)".into());
-        }
-        if !(0.0..1.0).contains(&self.data.valid_fraction) {
-            return Err(format!(
-                "data.valid_fraction: {} is outside [0, 1)",
-                self.data.valid_fraction
-            ));
-        }
-        if self.data.valid.is_some() && self.data.valid_fraction > 0.0 {
-            return Err("data.valid and data.valid_fraction: give one or the other".into());
-        }
-        if self.data.stream {
-            let clash = [
-                (
-                    self.data.valid_fraction > 0.0,
-                    "data.valid_fraction (give a data.valid file)",
-                ),
-                (self.data.target.is_some(), "data.target"),
-                (self.data.allow_nonfinite, "data.allow_nonfinite"),
-                (self.model.b_dec_init.is_some(), "model.b_dec_init"),
-                (
-                    self.train.batch_size == BatchSize::Full,
-                    "train.batch_size: full (one batch would hold the whole file)",
-                ),
-            ];
-            if let Some((_, key)) = clash.iter().find(|(on, _)| *on) {
-                return Err(format!("data.stream: not available with {key}"));
-            }
-        }
-        if let Auto::Value(d) = m.d_in {
-            if d < 1 {
-                return Err(format!("model.d_in: {d} must be `auto` or at least 1"));
-            }
-        }
-        if m.d_hidden < 1 {
-            return Err(format!("model.d_hidden: {} must be at least 1", m.d_hidden));
-        }
-        match (m.activation, m.k) {
-            (a, None) if a.uses_k() => {
-                return Err(format!(
-                    "model.k: required for activation {}",
-                    activation_name(a)
-                ));
-            }
-            (a, Some(k)) if a.uses_k() && (k < 1 || k > m.d_hidden) => {
-                return Err(format!(
-                    "model.k: {k} must be between 1 and model.d_hidden ({})",
-                    m.d_hidden
-                ));
-            }
-            (a, Some(_)) if !a.uses_k() => {
-                return Err(format!(
-                    "model.k: only used by activations topk and batchtopk, not {}",
-                    activation_name(a)
-                ));
-            }
-            _ => {}
-        }
+        self.validate_data()?;
+        self.validate_model()?;
         self.validate_recipe()?;
-        if matches!(s.penalty, PenaltyKind::Kl | PenaltyKind::MeanAbs)
-            && !(s.target > 0.0 && s.target < 1.0)
-        {
-            return Err(format!(
-                "sparsity.target: {} must lie strictly between 0 and 1",
-                s.target
-            ));
-        }
-        if !(s.weight >= 0.0 && s.weight.is_finite()) {
-            return Err(format!(
-                "sparsity.weight: {} must be a finite number >= 0",
-                s.weight
-            ));
-        }
-        if s.penalty == PenaltyKind::Kl
-            && m.activation != ActivationKind::Sigmoid
-            && !s.allow_unbounded_kl
-        {
-            return Err(format!(
-                "sparsity.penalty: kl needs activations in (0, 1) but model.activation is {}; \
-                 use activation: sigmoid, or set sparsity.allow_unbounded_kl: true to clamp",
-                activation_name(m.activation)
-            ));
-        }
-        if t.epochs < 1 {
-            return Err(format!("train.epochs: {} must be at least 1", t.epochs));
-        }
-        if let BatchSize::Rows(b) = t.batch_size {
-            if b < 1 {
-                return Err(format!(
-                    "train.batch_size: {b} must be `full` or at least 1"
-                ));
-            }
-        }
-        if !(o.lr > 0.0 && o.lr.is_finite()) {
-            return Err(format!("train.optimizer.lr: {} must be > 0", o.lr));
-        }
-        for (i, b) in o.betas.iter().enumerate() {
-            if !(0.0..1.0).contains(b) {
-                return Err(format!("train.optimizer.betas[{i}]: {b} is outside [0, 1)"));
-            }
-        }
-        if o.eps.is_nan() || o.eps <= 0.0 {
-            return Err(format!("train.optimizer.eps: {} must be > 0", o.eps));
-        }
-        if o.weight_decay.is_nan() || o.weight_decay < 0.0 {
-            return Err(format!(
-                "train.optimizer.weight_decay: {} must be >= 0",
-                o.weight_decay
-            ));
-        }
-        if t.log_every < 1 {
-            return Err(format!(
-                "train.log_every: {} must be at least 1",
-                t.log_every
-            ));
-        }
-        if t.checkpoint_every < 1 {
-            return Err(format!(
-                "train.checkpoint_every: {} must be at least 1",
-                t.checkpoint_every
-            ));
-        }
-        if let Auto::Value(n) = t.threads {
-            if n < 1 {
-                return Err(format!("train.threads: {n} must be `auto` or at least 1"));
-            }
-        }
+        self.validate_sparsity()?;
+        self.validate_train()?;
         crate::device::parse_device(&self.device).map_err(|e| format!("device: {e}"))?;
         Ok(())
     }
@@ -682,15 +557,188 @@ fn fill_d_hidden_from_hidden(root: &mut serde_yaml::Value) {
     }
 }
 
+/// A validation result: `Err` holds the message, which names the key.
+type Check = std::result::Result<(), String>;
+
+fn finite_nonneg(v: f64) -> bool {
+    v.is_finite() && v >= 0.0
+}
+
 impl Config {
+    /// `data.*`: a training file, at most one source of validation rows.
+    fn validate_data(&self) -> Check {
+        if self.data.train.is_none() {
+            return Err("data.train: required (a .npy file with one row per sample)".into());
+        }
+        if !(0.0..1.0).contains(&self.data.valid_fraction) {
+            return Err(format!(
+                "data.valid_fraction: {} is outside [0, 1)",
+                self.data.valid_fraction
+            ));
+        }
+        if self.data.valid.is_some() && self.data.valid_fraction > 0.0 {
+            return Err("data.valid and data.valid_fraction: give one or the other".into());
+        }
+        if self.data.stream {
+            self.validate_stream()?;
+        }
+        Ok(())
+    }
+
+    /// `data.stream` reads the file window by window: options that need the
+    /// whole file in memory are refused.
+    fn validate_stream(&self) -> Check {
+        let clash = [
+            (
+                self.data.valid_fraction > 0.0,
+                "data.valid_fraction (give a data.valid file)",
+            ),
+            (self.data.target.is_some(), "data.target"),
+            (self.data.allow_nonfinite, "data.allow_nonfinite"),
+            (self.model.b_dec_init.is_some(), "model.b_dec_init"),
+            (
+                self.train.batch_size == BatchSize::Full,
+                "train.batch_size: full (one batch would hold the whole file)",
+            ),
+        ];
+        match clash.iter().find(|(on, _)| *on) {
+            Some((_, key)) => Err(format!("data.stream: not available with {key}")),
+            None => Ok(()),
+        }
+    }
+
+    /// `model.d_in`, `model.d_hidden`, and `model.k` where the activation
+    /// uses it (and only there).
+    fn validate_model(&self) -> Check {
+        let m = &self.model;
+        if let Auto::Value(d) = m.d_in {
+            if d < 1 {
+                return Err(format!("model.d_in: {d} must be `auto` or at least 1"));
+            }
+        }
+        if m.d_hidden < 1 {
+            return Err(format!("model.d_hidden: {} must be at least 1", m.d_hidden));
+        }
+        match (m.activation, m.k) {
+            (a, None) if a.uses_k() => Err(format!(
+                "model.k: required for activation {}",
+                activation_name(a)
+            )),
+            (a, Some(k)) if a.uses_k() && (k < 1 || k > m.d_hidden) => Err(format!(
+                "model.k: {k} must be between 1 and model.d_hidden ({})",
+                m.d_hidden
+            )),
+            (a, Some(_)) if !a.uses_k() => Err(format!(
+                "model.k: only used by activations topk and batchtopk, not {}",
+                activation_name(a)
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `sparsity.target` and `sparsity.weight`, and kl's need for codes in
+    /// (0, 1).
+    fn validate_sparsity(&self) -> Check {
+        let (m, s) = (&self.model, &self.sparsity);
+        if matches!(s.penalty, PenaltyKind::Kl | PenaltyKind::MeanAbs)
+            && !(s.target > 0.0 && s.target < 1.0)
+        {
+            return Err(format!(
+                "sparsity.target: {} must lie strictly between 0 and 1",
+                s.target
+            ));
+        }
+        if !(s.weight >= 0.0 && s.weight.is_finite()) {
+            return Err(format!(
+                "sparsity.weight: {} must be a finite number >= 0",
+                s.weight
+            ));
+        }
+        if s.penalty == PenaltyKind::Kl
+            && m.activation != ActivationKind::Sigmoid
+            && !s.allow_unbounded_kl
+        {
+            return Err(format!(
+                "sparsity.penalty: kl needs activations in (0, 1) but model.activation is {}; \
+                 use activation: sigmoid, or set sparsity.allow_unbounded_kl: true to clamp",
+                activation_name(m.activation)
+            ));
+        }
+        Ok(())
+    }
+
+    /// `train.*`: counts and intervals, the optimizer, threads.
+    fn validate_train(&self) -> Check {
+        let t = &self.train;
+        if t.epochs < 1 {
+            return Err(format!("train.epochs: {} must be at least 1", t.epochs));
+        }
+        if let BatchSize::Rows(b) = t.batch_size {
+            if b < 1 {
+                return Err(format!(
+                    "train.batch_size: {b} must be `full` or at least 1"
+                ));
+            }
+        }
+        self.validate_optimizer()?;
+        if t.log_every < 1 {
+            return Err(format!(
+                "train.log_every: {} must be at least 1",
+                t.log_every
+            ));
+        }
+        if t.checkpoint_every < 1 {
+            return Err(format!(
+                "train.checkpoint_every: {} must be at least 1",
+                t.checkpoint_every
+            ));
+        }
+        if let Auto::Value(n) = t.threads {
+            if n < 1 {
+                return Err(format!("train.threads: {n} must be `auto` or at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// `train.optimizer.*`.
+    fn validate_optimizer(&self) -> Check {
+        let o = &self.train.optimizer;
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return Err(format!("train.optimizer.lr: {} must be > 0", o.lr));
+        }
+        for (i, b) in o.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                return Err(format!("train.optimizer.betas[{i}]: {b} is outside [0, 1)"));
+            }
+        }
+        if o.eps.is_nan() || o.eps <= 0.0 {
+            return Err(format!("train.optimizer.eps: {} must be > 0", o.eps));
+        }
+        if o.weight_decay.is_nan() || o.weight_decay < 0.0 {
+            return Err(format!(
+                "train.optimizer.weight_decay: {} must be >= 0",
+                o.weight_decay
+            ));
+        }
+        Ok(())
+    }
+
     /// The keys of the training recipes (issue 8): activations beyond the
     /// tutorial ones, schedules, constraints, deep/denoising/transcoder models.
-    fn validate_recipe(&self) -> std::result::Result<(), String> {
+    fn validate_recipe(&self) -> Check {
+        self.validate_activation_knobs()?;
+        self.validate_penalty_pairing()?;
+        self.validate_sparsity_schedule()?;
+        self.validate_deep()?;
+        self.validate_target()?;
+        self.validate_train_schedule()?;
+        self.validate_input_noise()
+    }
+
+    /// The numeric knobs of the jumprelu, topk and decoder initialisation.
+    fn validate_activation_knobs(&self) -> Check {
         let m = &self.model;
-        let s = &self.sparsity;
-        let t = &self.train;
-        let d = &self.data;
-        let finite_nonneg = |v: f64| v.is_finite() && v >= 0.0;
         if !(m.jumprelu_bandwidth > 0.0 && m.jumprelu_bandwidth.is_finite()) {
             return Err(format!(
                 "model.jumprelu_bandwidth: {} must be > 0",
@@ -715,30 +763,38 @@ impl Config {
                 m.decoder_init_norm
             ));
         }
+        Ok(())
+    }
+
+    /// Penalties and activations that only work together. One match: its
+    /// arms' order decides which message a config with several faults gets.
+    fn validate_penalty_pairing(&self) -> Check {
+        let (m, s) = (&self.model, &self.sparsity);
         match s.penalty {
-            PenaltyKind::L0 if m.activation != ActivationKind::Jumprelu => {
-                return Err(format!(
-                    "sparsity.penalty: l0 needs activation jumprelu (it trains the thresholds), \
-                     not {}",
-                    activation_name(m.activation)
-                ));
-            }
+            PenaltyKind::L0 if m.activation != ActivationKind::Jumprelu => Err(format!(
+                "sparsity.penalty: l0 needs activation jumprelu (it trains the thresholds), \
+                 not {}",
+                activation_name(m.activation)
+            )),
             _ if m.activation == ActivationKind::Gated && m.tied => {
-                return Err("model.tied: not supported with activation gated".into());
+                Err("model.tied: not supported with activation gated".into())
             }
             PenaltyKind::Auxk if m.hidden.len() > 1 => {
-                return Err("sparsity.penalty: auxk is not available for a deep model \
+                Err("sparsity.penalty: auxk is not available for a deep model \
                      (model.hidden): its residual is not in W_dec's space"
-                    .into());
+                    .into())
             }
-            PenaltyKind::Auxk if !m.activation.uses_k() => {
-                return Err(format!(
-                    "sparsity.penalty: auxk needs activation topk or batchtopk, not {}",
-                    activation_name(m.activation)
-                ));
-            }
-            _ => {}
+            PenaltyKind::Auxk if !m.activation.uses_k() => Err(format!(
+                "sparsity.penalty: auxk needs activation topk or batchtopk, not {}",
+                activation_name(m.activation)
+            )),
+            _ => Ok(()),
         }
+    }
+
+    /// `sparsity.warmup_steps` and `sparsity.auxk_k`.
+    fn validate_sparsity_schedule(&self) -> Check {
+        let s = &self.sparsity;
         if s.warmup_steps < 0 {
             return Err(format!(
                 "sparsity.warmup_steps: {} must be >= 0",
@@ -750,52 +806,76 @@ impl Config {
                 return Err(format!("sparsity.auxk_k: {k} must be `auto` or at least 1"));
             }
         }
+        Ok(())
+    }
+
+    /// `model.hidden`: positive widths ending in `d_hidden`, and the options
+    /// that assume the code's neighbours are the data (not for deep models).
+    fn validate_deep(&self) -> Check {
+        let m = &self.model;
         if let Some(&bad) = m.hidden.iter().find(|&&w| w < 1) {
             return Err(format!("model.hidden: width {bad} must be at least 1"));
         }
-        if let Some(&last) = m.hidden.last() {
-            if last != m.d_hidden {
-                return Err(format!(
-                    "model.d_hidden: {} but model.hidden ends in {last}; the last hidden \
-                     width is the code (leave d_hidden out, or make them agree)",
-                    m.d_hidden
-                ));
-            }
-            if m.tied && m.hidden.len() > 1 {
-                return Err("model.tied: not supported for a deep model (model.hidden)".into());
-            }
-            if m.apply_b_dec_to_input && m.hidden.len() > 1 {
-                return Err(
-                    "model.apply_b_dec_to_input: must be false for a deep model \
-                     (model.hidden with more than one width): b_dec is not in the input space"
-                        .into(),
-                );
-            }
-            if m.b_dec_init.is_some() && m.hidden.len() > 1 {
-                return Err("model.b_dec_init: not available for a deep model \
-                     (model.hidden with more than one width): b_dec is not in the data space"
-                    .into());
-            }
+        let Some(&last) = m.hidden.last() else {
+            return Ok(());
+        };
+        if last != m.d_hidden {
+            return Err(format!(
+                "model.d_hidden: {} but model.hidden ends in {last}; the last hidden \
+                 width is the code (leave d_hidden out, or make them agree)",
+                m.d_hidden
+            ));
         }
-        if d.target.is_some() {
-            if m.apply_b_dec_to_input {
-                return Err(
-                    "model.apply_b_dec_to_input: must be false with data.target \
-                     (b_dec lives in the target's space, not the input's)"
-                        .into(),
-                );
-            }
-            if m.tied {
-                return Err("model.tied: not supported with data.target".into());
-            }
-            if d.valid.is_some() && d.valid_target.is_none() {
-                return Err(
-                    "data.valid_target: required when data.valid and data.target are given".into(),
-                );
-            }
-        } else if d.valid_target.is_some() {
-            return Err("data.valid_target: only used with data.target".into());
+        if m.tied && m.hidden.len() > 1 {
+            return Err("model.tied: not supported for a deep model (model.hidden)".into());
         }
+        if m.apply_b_dec_to_input && m.hidden.len() > 1 {
+            return Err(
+                "model.apply_b_dec_to_input: must be false for a deep model \
+                 (model.hidden with more than one width): b_dec is not in the input space"
+                    .into(),
+            );
+        }
+        if m.b_dec_init.is_some() && m.hidden.len() > 1 {
+            return Err("model.b_dec_init: not available for a deep model \
+                 (model.hidden with more than one width): b_dec is not in the data space"
+                .into());
+        }
+        Ok(())
+    }
+
+    /// Transcoders (`data.target`): the decoder's side is the target's, and
+    /// validation rows need their targets too.
+    fn validate_target(&self) -> Check {
+        let (m, d) = (&self.model, &self.data);
+        if d.target.is_none() {
+            if d.valid_target.is_some() {
+                return Err("data.valid_target: only used with data.target".into());
+            }
+            return Ok(());
+        }
+        if m.apply_b_dec_to_input {
+            return Err(
+                "model.apply_b_dec_to_input: must be false with data.target \
+                 (b_dec lives in the target's space, not the input's)"
+                    .into(),
+            );
+        }
+        if m.tied {
+            return Err("model.tied: not supported with data.target".into());
+        }
+        if d.valid.is_some() && d.valid_target.is_none() {
+            return Err(
+                "data.valid_target: required when data.valid and data.target are given".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The learning-rate schedule, gradient clipping and dead-latent
+    /// resampling.
+    fn validate_train_schedule(&self) -> Check {
+        let t = &self.train;
         if t.lr_warmup_steps < 0 {
             return Err(format!(
                 "train.lr_warmup_steps: {} must be >= 0",
@@ -830,21 +910,22 @@ impl Config {
                 t.resample_every
             ));
         }
-        match t.input_noise {
-            InputNoise::Gaussian if !finite_nonneg(t.noise_level) => {
-                return Err(format!(
-                    "train.noise_level: {} must be >= 0 (the noise standard deviation)",
-                    t.noise_level
-                ));
-            }
-            InputNoise::Mask if !(0.0..1.0).contains(&t.noise_level) => {
-                return Err(format!(
-                    "train.noise_level: {} must be in [0, 1) (the drop probability)",
-                    t.noise_level
-                ));
-            }
-            _ => {}
-        }
         Ok(())
+    }
+
+    /// `train.noise_level` as the chosen `train.input_noise` reads it.
+    fn validate_input_noise(&self) -> Check {
+        let t = &self.train;
+        match t.input_noise {
+            InputNoise::Gaussian if !finite_nonneg(t.noise_level) => Err(format!(
+                "train.noise_level: {} must be >= 0 (the noise standard deviation)",
+                t.noise_level
+            )),
+            InputNoise::Mask if !(0.0..1.0).contains(&t.noise_level) => Err(format!(
+                "train.noise_level: {} must be in [0, 1) (the drop probability)",
+                t.noise_level
+            )),
+            _ => Ok(()),
+        }
     }
 }

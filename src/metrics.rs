@@ -22,7 +22,7 @@
 use crate::model::Sae;
 use crate::penalty::{kl_divergence, KL_EPS};
 use serde::Serialize;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// A unit firing on more than this fraction of rows counts as dense.
 pub const DENSE_THRESHOLD: f64 = 0.1;
@@ -113,84 +113,114 @@ pub fn evaluate_target(
     let device = model.device();
     let n = x.size()[0];
     let d = y.map_or(x.size()[1], |y| y.size()[1]);
-    let h = model.spec.d_hidden;
-    let thr = model.spec.activation.active_threshold();
-    let dopts = (Kind::Double, device);
-    let mut sse = Tensor::zeros([], dopts);
-    let mut sum_x = Tensor::zeros([d], dopts);
-    let mut sum_x2 = Tensor::zeros([d], dopts);
-    let mut fire = Tensor::zeros([h], dopts);
-    let mut act = Tensor::zeros([h], dopts);
-    let mut l1 = Tensor::zeros([], dopts);
+    let mut sums = Sums::new(d, model.spec.d_hidden, device);
     let mut start = 0;
     while start < n {
         let len = batch.min(n - start);
-        let xb = x
-            .narrow(0, start, len)
-            .to_device(device)
-            .to_kind(Kind::Float);
-        let xn = model.norm.apply(&xb);
+        let rows = |t: &Tensor| {
+            t.narrow(0, start, len)
+                .to_device(device)
+                .to_kind(Kind::Float)
+        };
+        sums.add(model, &rows(x), y.map(rows));
+        start += len;
+    }
+    sums.metrics(model, n, target, truth)
+}
+
+/// Float64 sums over the rows evaluated so far, in the model's spaces.
+struct Sums {
+    /// Σ(x̂ − x)² over all elements.
+    sse: Tensor,
+    /// Per output column: Σx and Σx².
+    sum_x: Tensor,
+    sum_x2: Tensor,
+    /// Per unit: the rows it fires on, and Σz.
+    fire: Tensor,
+    act: Tensor,
+    /// Σ|z| over all codes.
+    l1: Tensor,
+}
+
+impl Sums {
+    fn new(d: i64, h: i64, device: Device) -> Sums {
+        let dopts = (Kind::Double, device);
+        Sums {
+            sse: Tensor::zeros([], dopts),
+            sum_x: Tensor::zeros([d], dopts),
+            sum_x2: Tensor::zeros([d], dopts),
+            fire: Tensor::zeros([h], dopts),
+            act: Tensor::zeros([h], dopts),
+            l1: Tensor::zeros([], dopts),
+        }
+    }
+
+    /// Adds raw rows `xb` (float32, on the model's device) and, for a
+    /// transcoder, their targets `yb`.
+    fn add(&mut self, model: &Sae, xb: &Tensor, yb: Option<Tensor>) {
+        let xn = model.norm.apply(xb);
         let z = model.encode_normalized(&xn);
         let xh = model.decode_normalized(&z);
-        let xn = match y {
-            Some(y) => model.output_norm().apply(
-                &y.narrow(0, start, len)
-                    .to_device(device)
-                    .to_kind(Kind::Float),
-            ),
+        let xn = match yb {
+            Some(yb) => model.output_norm().apply(&yb),
             None => xn,
         };
         let xn = xn.to_kind(Kind::Double);
-        sse += (xh.to_kind(Kind::Double) - &xn).square().sum(Kind::Double);
-        sum_x += xn.sum_dim_intlist(0, false, Kind::Double);
-        sum_x2 += xn.square().sum_dim_intlist(0, false, Kind::Double);
-        fire += z.gt(thr).sum_dim_intlist(0, false, Kind::Double);
-        act += z.sum_dim_intlist(0, false, Kind::Double);
-        l1 += z.abs().sum(Kind::Double);
-        start += len;
+        let thr = model.spec.activation.active_threshold();
+        self.sse += (xh.to_kind(Kind::Double) - &xn).square().sum(Kind::Double);
+        self.sum_x += xn.sum_dim_intlist(0, false, Kind::Double);
+        self.sum_x2 += xn.square().sum_dim_intlist(0, false, Kind::Double);
+        self.fire += z.gt(thr).sum_dim_intlist(0, false, Kind::Double);
+        self.act += z.sum_dim_intlist(0, false, Kind::Double);
+        self.l1 += z.abs().sum(Kind::Double);
     }
-    let nf = n as f64;
-    let sse = sse.double_value(&[]);
-    // Σ(x − x̄)² per column = Σx² − (Σx)²/n, in float64.
-    let ss_tot = (sum_x2 - sum_x.square() / nf)
-        .sum(Kind::Double)
-        .double_value(&[]);
-    let fvu = if ss_tot > 0.0 { sse / ss_tot } else { f64::NAN };
-    let freq = fire / nf;
-    let mean_act = act / nf;
-    let kl = kl_divergence(target, &mean_act.clamp(KL_EPS, 1.0 - KL_EPS))
-        .sum(Kind::Double)
-        .double_value(&[]);
-    let dead = freq
-        .eq(0.0)
-        .to_kind(Kind::Double)
-        .mean(Kind::Double)
-        .double_value(&[]);
-    let dense = freq
-        .gt(DENSE_THRESHOLD)
-        .to_kind(Kind::Double)
-        .mean(Kind::Double)
-        .double_value(&[]);
-    let l0 = freq.sum(Kind::Double).double_value(&[]);
-    // Decoder rows are dictionary directions only when they map straight to
-    // the output (not for deep models).
-    let mmcs = truth
-        .filter(|_| model.decoder_rows_in_output_space())
-        .map(|t| mmcs(t, &decoder_rows_in_data_space(model)));
-    Metrics {
-        rows: n,
-        mse: sse / (nf * d as f64),
-        fvu,
-        explained_variance: 1.0 - fvu,
-        l0,
-        l1: l1.double_value(&[]) / nf,
-        dead_fraction: dead,
-        dense_fraction: dense,
-        kl_to_target: kl,
-        mmcs,
-        firing_histogram: firing_histogram(&to_vec(&freq)),
-        mean_activation: to_vec(&mean_act),
-        firing_frequency: to_vec(&freq),
+
+    /// The metrics of `n` rows summed up (see the module's definitions).
+    fn metrics(self, model: &Sae, n: i64, target: f64, truth: Option<&Tensor>) -> Metrics {
+        let nf = n as f64;
+        let d = self.sum_x.size()[0];
+        let sse = self.sse.double_value(&[]);
+        // Σ(x − x̄)² per column = Σx² − (Σx)²/n, in float64.
+        let ss_tot = (self.sum_x2 - self.sum_x.square() / nf)
+            .sum(Kind::Double)
+            .double_value(&[]);
+        let fvu = if ss_tot > 0.0 { sse / ss_tot } else { f64::NAN };
+        let freq = self.fire / nf;
+        let mean_act = self.act / nf;
+        let kl = kl_divergence(target, &mean_act.clamp(KL_EPS, 1.0 - KL_EPS))
+            .sum(Kind::Double)
+            .double_value(&[]);
+        let dead = freq
+            .eq(0.0)
+            .to_kind(Kind::Double)
+            .mean(Kind::Double)
+            .double_value(&[]);
+        let dense = freq
+            .gt(DENSE_THRESHOLD)
+            .to_kind(Kind::Double)
+            .mean(Kind::Double)
+            .double_value(&[]);
+        let l0 = freq.sum(Kind::Double).double_value(&[]);
+        // Decoder rows are dictionary directions only when they map straight to
+        // the output (not for deep models).
+        let mmcs = truth
+            .filter(|_| model.decoder_rows_in_output_space())
+            .map(|t| mmcs(t, &decoder_rows_in_data_space(model)));
+        Metrics {
+            rows: n,
+            mse: sse / (nf * d as f64),
+            fvu,
+            explained_variance: 1.0 - fvu,
+            l0,
+            l1: self.l1.double_value(&[]) / nf,
+            dead_fraction: dead,
+            dense_fraction: dense,
+            kl_to_target: kl,
+            mmcs,
+            firing_histogram: firing_histogram(&to_vec(&freq)),
+            mean_activation: to_vec(&mean_act),
+            firing_frequency: to_vec(&freq),
+        }
     }
 }
 

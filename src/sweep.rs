@@ -336,32 +336,14 @@ fn write_tables(spec: &SweepSpec, rows: &[Row], out: &Path) -> Result<()> {
 
 fn write_plots(spec: &SweepSpec, rows: &[Row], out: &Path) -> Result<()> {
     let dir = out.join("plots");
-    // Frontier: one line per combination of the varying grid keys but the
-    // last varying one, which runs along the line.
-    let varying: Vec<usize> = (0..spec.grid.len())
-        .filter(|&i| spec.grid[i].1.len() > 1)
-        .collect();
-    let group_keys = &varying[..varying.len().saturating_sub(1)];
-    let mut groups: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    for r in rows {
-        let key = if group_keys.is_empty() {
-            match varying.last() {
-                Some(&i) => format!("SAE, varying {}", spec.grid[i].0),
-                None => "SAE".to_string(),
-            }
-        } else {
-            group_keys
-                .iter()
-                .map(|&i| format!("{}={}", spec.grid[i].0, r.values[i]))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        match groups.iter_mut().find(|g| g.0 == key) {
-            Some(g) => g.1.push((r.l0(), r.fvu())),
-            None => groups.push((key, vec![(r.l0(), r.fvu())])),
-        }
-    }
-    let mut series: Vec<Series> = groups
+    plot_frontier(spec, rows, &dir)?;
+    plot_loss_curves(spec, rows, out, &dir)?;
+    plot_firing(spec, rows, &dir)
+}
+
+/// FVU against L0 for every run, with the PCA baseline at the same L0s.
+fn plot_frontier(spec: &SweepSpec, rows: &[Row], dir: &Path) -> Result<()> {
+    let mut series: Vec<Series> = frontier_groups(spec, rows)
         .into_iter()
         .map(|(name, mut pts)| {
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -391,7 +373,41 @@ fn write_plots(spec: &SweepSpec, rows: &[Row], out: &Path) -> Result<()> {
             log_y: false,
             series,
         },
-    )?;
+    )
+}
+
+/// The frontier's lines, named, with their (L0, FVU) points in row order:
+/// one line per combination of the varying grid keys but the last varying
+/// one, which runs along the line.
+fn frontier_groups(spec: &SweepSpec, rows: &[Row]) -> Vec<(String, Vec<(f64, f64)>)> {
+    let varying: Vec<usize> = (0..spec.grid.len())
+        .filter(|&i| spec.grid[i].1.len() > 1)
+        .collect();
+    let group_keys = &varying[..varying.len().saturating_sub(1)];
+    let mut groups: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for r in rows {
+        let key = if group_keys.is_empty() {
+            match varying.last() {
+                Some(&i) => format!("SAE, varying {}", spec.grid[i].0),
+                None => "SAE".to_string(),
+            }
+        } else {
+            group_keys
+                .iter()
+                .map(|&i| format!("{}={}", spec.grid[i].0, r.values[i]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match groups.iter_mut().find(|g| g.0 == key) {
+            Some(g) => g.1.push((r.l0(), r.fvu())),
+            None => groups.push((key, vec![(r.l0(), r.fvu())])),
+        }
+    }
+    groups
+}
+
+/// Every run's training loss, read back from its run directory.
+fn plot_loss_curves(spec: &SweepSpec, rows: &[Row], out: &Path, dir: &Path) -> Result<()> {
     let curves: Vec<Series> = rows
         .iter()
         .map(|r| -> Result<Series> {
@@ -416,7 +432,11 @@ fn write_plots(spec: &SweepSpec, rows: &[Row], out: &Path) -> Result<()> {
             log_y: true,
             series: curves,
         },
-    )?;
+    )
+}
+
+/// Each run's firing-frequency histogram from its summary, as grouped bars.
+fn plot_firing(spec: &SweepSpec, rows: &[Row], dir: &Path) -> Result<()> {
     let mut cats = Vec::new();
     let mut hist = Vec::new();
     for r in rows {

@@ -88,9 +88,6 @@ struct Window {
     /// libgomp stops spinning between parallel regions, which left the
     /// training threads idle 6 % of the time.
     index: Option<Tensor>,
-    /// Read with O_DIRECT (else buffered); the tests check which.
-    #[cfg_attr(not(test), allow(dead_code))]
-    direct: bool,
     buf: Option<AlignedBuf>,
     pool: Arc<Mutex<Vec<AlignedBuf>>>,
 }
@@ -291,113 +288,189 @@ fn windows(order: &[i64], block: usize, max_blocks: usize) -> Vec<&[i64]> {
 /// it. That spills up to a page into the neighbouring slots, so once all
 /// runs are in, the first and last page of each run are read again exactly.
 fn read_window(src: &RowFile, rows: &[i64], block: usize, max_blocks: usize) -> Result<Window> {
-    let mut blocks: Vec<usize> = rows.iter().map(|&r| r as usize / block).collect();
-    blocks.sort_unstable();
-    blocks.dedup();
-    let slot: HashMap<usize, usize> = blocks.iter().enumerate().map(|(s, &b)| (b, s)).collect();
-    let row_bytes = src.cols * 4;
-    let block_bytes = block * row_bytes;
-    let shift = (src.offset as usize) % PAGE;
-    // Every buffer has room for `max_blocks` blocks, so any can be reused.
-    let size = max_blocks.max(blocks.len()) * block_bytes + 2 * PAGE;
-    let pooled = src.pool.lock().ok().and_then(|mut p| p.pop());
-    let buf = match pooled {
-        Some(b) if b.layout.size() >= size => b,
-        _ => AlignedBuf::new(size),
-    };
-    // SAFETY: `shift` < PAGE lies inside the allocation.
-    let base = unsafe { buf.ptr.add(shift) };
-    // (first slot, data bytes) of each run of adjacent blocks.
-    let mut runs = Vec::new();
-    let mut s = 0;
-    while s < blocks.len() {
-        let mut e = s + 1;
-        while e < blocks.len() && blocks[e] == blocks[e - 1] + 1 {
-            e += 1;
-        }
-        let first_row = blocks[s] * block;
-        let n_rows = ((e - s) * block).min(src.rows - first_row);
-        runs.push((s, first_row, n_rows * row_bytes));
-        s = e;
-    }
-    let at = |first_row: usize| src.offset + (first_row * row_bytes) as u64;
-    let read_err = |first_row: usize, bytes: usize, e: std::io::Error| {
-        user(format!(
-            "{}: cannot read rows {first_row}..{}: {e}",
-            src.path.display(),
-            first_row + bytes / row_bytes
-        ))
-    };
-    let exact = |mem: *mut u8, len: usize, pos: u64, first_row: usize| -> Result<()> {
-        // SAFETY: callers pass ranges inside the allocation.
-        let dst = unsafe { std::slice::from_raw_parts_mut(mem, len) };
-        src.file
-            .read_exact_at(dst, pos)
-            .map_err(|e| read_err(first_row, len, e))
-    };
-    let direct_ok = match &src.direct {
-        Some(f) if block_bytes.is_multiple_of(PAGE) => {
-            // Each run from the page boundary before it to the one after it
-            // (at most a page past the data: inside the spare pages), cut
-            // into pieces read by a few threads, so several requests are in
-            // flight (one 200 MB read: ~0.5 GB/s here; in parallel: more).
-            let mut pieces = Vec::new();
-            for &(s, first_row, bytes) in &runs {
-                let mem = base as usize + s * block_bytes - shift;
-                let pos = at(first_row) - shift as u64;
-                let (len, need) = ((bytes + shift).div_ceil(PAGE) * PAGE, bytes + shift);
-                for o in (0..need).step_by(PIECE) {
-                    let piece = PIECE.min(len - o);
-                    pieces.push((mem + o, piece, pos + o as u64, piece.min(need - o)));
-                }
-            }
-            read_pieces(f, &pieces)
-        }
-        _ => false,
-    };
-    for &(s, first_row, bytes) in &runs {
-        // SAFETY: inside the allocation (see above).
-        let mem = unsafe { base.add(s * block_bytes) };
-        if direct_ok {
-            // Mend the spills: each run's first and last page, exactly.
-            let head = bytes.min(PAGE);
-            exact(mem, head, at(first_row), first_row)?;
-            let tail = bytes.min(PAGE);
-            // SAFETY: bytes - tail < bytes.
-            let tail_mem = unsafe { mem.add(bytes - tail) };
-            exact(
-                tail_mem,
-                tail,
-                at(first_row) + (bytes - tail) as u64,
-                first_row,
-            )?;
-        } else {
-            exact(mem, bytes, at(first_row), first_row)?;
-        }
-    }
-    // SAFETY: `base` holds `blocks.len() * block` rows of `cols` floats and
-    // lives in `buf`, which the Window keeps past `data`.
-    let data = unsafe {
-        Tensor::from_blob(
-            base,
-            &[(blocks.len() * block) as i64, src.cols as i64],
-            &[src.cols as i64, 1],
-            Kind::Float,
-            Device::Cpu,
-        )
-    };
-    let local: Vec<i64> = rows
-        .iter()
-        .map(|&r| (slot[&(r as usize / block)] * block + r as usize % block) as i64)
-        .collect();
+    let plan = WindowPlan::new(src, rows, block);
+    let buf = plan.buffer(src, max_blocks);
+    let base = plan.base(&buf);
+    let direct = plan.read_direct(src, base);
+    plan.read_exact(src, base, direct)?;
     Ok(Window {
-        data,
-        local,
+        data: plan.tensor(src, base),
+        local: plan.local_rows(rows),
         index: None,
-        direct: direct_ok,
         buf: Some(buf),
         pool: src.pool.clone(),
     })
+}
+
+/// Where a window's blocks go in its buffer and the reads that fill it.
+struct WindowPlan {
+    /// The blocks the rows fall in, ascending: block `blocks[s]` fills slot `s`.
+    blocks: Vec<usize>,
+    /// Each run of adjacent blocks, one read each.
+    runs: Vec<Run>,
+    block: usize,
+    row_bytes: usize,
+    block_bytes: usize,
+    /// Where row 0 (so every block) starts within a page of the file.
+    shift: usize,
+}
+
+/// One read: the blocks from slot `slot` on, starting at row `first_row`,
+/// `bytes` of data (less than whole blocks at the file's end).
+struct Run {
+    slot: usize,
+    first_row: usize,
+    bytes: usize,
+}
+
+impl WindowPlan {
+    fn new(src: &RowFile, rows: &[i64], block: usize) -> WindowPlan {
+        let mut blocks: Vec<usize> = rows.iter().map(|&r| r as usize / block).collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        let row_bytes = src.cols * 4;
+        let mut runs = Vec::new();
+        let mut s = 0;
+        while s < blocks.len() {
+            let mut e = s + 1;
+            while e < blocks.len() && blocks[e] == blocks[e - 1] + 1 {
+                e += 1;
+            }
+            let first_row = blocks[s] * block;
+            let n_rows = ((e - s) * block).min(src.rows - first_row);
+            runs.push(Run {
+                slot: s,
+                first_row,
+                bytes: n_rows * row_bytes,
+            });
+            s = e;
+        }
+        WindowPlan {
+            blocks,
+            runs,
+            block,
+            row_bytes,
+            block_bytes: block * row_bytes,
+            shift: (src.offset as usize) % PAGE,
+        }
+    }
+
+    /// A buffer from the pool, or a new one. Every buffer has room for
+    /// `max_blocks` blocks, so any can be reused.
+    fn buffer(&self, src: &RowFile, max_blocks: usize) -> AlignedBuf {
+        let size = max_blocks.max(self.blocks.len()) * self.block_bytes + 2 * PAGE;
+        let pooled = src.pool.lock().ok().and_then(|mut p| p.pop());
+        match pooled {
+            Some(b) if b.layout.size() >= size => b,
+            _ => AlignedBuf::new(size),
+        }
+    }
+
+    /// Where slot 0's data starts in `buf`: `shift` bytes into its first page.
+    fn base(&self, buf: &AlignedBuf) -> *mut u8 {
+        // SAFETY: `shift` < PAGE lies inside the allocation.
+        unsafe { buf.ptr.add(self.shift) }
+    }
+
+    /// The file position of row `row`.
+    fn at(&self, src: &RowFile, row: usize) -> u64 {
+        src.offset + (row * self.row_bytes) as u64
+    }
+
+    /// Reads every run with O_DIRECT, spilling up to a page either side
+    /// (see [`read_window`]). False, with nothing to rely on in the buffer,
+    /// where O_DIRECT is not open or blocks are not whole pages or the
+    /// kernel refuses: the caller then reads buffered.
+    fn read_direct(&self, src: &RowFile, base: *mut u8) -> bool {
+        let Some(f) = &src.direct else {
+            return false;
+        };
+        if !self.block_bytes.is_multiple_of(PAGE) {
+            return false;
+        }
+        // Each run from the page boundary before it to the one after it
+        // (at most a page past the data: inside the spare pages), cut
+        // into pieces read by a few threads, so several requests are in
+        // flight (one 200 MB read: ~0.5 GB/s here; in parallel: more).
+        let mut pieces = Vec::new();
+        for run in &self.runs {
+            let mem = base as usize + run.slot * self.block_bytes - self.shift;
+            let pos = self.at(src, run.first_row) - self.shift as u64;
+            let need = run.bytes + self.shift;
+            let len = need.div_ceil(PAGE) * PAGE;
+            for o in (0..need).step_by(PIECE) {
+                let piece = PIECE.min(len - o);
+                pieces.push((mem + o, piece, pos + o as u64, piece.min(need - o)));
+            }
+        }
+        read_pieces(f, &pieces)
+    }
+
+    /// Buffered reads: after `read_direct` (`direct`), each run's first and
+    /// last page again, exactly, to mend the spills; else every run whole.
+    fn read_exact(&self, src: &RowFile, base: *mut u8, direct: bool) -> Result<()> {
+        let exact = |mem: *mut u8, len: usize, pos: u64, first_row: usize| -> Result<()> {
+            // SAFETY: callers pass ranges inside the allocation.
+            let dst = unsafe { std::slice::from_raw_parts_mut(mem, len) };
+            src.file.read_exact_at(dst, pos).map_err(|e| {
+                user(format!(
+                    "{}: cannot read rows {first_row}..{}: {e}",
+                    src.path.display(),
+                    first_row + len / self.row_bytes
+                ))
+            })
+        };
+        for &Run {
+            slot,
+            first_row,
+            bytes,
+        } in &self.runs
+        {
+            // SAFETY: inside the allocation (see `buffer`).
+            let mem = unsafe { base.add(slot * self.block_bytes) };
+            let at = self.at(src, first_row);
+            if direct {
+                let head = bytes.min(PAGE);
+                exact(mem, head, at, first_row)?;
+                let tail = bytes.min(PAGE);
+                // SAFETY: bytes - tail < bytes.
+                let tail_mem = unsafe { mem.add(bytes - tail) };
+                exact(tail_mem, tail, at + (bytes - tail) as u64, first_row)?;
+            } else {
+                exact(mem, bytes, at, first_row)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The read blocks as a `[blocks * block, cols]` view of the buffer.
+    fn tensor(&self, src: &RowFile, base: *mut u8) -> Tensor {
+        // SAFETY: `base` holds `blocks.len() * block` rows of `cols` floats
+        // and lives in the buffer, which the Window keeps past `data`.
+        unsafe {
+            Tensor::from_blob(
+                base,
+                &[(self.blocks.len() * self.block) as i64, src.cols as i64],
+                &[src.cols as i64, 1],
+                Kind::Float,
+                Device::Cpu,
+            )
+        }
+    }
+
+    /// For each of `rows`, its row in [`WindowPlan::tensor`].
+    fn local_rows(&self, rows: &[i64]) -> Vec<i64> {
+        let slot: HashMap<usize, usize> = self
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(s, &b)| (b, s))
+            .collect();
+        let block = self.block;
+        rows.iter()
+            .map(|&r| (slot[&(r as usize / block)] * block + r as usize % block) as i64)
+            .collect()
+    }
 }
 
 /// O_DIRECT reads of `(address, len, file position, bytes needed)` pieces,
@@ -490,14 +563,10 @@ mod tests {
             (1, 1, 3, false),
         ];
         for (block, window, batch, direct) in cases {
-            let w = read_window(
-                &src,
-                &order[..window.min(5000)],
-                block,
-                window.div_ceil(block),
-            )
-            .unwrap();
-            assert_eq!(w.direct, direct && src.direct.is_some(), "block {block}");
+            let plan = WindowPlan::new(&src, &order[..window.min(5000)], block);
+            let buf = plan.buffer(&src, window.div_ceil(block));
+            let used = plan.read_direct(&src, plan.base(&buf));
+            assert_eq!(used, direct && src.direct.is_some(), "block {block}");
             let mut r = WindowReader::start(&src, order.clone(), block, window);
             let mut at = 0;
             while at < order.len() {

@@ -12,7 +12,7 @@ pub mod safetensors;
 pub mod torchscript;
 
 use crate::error::user;
-use crate::model::Sae;
+use crate::model::{Gate, Layer, Sae};
 use crate::{bail_user, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -84,6 +84,35 @@ pub fn load_model(spec: &str, device: Device) -> Result<Sae> {
         ModelSource::Safetensors(f) => safetensors::load(&f, device),
         ModelSource::TorchScript(f) => torchscript::load(&f, device),
         ModelSource::SaeLens(d) => saelens::load(&d, device),
+    }
+}
+
+/// `m` with every tensor moved to `device`.
+fn on_device(m: Sae, device: Device) -> Sae {
+    let to = |t: Tensor| t.to_device(device);
+    let layers = |ls: Vec<Layer>| -> Vec<Layer> {
+        ls.into_iter()
+            .map(|l| Layer {
+                w: to(l.w),
+                b: to(l.b),
+            })
+            .collect()
+    };
+    Sae {
+        spec: m.spec,
+        w_enc: to(m.w_enc),
+        b_enc: to(m.b_enc),
+        w_dec: m.w_dec.map(to),
+        b_dec: to(m.b_dec),
+        threshold: m.threshold.map(to),
+        gate: m.gate.map(|g| Gate {
+            r_mag: to(g.r_mag),
+            b_mag: to(g.b_mag),
+        }),
+        enc_layers: layers(m.enc_layers),
+        dec_layers: layers(m.dec_layers),
+        norm: m.norm.to_device(device),
+        out_norm: m.out_norm.map(|n| n.to_device(device)),
     }
 }
 

@@ -26,6 +26,7 @@ use crate::normalize::Normalizer;
 use crate::{bail_user, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -321,7 +322,69 @@ fn activation_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
 pub fn load(dir: &Path, device: Device) -> Result<Sae> {
     let cfg_path = dir.join(CFG_FILE);
     let origin = cfg_path.display().to_string();
-    let text = std::fs::read_to_string(&cfg_path)
+    let cfg = read_cfg(&cfg_path, &origin)?;
+    let imported = activation_from_cfg(&cfg, &origin)?;
+
+    let weights = dir.join(WEIGHTS_FILE);
+    let (mut t, _) = read_all(&weights)?;
+    let (d, h) = (cfg.d_in, cfg.d_sae);
+    let mut w_enc = take(&mut t, "W_enc", &[d, h], &weights)?;
+    let gated = imported.activation == Activation::Gated;
+    let mut b_enc = take(
+        &mut t,
+        if gated { "b_gate" } else { "b_enc" },
+        &[h],
+        &weights,
+    )?;
+    let gate = if gated {
+        Some(Gate {
+            r_mag: take(&mut t, "r_mag", &[h], &weights)?,
+            b_mag: take(&mut t, "b_mag", &[h], &weights)?,
+        })
+    } else {
+        None
+    };
+    let mut w_dec = take(&mut t, "W_dec", &[h, d], &weights)?;
+    let b_dec = take(&mut t, "b_dec", &[d], &weights)?;
+    let threshold = match imported.threshold {
+        Some(name) => Some(take_threshold(&mut t, name, h, &weights)?),
+        None => None,
+    };
+    check_no_other_tensors(t, &weights)?;
+    if imported.fold_dec_norm {
+        // sae_lens: codes = topk(pre * |W_dec_j|), decode (codes / |W_dec_j|) @ W_dec.
+        let norms = w_dec.norm_scalaropt_dim(2, [1], false).clamp_min(1e-8);
+        w_enc = &w_enc * norms.unsqueeze(0);
+        b_enc = &b_enc * &norms;
+        w_dec = &w_dec / norms.unsqueeze(1);
+    }
+    let spec = ModelSpec {
+        d_in: d,
+        d_hidden: h,
+        activation: imported.activation,
+        decoder_activation: OutputActivation::None,
+        apply_b_dec_to_input: cfg.apply_b_dec_to_input.unwrap_or(true),
+        tied: false,
+    };
+    let model = Sae {
+        spec,
+        w_enc,
+        b_enc,
+        w_dec: Some(w_dec),
+        b_dec,
+        threshold,
+        gate,
+        enc_layers: Vec::new(),
+        dec_layers: Vec::new(),
+        norm: Normalizer::identity(),
+        out_norm: None,
+    };
+    Ok(super::on_device(model, device))
+}
+
+/// Reads `cfg.json`, refusing options whose effect is not in the files.
+fn read_cfg(cfg_path: &Path, origin: &str) -> Result<CfgIn> {
+    let text = std::fs::read_to_string(cfg_path)
         .map_err(|e| user(format!("{origin}: cannot read: {e}")))?;
     let cfg: CfgIn = serde_json::from_str(&text)
         .map_err(|e| user(format!("{origin}: not a SAELens config: {e}")))?;
@@ -342,48 +405,35 @@ pub fn load(dir: &Path, device: Device) -> Result<Sae> {
         None | Some("none") | Some("hook_z") => {}
         Some(other) => bail_user!("{origin}: reshape_activations = {other:?} is not supported"),
     }
-    let imported = activation_from_cfg(&cfg, &origin)?;
+    Ok(cfg)
+}
 
-    let weights = dir.join(WEIGHTS_FILE);
-    let (mut t, _) = read_all(&weights)?;
-    let (d, h) = (cfg.d_in, cfg.d_sae);
-    let mut w_enc = take(&mut t, "W_enc", &[d, h], &weights)?;
-    let gated = imported.activation == Activation::Gated;
-    let mut b_enc = take(
-        &mut t,
-        if gated { "b_gate" } else { "b_enc" },
-        &[h],
-        &weights,
-    )?;
-    let gate = if gated {
-        Some(Gate {
-            r_mag: take(&mut t, "r_mag", &[h], &weights)?.to_device(device),
-            b_mag: take(&mut t, "b_mag", &[h], &weights)?.to_device(device),
-        })
-    } else {
-        None
-    };
-    let mut w_dec = take(&mut t, "W_dec", &[h, d], &weights)?;
-    let b_dec = take(&mut t, "b_dec", &[d], &weights)?;
-    let threshold = match imported.threshold {
-        Some(name) => {
-            let t = t.remove(name).ok_or_else(|| {
-                user(format!(
-                    "{}: tensor `{name}` is missing (architecture needs it)",
-                    weights.display()
-                ))
-            })?;
-            if t.numel() != 1 && t.size() != [h] {
-                bail_user!(
-                    "{}: tensor `{name}` has shape {:?}, expected [{h}]",
-                    weights.display(),
-                    t.size()
-                );
-            }
-            Some(t.to_kind(Kind::Float).expand([h], false).contiguous())
-        }
-        None => None,
-    };
+/// The threshold tensor `name`, per latent (`[h]`) or one for all
+/// (a scalar, expanded to `[h]`).
+fn take_threshold(
+    t: &mut HashMap<String, Tensor>,
+    name: &str,
+    h: i64,
+    weights: &Path,
+) -> Result<Tensor> {
+    let th = t.remove(name).ok_or_else(|| {
+        user(format!(
+            "{}: tensor `{name}` is missing (architecture needs it)",
+            weights.display()
+        ))
+    })?;
+    if th.numel() != 1 && th.size() != [h] {
+        bail_user!(
+            "{}: tensor `{name}` has shape {:?}, expected [{h}]",
+            weights.display(),
+            th.size()
+        );
+    }
+    Ok(th.to_kind(Kind::Float).expand([h], false).contiguous())
+}
+
+/// Refuses tensors left over once the architecture's are taken.
+fn check_no_other_tensors(mut t: HashMap<String, Tensor>, weights: &Path) -> Result<()> {
     // Older saves carry an all-ones `scaling_factor` that sae_lens drops too.
     if let Some(sf) = t.remove("scaling_factor") {
         if sf.ne(1.0).any().int64_value(&[]) != 0 {
@@ -403,32 +453,5 @@ pub fn load(dir: &Path, device: Device) -> Result<Sae> {
             extra.join(", ")
         );
     }
-    if imported.fold_dec_norm {
-        // sae_lens: codes = topk(pre * |W_dec_j|), decode (codes / |W_dec_j|) @ W_dec.
-        let norms = w_dec.norm_scalaropt_dim(2, [1], false).clamp_min(1e-8);
-        w_enc = &w_enc * norms.unsqueeze(0);
-        b_enc = &b_enc * &norms;
-        w_dec = &w_dec / norms.unsqueeze(1);
-    }
-    let spec = ModelSpec {
-        d_in: d,
-        d_hidden: h,
-        activation: imported.activation,
-        decoder_activation: OutputActivation::None,
-        apply_b_dec_to_input: cfg.apply_b_dec_to_input.unwrap_or(true),
-        tied: false,
-    };
-    Ok(Sae {
-        spec,
-        w_enc: w_enc.to_device(device),
-        b_enc: b_enc.to_device(device),
-        w_dec: Some(w_dec.to_device(device)),
-        b_dec: b_dec.to_device(device),
-        threshold: threshold.map(|t| t.to_device(device)),
-        gate,
-        enc_layers: Vec::new(),
-        dec_layers: Vec::new(),
-        norm: Normalizer::identity(),
-        out_norm: None,
-    })
+    Ok(())
 }

@@ -203,20 +203,8 @@ pub fn take(
 
 /// Loads a model written by [`save`].
 pub fn load(path: &Path, device: Device) -> Result<Sae> {
-    let (mut tensors, meta) = read_all(path)?;
-    let arch: Architecture = match meta.get(META_KEY) {
-        Some(json) => serde_json::from_str(json).map_err(|e| {
-            user(format!(
-                "{}: unreadable `{META_KEY}` metadata: {e}",
-                path.display()
-            ))
-        })?,
-        None => bail_user!(
-            "{}: no `{META_KEY}` metadata: not a model written by this tool \
-             (to start from bare weights use model.init in a training config)",
-            path.display()
-        ),
-    };
+    let (tensors, meta) = read_all(path)?;
+    let arch = read_architecture(&meta, path)?;
     let spec = ModelSpec {
         d_in: arch.d_in,
         d_hidden: arch.d_hidden,
@@ -227,90 +215,115 @@ pub fn load(path: &Path, device: Device) -> Result<Sae> {
     };
     let (d, h) = (spec.d_in, spec.d_hidden);
     let d_out = arch.d_out.unwrap_or(d);
-    // Deep models: widths between the input and the code, mirrored after it.
-    let inner: &[i64] = match arch.hidden.len() {
-        0 | 1 => &[],
-        n => &arch.hidden[..n - 1],
-    };
-    let mut chain_in = vec![d];
-    chain_in.extend_from_slice(inner);
-    let mut chain_out: Vec<i64> = inner.iter().rev().copied().collect();
-    chain_out.push(d_out);
+    let (chain_in, chain_out) = layer_chains(&arch.hidden, d, d_out);
     let (code_in, code_out) = (*chain_in.last().unwrap(), chain_out[0]);
-    let mut layers = |side: &str, chain: &[i64]| -> Result<Vec<Layer>> {
-        chain
-            .windows(2)
-            .enumerate()
-            .map(|(i, w)| {
-                Ok(Layer {
-                    w: take(
-                        &mut tensors,
-                        &format!("{side}_layers.{i}.W"),
-                        &[w[0], w[1]],
-                        path,
-                    )?
-                    .to_device(device),
-                    b: take(&mut tensors, &format!("{side}_layers.{i}.b"), &[w[1]], path)?
-                        .to_device(device),
-                })
-            })
-            .collect()
-    };
-    let enc_layers = layers("enc", &chain_in)?;
-    let dec_layers = layers("dec", &chain_out)?;
-    let w_enc = take(&mut tensors, "W_enc", &[code_in, h], path)?;
-    let b_enc = take(&mut tensors, "b_enc", &[h], path)?;
-    let w_dec = take(&mut tensors, "W_dec", &[h, code_out], path)?;
-    let b_dec = take(&mut tensors, "b_dec", &[code_out], path)?;
+    let mut f = Stored { tensors, path };
+    let enc_layers = f.layers("enc", &chain_in)?;
+    let dec_layers = f.layers("dec", &chain_out)?;
+    let w_enc = f.take("W_enc", &[code_in, h])?;
+    let b_enc = f.take("b_enc", &[h])?;
+    let w_dec = f.take("W_dec", &[h, code_out])?;
+    let b_dec = f.take("b_dec", &[code_out])?;
     let threshold = if spec.activation.has_threshold() {
-        Some(take(&mut tensors, "threshold", &[h], path)?.to_device(device))
+        Some(f.take("threshold", &[h])?)
     } else {
         None
     };
     let gate = if spec.activation == Activation::Gated {
         Some(Gate {
-            r_mag: take(&mut tensors, "r_mag", &[h], path)?.to_device(device),
-            b_mag: take(&mut tensors, "b_mag", &[h], path)?.to_device(device),
+            r_mag: f.take("r_mag", &[h])?,
+            b_mag: f.take("b_mag", &[h])?,
         })
     } else {
         None
     };
-    let mut read_norm = |kind: NormalizeKind, prefix: &str, width: i64| -> Result<Normalizer> {
-        Ok(match kind {
-            NormalizeKind::None => Normalizer::identity(),
-            kind => Normalizer {
-                kind,
-                shift: Some(take(
-                    &mut tensors,
-                    &format!("{prefix}shift"),
-                    &[width],
-                    path,
-                )?),
-                scale: Some(take(
-                    &mut tensors,
-                    &format!("{prefix}scale"),
-                    &[width],
-                    path,
-                )?),
-            },
-        })
-    };
-    let norm = read_norm(arch.normalize, "norm_", d)?;
+    let norm = f.norm(arch.normalize, "norm_", d)?;
     let out_norm = match arch.out_normalize {
-        Some(kind) => Some(read_norm(kind, "out_norm_", d_out)?.to_device(device)),
+        Some(kind) => Some(f.norm(kind, "out_norm_", d_out)?),
         None => None,
     };
-    Ok(Sae {
+    let model = Sae {
         spec,
-        w_enc: w_enc.to_device(device),
-        b_enc: b_enc.to_device(device),
-        w_dec: (!spec.tied).then(|| w_dec.to_device(device)),
-        b_dec: b_dec.to_device(device),
+        w_enc,
+        b_enc,
+        w_dec: (!spec.tied).then_some(w_dec),
+        b_dec,
         threshold,
         gate,
         enc_layers,
         dec_layers,
-        norm: norm.to_device(device),
+        norm,
         out_norm,
-    })
+    };
+    Ok(super::on_device(model, device))
+}
+
+/// The [`Architecture`] in a file's metadata.
+fn read_architecture(meta: &HashMap<String, String>, path: &Path) -> Result<Architecture> {
+    match meta.get(META_KEY) {
+        Some(json) => serde_json::from_str(json).map_err(|e| {
+            user(format!(
+                "{}: unreadable `{META_KEY}` metadata: {e}",
+                path.display()
+            ))
+        }),
+        None => bail_user!(
+            "{}: no `{META_KEY}` metadata: not a model written by this tool \
+             (to start from bare weights use model.init in a training config)",
+            path.display()
+        ),
+    }
+}
+
+/// The widths a deep model's layers chain through: from the input to the
+/// code, then from the code to the output (`model.hidden` mirrored after
+/// the code). `[d_in]` and `[d_out]` for a plain model.
+fn layer_chains(hidden: &[i64], d_in: i64, d_out: i64) -> (Vec<i64>, Vec<i64>) {
+    let inner: &[i64] = match hidden.len() {
+        0 | 1 => &[],
+        n => &hidden[..n - 1],
+    };
+    let mut chain_in = vec![d_in];
+    chain_in.extend_from_slice(inner);
+    let mut chain_out: Vec<i64> = inner.iter().rev().copied().collect();
+    chain_out.push(d_out);
+    (chain_in, chain_out)
+}
+
+/// A file's tensors, taken one by one with their shapes checked.
+struct Stored<'a> {
+    tensors: HashMap<String, Tensor>,
+    path: &'a Path,
+}
+
+impl Stored<'_> {
+    fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        take(&mut self.tensors, name, shape, self.path)
+    }
+
+    /// Layers `{side}_layers.{i}.W/.b` from each width of `chain` to the next.
+    fn layers(&mut self, side: &str, chain: &[i64]) -> Result<Vec<Layer>> {
+        chain
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| {
+                Ok(Layer {
+                    w: self.take(&format!("{side}_layers.{i}.W"), &[w[0], w[1]])?,
+                    b: self.take(&format!("{side}_layers.{i}.b"), &[w[1]])?,
+                })
+            })
+            .collect()
+    }
+
+    /// Normalisation `kind` from `{prefix}shift` and `{prefix}scale`.
+    fn norm(&mut self, kind: NormalizeKind, prefix: &str, width: i64) -> Result<Normalizer> {
+        Ok(match kind {
+            NormalizeKind::None => Normalizer::identity(),
+            kind => Normalizer {
+                kind,
+                shift: Some(self.take(&format!("{prefix}shift"), &[width])?),
+                scale: Some(self.take(&format!("{prefix}scale"), &[width])?),
+            },
+        })
+    }
 }

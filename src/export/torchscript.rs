@@ -352,52 +352,7 @@ fn layer_names(side: &str, i: usize) -> (String, String) {
 
 /// The module definition of `model`.
 pub fn module_def(model: &Sae) -> ModuleDef {
-    let s = &model.spec;
-    let has_norm = model.norm.shift.is_some() && model.norm.scale.is_some();
-    // The output is un-normalised with the input's statistics, or with its
-    // own (transcoders: out_norm_*), or not at all.
-    let out_norm_prefix = match &model.out_norm {
-        None => has_norm.then_some("norm_"),
-        Some(n) => (n.shift.is_some() && n.scale.is_some()).then_some("out_norm_"),
-    };
     let act = activation_code(model);
-    let mut src = String::new();
-    src.push_str("def encode(self, x: Tensor) -> Tensor:\n");
-    if has_norm {
-        src.push_str("    x = (x - self.norm_shift) / self.norm_scale\n");
-    }
-    for i in 0..model.enc_layers.len() {
-        let (w, b) = layer_names("enc", i);
-        src.push_str(&format!(
-            "    x = torch.relu(torch.matmul(x, self.{w}) + self.{b})\n"
-        ));
-    }
-    if s.apply_b_dec_to_input {
-        src.push_str("    x = x - self.b_dec\n");
-    }
-    src.push_str("    pre = torch.matmul(x, self.W_enc) + self.b_enc\n");
-    src.push_str("    return self.activation(pre)\n\n");
-    src.push_str("def activation(self, pre: Tensor) -> Tensor:\n");
-    src.push_str(&act.body);
-    src.push('\n');
-    src.push_str("def decode(self, z: Tensor) -> Tensor:\n");
-    src.push_str("    out = torch.matmul(z, self.W_dec) + self.b_dec\n");
-    for i in 0..model.dec_layers.len() {
-        let (w, b) = layer_names("dec", i);
-        src.push_str(&format!(
-            "    out = torch.matmul(torch.relu(out), self.{w}) + self.{b}\n"
-        ));
-    }
-    if s.decoder_activation == OutputActivation::Sigmoid {
-        src.push_str("    out = torch.sigmoid(out)\n");
-    }
-    if let Some(p) = out_norm_prefix {
-        src.push_str(&format!("    out = out * self.{p}scale + self.{p}shift\n"));
-    }
-    src.push_str("    return out\n\n");
-    src.push_str("def forward(self, x: Tensor) -> Tensor:\n");
-    src.push_str("    return self.decode(self.encode(x))\n");
-
     let mut tensors = vec![
         ("W_enc".to_string(), model.w_enc.shallow_clone(), true),
         ("b_enc".to_string(), model.b_enc.shallow_clone(), true),
@@ -410,6 +365,84 @@ pub fn module_def(model: &Sae) -> ModuleDef {
         ("b_dec".to_string(), model.b_dec.shallow_clone(), true),
     ];
     tensors.extend(act.tensors);
+    tensors.extend(layer_and_norm_tensors(model));
+    let mut attrs = architecture_attrs(model);
+    attrs.extend(act.attrs);
+    ModuleDef {
+        class_name: CLASS_NAME.into(),
+        source: module_source(model, &act.body),
+        tensors,
+        attrs,
+    }
+}
+
+/// The methods `encode`, `activation` (body `act_body`), `decode` and
+/// `forward`.
+fn module_source(model: &Sae, act_body: &str) -> String {
+    let mut src = encode_source(model);
+    src.push_str("def activation(self, pre: Tensor) -> Tensor:\n");
+    src.push_str(act_body);
+    src.push('\n');
+    src.push_str(&decode_source(model));
+    src.push_str("def forward(self, x: Tensor) -> Tensor:\n");
+    src.push_str("    return self.decode(self.encode(x))\n");
+    src
+}
+
+fn has_norm(n: &Normalizer) -> bool {
+    n.shift.is_some() && n.scale.is_some()
+}
+
+fn encode_source(model: &Sae) -> String {
+    let mut src = String::new();
+    src.push_str("def encode(self, x: Tensor) -> Tensor:\n");
+    if has_norm(&model.norm) {
+        src.push_str("    x = (x - self.norm_shift) / self.norm_scale\n");
+    }
+    for i in 0..model.enc_layers.len() {
+        let (w, b) = layer_names("enc", i);
+        src.push_str(&format!(
+            "    x = torch.relu(torch.matmul(x, self.{w}) + self.{b})\n"
+        ));
+    }
+    if model.spec.apply_b_dec_to_input {
+        src.push_str("    x = x - self.b_dec\n");
+    }
+    src.push_str("    pre = torch.matmul(x, self.W_enc) + self.b_enc\n");
+    src.push_str("    return self.activation(pre)\n\n");
+    src
+}
+
+fn decode_source(model: &Sae) -> String {
+    // The output is un-normalised with the input's statistics, or with its
+    // own (transcoders: out_norm_*), or not at all.
+    let out_norm_prefix = match &model.out_norm {
+        None => has_norm(&model.norm).then_some("norm_"),
+        Some(n) => has_norm(n).then_some("out_norm_"),
+    };
+    let mut src = String::new();
+    src.push_str("def decode(self, z: Tensor) -> Tensor:\n");
+    src.push_str("    out = torch.matmul(z, self.W_dec) + self.b_dec\n");
+    for i in 0..model.dec_layers.len() {
+        let (w, b) = layer_names("dec", i);
+        src.push_str(&format!(
+            "    out = torch.matmul(torch.relu(out), self.{w}) + self.{b}\n"
+        ));
+    }
+    if model.spec.decoder_activation == OutputActivation::Sigmoid {
+        src.push_str("    out = torch.sigmoid(out)\n");
+    }
+    if let Some(p) = out_norm_prefix {
+        src.push_str(&format!("    out = out * self.{p}scale + self.{p}shift\n"));
+    }
+    src.push_str("    return out\n\n");
+    src
+}
+
+/// Deep layers (parameters), then the input's and the output's
+/// normalisation (buffers), where the model has them.
+fn layer_and_norm_tensors(model: &Sae) -> Vec<(String, Tensor, bool)> {
+    let mut tensors = Vec::new();
     for (side, layers) in [("enc", &model.enc_layers), ("dec", &model.dec_layers)] {
         for (i, l) in layers.iter().enumerate() {
             let (w, b) = layer_names(side, i);
@@ -421,6 +454,17 @@ pub fn module_def(model: &Sae) -> ModuleDef {
         tensors.push(("norm_shift".into(), shift.shallow_clone(), false));
         tensors.push(("norm_scale".into(), scale.shallow_clone(), false));
     }
+    if let Some((Some(shift), Some(scale))) = model.out_norm.as_ref().map(|n| (&n.shift, &n.scale))
+    {
+        tensors.push(("out_norm_shift".into(), shift.shallow_clone(), false));
+        tensors.push(("out_norm_scale".into(), scale.shallow_clone(), false));
+    }
+    tensors
+}
+
+/// The attributes describing the architecture (see the module's doc).
+fn architecture_attrs(model: &Sae) -> Vec<(String, AttrValue)> {
+    let s = &model.spec;
     let mut attrs = vec![
         (
             "sae_format".to_string(),
@@ -449,18 +493,8 @@ pub fn module_def(model: &Sae) -> ModuleDef {
     ];
     if let Some(n) = &model.out_norm {
         attrs.push(("out_normalize".into(), AttrValue::Str(kind_name(&n.kind))));
-        if let (Some(shift), Some(scale)) = (&n.shift, &n.scale) {
-            tensors.push(("out_norm_shift".into(), shift.shallow_clone(), false));
-            tensors.push(("out_norm_scale".into(), scale.shallow_clone(), false));
-        }
     }
-    attrs.extend(act.attrs);
-    ModuleDef {
-        class_name: CLASS_NAME.into(),
-        source: src,
-        tensors,
-        attrs,
-    }
+    attrs
 }
 
 /// Writes `model` as a scripted TorchScript module, atomically.
@@ -681,6 +715,30 @@ fn take_norm(
 /// Loads a TorchScript SAE (ours or made in Python) as a model on `device`.
 pub fn load(path: &Path, device: Device) -> Result<Sae> {
     let mut c = read_module(path)?;
+    require_methods(&c, path)?;
+    let (parts, declared) = Parts::take(&mut c, path)?;
+    // Check (and where needed infer) the architecture against the module's
+    // own methods on probe inputs.
+    let module = tch::CModule::load_on_device(path, Device::Cpu).map_err(|e| {
+        user(format!(
+            "{}: cannot load as a TorchScript module: {}",
+            path.display(),
+            first_line(&e.to_string())
+        ))
+    })?;
+    // Held to the end: probing and the copies onto `device` record no
+    // gradients.
+    let _guard = tch::no_grad_guard();
+    let x = probe_inputs(parts.w.d_in, &parts.norm);
+    let codes = run_method(&module, "encode", &x, path)?.to_kind(Kind::Float);
+    let (activation, apply_b_dec) = parts.match_encode(&declared, &x, &codes, path)?;
+    let out_act =
+        parts.match_decode(&module, &declared, (activation, apply_b_dec), &codes, path)?;
+    let m = parts.sae(activation, apply_b_dec, out_act);
+    Ok(super::on_device(m, device))
+}
+
+fn require_methods(c: &ModuleContents, path: &Path) -> Result<()> {
     for m in ["encode", "decode"] {
         if !c.methods.iter().any(|x| x == m) {
             bail_user!(
@@ -691,162 +749,244 @@ pub fn load(path: &Path, device: Device) -> Result<Sae> {
             );
         }
     }
-    // Shapes: [enc layers] -> W_enc [w, h] -> W_dec [h, m] -> [dec layers].
-    let first = if c.tensors.contains_key("enc_layers_0_W") {
-        "enc_layers_0_W"
-    } else {
-        "W_enc"
-    };
-    let d_in = {
-        let t = take_tensor(&mut c, first, None, path)?;
-        let d = t.size()[0];
-        c.tensors.insert(first.into(), (t, true));
-        d
-    };
-    let (enc_layers, width) = take_layers(&mut c, "enc", d_in, path)?;
-    let w_enc = take_tensor(&mut c, "W_enc", None, path)?;
-    if w_enc.size()[0] != width {
-        bail_user!(
-            "{}: `W_enc` has shape {:?}, but its input width is {width}",
-            path.display(),
-            w_enc.size()
-        );
-    }
-    let d_hidden = w_enc.size()[1];
-    let b_enc = take_tensor(&mut c, "b_enc", Some(&[d_hidden]), path)?;
-    let w_dec = take_tensor(&mut c, "W_dec", None, path)?;
-    if w_dec.size()[0] != d_hidden {
-        bail_user!(
-            "{}: `W_dec` has shape {:?}, expected [{d_hidden}, d_out]",
-            path.display(),
-            w_dec.size()
-        );
-    }
-    let b_dec = take_tensor(&mut c, "b_dec", Some(&[w_dec.size()[1]]), path)?;
-    let (dec_layers, d_out) = take_layers(&mut c, "dec", w_dec.size()[1], path)?;
-    let threshold = match c.tensors.contains_key("threshold") {
-        true => Some(take_tensor(&mut c, "threshold", Some(&[d_hidden]), path)?),
-        false => None,
-    };
-    let norm =
-        take_norm(&mut c, "norm_", "normalize", d_in, path)?.unwrap_or_else(Normalizer::identity);
-    let out_norm = match (
-        take_norm(&mut c, "out_norm_", "out_normalize", d_out, path)?,
-        str_attr(&c, "out_normalize"),
-    ) {
-        (Some(n), _) => Some(n),
-        (None, Some(_)) => Some(Normalizer::identity()),
-        (None, None) => None,
-    };
-    let deep = !enc_layers.is_empty() || !dec_layers.is_empty();
-    let tied = bool_attr(&c, "tied").unwrap_or(false) && !deep && d_out == d_in;
-    let declared_out = match str_attr(&c, "decoder_activation") {
-        Some(s) => Some(parse_kind::<OutputActivation>(s).ok_or_else(|| {
-            user(format!(
-                "{}: attribute decoder_activation = {s:?} is not supported (none | sigmoid)",
-                path.display()
-            ))
-        })?),
-        None => None,
-    };
-    let declared_act = activation_from_attrs(&c, path)?;
-    // Gated: the magnitude path's parameters.
-    let gate = match (
-        c.tensors.contains_key("r_mag"),
-        c.tensors.contains_key("b_mag"),
-    ) {
-        (true, true) => Some(Gate {
-            r_mag: take_tensor(&mut c, "r_mag", Some(&[d_hidden]), path)?,
-            b_mag: take_tensor(&mut c, "b_mag", Some(&[d_hidden]), path)?,
-        }),
-        _ if declared_act == Some(Activation::Gated) => bail_user!(
-            "{}: activation gated needs `r_mag` and `b_mag` tensors [{d_hidden}]",
-            path.display()
-        ),
-        _ => None,
-    };
-    if declared_act.is_some_and(|a| a.has_threshold()) && threshold.is_none() {
-        bail_user!(
-            "{}: activation {} needs a `threshold` tensor [{d_hidden}]",
-            path.display(),
-            str_attr(&c, "activation").unwrap_or_default()
-        );
-    }
-    // b_dec can be subtracted from the input only when the widths agree.
-    let b_decs = match bool_attr(&c, "apply_b_dec_to_input") {
-        Some(b) => vec![b],
-        None if b_dec.size()[0] == width => vec![true, false],
-        None => vec![false],
-    };
+    Ok(())
+}
 
-    // Check (and where needed infer) the architecture against the module's
-    // own methods on probe inputs.
-    let module = tch::CModule::load_on_device(path, Device::Cpu).map_err(|e| {
-        user(format!(
-            "{}: cannot load as a TorchScript module: {}",
-            path.display(),
-            first_line(&e.to_string())
-        ))
-    })?;
-    let _guard = tch::no_grad_guard();
-    let x = probe_inputs(d_in, &norm);
-    let codes = run_method(&module, "encode", &x, path)?.to_kind(Kind::Float);
-    let acts = match declared_act {
-        Some(a) => vec![a],
-        None if gate.is_some() => vec![Activation::Gated],
-        None => probe_candidates(&codes, d_hidden, threshold.is_some()),
-    };
-    let outs = match declared_out {
-        Some(o) => vec![o],
-        None => vec![OutputActivation::None, OutputActivation::Sigmoid],
-    };
-    let copy_layers = |ls: &[Layer]| -> Vec<Layer> {
-        ls.iter()
-            .map(|l| Layer {
-                w: l.w.shallow_clone(),
-                b: l.b.shallow_clone(),
-            })
-            .collect()
-    };
-    let build = |activation: Activation, apply_b_dec_to_input, decoder_activation| Sae {
-        spec: ModelSpec {
+/// A module's weights, shapes checked.
+struct ModuleWeights {
+    d_in: i64,
+    /// `W_enc`'s input width: `d_in`, or the last encoder layer's output.
+    width: i64,
+    d_hidden: i64,
+    d_out: i64,
+    enc_layers: Vec<Layer>,
+    w_enc: Tensor,
+    b_enc: Tensor,
+    w_dec: Tensor,
+    b_dec: Tensor,
+    dec_layers: Vec<Layer>,
+    threshold: Option<Tensor>,
+}
+
+impl ModuleWeights {
+    /// Shapes: [enc layers] -> W_enc [w, h] -> W_dec [h, m] -> [dec layers].
+    fn take(c: &mut ModuleContents, path: &Path) -> Result<ModuleWeights> {
+        let first = if c.tensors.contains_key("enc_layers_0_W") {
+            "enc_layers_0_W"
+        } else {
+            "W_enc"
+        };
+        let d_in = {
+            let t = take_tensor(c, first, None, path)?;
+            let d = t.size()[0];
+            c.tensors.insert(first.into(), (t, true));
+            d
+        };
+        let (enc_layers, width) = take_layers(c, "enc", d_in, path)?;
+        let w_enc = take_tensor(c, "W_enc", None, path)?;
+        if w_enc.size()[0] != width {
+            bail_user!(
+                "{}: `W_enc` has shape {:?}, but its input width is {width}",
+                path.display(),
+                w_enc.size()
+            );
+        }
+        let d_hidden = w_enc.size()[1];
+        let b_enc = take_tensor(c, "b_enc", Some(&[d_hidden]), path)?;
+        let w_dec = take_tensor(c, "W_dec", None, path)?;
+        if w_dec.size()[0] != d_hidden {
+            bail_user!(
+                "{}: `W_dec` has shape {:?}, expected [{d_hidden}, d_out]",
+                path.display(),
+                w_dec.size()
+            );
+        }
+        let b_dec = take_tensor(c, "b_dec", Some(&[w_dec.size()[1]]), path)?;
+        let (dec_layers, d_out) = take_layers(c, "dec", w_dec.size()[1], path)?;
+        let threshold = match c.tensors.contains_key("threshold") {
+            true => Some(take_tensor(c, "threshold", Some(&[d_hidden]), path)?),
+            false => None,
+        };
+        Ok(ModuleWeights {
             d_in,
+            width,
             d_hidden,
-            activation,
+            d_out,
+            enc_layers,
+            w_enc,
+            b_enc,
+            w_dec,
+            b_dec,
+            dec_layers,
+            threshold,
+        })
+    }
+}
+
+/// What the module's attributes say of the architecture; `None`: found by
+/// probing.
+struct Declared {
+    activation: Option<Activation>,
+    decoder_activation: Option<OutputActivation>,
+    apply_b_dec_to_input: Option<bool>,
+}
+
+impl Declared {
+    fn read(c: &ModuleContents, path: &Path) -> Result<Declared> {
+        let decoder_activation = match str_attr(c, "decoder_activation") {
+            Some(s) => Some(parse_kind::<OutputActivation>(s).ok_or_else(|| {
+                user(format!(
+                    "{}: attribute decoder_activation = {s:?} is not supported (none | sigmoid)",
+                    path.display()
+                ))
+            })?),
+            None => None,
+        };
+        Ok(Declared {
+            activation: activation_from_attrs(c, path)?,
             decoder_activation,
-            apply_b_dec_to_input,
-            tied,
-        },
-        w_enc: w_enc.shallow_clone(),
-        b_enc: b_enc.shallow_clone(),
-        w_dec: (!tied).then(|| w_dec.shallow_clone()),
-        b_dec: b_dec.shallow_clone(),
-        threshold: threshold
-            .as_ref()
-            .filter(|_| activation.has_threshold())
-            .map(|t| t.shallow_clone()),
-        gate: gate
-            .as_ref()
-            .filter(|_| activation == Activation::Gated)
-            .map(|g| Gate {
-                r_mag: g.r_mag.shallow_clone(),
-                b_mag: g.b_mag.shallow_clone(),
+            apply_b_dec_to_input: bool_attr(c, "apply_b_dec_to_input"),
+        })
+    }
+}
+
+/// Everything about a module that probing does not choose.
+struct Parts {
+    w: ModuleWeights,
+    norm: Normalizer,
+    out_norm: Option<Normalizer>,
+    tied: bool,
+    gate: Option<Gate>,
+}
+
+impl Parts {
+    /// Takes the weights and reads the attributes, checking they agree.
+    fn take(c: &mut ModuleContents, path: &Path) -> Result<(Parts, Declared)> {
+        let w = ModuleWeights::take(c, path)?;
+        let norm =
+            take_norm(c, "norm_", "normalize", w.d_in, path)?.unwrap_or_else(Normalizer::identity);
+        let out_norm = match (
+            take_norm(c, "out_norm_", "out_normalize", w.d_out, path)?,
+            str_attr(c, "out_normalize"),
+        ) {
+            (Some(n), _) => Some(n),
+            (None, Some(_)) => Some(Normalizer::identity()),
+            (None, None) => None,
+        };
+        let deep = !w.enc_layers.is_empty() || !w.dec_layers.is_empty();
+        let tied = bool_attr(c, "tied").unwrap_or(false) && !deep && w.d_out == w.d_in;
+        let declared = Declared::read(c, path)?;
+        let d_hidden = w.d_hidden;
+        // Gated: the magnitude path's parameters.
+        let gate = match (
+            c.tensors.contains_key("r_mag"),
+            c.tensors.contains_key("b_mag"),
+        ) {
+            (true, true) => Some(Gate {
+                r_mag: take_tensor(c, "r_mag", Some(&[d_hidden]), path)?,
+                b_mag: take_tensor(c, "b_mag", Some(&[d_hidden]), path)?,
             }),
-        enc_layers: copy_layers(&enc_layers),
-        dec_layers: copy_layers(&dec_layers),
-        norm: norm.clone(),
-        out_norm: out_norm.clone(),
-    };
-    let mut found = None;
-    'search: for &a in &acts {
-        for &b in &b_decs {
-            if close(&build(a, b, OutputActivation::None).encode(&x), &codes) {
-                found = Some((a, b));
-                break 'search;
-            }
+            _ if declared.activation == Some(Activation::Gated) => bail_user!(
+                "{}: activation gated needs `r_mag` and `b_mag` tensors [{d_hidden}]",
+                path.display()
+            ),
+            _ => None,
+        };
+        if declared.activation.is_some_and(|a| a.has_threshold()) && w.threshold.is_none() {
+            bail_user!(
+                "{}: activation {} needs a `threshold` tensor [{d_hidden}]",
+                path.display(),
+                str_attr(c, "activation").unwrap_or_default()
+            );
+        }
+        let parts = Parts {
+            w,
+            norm,
+            out_norm,
+            tied,
+            gate,
+        };
+        Ok((parts, declared))
+    }
+
+    /// The model with these weights and the given choices (on the CPU,
+    /// sharing the weights).
+    fn sae(
+        &self,
+        activation: Activation,
+        apply_b_dec_to_input: bool,
+        decoder_activation: OutputActivation,
+    ) -> Sae {
+        let w = &self.w;
+        let copy_layers = |ls: &[Layer]| -> Vec<Layer> {
+            ls.iter()
+                .map(|l| Layer {
+                    w: l.w.shallow_clone(),
+                    b: l.b.shallow_clone(),
+                })
+                .collect()
+        };
+        Sae {
+            spec: ModelSpec {
+                d_in: w.d_in,
+                d_hidden: w.d_hidden,
+                activation,
+                decoder_activation,
+                apply_b_dec_to_input,
+                tied: self.tied,
+            },
+            w_enc: w.w_enc.shallow_clone(),
+            b_enc: w.b_enc.shallow_clone(),
+            w_dec: (!self.tied).then(|| w.w_dec.shallow_clone()),
+            b_dec: w.b_dec.shallow_clone(),
+            threshold: w
+                .threshold
+                .as_ref()
+                .filter(|_| activation.has_threshold())
+                .map(|t| t.shallow_clone()),
+            gate: self
+                .gate
+                .as_ref()
+                .filter(|_| activation == Activation::Gated)
+                .map(|g| Gate {
+                    r_mag: g.r_mag.shallow_clone(),
+                    b_mag: g.b_mag.shallow_clone(),
+                }),
+            enc_layers: copy_layers(&w.enc_layers),
+            dec_layers: copy_layers(&w.dec_layers),
+            norm: self.norm.clone(),
+            out_norm: self.out_norm.clone(),
         }
     }
-    let Some((activation, apply_b_dec)) = found else {
+
+    /// The activation and `apply_b_dec_to_input` (declared, or else the
+    /// first candidates) whose encoder reproduces the module's `codes` of
+    /// `x`.
+    fn match_encode(
+        &self,
+        declared: &Declared,
+        x: &Tensor,
+        codes: &Tensor,
+        path: &Path,
+    ) -> Result<(Activation, bool)> {
+        let acts = match declared.activation {
+            Some(a) => vec![a],
+            None if self.gate.is_some() => vec![Activation::Gated],
+            None => probe_candidates(codes, self.w.d_hidden, self.w.threshold.is_some()),
+        };
+        // b_dec can be subtracted from the input only when the widths agree.
+        let b_decs = match declared.apply_b_dec_to_input {
+            Some(b) => vec![b],
+            None if self.w.b_dec.size()[0] == self.w.width => vec![true, false],
+            None => vec![false],
+        };
+        for &a in &acts {
+            for &b in &b_decs {
+                if close(&self.sae(a, b, OutputActivation::None).encode(x), codes) {
+                    return Ok((a, b));
+                }
+            }
+        }
         bail_user!(
             "{}: the module's encode(x) does not match act((x - b_dec) @ W_enc + b_enc) \
              for any supported activation (tried {}); set attributes `activation` \
@@ -857,53 +997,38 @@ pub fn load(path: &Path, device: Device) -> Result<Sae> {
                 .map(|a| kind_name(&a.kind()))
                 .collect::<Vec<_>>()
                 .join(", ")
-        );
-    };
-    // Decoder: probe with the module's codes and with dense non-negative codes.
-    let dense = (probe_inputs(d_hidden, &Normalizer::identity()) * 0.3).abs();
-    let z = Tensor::cat(&[codes.shallow_clone(), dense], 0);
-    let decoded = run_method(&module, "decode", &z, path)?.to_kind(Kind::Float);
-    let Some(out_act) = outs
-        .iter()
-        .copied()
-        .find(|&o| close(&build(activation, apply_b_dec, o).decode(&z), &decoded))
-    else {
-        bail_user!(
-            "{}: the module's decode(z) does not match out_act(z @ W_dec + b_dec) \
-             (un-normalised by norm_shift/norm_scale when present) for out_act in none | sigmoid",
-            path.display()
-        );
-    };
-    let m = build(activation, apply_b_dec, out_act);
-    let to = |t: Tensor| t.to_device(device);
-    Ok(Sae {
-        spec: m.spec,
-        w_enc: to(m.w_enc),
-        b_enc: to(m.b_enc),
-        w_dec: m.w_dec.map(to),
-        b_dec: to(m.b_dec),
-        threshold: m.threshold.map(to),
-        gate: m.gate.map(|g| Gate {
-            r_mag: to(g.r_mag),
-            b_mag: to(g.b_mag),
-        }),
-        enc_layers: m
-            .enc_layers
-            .into_iter()
-            .map(|l| Layer {
-                w: to(l.w),
-                b: to(l.b),
-            })
-            .collect(),
-        dec_layers: m
-            .dec_layers
-            .into_iter()
-            .map(|l| Layer {
-                w: to(l.w),
-                b: to(l.b),
-            })
-            .collect(),
-        norm: m.norm.to_device(device),
-        out_norm: m.out_norm.map(|n| n.to_device(device)),
-    })
+        )
+    }
+
+    /// The decoder output activation (declared, or else the first of none,
+    /// sigmoid) that reproduces the module's `decode`, probed with its own
+    /// codes and with dense non-negative codes.
+    fn match_decode(
+        &self,
+        module: &tch::CModule,
+        declared: &Declared,
+        (activation, apply_b_dec): (Activation, bool),
+        codes: &Tensor,
+        path: &Path,
+    ) -> Result<OutputActivation> {
+        let outs = match declared.decoder_activation {
+            Some(o) => vec![o],
+            None => vec![OutputActivation::None, OutputActivation::Sigmoid],
+        };
+        let dense = (probe_inputs(self.w.d_hidden, &Normalizer::identity()) * 0.3).abs();
+        let z = Tensor::cat(&[codes.shallow_clone(), dense], 0);
+        let decoded = run_method(module, "decode", &z, path)?.to_kind(Kind::Float);
+        let found = outs
+            .iter()
+            .copied()
+            .find(|&o| close(&self.sae(activation, apply_b_dec, o).decode(&z), &decoded));
+        match found {
+            Some(o) => Ok(o),
+            None => bail_user!(
+                "{}: the module's decode(z) does not match out_act(z @ W_dec + b_dec) \
+                 (un-normalised by norm_shift/norm_scale when present) for out_act in none | sigmoid",
+                path.display()
+            ),
+        }
+    }
 }
