@@ -16,7 +16,7 @@
 use crate::error::user;
 use crate::{bail_user, Result};
 use std::ffi::{c_char, CStr, CString};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 use tch::Tensor;
@@ -145,6 +145,8 @@ pub struct Group {
     failed: Mutex<Option<String>>,
     /// Rows of the current step's global batch (see [`Group::begin_step`]).
     batch_rows: AtomicI64,
+    /// Time spent in collectives so far (nanoseconds).
+    busy_ns: AtomicU64,
 }
 
 // The group is used from the training thread only; the static needs Sync.
@@ -206,6 +208,7 @@ pub fn init(launch: &Launch, timeout: Duration) -> Result<&'static Group> {
         timeout,
         failed: Mutex::new(None),
         batch_rows: AtomicI64::new(0),
+        busy_ns: AtomicU64::new(0),
     };
     Ok(GROUP.get_or_init(|| g))
 }
@@ -232,9 +235,19 @@ impl Group {
         if failed.is_some() {
             return;
         }
-        if let Some(e) = ffi::take_error(f()) {
+        let started = std::time::Instant::now();
+        let err = f();
+        let ns = started.elapsed().as_nanos() as u64;
+        self.busy_ns.fetch_add(ns, Ordering::Relaxed);
+        if let Some(e) = ffi::take_error(err) {
             *failed = Some(format!("{what}: {}", first_line(&e)));
         }
+    }
+
+    /// Seconds this process has spent in collectives (waiting for the
+    /// slowest rank included).
+    pub fn busy_seconds(&self) -> f64 {
+        self.busy_ns.load(Ordering::Relaxed) as f64 * 1e-9
     }
 
     /// A training step on a global batch of `rows` begins: collectives

@@ -58,6 +58,10 @@ pub struct Summary {
     pub world_size: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
+    /// Data-parallel: seconds of the training loop that rank 0 spent in
+    /// collectives (gradient allreduce, waiting for slower ranks included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collective_seconds: Option<f64>,
     pub seconds: f64,
     pub samples_per_second: f64,
     pub final_loss: f64,
@@ -118,6 +122,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
     )?;
 
     let started = Instant::now();
+    let busy_before = group.map_or(0.0, |g| g.busy_seconds());
     progress.set_step(pos.step);
     while let Some(batch) = batches.next_batch()? {
         state.advance(&batch);
@@ -191,6 +196,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
         device: device::describe(device),
         world_size: shard.world,
         backend: group.map(|_| "gloo".to_string()),
+        collective_seconds: group.map(|g| g.busy_seconds() - busy_before),
         seconds,
         samples_per_second: state.samples as f64 / seconds.max(1e-9),
         final_loss: state.last_loss,
