@@ -1,11 +1,14 @@
 //! Embeds an rpath to libtorch so `target/release/sae` runs without
 //! LD_LIBRARY_PATH, keeps `libtorch.so` linked so CUDA is seen, and compiles
-//! the TorchScript C++ shim (src/export/torchscript_shim.cpp) against the
-//! same libtorch headers torch-sys found.
+//! the C++ shims (TorchScript: src/export/torchscript_shim.cpp; c10d:
+//! src/dist/c10d_shim.cpp) against the same libtorch headers torch-sys found.
 
 use std::path::PathBuf;
 
 const SHIM: &str = "src/export/torchscript_shim.cpp";
+const DIST_SHIM: &str = "src/dist/c10d_shim.cpp";
+/// gloo's headers, which ProcessGroupGloo.hpp includes (third_party/gloo/README.md).
+const GLOO_INCLUDE: &str = "third_party/gloo";
 
 fn main() {
     // Set by torch-sys (`links = "tch"`) for crates that depend on it directly.
@@ -29,6 +32,8 @@ fn main() {
 /// Headers live next to `lib/` both in the PyPI wheel and a standalone libtorch.
 fn build_shim(lib: Option<&str>) {
     println!("cargo:rerun-if-changed={SHIM}");
+    println!("cargo:rerun-if-changed={DIST_SHIM}");
+    println!("cargo:rerun-if-changed={GLOO_INCLUDE}");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let lib = PathBuf::from(
         lib.expect("torch-sys did not report the libtorch lib directory (DEP_TCH_LIBTORCH_LIB)"),
@@ -39,15 +44,23 @@ fn build_shim(lib: Option<&str>) {
         .join("include");
     // torch-sys's own default; torch >= 2.6 wheels and libtorch builds use 1.
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .flag("-DGLOG_USE_GLOG_EXPORT")
-        .file(SHIM)
-        .compile("sae_torchscript_shim");
+    let build = || {
+        let mut b = cc::Build::new();
+        b.cpp(true)
+            .pic(true)
+            .warnings(false)
+            .include(&include)
+            .include(include.join("torch/csrc/api/include"))
+            .flag("-std=c++17")
+            .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+            .flag("-DGLOG_USE_GLOG_EXPORT");
+        b
+    };
+    build().file(SHIM).compile("sae_torchscript_shim");
+    // Without USE_C10D_GLOO the ProcessGroupGloo header is empty.
+    build()
+        .include(GLOO_INCLUDE)
+        .flag("-DUSE_C10D_GLOO")
+        .file(DIST_SHIM)
+        .compile("sae_c10d_shim");
 }

@@ -7,13 +7,15 @@ Cases (issue 6):
   M  ReLU + L1 (SAELens standard), 768 -> 8192, batch 1024 (matmul-bound)
   T  top-k k=32, 768 -> 16384, batch 1024 (PyTorch side: the dense top-k step)
   E  `sae encode` of 1,000,000 x 768 rows from a .npy file (768 -> 1024 ReLU model), rows/s
+  DP M trained data-parallel, 2 ranks x 1 thread under torchrun (Gloo), against
+     one process with 2 threads; with the share of the step spent in collectives
 
 Ours is timed by `sae train` itself (summary.json `seconds`: the training loop
 only, no data loading); PyTorch's loop is timed the same way. Each case runs
 ours and PyTorch alternately REPEATS times; the table takes the best of each.
 The matmul peak is torch.mm at the M shape, measured in this same run.
 
-Usage: bench.py SAE_BIN OUT_DIR [--quick] [--only S,M,T,E,OOC]
+Usage: bench.py SAE_BIN OUT_DIR [--quick] [--only S,M,T,E,OOC,DP]
   --only runs the named parts and prints their figures without writing the table.
 """
 import json, os, platform, subprocess, sys, time
@@ -59,7 +61,7 @@ def make_data(name, c):
     return path
 
 
-def config(name, c, data):
+def config(name, c, data, threads=None):
     model = {"d_hidden": c["d_hidden"], "init_scheme": "sae"}
     sparsity = {"penalty": "l1", "weight": 0.001}
     if c["kind"] == "seed002":
@@ -72,7 +74,7 @@ def config(name, c, data):
     cfg = {"seed": 0, "device": "cpu", "data": {"train": data}, "model": model,
            "sparsity": sparsity,
            "train": {"epochs": c["epochs"], "batch_size": c["batch"], "shuffle": True,
-                     "log_every": 100000, "threads": THREADS,
+                     "log_every": 100000, "threads": threads or THREADS,
                      "optimizer": {"name": "adam", "lr": 1e-4}}}
     path = os.path.join(OUT, f"{name}.yaml")
     with open(path, "w") as f:
@@ -133,6 +135,32 @@ def run_torch(c, data):
             opt.step()
             samples += xb.shape[0]
     return samples / (time.perf_counter() - t0)
+
+
+def bench_dp():
+    """M as 2 ranks x 1 thread (torchrun, Gloo, one machine) against one
+    process x 2 threads, alternating; best of each. Returns (single, dp,
+    collective share of the best DP run)."""
+    c = CASES["M"]
+    data = make_data("M", c)
+    single_cfg = config("M", c, data)
+    dp_cfg = config("DP", c, data, threads=1)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    run = os.path.join(OUT, "run-DP")
+    single, dp, share = 0.0, 0.0, 0.0
+    for r in range(REPEATS):
+        single = max(single, run_ours("M", single_cfg))
+        subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "--no-python",
+                        SAE, "train", "-q", "--config", dp_cfg, "--out", run, "--force"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        s = json.load(open(os.path.join(run, "summary.json")))
+        rate = s["samples_per_second"]
+        if rate > dp:
+            dp, share = rate, s["collective_seconds"] / s["seconds"]
+        log(f"DP round {r + 1}: 1 x {THREADS} threads {single:.0f}/s, 2 ranks x 1 thread {rate:.0f}/s, "
+            f"collectives {s['collective_seconds'] / s['seconds']:.0%} of the loop")
+    return single, dp, share
 
 
 def matmul_peak():
@@ -272,6 +300,10 @@ def main():
             os.remove(os.path.join(OUT, "table.md"))
         for name, o, t, ratio, gf in rows:
             log(f"{name}: ours {o:,.0f}/s, PyTorch {t:,.0f}/s, {ratio:.2f}x, {gf:.1f} GFLOP/s of {peak:.1f}")
+        if "DP" in ONLY:
+            single, dp, share = bench_dp()
+            log(f"DP: 2 ranks x 1 thread {dp:,.0f}/s vs 1 process x {THREADS} threads {single:,.0f}/s: "
+                f"{dp / single:.2f}x; collectives {share:.0%} of rank 0's loop")
         if ONLY & {"E", "OOC"}:
             e_rows, e_rate, e_gf = bench_encode() if "E" in ONLY else (1_000_000, 0, 0)
             if "E" in ONLY:
@@ -284,6 +316,7 @@ def main():
         return
     e_rows, e_rate, e_gf = bench_encode()
     ooc = bench_out_of_core(os.path.join(OUT, f"E-{e_rows}.npy"), e_rows)
+    dp_single, dp_rate, dp_share = bench_dp()
     cpu = platform.processor() or platform.machine()
     try:
         cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
@@ -313,6 +346,10 @@ def main():
                   f"{ooc['stream']:,.0f} samples/s vs {ooc['memory']:,.0f} in memory uncapped: "
                   f"{ooc['stream'] / ooc['memory']:.0%}"
                   f"{' (page cache dropped before each run)' if ooc['cold'] else ' (page cache not dropped: no root)'}."]
+    lines += ["", f"Data-parallel (M, 768 -> 8192 ReLU+L1, global batch 1024): 2 ranks x 1 thread under "
+              f"torchrun (Gloo, this machine) {dp_rate:,.0f} samples/s vs 1 process x {THREADS} threads "
+              f"{dp_single:,.0f}: {dp_rate / dp_single:.2f}x; collectives (the 25 MB gradient allreduce, "
+              f"waits for the other rank included) take {dp_share:.0%} of rank 0's training loop."]
     lines += ["", "GFLOP/s counts the dense maths (12 * d_in * d_hidden per training sample; 10 for S),",
               "also where our path does less work, so there it is an effective rate: T (sparse top-k:",
               "k columns and rows instead of three dense matmuls) and M (b_dec's gradient as a vector",

@@ -218,9 +218,22 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn info() -> Result<()> {
     println!("sae {}", env!("CARGO_PKG_VERSION"));
-    println!("libtorch cuda built: {}", tch::utils::has_cuda());
-    println!("cuda available: {}", tch::Cuda::is_available());
-    println!("cuda devices: {}", tch::Cuda::device_count());
+    // Built with CUDA is a property of the libtorch we loaded; usable needs
+    // a GPU and its driver too. (`at::hasCUDA` says false for both without a GPU.)
+    match device::libtorch_cuda_library() {
+        Some(lib) => println!("libtorch built with CUDA: yes ({lib})"),
+        None => println!("libtorch built with CUDA: no (CPU-only libtorch)"),
+    }
+    println!(
+        "GPU usable: {} ({} device(s))",
+        if tch::Cuda::is_available() {
+            "yes"
+        } else {
+            "no"
+        },
+        tch::Cuda::device_count()
+    );
+    println!("data-parallel backends: gloo (CPU); nccl not built in");
     println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
     println!("threads: {}", tch::get_num_threads());
     println!("mkl: {}", tch::utils::has_mkl());
@@ -308,8 +321,11 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
             resume,
         },
     )?;
-    print!("{}", train::summary_table(&summary));
-    println!("run directory: {}", out.display());
+    // Data-parallel: the other ranks leave the summary to rank 0.
+    if let Some(summary) = summary {
+        print!("{}", train::summary_table(&summary));
+        println!("run directory: {}", out.display());
+    }
     Ok(())
 }
 

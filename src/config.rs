@@ -85,6 +85,37 @@ pub struct Config {
     pub model: ModelConfig,
     pub sparsity: SparsityConfig,
     pub train: TrainConfig,
+    pub dist: DistConfig,
+}
+
+/// `dist.backend`: the c10d backend of a data-parallel run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DistBackend {
+    /// Gloo on CPU (NCCL for CUDA once built in).
+    Auto,
+    Gloo,
+    Nccl,
+}
+
+/// Data-parallel training (used only under a launcher such as torchrun).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    pub backend: DistBackend,
+    /// How long a rank waits for its peers (rendezvous, every collective)
+    /// before it gives up with an error.
+    pub timeout_s: f64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        DistConfig {
+            backend: DistBackend::Auto,
+            // torch.distributed's default for Gloo.
+            timeout_s: 1800.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -299,6 +330,7 @@ impl Default for Config {
             model: ModelConfig::default(),
             sparsity: SparsityConfig::default(),
             train: TrainConfig::default(),
+            dist: DistConfig::default(),
         }
     }
 }
@@ -492,6 +524,7 @@ impl Config {
         self.validate_recipe()?;
         self.validate_sparsity()?;
         self.validate_train()?;
+        validate_dist(&self.dist)?;
         crate::device::parse_device(&self.device).map_err(|e| format!("device: {e}"))?;
         Ok(())
     }
@@ -524,6 +557,16 @@ fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+fn validate_dist(d: &DistConfig) -> std::result::Result<(), String> {
+    if !(d.timeout_s.is_finite() && d.timeout_s >= 1.0) {
+        return Err(format!(
+            "dist.timeout_s: {} must be at least 1 (seconds)",
+            d.timeout_s
+        ));
+    }
+    Ok(())
 }
 
 pub fn activation_name(a: ActivationKind) -> &'static str {

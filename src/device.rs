@@ -1,5 +1,6 @@
 //! The one place that turns `device:` and thread settings into libtorch state.
 
+use std::path::Path;
 use tch::Device;
 
 /// Parses `auto | cpu | cuda | cuda:N`. `auto` means CUDA device 0 when
@@ -138,6 +139,20 @@ fn mkl_set_num_threads_local() -> Option<MklSetLocal> {
         }
     }
     None
+}
+
+/// The path of the loaded `libtorch_cuda` library, if this process loaded
+/// one (a CUDA build of libtorch, whether or not a GPU is present).
+pub fn libtorch_cuda_library() -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| {
+            Path::new(p)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libtorch_cuda.so"))
+        })
+        .map(str::to_string)
 }
 
 #[cfg(test)]

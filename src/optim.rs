@@ -150,6 +150,17 @@ impl Adam {
         }
     }
 
+    /// The gradients of `params` as one flat buffer, for a data-parallel
+    /// sync between backward and [`Adam::step`] (built here if need be);
+    /// `None` when the parameters cannot share one buffer.
+    pub fn flat_grad(&mut self, params: &mut [&mut Tensor]) -> Option<Tensor> {
+        if !self.intact(params) {
+            self.flat = Flat::build(params, &mut self.exp_avg, &mut self.exp_avg_sq);
+        }
+        self.verified = self.flat.is_some();
+        self.flat.as_ref().map(|f| f.grad.shallow_clone())
+    }
+
     /// Whether the flat path is on and every tensor still aliases it.
     fn intact(&self, params: &[&mut Tensor]) -> bool {
         self.flat

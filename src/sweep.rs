@@ -196,6 +196,12 @@ pub fn pca_fvu(spectrum: &[f64], k: f64) -> f64 {
 
 /// Runs (or resumes) the sweep into `out`.
 pub fn run(path: &Path, out: &Path, progress: bool) -> Result<Vec<Row>> {
+    if crate::dist::Launch::from_env()?.is_some() {
+        bail_user!(
+            "sae sweep: runs as one process, not under a data-parallel launcher \
+             (RANK and WORLD_SIZE are set); start it without torchrun"
+        );
+    }
     let spec = SweepSpec::from_file(path)?;
     let points = spec.points();
     // Validate every point before training any.

@@ -9,6 +9,7 @@ mod common;
 
 use common::{python, run_ok, sae_ok};
 use sae::config::Config;
+use sae::data::dataset::Shard;
 use sae::train::batches::Batches;
 use sae::train::plan::Plan;
 use sae::train::state::{self, DeadTracker};
@@ -165,7 +166,7 @@ fn replay(case: &Case) {
 
     // In-process: the loop's parts without the run directory.
     let cfg = Config::from_yaml_str(&yaml, "test", &[]).expect("config");
-    let plan = Plan::build(&cfg).expect("plan");
+    let plan = Plan::build(&cfg, 1).expect("plan");
     let start = state::start();
     let mut batches = Batches::new(
         plan.source,
@@ -174,6 +175,7 @@ fn replay(case: &Case) {
         plan.per_epoch,
         plan.device,
         &start,
+        Shard::ALL,
     )
     .unwrap();
     let mut learner = Learner::new(plan.model, &plan.cfg);
@@ -186,7 +188,7 @@ fn replay(case: &Case) {
     let mut ours = Vec::new();
     while let Some(batch) = batches.next_batch().unwrap() {
         let p = StepParams::at(&plan.cfg, ours.len() as i64 + 1, plan.total_steps);
-        let out = learner.step(&batch.x, &p, &mut dead);
+        let out = learner.step(&batch, &p, &mut dead);
         ours.push([&out.loss, &out.mse, &out.sparsity].map(|t| t.double_value(&[])));
     }
     assert_eq!(ours.len() as i64, plan.total_steps);

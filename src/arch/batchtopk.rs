@@ -20,7 +20,10 @@ impl Architecture for BatchTopK {
     }
 
     fn apply_train(&self, pre: &Tensor, _threshold: Option<&Tensor>) -> Tensor {
-        batch_topk(pre, self.k)
+        match crate::dist::group() {
+            Some(g) if g.world > 1 => batch_topk_global(pre, self.k, g),
+            _ => batch_topk(pre, self.k),
+        }
     }
 
     fn threshold(&self) -> Threshold {
@@ -34,14 +37,31 @@ impl Architecture for BatchTopK {
 
     /// The inference threshold: an exponential moving average of the
     /// smallest positive training code (SAELens `update_topk_threshold`).
+    /// With several ranks, the smallest over the global batch.
     fn after_forward(&self, model: &mut Sae, z: &Tensor, m: &ModelConfig) {
         let _guard = tch::no_grad_guard();
         let z = z.detach();
         let positive = z.gt(0.0);
-        if positive.any().int64_value(&[]) == 0 {
-            return;
-        }
-        let min_positive = z.masked_select(&positive).min().to_kind(Kind::Double);
+        let min_positive = match crate::dist::group() {
+            Some(g) if g.world > 1 => {
+                // Every rank takes part, with +inf when it has no positive code.
+                let mut local = match positive.any().int64_value(&[]) {
+                    0 => Tensor::from(f32::INFINITY).to_device(z.device()),
+                    _ => z.masked_select(&positive).min(),
+                };
+                g.allreduce(&mut local, crate::dist::Op::Min);
+                if local.double_value(&[]).is_infinite() {
+                    return;
+                }
+                local.to_kind(Kind::Double)
+            }
+            _ => {
+                if positive.any().int64_value(&[]) == 0 {
+                    return;
+                }
+                z.masked_select(&positive).min().to_kind(Kind::Double)
+            }
+        };
         let rate = m.topk_threshold_lr;
         let t = model.threshold.as_mut().expect("batchtopk has a threshold");
         *t = &*t * (1.0 - rate) + min_positive * rate;
@@ -73,4 +93,31 @@ pub fn batch_topk(pre: &Tensor, k: i64) -> Tensor {
     flat.zeros_like()
         .scatter(-1, &indices, &values)
         .reshape(acts.size())
+}
+
+/// [`batch_topk`] over the global batch of a data-parallel run: each rank
+/// offers its `K` largest codes (`K = k x` the global batch's rows, padded
+/// with -inf), the `K`-th largest of all is the cut, and each rank keeps its
+/// codes at or above it. The same codes as one process would keep, except
+/// that codes tied exactly at a positive cut are all kept.
+fn batch_topk_global(pre: &Tensor, k: i64, g: &crate::dist::Group) -> Tensor {
+    let acts = pre.relu();
+    let h = pre.size()[1];
+    let rows = g.batch_rows();
+    let keep = (k * rows).min(h * rows);
+    let cut = tch::no_grad(|| {
+        let flat = acts.detach().flatten(0, -1);
+        let local = keep.min(flat.size()[0]);
+        let (values, _) = flat.topk(local, -1, true, false);
+        let pad = Tensor::full(
+            [keep - local],
+            f64::NEG_INFINITY,
+            (acts.kind(), acts.device()),
+        );
+        let offered = Tensor::cat(&[values, pad], 0);
+        let all = g.allgather(&offered).flatten(0, -1);
+        let (top, _) = all.topk(keep, -1, true, true);
+        top.select(0, keep - 1)
+    });
+    &acts * acts.ge_tensor(&cut).to_kind(acts.kind())
 }

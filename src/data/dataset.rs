@@ -151,8 +151,9 @@ impl Dataset {
         (Dataset { x: train }, Dataset { x: valid })
     }
 
-    /// Batches in `order`, `size` rows each (the last may be smaller).
-    pub fn batches(&self, order: &[i64], size: usize) -> EpochBatches {
+    /// Batches in `order`, `size` rows each (the last may be smaller); of
+    /// each, the rows of `shard` (data-parallel: this rank's part).
+    pub fn batches(&self, order: &[i64], size: usize, shard: Shard) -> EpochBatches {
         let identity = order.iter().enumerate().all(|(i, &v)| i as i64 == v);
         EpochBatches {
             x: self.x.shallow_clone(),
@@ -161,7 +162,28 @@ impl Dataset {
             len: order.len(),
             size: size.max(1),
             at: 0,
+            shard,
         }
+    }
+}
+
+/// One rank's part of every batch: of `n` rows, rows `n·rank/world ..
+/// n·(rank+1)/world` (parts differ by at most one row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Shard {
+    /// The whole batch (one process).
+    pub const ALL: Shard = Shard { rank: 0, world: 1 };
+
+    /// This shard's rows of a batch of `n`: (first, count).
+    pub fn range(&self, n: usize) -> (usize, usize) {
+        let lo = n * self.rank / self.world;
+        let hi = n * (self.rank + 1) / self.world;
+        (lo, hi - lo)
     }
 }
 
@@ -173,23 +195,29 @@ pub struct EpochBatches {
     len: usize,
     size: usize,
     at: usize,
+    shard: Shard,
 }
 
 impl Iterator for EpochBatches {
-    type Item = Tensor;
+    /// The shard's rows of the next batch, and the batch's row count.
+    type Item = (Tensor, usize);
 
-    fn next(&mut self) -> Option<Tensor> {
+    fn next(&mut self) -> Option<(Tensor, usize)> {
         if self.at >= self.len {
             return None;
         }
         let n = self.size.min(self.len - self.at);
-        let (at, n64) = (self.at as i64, n as i64);
+        let (lo, count) = self.shard.range(n);
+        let (at, count) = ((self.at + lo) as i64, count as i64);
         self.at += n;
-        Some(match &self.index {
-            Some(ix) => self.x.index_select(0, &ix.narrow(0, at, n64)),
-            // Contiguous rows: a view, no gather.
-            None => self.x.narrow(0, at, n64),
-        })
+        Some((
+            match &self.index {
+                Some(ix) => self.x.index_select(0, &ix.narrow(0, at, count)),
+                // Contiguous rows: a view, no gather.
+                None => self.x.narrow(0, at, count),
+            },
+            n,
+        ))
     }
 }
 

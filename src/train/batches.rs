@@ -7,7 +7,7 @@
 use super::plan::{joined, Data};
 use super::state::Position;
 use crate::config::{BatchSize, Config};
-use crate::data::dataset::{block_shuffled_order, epoch_order, Dataset, EpochBatches};
+use crate::data::dataset::{block_shuffled_order, epoch_order, Dataset, EpochBatches, Shard};
 use crate::data::window::{RowFile, WindowReader};
 use crate::model::Sae;
 use crate::normalize::Normalizer;
@@ -59,8 +59,11 @@ impl Source {
 
 /// One training batch and where it sits in the run.
 pub struct Batch {
-    /// Normalised rows (input, then the target for transcoders).
+    /// Normalised rows (input, then the target for transcoders): this
+    /// rank's part of the batch (all of it in a single process).
     pub x: Tensor,
+    /// Rows of the whole (global) batch.
+    pub rows: usize,
     pub epoch: i64,
     /// Its index within the epoch.
     pub index: i64,
@@ -106,6 +109,7 @@ pub struct Batches {
     device: Device,
     orders: Orders,
     batch_size: BatchSize,
+    shard: Shard,
     epochs: i64,
     per_epoch: i64,
     epoch: i64,
@@ -124,8 +128,9 @@ pub struct Batches {
 }
 
 impl Batches {
-    /// Batches from `pos` on. A streamed run's first window is read before
-    /// this returns (as in-memory data is loaded before the loop).
+    /// Batches from `pos` on, this `shard` of each. A streamed run's first
+    /// window is read before this returns (as in-memory data is loaded
+    /// before the loop).
     pub fn new(
         source: Source,
         cfg: &Config,
@@ -133,6 +138,7 @@ impl Batches {
         per_epoch: i64,
         device: Device,
         pos: &Position,
+        shard: Shard,
     ) -> Result<Batches> {
         let orders = Orders {
             rows: source.rows(),
@@ -146,6 +152,7 @@ impl Batches {
             device,
             orders,
             batch_size: cfg.train.batch_size,
+            shard,
             epochs: cfg.train.epochs,
             per_epoch,
             epoch: pos.epoch,
@@ -183,7 +190,7 @@ impl Batches {
             BatchSize::Rows(r) => r as usize,
         };
         self.current = Some(match &self.source {
-            Source::Memory(d) => Current::Memory(d.batches(rest, self.batch_rows)),
+            Source::Memory(d) => Current::Memory(d.batches(rest, self.batch_rows, self.shard)),
             Source::Stream { file, norm, .. } => {
                 let reader = match self.next_reader.take() {
                     Some(r) => r,
@@ -213,17 +220,22 @@ impl Batches {
         }
         let left = self.rest_rows - self.served * self.batch_rows;
         self.read_ahead(left);
-        let x = match self.current.as_mut().expect("checked") {
+        let (x, rows) = match self.current.as_mut().expect("checked") {
             Current::Memory(m) => m.next().expect("one batch per chunk of the order"),
-            Current::Stream(r, norm) => norm.apply(
-                &r.next_batch(self.batch_rows.min(left))?
-                    .to_device(self.device),
-            ),
+            Current::Stream(r, norm) => {
+                // Every rank reads the window (the rows of a batch are spread
+                // over its blocks) and keeps its part.
+                let rows = self.batch_rows.min(left);
+                let (lo, count) = self.shard.range(rows);
+                let x = r.next_batch(rows)?.narrow(0, lo as i64, count as i64);
+                (norm.apply(&x.to_device(self.device)), rows)
+            }
         };
         let index = (self.first + self.served) as i64;
         self.served += 1;
         Ok(Some(Batch {
             x,
+            rows,
             epoch: self.epoch,
             index,
             end_of_epoch: index + 1 == self.per_epoch,

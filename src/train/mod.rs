@@ -24,9 +24,10 @@ pub use step::{clip_grad_norm, remove_parallel_gradient};
 
 use crate::checkpoint;
 use crate::config::Config;
+use crate::data::dataset::Shard;
 use crate::metrics::{self, Metrics};
 use crate::model::Sae;
-use crate::{bail_user, device, Result};
+use crate::{bail_user, device, dist, Result};
 use batches::{Batch, Batches};
 use plan::Plan;
 use progress::Progress;
@@ -34,7 +35,7 @@ use run_dir::{RunDir, StepLog};
 use serde::Serialize;
 use state::{DeadTracker, Position, State};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use step::{Learner, StepOutput, StepParams};
 use tch::{Device, Kind, Tensor};
 
@@ -53,6 +54,14 @@ pub struct Summary {
     pub steps: i64,
     pub epochs: i64,
     pub device: String,
+    /// Data-parallel ranks (1: a single process) and their c10d backend.
+    pub world_size: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// Data-parallel: seconds of the training loop that rank 0 spent in
+    /// collectives (gradient allreduce, waiting for slower ranks included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collective_seconds: Option<f64>,
     pub seconds: f64,
     pub samples_per_second: f64,
     pub final_loss: f64,
@@ -64,41 +73,72 @@ pub struct Summary {
 /// Rows processed per evaluation batch (bounded memory, any data size).
 const EVAL_BATCH: i64 = 4096;
 
-/// Trains per `cfg` and writes the run directory `opts.out`.
-pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
-    run_dir::check_can_start(opts)?;
-    let plan = Plan::build(cfg)?;
-    let run = RunDir::create(opts, &plan.cfg)?;
-    let Plan {
-        cfg,
-        device,
-        data,
-        fixed_order,
-        model,
-        source,
-        valid_joined,
-        batch_rows,
-        per_epoch,
-        total_steps,
-    } = plan;
-    let widest = model.spec.d_hidden * model.spec.d_in.max(model.d_out()) * batch_rows as i64;
+/// Trains per `cfg` and writes the run directory `opts.out`. Under a
+/// data-parallel launcher this process is one rank: it trains its part of
+/// each batch, and only rank 0 writes the run directory and gets the
+/// summary (the others get `None`).
+pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
+    let group = match dist::Launch::from_env()? {
+        Some(launch) => {
+            // What every rank would refuse, before any waits for the others.
+            plan::check_world(cfg, launch.world)?;
+            Some(dist::init(
+                &launch,
+                Duration::from_secs_f64(cfg.dist.timeout_s),
+            )?)
+        }
+        None => None,
+    };
+    let shard = group.map_or(Shard::ALL, |g| Shard {
+        rank: g.rank,
+        world: g.world,
+    });
+    run_dir::check_can_start(opts, shard.rank == 0)?;
+    let plan = Plan::build(cfg, shard.world)?;
+    let run = RunDir::create(opts, &plan.cfg, shard.rank == 0)?;
+    if let Some(g) = group {
+        // The others read the run directory (a checkpoint) once rank 0 made it.
+        g.barrier();
+        dist::check()?;
+    }
+    let (model, source) = (plan.model, plan.source);
+    let (cfg, device, total_steps) = (plan.cfg, plan.device, plan.total_steps);
+    let widest = model.spec.d_hidden * model.spec.d_in.max(model.d_out()) * plan.batch_rows as i64;
     let (mut learner, mut state, pos) = start(&run, model, &cfg, device, opts.resume, total_steps)?;
     let mut log = run.metrics_log(opts.resume.then_some(pos.step))?;
     let interrupter = interrupt::Interrupter::register()?;
-    let progress = Progress::new(opts.progress, total_steps, cfg.train.epochs);
+    let progress = Progress::new(opts.progress && run.writer, total_steps, cfg.train.epochs);
     // Tiny models: MKL single-threaded (see device::SerialBlas).
     let _serial_blas =
         (device == Device::Cpu && widest < device::SMALL_MATMUL_WORK).then(device::SerialBlas::new);
-    let mut batches = Batches::new(source, &cfg, fixed_order, per_epoch, device, &pos)?;
+    let mut batches = Batches::new(
+        source,
+        &cfg,
+        plan.fixed_order,
+        plan.per_epoch,
+        device,
+        &pos,
+        shard,
+    )?;
 
     let started = Instant::now();
+    let busy_before = group.map_or(0.0, |g| g.busy_seconds());
     progress.set_step(pos.step);
     while let Some(batch) = batches.next_batch()? {
         state.advance(&batch);
         let params = StepParams::at(&cfg, state.step, total_steps);
-        let out = learner.step(&batch.x, &params, &mut state.dead);
+        let out = learner.step(&batch, &params, &mut state.dead);
         if state.step % cfg.train.log_every == 0 || batch.end_of_epoch {
-            let entry = step_log(&learner, &out, &batch, &params, &state, &valid_joined);
+            let entry = step_log(
+                &learner,
+                &out,
+                &batch,
+                &params,
+                &state,
+                &plan.valid_joined,
+                run.writer,
+            );
+            dist::check()?;
             if !entry.loss.is_finite() {
                 bail_user!(
                     "training diverged: loss is {} at step {} (epoch {}); {}; \
@@ -114,7 +154,8 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
             progress.logged(&entry, batch.end_of_epoch);
         }
         progress.step_done();
-        let signal = interrupter.received();
+        let signal = agreed_signal(interrupter.received());
+        dist::check()?;
         if state.step % cfg.train.checkpoint_every == 0 || signal.is_some() {
             log.flush()?;
             run.save_checkpoint(&learner, &mut state)?;
@@ -143,13 +184,19 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
     if state.unsaved() {
         run.save_checkpoint(&learner, &mut state)?;
     }
+    if !run.writer {
+        return Ok(None);
+    }
     let model = learner.into_model();
     run.save_model(&model)?;
-    let (train, valid) = evaluate(&model, &data, cfg.sparsity.target);
+    let (train, valid) = evaluate(&model, &plan.data, cfg.sparsity.target);
     let summary = Summary {
         steps: state.step,
         epochs: cfg.train.epochs,
         device: device::describe(device),
+        world_size: shard.world,
+        backend: group.map(|_| "gloo".to_string()),
+        collective_seconds: group.map(|g| g.busy_seconds() - busy_before),
         seconds,
         samples_per_second: state.samples as f64 / seconds.max(1e-9),
         final_loss: state.last_loss,
@@ -157,11 +204,26 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Summary> {
         valid,
     };
     run.save_summary(&model, &summary)?;
-    Ok(summary)
+    Ok(Some(summary))
+}
+
+/// The signal to stop on: this process's, or with several ranks the one
+/// any rank received, so that all stop after the same step.
+fn agreed_signal(local: Option<i32>) -> Option<i32> {
+    let Some(g) = dist::group() else {
+        return local;
+    };
+    let mut t = Tensor::from(local.unwrap_or(0) as f32);
+    g.allreduce(&mut t, dist::Op::Max);
+    match t.double_value(&[]) as i32 {
+        0 => None,
+        s => Some(s),
+    }
 }
 
 /// The learner and loop state at the run's start, or at its checkpoint
-/// when resuming; and that position.
+/// when resuming; and that position. With several ranks every one starts
+/// from rank 0's weights, statistics and optimizer state.
 fn start(
     run: &RunDir,
     model: Sae,
@@ -189,10 +251,41 @@ fn start(
         }
         false => state::start(),
     };
+    if let Some(g) = dist::group() {
+        replicate(g, &mut learner, &mut dead);
+        dist::check()?;
+    }
     Ok((learner, State::at(&pos, resume, dead), pos))
 }
 
-/// A logged step's scalars (each read back from the device here).
+/// Every rank takes rank 0's parameters, buffers, normalisation statistics,
+/// optimizer moments and dead-latent counters.
+fn replicate(g: &dist::Group, learner: &mut Learner, dead: &mut DeadTracker) {
+    let _guard = tch::no_grad_guard();
+    let model = &mut learner.model;
+    let mut tensors: Vec<&mut Tensor> = model.parameters_mut();
+    tensors.extend(learner.adam.exp_avg.iter_mut());
+    tensors.extend(learner.adam.exp_avg_sq.iter_mut());
+    for t in tensors {
+        g.broadcast(t, 0);
+    }
+    for n in [Some(&mut model.norm), model.out_norm.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        for t in [n.shift.as_mut(), n.scale.as_mut()].into_iter().flatten() {
+            g.broadcast(t, 0);
+        }
+    }
+    if let Some(t) = model.threshold.as_mut() {
+        g.broadcast(t, 0);
+    }
+    g.broadcast(&mut dead.since_fired, 0);
+}
+
+/// A logged step's scalars (each read back from the device here); with
+/// several ranks, the global batch's: each rank's terms weighed by its
+/// share of the rows. Only the writer computes the validation MSE.
 fn step_log(
     learner: &Learner,
     out: &StepOutput,
@@ -200,6 +293,7 @@ fn step_log(
     params: &StepParams,
     state: &State,
     valid: &Option<Tensor>,
+    writer: bool,
 ) -> StepLog {
     let thr = learner.active_threshold();
     let l0 = tch::no_grad(|| {
@@ -210,20 +304,37 @@ fn step_log(
             .mean(Kind::Float)
             .double_value(&[])
     });
-    let valid_mse = match (valid, batch.end_of_epoch) {
+    let mut terms = [
+        out.loss.double_value(&[]),
+        out.mse.double_value(&[]),
+        out.sparsity.double_value(&[]),
+        out.aux.as_ref().map_or(0.0, |a| a.double_value(&[])),
+        l0,
+    ];
+    if let Some(g) = dist::group() {
+        // A rank without rows has NaN means (of nothing) that weigh 0.
+        let weighed = terms.map(|v| if out.share > 0.0 { v * out.share } else { 0.0 });
+        let mut t = Tensor::from_slice(&weighed);
+        g.allreduce(&mut t, dist::Op::Sum);
+        terms = Vec::<f64>::try_from(&t)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .unwrap_or(terms);
+    }
+    let valid_mse = match (valid, batch.end_of_epoch && writer) {
         (Some(v), true) => Some(valid_mse(&learner.model, v)),
         _ => None,
     };
     StepLog {
         step: state.step,
         epoch: batch.epoch,
-        loss: out.loss.double_value(&[]),
-        mse: out.mse.double_value(&[]),
-        sparsity_loss: out.sparsity.double_value(&[]),
-        l0,
+        loss: terms[0],
+        mse: terms[1],
+        sparsity_loss: terms[2],
+        l0: terms[4],
         lr: params.lr,
         sparsity_weight: params.sparsity_weight,
-        aux_loss: out.aux.as_ref().map(|a| a.double_value(&[])),
+        aux_loss: out.aux.as_ref().map(|_| terms[3]),
         dead: state.dead.dead().sum(Kind::Int64).int64_value(&[]),
         valid_mse,
     }

@@ -5,7 +5,7 @@
 
 use super::batches::Source;
 use super::init;
-use crate::config::{Auto, BatchSize, Config};
+use crate::config::{Auto, BatchSize, Config, DistBackend};
 use crate::data::dataset::{read_order, Dataset};
 use crate::data::mmap::Mapped;
 use crate::data::npy;
@@ -30,6 +30,8 @@ pub struct Data {
 pub struct Plan {
     /// The config with everything resolved (`model.d_in` filled in).
     pub cfg: Config,
+    /// Data-parallel ranks (1: a single process).
+    pub world: usize,
     pub device: Device,
     pub data: Data,
     /// `train.order`, read and checked.
@@ -48,8 +50,10 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn build(cfg: &Config) -> Result<Plan> {
+    /// The plan for `cfg` trained by `world` data-parallel ranks.
+    pub fn build(cfg: &Config, world: usize) -> Result<Plan> {
         let mut cfg = cfg.clone();
+        check_world(&cfg, world)?;
         let device = device::resolve(&cfg.device)?;
         device::set_threads(match cfg.train.threads {
             Auto::Auto => None,
@@ -83,6 +87,7 @@ impl Plan {
         let plan = Plan {
             total_steps: per_epoch * cfg.train.epochs,
             cfg,
+            world,
             device,
             data,
             fixed_order,
@@ -116,6 +121,40 @@ impl Plan {
     pub fn d_in(&self) -> i64 {
         self.model.spec.d_in
     }
+}
+
+/// What data-parallel training (`world` > 1) does not support yet.
+pub fn check_world(cfg: &Config, world: usize) -> Result<()> {
+    if world <= 1 {
+        return Ok(());
+    }
+    if cfg.dist.backend == DistBackend::Nccl {
+        bail_user!(
+            "dist.backend: nccl is not built into this binary yet; use gloo (dist.backend: auto)"
+        );
+    }
+    if !cfg.device.starts_with("cpu") && tch::Cuda::is_available() {
+        bail_user!(
+            "device: {}: data-parallel training runs on the CPU for now (Gloo; NCCL is not built \
+             in yet); set device: cpu",
+            cfg.device
+        );
+    }
+    if cfg.train.resample_every > 0 {
+        bail_user!(
+            "train.resample_every: not supported with data-parallel training ({world} ranks) yet; \
+             use sparsity.penalty: auxk against dead latents"
+        );
+    }
+    if let BatchSize::Rows(b) = cfg.train.batch_size {
+        if (b as usize) < world {
+            bail_user!(
+                "train.batch_size: {b} rows cannot be shared by {world} ranks; \
+                 use at least {world} (it is the global batch)"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Normalised input and target side by side, so one batch order serves both.

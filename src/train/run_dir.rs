@@ -18,16 +18,32 @@ use std::path::{Path, PathBuf};
 
 pub struct RunDir {
     pub path: PathBuf,
+    /// This process writes the directory (rank 0 of a data-parallel run);
+    /// the other ranks only read its checkpoint.
+    pub writer: bool,
+    /// Held while the run trains (the writer's).
+    _lock: Option<RunLock>,
 }
 
-/// Before anything is loaded: a run to resume must have a checkpoint, a
-/// new run needs an empty (or `--force`d) directory.
-pub fn check_can_start(opts: &TrainOptions) -> Result<()> {
+/// Before anything is loaded: no other run trains in the directory, a run
+/// to resume has a checkpoint, and a new run gets an empty (or `--force`d)
+/// directory (the writer checks).
+pub fn check_can_start(opts: &TrainOptions, writer: bool) -> Result<()> {
+    let out = &opts.out;
+    // (The other ranks would see the lock of their own rank 0.)
+    if let Some(holder) = RunLock::holder(out).filter(|_| writer) {
+        bail_user!(
+            "--out {}: another run is training in it ({holder}); wait for it to end or choose another --out",
+            out.display()
+        );
+    }
     if opts.resume {
-        checkpoint::read_position(&opts.out)?;
+        checkpoint::read_position(out)?;
         return Ok(());
     }
-    let out = &opts.out;
+    if !writer {
+        return Ok(());
+    }
     if out.exists() {
         if !out.is_dir() {
             bail_user!("--out {}: exists and is not a directory", out.display());
@@ -47,21 +63,33 @@ pub fn check_can_start(opts: &TrainOptions) -> Result<()> {
 }
 
 impl RunDir {
-    /// Makes (or, resuming, reopens) the directory and writes the resolved
-    /// `config.yaml`. A resumed run must have the run's own config.
-    pub fn create(opts: &TrainOptions, cfg: &Config) -> Result<RunDir> {
+    /// The writer makes (or, resuming, reopens) the directory, locks it
+    /// for the run and writes the resolved `config.yaml`. A resumed run must
+    /// have the run's own config.
+    pub fn create(opts: &TrainOptions, cfg: &Config, writer: bool) -> Result<RunDir> {
         let out = &opts.out;
         if opts.resume {
             check_same_config(out, cfg)?;
         }
-        if opts.force && !opts.resume && out.exists() {
-            fs::remove_dir_all(out)
-                .map_err(|e| user(format!("--out {}: cannot clear: {e}", out.display())))?;
+        if !writer {
+            return Ok(RunDir {
+                path: out.clone(),
+                writer,
+                _lock: None,
+            });
         }
         fs::create_dir_all(out)
             .map_err(|e| user(format!("--out {}: cannot create: {e}", out.display())))?;
+        let lock = RunLock::acquire(out)?;
+        if opts.force && !opts.resume {
+            clear_except_lock(out)?;
+        }
         fsutil::write_bytes_atomic(&out.join("config.yaml"), cfg.to_yaml()?.as_bytes())?;
-        Ok(RunDir { path: out.clone() })
+        Ok(RunDir {
+            path: out.clone(),
+            writer,
+            _lock: Some(lock),
+        })
     }
 
     /// Restores the checkpoint into `learner` and `state`'s dead-latent
@@ -83,6 +111,9 @@ impl RunDir {
     /// lines up to the checkpoint's step, as if never interrupted.
     pub fn metrics_log(&self, resume_step: Option<i64>) -> Result<MetricsLog> {
         let path = self.path.join("metrics.jsonl");
+        if !self.writer {
+            return Ok(MetricsLog { out: None, path });
+        }
         let file = match resume_step {
             Some(step) => {
                 truncate_log(&path, step)?;
@@ -92,14 +123,15 @@ impl RunDir {
         }
         .map_err(|e| fsutil::write_error(&path, e))?;
         Ok(MetricsLog {
-            out: BufWriter::new(file),
+            out: Some(BufWriter::new(file)),
             path,
         })
     }
 
     /// Writes a checkpoint of `learner` at `state`'s position, after
     /// checking that every weight is finite, so the checkpoint on disk is
-    /// always a good one.
+    /// always a good one. Every rank checks (their weights are the same);
+    /// the writer writes.
     pub fn save_checkpoint(&self, learner: &Learner, state: &mut State) -> Result<()> {
         let pos = state.position(learner.adam.step);
         let finite = tch::no_grad(|| {
@@ -122,15 +154,17 @@ impl RunDir {
                 self.kept_checkpoint(state.saved_step)
             );
         }
-        checkpoint::save(
-            &self.path,
-            &learner.model,
-            &learner.adam,
-            &Buffers {
-                since_fired: &mut state.dead.since_fired,
-            },
-            &pos,
-        )?;
+        if self.writer {
+            checkpoint::save(
+                &self.path,
+                &learner.model,
+                &learner.adam,
+                &Buffers {
+                    since_fired: &mut state.dead.since_fired,
+                },
+                &pos,
+            )?;
+        }
         state.saved_step = state.step;
         Ok(())
     }
@@ -182,25 +216,113 @@ pub struct StepLog {
     pub valid_mse: Option<f64>,
 }
 
-/// `metrics.jsonl`: one JSON line per logged step.
+/// `metrics.jsonl`: one JSON line per logged step (nothing on ranks that
+/// do not write).
 pub struct MetricsLog {
-    out: BufWriter<File>,
+    out: Option<BufWriter<File>>,
     path: PathBuf,
 }
 
 impl MetricsLog {
     pub fn write(&mut self, entry: &StepLog) -> Result<()> {
-        serde_json::to_writer(&mut self.out, entry).map_err(|e| self.err(e.into()))?;
-        self.out.write_all(b"\n").map_err(|e| self.err(e))
+        let Some(out) = self.out.as_mut() else {
+            return Ok(());
+        };
+        let written = serde_json::to_writer(&mut *out, entry)
+            .map_err(std::io::Error::from)
+            .and_then(|_| out.write_all(b"\n"));
+        written.map_err(|e| fsutil::write_error(&self.path, e))
     }
 
     pub fn flush(&mut self) -> Result<()> {
-        self.out.flush().map_err(|e| self.err(e))
+        match self.out.as_mut() {
+            Some(out) => out.flush().map_err(|e| fsutil::write_error(&self.path, e)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `RUN/.lock`: held (flock) by the process that trains in the directory,
+/// so a second run into it, from this machine or another sharing the
+/// filesystem, fails at once naming the holder. The kernel drops the lock
+/// when its holder dies, so a killed run leaves nothing that blocks.
+struct RunLock {
+    file: File,
+    path: PathBuf,
+}
+
+const LOCK_FILE: &str = ".lock";
+
+impl RunLock {
+    fn try_lock(file: &File) -> bool {
+        use std::os::unix::io::AsRawFd;
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
     }
 
-    fn err(&self, e: std::io::Error) -> anyhow::Error {
-        fsutil::write_error(&self.path, e)
+    /// Who holds the lock of `dir` now, if anyone.
+    fn holder(dir: &Path) -> Option<String> {
+        let path = dir.join(LOCK_FILE);
+        let file = File::open(&path).ok()?;
+        if Self::try_lock(&file) {
+            return None;
+        }
+        let text = fs::read_to_string(&path).unwrap_or_default();
+        Some(match text.trim() {
+            "" => "a process holds its .lock".to_string(),
+            t => t.to_string(),
+        })
     }
+
+    fn acquire(dir: &Path) -> Result<RunLock> {
+        let path = dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| fsutil::write_error(&path, e))?;
+        if !Self::try_lock(&file) {
+            let holder = Self::holder(dir).unwrap_or_else(|| "another process".into());
+            bail_user!(
+                "--out {}: another run is training in it ({holder}); wait for it to end or choose another --out",
+                dir.display()
+            );
+        }
+        let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let me = format!("pid {} on {}\n", std::process::id(), host.trim());
+        let mut f = &file;
+        let _ = f.set_len(0).and_then(|_| f.write_all(me.as_bytes()));
+        Ok(RunLock { file, path })
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        // Gone before the lock is released (when `file` closes).
+        let _ = fs::remove_file(&self.path);
+        let _ = &self.file;
+    }
+}
+
+/// `--force`: empties `dir` for a new run, keeping the lock this run holds.
+fn clear_except_lock(dir: &Path) -> Result<()> {
+    let clear = || -> std::io::Result<()> {
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_name() == LOCK_FILE {
+                continue;
+            }
+            let p = entry.path();
+            if entry.file_type()?.is_dir() {
+                fs::remove_dir_all(&p)?;
+            } else {
+                fs::remove_file(&p)?;
+            }
+        }
+        Ok(())
+    };
+    clear().map_err(|e| user(format!("--out {}: cannot clear: {e}", dir.display())))
 }
 
 /// Keeps the complete lines of `metrics.jsonl` whose step is at most `step`.
@@ -223,7 +345,8 @@ fn truncate_log(path: &Path, step: i64) -> Result<()> {
     fsutil::write_bytes_atomic(path, keep.as_bytes())
 }
 
-/// `--resume`: the config must be the run's own, except `train.epochs`.
+/// `--resume`: the config must be the run's own, except `train.epochs` and
+/// `dist` (a run may resume with another world size or timeout).
 fn check_same_config(run: &Path, cfg: &Config) -> Result<()> {
     let saved_path = run.join("config.yaml");
     let saved = Config::from_file(&saved_path, &[])?;
@@ -239,14 +362,14 @@ fn check_same_config(run: &Path, cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// The first key path (other than `train.epochs`) whose values differ.
+/// The first key path (other than `train.epochs` and `dist`) whose values differ.
 fn first_difference(
     a: &serde_yaml::Value,
     b: &serde_yaml::Value,
     path: &str,
 ) -> Option<(String, String, String)> {
     use serde_yaml::Value;
-    if path == "train.epochs" {
+    if path == "train.epochs" || path == "dist" {
         return None;
     }
     if let (Value::Mapping(ma), Value::Mapping(mb)) = (a, b) {

@@ -37,7 +37,7 @@ impl State {
     /// Counts the step about to train on `batch`.
     pub fn advance(&mut self, batch: &Batch) {
         self.step += 1;
-        self.samples += batch.x.size()[0];
+        self.samples += batch.rows as i64;
         self.next = match batch.end_of_epoch {
             true => (batch.epoch + 1, 0),
             false => (batch.epoch, batch.index + 1),
@@ -96,10 +96,19 @@ impl DeadTracker {
         self.since_fired.gt(self.window)
     }
 
+    /// Counts a step whose training codes are `z` (this rank's rows; with
+    /// several ranks, a latent fired if it fired on any rank).
     pub fn update(&mut self, z: &Tensor) {
         let _guard = tch::no_grad_guard();
         // max > t, not (z > t).any(0): no [batch, d_hidden] temporary.
-        let fired = z.amax(0, false).gt(self.active_threshold);
+        let mut top = match z.size()[0] {
+            0 => z.new_full([z.size()[1]], f64::NEG_INFINITY, (z.kind(), z.device())),
+            _ => z.amax(0, false),
+        };
+        if let Some(g) = crate::dist::group() {
+            g.allreduce(&mut top, crate::dist::Op::Max);
+        }
+        let fired = top.gt(self.active_threshold);
         let _ = self.since_fired.g_add_scalar_(1);
         let _ = self.since_fired.masked_fill_(&fired, 0);
     }

@@ -3,6 +3,7 @@
 //! clipping, optimizer, renormalisation). No I/O and no loop state: the loop
 //! and the in-process tests (tests/step.rs) call [`Learner::step`] alike.
 
+use super::batches::Batch;
 use super::init::{decoder_rows, normalize_decoder_rows};
 use super::state::DeadTracker;
 use crate::arch::Architecture;
@@ -46,6 +47,9 @@ pub struct StepOutput {
     /// An architecture's extra loss term (gated: the gate's reconstruction).
     pub aux: Option<Tensor>,
     pub forward: Forward,
+    /// This rank's share of the global batch (1 in a single process): its
+    /// terms weigh this much in the global means.
+    pub share: f64,
 }
 
 /// The model and everything a step updates with it.
@@ -79,8 +83,15 @@ impl Learner {
 
     /// One step on `batch` (normalised input, then the target for
     /// transcoders): forward, statistics, update, and dead-latent
-    /// resampling when due.
-    pub fn step(&mut self, batch: &Tensor, p: &StepParams, dead: &mut DeadTracker) -> StepOutput {
+    /// resampling when due. With several ranks each holds its part of the
+    /// batch and the gradients are averaged, weighted by rows.
+    pub fn step(&mut self, batch: &Batch, p: &StepParams, dead: &mut DeadTracker) -> StepOutput {
+        let group = crate::dist::group();
+        if let Some(g) = group {
+            g.begin_step(batch.rows);
+        }
+        let share = batch.x.size()[0] as f64 / batch.rows as f64;
+        let batch = &batch.x;
         let resample_every = self.cfg.train.resample_every;
         // Input noise and resampling draw random numbers: libtorch is
         // re-seeded from (seed, step) before each step, so a resumed run
@@ -96,11 +107,12 @@ impl Learner {
         self.arch.before_forward(&mut self.model);
         let input = corrupt(&xb, &self.cfg.train);
         let dead_mask = self.penalty.needs_dead_mask().then(|| dead.dead());
-        let out = self.forward(&input, &target, p.sparsity_weight, dead_mask.as_ref());
+        let mut out = self.forward(&input, &target, p.sparsity_weight, dead_mask.as_ref());
+        out.share = share;
         dead.update(&out.forward.z);
         self.arch
             .after_forward(&mut self.model, &out.forward.z, &self.cfg.model);
-        self.update(&out.loss, p.lr);
+        self.update(&out.loss, p.lr, share);
         if resample_every > 0 && p.step % resample_every == 0 {
             let d = dead.dead();
             let n = resample_dead(
@@ -156,16 +168,24 @@ impl Learner {
             sparsity,
             aux,
             forward: f,
+            share: 1.0,
         }
     }
 
-    /// The update half: gradients of `loss`, then the optimizer step at
-    /// learning rate `lr`, with the decoder kept at unit norm and gradients
-    /// clipped where the config asks.
-    pub fn update(&mut self, loss: &Tensor, lr: f64) {
+    /// The update half: gradients of `loss`, averaged over the ranks (this
+    /// one's weighing `share`), then the optimizer step at learning rate
+    /// `lr`, with the decoder kept at unit norm and gradients clipped (by
+    /// their global norm) where the config asks.
+    pub fn update(&mut self, loss: &Tensor, lr: f64, share: f64) {
         let t = &self.cfg.train;
         self.adam.zero_grad(&mut self.model.parameters_mut());
+        // A rank without rows (a last batch smaller than the world) gets
+        // zero gradients: its loss is a mean over nothing, and every path
+        // from it to a parameter passes through an empty tensor.
         loss.backward();
+        if let Some(g) = crate::dist::group() {
+            sync_gradients(g, &mut self.adam, &mut self.model, share);
+        }
         if t.unit_norm_decoder {
             remove_parallel_gradient(&mut self.model);
         }
@@ -186,6 +206,29 @@ impl Learner {
         self.model.set_requires_grad(false);
         self.arch.finish_training(&mut self.model);
         self.model
+    }
+}
+
+/// The gradient sync of data-parallel training: every rank's gradients,
+/// weighed by its share of the batch, summed over the ranks (one allreduce
+/// of Adam's flat gradient buffer).
+fn sync_gradients(g: &crate::dist::Group, adam: &mut Adam, model: &mut Sae, share: f64) {
+    let _guard = tch::no_grad_guard();
+    let mut params = model.parameters_mut();
+    match adam.flat_grad(&mut params) {
+        Some(mut grad) => {
+            let _ = grad.g_mul_scalar_(share);
+            g.allreduce(&mut grad, crate::dist::Op::Sum);
+        }
+        None => {
+            for p in params.iter_mut() {
+                let mut grad = p.grad();
+                if grad.defined() {
+                    let _ = grad.g_mul_scalar_(share);
+                    g.allreduce(&mut grad, crate::dist::Op::Sum);
+                }
+            }
+        }
     }
 }
 
