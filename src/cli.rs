@@ -126,9 +126,23 @@ pub struct SweepArgs {
     /// directory already has summary.json are not re-run.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Grid points trained at once, each in its own `sae train` process with
+    /// cores/N libtorch threads (unless the config sets train.threads).
+    /// Results do not depend on N; 1 trains the points in turn in-process.
+    #[arg(long, short, value_name = "N", default_value_t = 1,
+          value_parser = parse_jobs, allow_negative_numbers = true)]
+    pub jobs: usize,
     /// No progress output.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// `--jobs`: a whole number of at least 1.
+fn parse_jobs(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("expected the number of points to train at once, at least 1".into()),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -334,7 +348,14 @@ fn sweep_cmd(a: &SweepArgs) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| default_out_dir("sweeps", &a.config));
-    crate::sweep::run(&a.config, &out, !a.quiet)?;
+    crate::sweep::run(
+        &a.config,
+        &out,
+        &crate::sweep::SweepOptions {
+            jobs: a.jobs,
+            progress: !a.quiet,
+        },
+    )?;
     print!("{}", std::fs::read_to_string(out.join("sweep.md"))?);
     println!(
         "sweep directory: {} (sweep.csv, sweep.md, plots/)",

@@ -194,12 +194,23 @@ pub fn pca_fvu(spectrum: &[f64], k: f64) -> f64 {
     1.0 - kept / total
 }
 
+/// How a sweep runs.
+#[derive(Debug, Clone, Copy)]
+pub struct SweepOptions {
+    /// Grid points trained at once. 1 trains them one after another in this
+    /// process; more runs each point as a `sae train` child process.
+    pub jobs: usize,
+    /// Progress lines on stderr.
+    pub progress: bool,
+}
+
 /// Runs (or resumes) the sweep into `out`.
-pub fn run(path: &Path, out: &Path, progress: bool) -> Result<Vec<Row>> {
+pub fn run(path: &Path, out: &Path, opts: &SweepOptions) -> Result<Vec<Row>> {
     if crate::dist::Launch::from_env()?.is_some() {
         bail_user!(
             "sae sweep: runs as one process, not under a data-parallel launcher \
-             (RANK and WORLD_SIZE are set); start it without torchrun"
+             (RANK and WORLD_SIZE are set); start it without torchrun (--jobs N runs \
+             N points at once)"
         );
     }
     let spec = SweepSpec::from_file(path)?;
@@ -212,14 +223,32 @@ pub fn run(path: &Path, out: &Path, progress: bool) -> Result<Vec<Row>> {
     std::fs::create_dir_all(out)
         .map_err(|e| user(format!("--out {}: cannot create: {e}", out.display())))?;
     let spectrum = pca_spectrum(&configs[0])?;
+    let rows = if opts.jobs <= 1 {
+        run_in_process(&spec, &points, &configs, out, &spectrum, opts.progress)?
+    } else {
+        parallel::run(&spec, &points, &configs, out, &spectrum, opts)?
+    };
+    write_tables(&spec, &rows, out)?;
+    write_plots(&spec, &rows, out)?;
+    Ok(rows)
+}
+
+/// `--jobs 1`: every point in turn, trained in this process.
+fn run_in_process(
+    spec: &SweepSpec,
+    points: &[Vec<Value>],
+    configs: &[Config],
+    out: &Path,
+    spectrum: &[f64],
+    progress: bool,
+) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for (i, (point, cfg)) in points.iter().zip(&configs).enumerate() {
+    for (i, (point, cfg)) in points.iter().zip(configs).enumerate() {
         let name = spec.run_name(i, point);
         let dir: PathBuf = out.join(&name);
         let label = spec.label(point);
-        let done = dir.join("summary.json");
         let started = Instant::now();
-        let resumed = done.is_file();
+        let resumed = dir.join("summary.json").is_file();
         if !resumed {
             if progress {
                 eprintln!("[{}/{}] {label}: training", i + 1, points.len());
@@ -234,34 +263,285 @@ pub fn run(path: &Path, out: &Path, progress: bool) -> Result<Vec<Row>> {
                 },
             )?;
         }
-        let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&done)?)?;
-        let mut row = Row {
-            values: point.iter().map(value_text).collect(),
-            run: name,
-            summary,
-            pca_fvu: f64::NAN,
-        };
-        row.pca_fvu = pca_fvu(&spectrum, row.l0());
+        let row = finished_row(point, name, &dir, spectrum)?;
         if progress {
             eprintln!(
-                "[{}/{}] {label}: fvu {:.4} l0 {:.2} (PCA at that L0: fvu {:.4}){}",
-                i + 1,
-                points.len(),
-                row.fvu(),
-                row.l0(),
-                row.pca_fvu,
-                if resumed {
-                    " [already done]".to_string()
-                } else {
-                    format!(" in {:.1} s", started.elapsed().as_secs_f64())
-                }
+                "{}",
+                finished_line(i, points.len(), &label, &row, resumed, started)
             );
         }
         rows.push(row);
     }
-    write_tables(&spec, &rows, out)?;
-    write_plots(&spec, &rows, out)?;
     Ok(rows)
+}
+
+/// The row of a point whose run directory has its summary.json.
+fn finished_row(point: &[Value], name: String, dir: &Path, spectrum: &[f64]) -> Result<Row> {
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json"))?)?;
+    let mut row = Row {
+        values: point.iter().map(value_text).collect(),
+        run: name,
+        summary,
+        pca_fvu: f64::NAN,
+    };
+    row.pca_fvu = pca_fvu(spectrum, row.l0());
+    Ok(row)
+}
+
+/// `[i/n] label: fvu .. l0 .. (PCA ..) in 1.2 s` (or `[already done]`).
+fn finished_line(
+    i: usize,
+    n: usize,
+    label: &str,
+    row: &Row,
+    resumed: bool,
+    started: Instant,
+) -> String {
+    format!(
+        "[{}/{}] {label}: fvu {:.4} l0 {:.2} (PCA at that L0: fvu {:.4}){}",
+        i + 1,
+        n,
+        row.fvu(),
+        row.l0(),
+        row.pca_fvu,
+        if resumed {
+            " [already done]".to_string()
+        } else {
+            format!(" in {:.1} s", started.elapsed().as_secs_f64())
+        }
+    )
+}
+
+/// `--jobs N` (N > 1): N points at once, each a child process of this binary
+/// (`sae train -q --config <point config> --out <run dir> --force`).
+/// libtorch's thread count and random generator are process-wide, so
+/// trainings sharing one process would disturb each other; separate
+/// processes also keep one point's failure from taking down the others.
+mod parallel {
+    use super::{finished_line, finished_row, Row, SweepOptions, SweepSpec};
+    use crate::config::{Auto, Config};
+    use crate::error::user;
+    use crate::{fsutil, Result};
+    use anyhow::Context;
+    use serde_yaml::Value;
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    /// A point whose training did not finish.
+    struct Failed {
+        /// The child's exit code (None: killed by a signal, or not started).
+        code: Option<i32>,
+        /// The child's last stderr line, or why it could not run.
+        why: String,
+    }
+
+    /// Libtorch threads per job: `train.threads` where a point's config sets
+    /// it, else the cores split evenly between the jobs.
+    pub(super) fn with_threads(configs: &[Config], jobs: usize, cores: usize) -> Vec<Config> {
+        let share = (cores / jobs).max(1) as i64;
+        let mut warned = false;
+        configs
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                match c.train.threads {
+                    Auto::Auto => c.train.threads = Auto::Value(share),
+                    Auto::Value(t) => {
+                        if !warned && t as usize * jobs > cores {
+                            eprintln!(
+                                "sae: warning: train.threads {t} x --jobs {jobs} exceeds the \
+                                 {cores} available cores; the trainings will slow each other \
+                                 down (leave train.threads unset to split the cores)"
+                            );
+                            warned = true;
+                        }
+                    }
+                }
+                c
+            })
+            .collect()
+    }
+
+    pub(super) fn run(
+        spec: &SweepSpec,
+        points: &[Vec<Value>],
+        configs: &[Config],
+        out: &Path,
+        spectrum: &[f64],
+        opts: &SweepOptions,
+    ) -> Result<Vec<Row>> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let configs = with_threads(configs, opts.jobs, cores);
+        let exe = std::env::current_exe().context("finding this program to run `sae train`")?;
+        let n = points.len();
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let results: Mutex<Vec<Option<std::result::Result<Row, Failed>>>> =
+            Mutex::new((0..n).map(|_| None).collect());
+        std::thread::scope(|s| {
+            for _ in 0..opts.jobs.min(n) {
+                s.spawn(|| loop {
+                    // After a failure no new point starts; running ones finish.
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= n {
+                        break;
+                    }
+                    let point = &points[i];
+                    let name = spec.run_name(i, point);
+                    let label = spec.label(point);
+                    let dir = out.join(&name);
+                    let started = Instant::now();
+                    let resumed = dir.join("summary.json").is_file();
+                    let result = if resumed {
+                        Ok(())
+                    } else {
+                        if opts.progress {
+                            eprintln!("[{}/{n}] {label}: training", i + 1);
+                        }
+                        train_child(&exe, &configs[i], out, &name, &dir)
+                    };
+                    let result = result.and_then(|()| {
+                        finished_row(point, name, &dir, spectrum).map_err(|e| Failed {
+                            code: Some(crate::error::exit_code(&e)),
+                            why: crate::error::one_line(&e),
+                        })
+                    });
+                    match &result {
+                        Ok(row) if opts.progress => {
+                            eprintln!("{}", finished_line(i, n, &label, row, resumed, started))
+                        }
+                        Ok(_) => {}
+                        Err(f) => {
+                            stop.store(true, Ordering::SeqCst);
+                            if opts.progress {
+                                eprintln!("[{}/{n}] {label}: failed: {}", i + 1, f.why);
+                            }
+                        }
+                    }
+                    results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(result);
+                });
+            }
+        });
+        let results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+        let mut rows = Vec::new();
+        let mut failed = Vec::new();
+        let mut not_started = 0;
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Some(Ok(row)) => rows.push(row),
+                Some(Err(f)) => failed.push((i, f)),
+                None => not_started += 1,
+            }
+        }
+        let Some((i, first)) = failed.first() else {
+            return Ok(rows);
+        };
+        let mut msg = format!(
+            "sweep: point {}/{n} {} failed: {}",
+            i + 1,
+            spec.label(&points[*i]),
+            first.why
+        );
+        if failed.len() > 1 {
+            msg += &format!(" (and {} more failed)", failed.len() - 1);
+        }
+        if not_started > 0 {
+            msg += &format!("; {not_started} point(s) not started");
+        }
+        msg += &format!(
+            "; finished runs are kept in {}: fix the cause and re-run the sweep to go on",
+            out.display()
+        );
+        if first.code == Some(2) {
+            Err(user(msg))
+        } else {
+            Err(anyhow::anyhow!(msg))
+        }
+    }
+
+    /// Writes the point's config beside its run directory and trains it in a
+    /// child process; the config file is removed once the run has finished.
+    fn train_child(
+        exe: &Path,
+        cfg: &Config,
+        out: &Path,
+        name: &str,
+        dir: &Path,
+    ) -> std::result::Result<(), Failed> {
+        let internal = |why: String| Failed { code: None, why };
+        let config_path: PathBuf = out.join(format!(".{name}.config.yaml"));
+        let yaml = cfg.to_yaml().map_err(|e| internal(e.to_string()))?;
+        fsutil::write_bytes_atomic(&config_path, yaml.as_bytes()).map_err(|e| Failed {
+            code: Some(crate::error::exit_code(&e)),
+            why: crate::error::one_line(&e),
+        })?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("train")
+            .arg("-q")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--out")
+            .arg(dir)
+            .arg("--force")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        stop_with_parent(&mut cmd);
+        let output = cmd
+            .output()
+            .map_err(|e| internal(format!("cannot start {}: {e}", exe.display())))?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if output.status.success() {
+            let _ = std::fs::remove_file(&config_path);
+            // Warnings of a finished run, tagged with their run.
+            for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+                eprintln!("[{name}] {line}");
+            }
+            return Ok(());
+        }
+        let last = stderr
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(|l| l.strip_prefix("sae: error: ").unwrap_or(l).to_string())
+            .unwrap_or_else(|| format!("`sae train` exited with {}", output.status));
+        Err(Failed {
+            code: output.status.code(),
+            why: last,
+        })
+    }
+
+    /// On Linux, a child gets SIGTERM (and so checkpoints and stops) when the
+    /// sweep dies, instead of training on unattended.
+    #[cfg(target_os = "linux")]
+    fn stop_with_parent(cmd: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: prctl and getppid are async-signal-safe and touch no
+        // memory of the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::raise(libc::SIGTERM);
+                }
+                Ok(())
+            });
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn stop_with_parent(_cmd: &mut Command) {}
 }
 
 const METRIC_COLUMNS: [&str; 10] = [

@@ -192,3 +192,212 @@ print(json.dumps({
         assert!(table.contains(key), "table lacks {key}:\n{table}");
     }
 }
+
+/// A sweep config over `grid` with an inline base config training on `x`.
+fn inline_sweep(dir: &Path, name: &str, x: &str, extra_train: &str, grid: &str) -> String {
+    write_config(
+        dir,
+        name,
+        &format!(
+            "base:\n  device: cpu\n  seed: 3\n  data:\n    train: {x}\n    valid_fraction: 0.2\n  \
+             model:\n    d_hidden: 24\n  sparsity:\n    penalty: l1\n  \
+             train:\n    epochs: 2\n    batch_size: 50\n    log_every: 5\n{extra_train}grid:\n{grid}"
+        ),
+    )
+}
+
+/// sweep.csv without the wall-time column.
+fn csv_without_seconds(out: &Path) -> Vec<Vec<String>> {
+    let csv = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let secs = header.iter().position(|h| *h == "seconds").unwrap();
+    let cells = |l: &str| -> Vec<String> {
+        l.split(',')
+            .enumerate()
+            .filter(|(i, _)| *i != secs)
+            .map(|(_, c)| c.to_string())
+            .collect()
+    };
+    std::iter::once(cells(&header.join(",")))
+        .chain(lines.map(cells))
+        .collect()
+}
+
+#[test]
+fn sweep_jobs_2_gives_the_results_of_jobs_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 600, 12, 16, 2);
+    // Fixed thread count: both sweeps then do the same floating-point work.
+    let sweep = inline_sweep(
+        d,
+        "sweep.yaml",
+        &x,
+        "    threads: 1\n",
+        "  sparsity.weight: [0.001, 0.01, 0.1]\n",
+    );
+    let (one, two) = (d.join("one"), d.join("two"));
+    let started = std::time::Instant::now();
+    sae_ok(&["sweep", "--config", &sweep, "--out", one.to_str().unwrap()]);
+    let t1 = started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
+    let o = sae(&[
+        "sweep",
+        "--config",
+        &sweep,
+        "--out",
+        two.to_str().unwrap(),
+        "--jobs",
+        "2",
+    ]);
+    let t2 = started.elapsed().as_secs_f64();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    println!("3 points: --jobs 1 {t1:.1} s, --jobs 2 {t2:.1} s\n{err}");
+    assert_eq!(err.matches(": training").count(), 3, "{err}");
+    assert_eq!(err.matches(" s\n").count(), 3, "finish lines:\n{err}");
+    let rows = csv_without_seconds(&one);
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows, csv_without_seconds(&two), "sweep.csv differs");
+    let run_col = rows[0].iter().position(|h| h == "run").unwrap();
+    for row in &rows[1..] {
+        let run = &row[run_col];
+        for file in ["model.safetensors", "config.yaml"] {
+            let a = std::fs::read(one.join(run).join(file)).unwrap();
+            let b = std::fs::read(two.join(run).join(file)).unwrap();
+            assert!(a == b, "{run}/{file} differs between --jobs 1 and 2");
+        }
+    }
+    // The point configs written for the child processes are cleaned up.
+    let hidden: Vec<_> = std::fs::read_dir(&two)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "left behind: {hidden:?}");
+    // Re-running with --jobs 2 skips the finished points.
+    let o = sae(&[
+        "sweep",
+        "--config",
+        &sweep,
+        "--out",
+        two.to_str().unwrap(),
+        "-j",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o).matches("[already done]").count(), 3);
+}
+
+#[test]
+fn sweep_jobs_splits_the_cores_unless_threads_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 300, 8, 10, 2);
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let threads = |out: &Path, run: &str| -> serde_yaml::Value {
+        let text = std::fs::read_to_string(out.join(run).join("config.yaml")).unwrap();
+        let cfg: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        cfg["train"]["threads"].clone()
+    };
+    let grid = "  sparsity.weight: [0.01, 0.1]\n";
+    let auto = inline_sweep(d, "auto.yaml", &x, "", grid);
+    let out = d.join("auto");
+    let o = sae(&[
+        "sweep",
+        "--config",
+        &auto,
+        "--out",
+        out.to_str().unwrap(),
+        "--jobs",
+        "2",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "", "-q prints no progress");
+    let want = serde_yaml::Value::from((cores / 2).max(1) as u64);
+    for run in ["000-sparsity.weight=0.01", "001-sparsity.weight=0.1"] {
+        assert_eq!(threads(&out, run), want, "{run} on {cores} cores");
+    }
+    // An explicit train.threads is kept, with one warning when the jobs
+    // together ask for more threads than there are cores.
+    let fixed = inline_sweep(
+        d,
+        "fixed.yaml",
+        &x,
+        &format!("    threads: {cores}\n"),
+        grid,
+    );
+    let out = d.join("fixed");
+    let o = sae(&[
+        "sweep",
+        "--config",
+        &fixed,
+        "--out",
+        out.to_str().unwrap(),
+        "--jobs",
+        "2",
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.matches("warning").count(), 1, "{err}");
+    assert!(err.contains("--jobs 2") && err.contains("cores"), "{err}");
+    assert_eq!(
+        threads(&out, "000-sparsity.weight=0.01"),
+        serde_yaml::Value::from(cores as u64)
+    );
+    // --jobs must be a whole number of at least 1.
+    for bad in ["0", "two", "-1"] {
+        let o = sae(&["sweep", "--config", &auto, "--jobs", bad]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "--jobs {bad}: {err}");
+        assert!(
+            err.contains("--jobs") && err.contains("at least 1") && !err.contains("panicked"),
+            "--jobs {bad}: {err}"
+        );
+    }
+    let help = sae_ok(&["sweep", "--help"]);
+    assert!(
+        help.contains("--jobs <N>") && help.contains("cores/N"),
+        "{help}"
+    );
+}
+
+#[test]
+fn sweep_jobs_failing_point_exits_2_naming_it_and_keeps_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 300, 8, 10, 2);
+    // model.d_in: 5 passes config validation but not the 8-column data.
+    let sweep = inline_sweep(d, "sweep.yaml", &x, "", "  model.d_in: [8, 5]\n");
+    let out = d.join("out");
+    let o = sae(&[
+        "sweep",
+        "--config",
+        &sweep,
+        "--out",
+        out.to_str().unwrap(),
+        "--jobs",
+        "2",
+    ]);
+    let err = stderr(&o);
+    println!("{err}");
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("[2/2] model.d_in=5: failed: model.d_in: 5 but"),
+        "{err}"
+    );
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.starts_with("sae: error: sweep: point 2/2 model.d_in=5 failed: model.d_in: 5"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.join("000-model.d_in=8/summary.json").is_file());
+    assert!(!out.join("001-model.d_in=5/summary.json").exists());
+    assert!(
+        !out.join("sweep.csv").exists(),
+        "no table for a failed sweep"
+    );
+}
