@@ -33,6 +33,7 @@ fn main() {
 fn build_shim(lib: Option<&str>) {
     println!("cargo:rerun-if-changed={SHIM}");
     println!("cargo:rerun-if-changed={DIST_SHIM}");
+    println!("cargo:rerun-if-changed=src/shim_error.hpp");
     println!("cargo:rerun-if-changed={GLOO_INCLUDE}");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let lib = PathBuf::from(

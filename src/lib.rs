@@ -25,6 +25,7 @@ pub mod penalty;
 pub mod plot;
 pub mod report;
 pub mod schedule;
+mod shim;
 pub mod sweep;
 pub mod train;
 

@@ -44,6 +44,20 @@ fn torchrun(nproc: usize, args: &[&str]) -> Command {
     c
 }
 
+/// `sae train -q --config CFG --out OUT` and more arguments.
+fn train_args<'a>(cfg: &'a str, out: &'a Path, more: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "train",
+        "-q",
+        "--config",
+        cfg,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    a.extend_from_slice(more);
+    a
+}
+
 fn run_ok(mut c: Command) -> Output {
     let o = c.output().expect("starting torchrun");
     assert!(
@@ -141,25 +155,8 @@ fn two_ranks_train_the_model_one_process_trains() {
         let cfg = config(tmp.path(), name, &x, model, sparsity);
         let single = tmp.path().join(format!("{name}_1"));
         let dp = tmp.path().join(format!("{name}_2"));
-        sae_ok(&[
-            "train",
-            "-q",
-            "--config",
-            &cfg,
-            "--out",
-            single.to_str().unwrap(),
-        ]);
-        run_ok(torchrun(
-            2,
-            &[
-                "train",
-                "-q",
-                "--config",
-                &cfg,
-                "--out",
-                dp.to_str().unwrap(),
-            ],
-        ));
+        sae_ok(&train_args(&cfg, &single, &[]));
+        run_ok(torchrun(2, &train_args(&cfg, &dp, &[])));
         assert_close(&dp, &single, 1e-5);
         let s = summary(&dp);
         assert_eq!(s["steps"], 126, "{name}: 6 epochs of 21 batches");
@@ -197,17 +194,7 @@ fn reruns_are_bit_identical() {
     let bytes: Vec<Vec<u8>> = (0..2)
         .map(|i| {
             let out = tmp.path().join(format!("run{i}"));
-            run_ok(torchrun(
-                2,
-                &[
-                    "train",
-                    "-q",
-                    "--config",
-                    &cfg,
-                    "--out",
-                    out.to_str().unwrap(),
-                ],
-            ));
+            run_ok(torchrun(2, &train_args(&cfg, &out, &[])));
             std::fs::read(out.join("model.safetensors")).unwrap()
         })
         .collect();
@@ -262,27 +249,11 @@ fn a_killed_rank_ends_the_job_and_resume_finishes_it_bit_identical() {
         "train.checkpoint_every=50",
     ];
     let whole = tmp.path().join("whole");
-    let mut args = vec![
-        "train",
-        "-q",
-        "--config",
-        &cfg,
-        "--out",
-        whole.to_str().unwrap(),
-    ];
-    args.extend(long);
+    let args = train_args(&cfg, &whole, &long);
     run_ok(torchrun(2, &args));
 
     let cut = tmp.path().join("cut");
-    let mut args = vec![
-        "train",
-        "-q",
-        "--config",
-        &cfg,
-        "--out",
-        cut.to_str().unwrap(),
-    ];
-    args.extend(long);
+    let args = train_args(&cfg, &cut, &long);
     let mut job = spawn(torchrun(2, &args));
     let state = cut.join("checkpoint/state.safetensors");
     wait_for("a checkpoint", Duration::from_secs(120), || state.exists());
@@ -339,30 +310,11 @@ fn a_two_rank_run_resumes_as_one_process() {
     let (name, model, sparsity) = RECIPES[0];
     let cfg = config(tmp.path(), name, &x, model, sparsity);
     let whole = tmp.path().join("whole");
-    run_ok(torchrun(
-        2,
-        &[
-            "train",
-            "-q",
-            "--config",
-            &cfg,
-            "--out",
-            whole.to_str().unwrap(),
-        ],
-    ));
+    run_ok(torchrun(2, &train_args(&cfg, &whole, &[])));
     let part = tmp.path().join("part");
     run_ok(torchrun(
         2,
-        &[
-            "train",
-            "-q",
-            "--config",
-            &cfg,
-            "--out",
-            part.to_str().unwrap(),
-            "--set",
-            "train.epochs=3",
-        ],
+        &train_args(&cfg, &part, &["--set", "train.epochs=3"]),
     ));
     sae_ok(&[
         "train",

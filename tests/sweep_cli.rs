@@ -21,6 +21,21 @@ fn png_size(path: &Path) -> (u32, u32) {
     (info.width, info.height)
 }
 
+/// `sae sweep --config CONFIG --out OUT FLAG 2 EXTRA...` (FLAG: --jobs or -j).
+fn sweep_jobs(config: &str, out: &Path, flag: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "sweep",
+        "--config",
+        config,
+        "--out",
+        out.to_str().unwrap(),
+        flag,
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    sae(&args)
+}
+
 #[test]
 fn small_sweep_end_to_end_and_resume() {
     let dir = tempfile::tempdir().unwrap();
@@ -242,15 +257,7 @@ fn sweep_jobs_2_gives_the_results_of_jobs_1() {
     sae_ok(&["sweep", "--config", &sweep, "--out", one.to_str().unwrap()]);
     let t1 = started.elapsed().as_secs_f64();
     let started = std::time::Instant::now();
-    let o = sae(&[
-        "sweep",
-        "--config",
-        &sweep,
-        "--out",
-        two.to_str().unwrap(),
-        "--jobs",
-        "2",
-    ]);
+    let o = sweep_jobs(&sweep, &two, "--jobs", &[]);
     let t2 = started.elapsed().as_secs_f64();
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
@@ -277,15 +284,7 @@ fn sweep_jobs_2_gives_the_results_of_jobs_1() {
         .collect();
     assert!(hidden.is_empty(), "left behind: {hidden:?}");
     // Re-running with --jobs 2 skips the finished points.
-    let o = sae(&[
-        "sweep",
-        "--config",
-        &sweep,
-        "--out",
-        two.to_str().unwrap(),
-        "-j",
-        "2",
-    ]);
+    let o = sweep_jobs(&sweep, &two, "-j", &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stderr(&o).matches("[already done]").count(), 3);
 }
@@ -304,16 +303,7 @@ fn sweep_jobs_splits_the_cores_unless_threads_is_set() {
     let grid = "  sparsity.weight: [0.01, 0.1]\n";
     let auto = inline_sweep(d, "auto.yaml", &x, "", grid);
     let out = d.join("auto");
-    let o = sae(&[
-        "sweep",
-        "--config",
-        &auto,
-        "--out",
-        out.to_str().unwrap(),
-        "--jobs",
-        "2",
-        "-q",
-    ]);
+    let o = sweep_jobs(&auto, &out, "--jobs", &["-q"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stderr(&o), "", "-q prints no progress");
     let want = serde_yaml::Value::from((cores / 2).max(1) as u64);
@@ -330,15 +320,7 @@ fn sweep_jobs_splits_the_cores_unless_threads_is_set() {
         grid,
     );
     let out = d.join("fixed");
-    let o = sae(&[
-        "sweep",
-        "--config",
-        &fixed,
-        "--out",
-        out.to_str().unwrap(),
-        "--jobs",
-        "2",
-    ]);
+    let o = sweep_jobs(&fixed, &out, "--jobs", &[]);
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert_eq!(err.matches("warning").count(), 1, "{err}");
@@ -372,15 +354,7 @@ fn sweep_jobs_failing_point_exits_2_naming_it_and_keeps_the_others() {
     // model.d_in: 5 passes config validation but not the 8-column data.
     let sweep = inline_sweep(d, "sweep.yaml", &x, "", "  model.d_in: [8, 5]\n");
     let out = d.join("out");
-    let o = sae(&[
-        "sweep",
-        "--config",
-        &sweep,
-        "--out",
-        out.to_str().unwrap(),
-        "--jobs",
-        "2",
-    ]);
+    let o = sweep_jobs(&sweep, &out, "--jobs", &[]);
     let err = stderr(&o);
     println!("{err}");
     assert_eq!(o.status.code(), Some(2), "{err}");

@@ -1,11 +1,12 @@
 // A small C ABI over PyTorch's own distributed engine (c10d), for
 // src/dist/mod.rs: a TCPStore rendezvous, a Gloo process group, and the
 // collectives data-parallel training needs. It knows nothing about sparse
-// autoencoders. Errors come back as a malloc'd C string (free it with
-// sae_pg_free_string), never as a C++ exception across the FFI boundary.
+// autoencoders. Errors come back as a malloc'd C string, never as
+// a C++ exception across the FFI boundary (src/shim_error.hpp).
 //
 // Tensors cross the boundary as `at::Tensor*` (tch's `Tensor::as_ptr()`).
 
+#include "../shim_error.hpp"
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -20,27 +21,8 @@
 
 namespace {
 
-char *dup_string(const std::string &s) {
-  char *out = static_cast<char *>(std::malloc(s.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, s.c_str(), s.size() + 1);
-  }
-  return out;
-}
-
-// Runs `f`; returns nullptr on success or the error message.
-template <typename F> char *guard(F f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error &e) {
-    return dup_string(e.what_without_backtrace());
-  } catch (const std::exception &e) {
-    return dup_string(e.what());
-  } catch (...) {
-    return dup_string("unknown C++ exception");
-  }
-}
+using sae_shim::dup_string;
+using sae_shim::guard;
 
 c10d::ReduceOp reduce_op(int32_t op) {
   switch (op) {
@@ -60,8 +42,6 @@ struct SaePg {
 };
 
 extern "C" {
-
-void sae_pg_free_string(char *s) { std::free(s); }
 
 // Joins the group: rank `rank` of `world`, rendezvous through the TCPStore
 // at host:port (served by this process when `is_server`, else by rank 0 or

@@ -15,7 +15,7 @@
 
 use crate::error::user;
 use crate::{bail_user, Result};
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, CString};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -31,7 +31,6 @@ mod ffi {
     }
 
     extern "C" {
-        pub fn sae_pg_free_string(s: *mut c_char);
         pub fn sae_pg_new(
             host: *const c_char,
             port: i32,
@@ -51,16 +50,6 @@ mod ffi {
             input: *mut C_tensor,
         ) -> *mut c_char;
         pub fn sae_pg_barrier(pg: *mut SaePg) -> *mut c_char;
-    }
-
-    /// The message of a shim error (and frees it), or None on success.
-    pub fn take_error(p: *mut c_char) -> Option<String> {
-        if p.is_null() {
-            return None;
-        }
-        let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
-        unsafe { sae_pg_free_string(p) };
-        Some(s)
     }
 }
 
@@ -189,7 +178,7 @@ pub fn init(launch: &Launch, timeout: Duration) -> Result<&'static Group> {
             &mut ptr,
         )
     };
-    if let Some(e) = ffi::take_error(err) {
+    if let Some(e) = crate::shim::take_error(err) {
         bail_user!(
             "data-parallel: rank {} of {} could not join the process group at {}:{} \
              within dist.timeout_s ({} s): {}",
@@ -239,7 +228,7 @@ impl Group {
         let err = f();
         let ns = started.elapsed().as_nanos() as u64;
         self.busy_ns.fetch_add(ns, Ordering::Relaxed);
-        if let Some(e) = ffi::take_error(err) {
+        if let Some(e) = crate::shim::take_error(err) {
             *failed = Some(format!("{what}: {}", first_line(&e)));
         }
     }

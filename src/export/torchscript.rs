@@ -58,7 +58,6 @@ mod ffi {
     pub type MethodCb = extern "C" fn(*mut c_void, *const c_char);
 
     extern "C" {
-        pub fn sae_ts_free_string(s: *mut c_char);
         #[allow(clippy::too_many_arguments)]
         pub fn sae_ts_save(
             path: *const c_char,
@@ -78,17 +77,6 @@ mod ffi {
             attr_cb: AttrCb,
             method_cb: MethodCb,
         ) -> *mut c_char;
-    }
-
-    /// Takes ownership of an error string from the shim.
-    pub fn take_error(p: *mut c_char) -> Option<String> {
-        if p.is_null() {
-            return None;
-        }
-        // SAFETY: the shim returns a NUL-terminated malloc'd string.
-        let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
-        unsafe { sae_ts_free_string(p) };
-        Some(s)
     }
 }
 
@@ -187,7 +175,7 @@ fn save_module_to(def: &ModuleDef, path: &Path) -> Result<()> {
             attrs.len() as i32,
         )
     };
-    match ffi::take_error(err) {
+    match crate::shim::take_error(err) {
         None => Ok(()),
         Some(e) => Err(anyhow::anyhow!(
             "building TorchScript module {}: {}",
@@ -294,7 +282,7 @@ pub fn read_module(path: &Path) -> Result<ModuleContents> {
             on_method,
         )
     };
-    match ffi::take_error(err) {
+    match crate::shim::take_error(err) {
         None => Ok(out),
         Some(e) => Err(user(format!(
             "{}: cannot load as a TorchScript module: {}",

@@ -2,12 +2,13 @@
 // src/export/torchscript.rs. It knows nothing about sparse autoencoders: it
 // builds a scripted module from named tensors, simple attributes and
 // TorchScript source, and reads a module's tensors and simple attributes
-// back. Errors come back as a malloc'd C string (free it with
-// sae_ts_free_string), never as a C++ exception across the FFI boundary.
+// back. Errors come back as a malloc'd C string, never as
+// a C++ exception across the FFI boundary (src/shim_error.hpp).
 //
 // Tensors cross the boundary as `torch::Tensor*`, which is what tch's
 // `Tensor::as_ptr()` / `Tensor::from_ptr()` hold (torch-sys's libtch).
 
+#include "../shim_error.hpp"
 #include <torch/script.h>
 
 #include <cstdint>
@@ -18,27 +19,8 @@
 
 namespace {
 
-char *dup_string(const std::string &s) {
-  char *out = static_cast<char *>(std::malloc(s.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, s.c_str(), s.size() + 1);
-  }
-  return out;
-}
-
-// Runs `f`; returns nullptr on success or the error message.
-template <typename F> char *guard(F f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error &e) {
-    return dup_string(e.what_without_backtrace());
-  } catch (const std::exception &e) {
-    return dup_string(e.what());
-  } catch (...) {
-    return dup_string("unknown C++ exception");
-  }
-}
+using sae_shim::dup_string;
+using sae_shim::guard;
 
 } // namespace
 
@@ -59,8 +41,6 @@ struct SaeTsAttr {
   int64_t int_value;
   double float_value;
 };
-
-void sae_ts_free_string(char *s) { std::free(s); }
 
 // Builds a module of class `class_name` with the given tensors (a parameter
 // when is_param[i] != 0, else a buffer) and attributes, defines `source` (its

@@ -31,7 +31,7 @@ use crate::{bail_user, device, dist, Result};
 use batches::{Batch, Batches};
 use plan::Plan;
 use progress::Progress;
-use run_dir::{RunDir, StepLog};
+use run_dir::{MetricsLog, RunDir, StepLog};
 use serde::Serialize;
 use state::{DeadTracker, Position, State};
 use std::path::PathBuf;
@@ -78,17 +78,7 @@ const EVAL_BATCH: i64 = 4096;
 /// each batch, and only rank 0 writes the run directory and gets the
 /// summary (the others get `None`).
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
-    let group = match dist::Launch::from_env()? {
-        Some(launch) => {
-            // What every rank would refuse, before any waits for the others.
-            plan::check_world(cfg, launch.world)?;
-            Some(dist::init(
-                &launch,
-                Duration::from_secs_f64(cfg.dist.timeout_s),
-            )?)
-        }
-        None => None,
-    };
+    let group = join_group(cfg)?;
     let shard = group.map_or(Shard::ALL, |g| Shard {
         rank: g.rank,
         world: g.world,
@@ -105,63 +95,38 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
     let (cfg, device, total_steps) = (plan.cfg, plan.device, plan.total_steps);
     let widest = model.spec.d_hidden * model.spec.d_in.max(model.d_out()) * plan.batch_rows as i64;
     let (mut learner, mut state, pos) = start(&run, model, &cfg, device, opts.resume, total_steps)?;
-    let mut log = run.metrics_log(opts.resume.then_some(pos.step))?;
+    let mut report = Reporter {
+        log: run.metrics_log(opts.resume.then_some(pos.step))?,
+        progress: Progress::new(opts.progress && run.writer, total_steps, cfg.train.epochs),
+        run: &run,
+        valid: plan.valid_joined,
+    };
     let interrupter = interrupt::Interrupter::register()?;
-    let progress = Progress::new(opts.progress && run.writer, total_steps, cfg.train.epochs);
     // Tiny models: MKL single-threaded (see device::SerialBlas).
     let _serial_blas =
         (device == Device::Cpu && widest < device::SMALL_MATMUL_WORK).then(device::SerialBlas::new);
-    let mut batches = Batches::new(
-        source,
-        &cfg,
-        plan.fixed_order,
-        plan.per_epoch,
-        device,
-        &pos,
-        shard,
-    )?;
+    let (order, per_epoch) = (plan.fixed_order, plan.per_epoch);
+    let mut batches = Batches::new(source, &cfg, order, per_epoch, device, &pos, shard)?;
 
     let started = Instant::now();
     let busy_before = group.map_or(0.0, |g| g.busy_seconds());
-    progress.set_step(pos.step);
+    report.progress.set_step(pos.step);
     while let Some(batch) = batches.next_batch()? {
         state.advance(&batch);
         let params = StepParams::at(&cfg, state.step, total_steps);
         let out = learner.step(&batch, &params, &mut state.dead);
         if state.step % cfg.train.log_every == 0 || batch.end_of_epoch {
-            let entry = step_log(
-                &learner,
-                &out,
-                &batch,
-                &params,
-                &state,
-                &plan.valid_joined,
-                run.writer,
-            );
-            dist::check()?;
-            if !entry.loss.is_finite() {
-                bail_user!(
-                    "training diverged: loss is {} at step {} (epoch {}); {}; \
-                     lower train.optimizer.lr or sparsity.weight",
-                    entry.loss,
-                    state.step,
-                    batch.epoch,
-                    run.kept_checkpoint(state.saved_step)
-                );
-            }
-            state.last_loss = entry.loss;
-            log.write(&entry)?;
-            progress.logged(&entry, batch.end_of_epoch);
+            report.logged_step(&learner, &out, &batch, &params, &mut state)?;
         }
-        progress.step_done();
+        report.progress.step_done();
         let signal = agreed_signal(interrupter.received());
         dist::check()?;
         if state.step % cfg.train.checkpoint_every == 0 || signal.is_some() {
-            log.flush()?;
+            report.log.flush()?;
             run.save_checkpoint(&learner, &mut state)?;
         }
         if let Some(sig) = signal {
-            progress.finish();
+            report.progress.finish();
             return Err(interrupt::stopped(sig, |name| {
                 format!(
                     "interrupted by {name} after step {} of {total_steps}; checkpoint saved in {}; \
@@ -173,13 +138,12 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
             }));
         }
         if batch.end_of_epoch {
-            log.flush()?;
+            report.log.flush()?;
         }
     }
-    progress.finish();
+    report.progress.finish();
     let seconds = started.elapsed().as_secs_f64();
-    log.flush()?;
-    drop(log);
+    report.log.flush()?;
     drop(interrupter);
     if state.unsaved() {
         run.save_checkpoint(&learner, &mut state)?;
@@ -205,6 +169,57 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
     };
     run.save_summary(&model, &summary)?;
     Ok(Some(summary))
+}
+
+/// Joins the data-parallel group when a launcher started this process,
+/// after the checks every rank would fail (so none waits for the others).
+fn join_group(cfg: &Config) -> Result<Option<&'static dist::Group>> {
+    let Some(launch) = dist::Launch::from_env()? else {
+        return Ok(None);
+    };
+    plan::check_world(cfg, launch.world)?;
+    let timeout = Duration::from_secs_f64(cfg.dist.timeout_s);
+    Ok(Some(dist::init(&launch, timeout)?))
+}
+
+/// What the loop shows and logs: metrics.jsonl and the progress display.
+struct Reporter<'a> {
+    run: &'a RunDir,
+    log: MetricsLog,
+    progress: Progress,
+    /// Validation rows for the per-epoch valid_mse.
+    valid: Option<Tensor>,
+}
+
+impl Reporter<'_> {
+    /// A logged step: its line in metrics.jsonl (the global batch's with
+    /// several ranks), after checking that it has not diverged.
+    fn logged_step(
+        &mut self,
+        learner: &Learner,
+        out: &StepOutput,
+        batch: &Batch,
+        params: &StepParams,
+        state: &mut State,
+    ) -> Result<()> {
+        let writer = self.run.writer;
+        let entry = step_log(learner, out, batch, params, state, &self.valid, writer);
+        dist::check()?;
+        if !entry.loss.is_finite() {
+            bail_user!(
+                "training diverged: loss is {} at step {} (epoch {}); {}; \
+                 lower train.optimizer.lr or sparsity.weight",
+                entry.loss,
+                state.step,
+                batch.epoch,
+                self.run.kept_checkpoint(state.saved_step)
+            );
+        }
+        state.last_loss = entry.loss;
+        self.log.write(&entry)?;
+        self.progress.logged(&entry, batch.end_of_epoch);
+        Ok(())
+    }
 }
 
 /// The signal to stop on: this process's, or with several ranks the one
