@@ -1,6 +1,7 @@
 //! Data-parallel training under the project venv's `torchrun` (c10d, Gloo):
 //! 2 ranks train the model 1 process trains with the same global batch
-//! (weights equal to 1e-5 relative after 120 steps), bit for bit again on a
+//! (weights equal to 1e-5 relative after 126 steps; relu+l1, topk+auxk,
+//! batchtopk, jumprelu+l0, and relu with input noise), bit for bit again on a
 //! rerun, into one run directory; a killed rank ends the job and `--resume`
 //! then finishes bit-identical to an uninterrupted run, with 2 ranks or 1.
 //!
@@ -93,6 +94,11 @@ fn data(dir: &Path) -> String {
 }
 
 fn config(dir: &Path, name: &str, x: &str, model: &str, sparsity: &str) -> String {
+    // Input noise: drawn for the whole batch, each rank adds its rows' part.
+    let noise = match name.ends_with("_noise") {
+        true => ", input_noise: gaussian, noise_level: 0.2",
+        false => "",
+    };
     write_config(
         dir,
         &format!("{name}.yaml"),
@@ -101,7 +107,7 @@ fn config(dir: &Path, name: &str, x: &str, model: &str, sparsity: &str) -> Strin
              model: {{d_hidden: 32, init_scheme: sae, {model}}}\n\
              sparsity: {{{sparsity}}}\n\
              train: {{epochs: 6, batch_size: 50, threads: 1, log_every: 5, checkpoint_every: 40, \
-             dead_window: 10, optimizer: {{lr: 0.003}}}}\ndist: {{timeout_s: 60}}\n"
+             dead_window: 10, optimizer: {{lr: 0.003}}{noise}}}\ndist: {{timeout_s: 60}}\n"
         ),
     )
 }
@@ -131,7 +137,7 @@ fn summary(run: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
 }
 
-const RECIPES: [(&str, &str, &str); 4] = [
+const RECIPES: [(&str, &str, &str); 5] = [
     ("relu_l1", "activation: relu", "penalty: l1, weight: 0.01"),
     (
         "topk_auxk",
@@ -143,6 +149,11 @@ const RECIPES: [(&str, &str, &str); 4] = [
         "jumprelu",
         "activation: jumprelu, jumprelu_init_threshold: 0.05",
         "penalty: l0, weight: 0.002",
+    ),
+    (
+        "relu_noise",
+        "activation: relu",
+        "penalty: l1, weight: 0.01",
     ),
 ];
 

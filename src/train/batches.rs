@@ -62,8 +62,9 @@ pub struct Batch {
     /// Normalised rows (input, then the target for transcoders): this
     /// rank's part of the batch (all of it in a single process).
     pub x: Tensor,
-    /// Rows of the whole (global) batch.
+    /// Rows of the whole (global) batch, and where this rank's part starts.
     pub rows: usize,
+    pub offset: usize,
     pub epoch: i64,
     /// Its index within the epoch.
     pub index: i64,
@@ -236,6 +237,7 @@ impl Batches {
         Ok(Some(Batch {
             x,
             rows,
+            offset: self.shard.range(rows).0,
             epoch: self.epoch,
             index,
             end_of_epoch: index + 1 == self.per_epoch,

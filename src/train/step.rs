@@ -91,6 +91,7 @@ impl Learner {
             g.begin_step(batch.rows);
         }
         let share = batch.x.size()[0] as f64 / batch.rows as f64;
+        let rows = (batch.rows, batch.offset);
         let batch = &batch.x;
         let resample_every = self.cfg.train.resample_every;
         // Input noise and resampling draw random numbers: libtorch is
@@ -105,7 +106,7 @@ impl Learner {
             false => (batch.shallow_clone(), batch.shallow_clone()),
         };
         self.arch.before_forward(&mut self.model);
-        let input = corrupt(&xb, &self.cfg.train);
+        let input = corrupt(&xb, &self.cfg.train, rows);
         let dead_mask = self.penalty.needs_dead_mask().then(|| dead.dead());
         let mut out = self.forward(&input, &target, p.sparsity_weight, dead_mask.as_ref());
         out.share = share;
@@ -240,14 +241,22 @@ fn step_seed(seed: u64, step: i64) -> i64 {
     (z ^ (z >> 31)) as i64
 }
 
-/// `train.input_noise` applied to a batch (the reconstruction target stays clean).
-fn corrupt(x: &Tensor, t: &TrainConfig) -> Tensor {
+/// `train.input_noise` applied to a batch (the reconstruction target stays
+/// clean). `x` is the rows `offset..` of a batch of `rows`: the noise is
+/// drawn for the whole batch and this part taken, so data-parallel ranks add
+/// the noise one process would.
+fn corrupt(x: &Tensor, t: &TrainConfig, (rows, offset): (usize, usize)) -> Tensor {
+    let whole = |t: Tensor| t.narrow(0, offset as i64, x.size()[0]);
+    let shape = [rows as i64, x.size()[1]];
     match t.input_noise {
         InputNoise::None => x.shallow_clone(),
-        InputNoise::Gaussian => x + x.randn_like() * t.noise_level,
+        InputNoise::Gaussian => {
+            x + whole(Tensor::randn(shape, (x.kind(), x.device()))) * t.noise_level
+        }
         InputNoise::Mask => {
-            let keep = x.empty_like().bernoulli_float_(1.0 - t.noise_level);
-            x * keep
+            let keep =
+                Tensor::empty(shape, (x.kind(), x.device())).bernoulli_float_(1.0 - t.noise_level);
+            x * whole(keep)
         }
     }
 }
