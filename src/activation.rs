@@ -15,10 +15,21 @@ pub const DEFAULT_BANDWIDTH: f64 = 0.05;
 pub enum Activation {
     Sigmoid,
     Relu,
-    TopK { k: i64 },
-    BatchTopK { k: i64 },
-    JumpRelu { bandwidth: f64 },
+    TopK {
+        k: i64,
+    },
+    BatchTopK {
+        k: i64,
+    },
+    JumpRelu {
+        bandwidth: f64,
+    },
     Gated,
+    /// Batch top-k trained with nested prefix reconstructions; the widths
+    /// are a training setting (`model.matryoshka_widths`), not the model's.
+    MatryoshkaBatchTopK {
+        k: i64,
+    },
 }
 
 impl Activation {
@@ -38,6 +49,9 @@ impl Activation {
                 bandwidth: DEFAULT_BANDWIDTH,
             },
             ActivationKind::Gated => Activation::Gated,
+            ActivationKind::MatryoshkaBatchtopk => Activation::MatryoshkaBatchTopK {
+                k: k.expect("validated: matryoshka_batchtopk has k"),
+            },
         }
     }
 
@@ -59,12 +73,15 @@ impl Activation {
             Activation::BatchTopK { .. } => ActivationKind::Batchtopk,
             Activation::JumpRelu { .. } => ActivationKind::Jumprelu,
             Activation::Gated => ActivationKind::Gated,
+            Activation::MatryoshkaBatchTopK { .. } => ActivationKind::MatryoshkaBatchtopk,
         }
     }
 
     pub fn k(&self) -> Option<i64> {
         match self {
-            Activation::TopK { k } | Activation::BatchTopK { k } => Some(*k),
+            Activation::TopK { k }
+            | Activation::BatchTopK { k }
+            | Activation::MatryoshkaBatchTopK { k } => Some(*k),
             _ => None,
         }
     }

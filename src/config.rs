@@ -161,12 +161,17 @@ pub enum ActivationKind {
     Batchtopk,
     Jumprelu,
     Gated,
+    #[serde(rename = "matryoshka_batchtopk")]
+    MatryoshkaBatchtopk,
 }
 
 impl ActivationKind {
     /// Activations that keep k latents (per row, or k x batch over a batch).
     pub fn uses_k(self) -> bool {
-        matches!(self, ActivationKind::Topk | ActivationKind::Batchtopk)
+        matches!(
+            self,
+            ActivationKind::Topk | ActivationKind::Batchtopk | ActivationKind::MatryoshkaBatchtopk
+        )
     }
 }
 
@@ -220,6 +225,22 @@ pub struct ModelConfig {
     pub jumprelu_bandwidth: f64,
     /// batchtopk: rate of the running estimate of the inference threshold.
     pub topk_threshold_lr: f64,
+    /// matryoshka_batchtopk: the nested prefix widths whose reconstructions
+    /// are trained too (strictly increasing; `d_hidden` is added as the last
+    /// level when missing, as SAELens does). See [`ModelConfig::matryoshka_levels`].
+    pub matryoshka_widths: Vec<i64>,
+}
+
+impl ModelConfig {
+    /// The matryoshka levels as SAELens resolves them: `matryoshka_widths`,
+    /// with `d_hidden` appended when the last width is not it.
+    pub fn matryoshka_levels(&self) -> Vec<i64> {
+        let mut levels = self.matryoshka_widths.clone();
+        if levels.last() != Some(&self.d_hidden) {
+            levels.push(self.d_hidden);
+        }
+        levels
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -369,6 +390,7 @@ impl Default for ModelConfig {
             jumprelu_init_threshold: 0.01,
             jumprelu_bandwidth: 0.05,
             topk_threshold_lr: 0.01,
+            matryoshka_widths: Vec::new(),
         }
     }
 }
@@ -577,6 +599,7 @@ pub fn activation_name(a: ActivationKind) -> &'static str {
         ActivationKind::Batchtopk => "batchtopk",
         ActivationKind::Jumprelu => "jumprelu",
         ActivationKind::Gated => "gated",
+        ActivationKind::MatryoshkaBatchtopk => "matryoshka_batchtopk",
     }
 }
 
@@ -771,6 +794,7 @@ impl Config {
     /// tutorial ones, schedules, constraints, deep/denoising/transcoder models.
     fn validate_recipe(&self) -> Check {
         self.validate_activation_knobs()?;
+        self.validate_matryoshka()?;
         self.validate_penalty_pairing()?;
         self.validate_sparsity_schedule()?;
         self.validate_deep()?;
@@ -805,6 +829,55 @@ impl Config {
                 "model.decoder_init_norm: {} must be > 0",
                 m.decoder_init_norm
             ));
+        }
+        Ok(())
+    }
+
+    /// `model.matryoshka_widths`, as SAELens's `_validate_matryoshka_config`
+    /// checks them: not empty, positive, strictly increasing, and (since
+    /// `d_hidden` is added as the last level) none above `d_hidden`.
+    fn validate_matryoshka(&self) -> Check {
+        let m = &self.model;
+        let widths = &m.matryoshka_widths;
+        if m.activation != ActivationKind::MatryoshkaBatchtopk {
+            if !widths.is_empty() {
+                return Err(format!(
+                    "model.matryoshka_widths: only used by activation matryoshka_batchtopk, not {}",
+                    activation_name(m.activation)
+                ));
+            }
+            return Ok(());
+        }
+        if widths.is_empty() {
+            return Err(
+                "model.matryoshka_widths: required for activation matryoshka_batchtopk \
+                        (a non-empty list of increasing prefix widths, e.g. [16, 64])"
+                    .into(),
+            );
+        }
+        if let Some(&bad) = widths.iter().find(|&&w| w < 1) {
+            return Err(format!(
+                "model.matryoshka_widths: width {bad} must be at least 1"
+            ));
+        }
+        if let Some(&bad) = widths.iter().find(|&&w| w > m.d_hidden) {
+            return Err(format!(
+                "model.matryoshka_widths: width {bad} exceeds model.d_hidden ({})",
+                m.d_hidden
+            ));
+        }
+        if let Some(pair) = widths.windows(2).find(|p| p[0] >= p[1]) {
+            return Err(format!(
+                "model.matryoshka_widths: must be strictly increasing ({} then {})",
+                pair[0], pair[1]
+            ));
+        }
+        if m.hidden.len() > 1 {
+            return Err(
+                "model.hidden: not available with activation matryoshka_batchtopk \
+                        (its prefixes decode straight to the output)"
+                    .into(),
+            );
         }
         Ok(())
     }

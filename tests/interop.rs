@@ -164,6 +164,17 @@ const VARIANTS: &[Variant] = &[
         buffers: &["threshold"],
     },
     Variant {
+        name: "matryoshka_batchtopk",
+        sets: &[
+            "model.activation=matryoshka_batchtopk",
+            "model.k=3",
+            "model.matryoshka_widths=[4, 8]",
+            "sparsity.penalty=none",
+        ],
+        extra_params: &[],
+        buffers: &["threshold"],
+    },
+    Variant {
         name: "relu_standardize_tied",
         sets: &["data.normalize=standardize", "model.tied=true"],
         extra_params: &[],
@@ -470,6 +481,17 @@ fn saelens_export_loads_in_sae_lens_and_matches() {
             &[
                 "model.activation=batchtopk",
                 "model.k=3",
+                "sparsity.penalty=none",
+            ],
+            "JumpReLUSAE",
+        ),
+        // So does SAELens a MatryoshkaBatchTopK SAE.
+        (
+            "matryoshka_batchtopk",
+            &[
+                "model.activation=matryoshka_batchtopk",
+                "model.k=3",
+                "model.matryoshka_widths=[4, 8]",
                 "sparsity.penalty=none",
             ],
             "JumpReLUSAE",

@@ -614,6 +614,36 @@ fn gated(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
     }
 }
 
+/// Matryoshka batch top-k (SAELens `matryoshka_batchtopk`): levels of 16,
+/// 48 and (appended) 96 latents, each inner prefix's reconstruction added to
+/// the loss; with AuxK, unit-norm decoder rows, b_dec = data mean, and the
+/// inference threshold compared at the end.
+fn matryoshka(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        d_hidden: 96,
+        activation: "matryoshka_batchtopk",
+        k: Some(3),
+        penalty: "auxk",
+        weight: 0.0625,
+        lr: 4e-3,
+        seed: 11,
+        knobs: &[
+            (
+                "model.matryoshka_widths=[16, 48]",
+                &["--matryoshka-widths", "16,48"],
+            ),
+            ("train.dead_window=4", &["--dead-window", "4"]),
+            ("train.unit_norm_decoder=true", &["--unit-norm-decoder"]),
+            ("model.b_dec_init=mean", &["--b-dec-mean"]),
+            (
+                "model.topk_threshold_lr=0.05",
+                &["--topk-threshold-lr", "0.05"],
+            ),
+        ],
+        ..sparse(name, epochs, batch)
+    }
+}
+
 /// `test_name: case(name, epochs, batch);` -> a `#[test]` checking that case.
 macro_rules! parity_tests {
     ($($test:ident: $case:ident($name:literal, $epochs:literal, $batch:expr);)*) => {
@@ -645,4 +675,6 @@ parity_tests! {
     jumprelu_minibatch: jumprelu_l0("jumprelu_minibatch", 10, Some(48));
     batchtopk_recipe_minibatch: batchtopk_recipe("batchtopk_recipe", 10, Some(48));
     jumprelu_recipe_minibatch: jumprelu_recipe("jumprelu_recipe", 10, Some(48));
+    matryoshka_full_batch: matryoshka("matryoshka_full", 100, None);
+    matryoshka_minibatch: matryoshka("matryoshka_minibatch", 10, Some(48));
 }

@@ -87,6 +87,65 @@ fn batchtopk_mean_l0_is_k_on_every_training_batch() {
 }
 
 #[test]
+fn matryoshka_batchtopk_trains_its_levels_and_validates_its_widths() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, _) = data(dir.path());
+    let sets = [
+        "model.activation=matryoshka_batchtopk",
+        "model.k=3",
+        "sparsity.penalty=none",
+    ];
+    let run = recipe(dir.path(), "matryoshka", &x)
+        .sets(sets)
+        .set("model.matryoshka_widths=[8, 24]")
+        .train();
+    // Batch top-k codes; the two inner levels' mse logged as aux_loss and
+    // added to the loss.
+    for l0 in run.metric("l0") {
+        assert_eq!(l0, 3.0, "training-batch mean l0");
+    }
+    let (loss, mse, aux) = (
+        run.metric("loss"),
+        run.metric("mse"),
+        run.metric("aux_loss"),
+    );
+    assert_eq!(aux.len(), loss.len());
+    for i in 0..loss.len() {
+        assert!(aux[i] > 0.0, "aux_loss {}", aux[i]);
+        let d = (loss[i] - mse[i] - aux[i]).abs();
+        assert!(d <= 1e-5 * loss[i].abs(), "loss != mse + aux_loss at {i}");
+    }
+    // Saved as batchtopk: one positive threshold for every latent.
+    let t = &run.model()["threshold"];
+    assert_eq!(t.size(), vec![48]);
+    assert!(t.min().double_value(&[]) > 0.0);
+    // model.matryoshka_widths as SAELens checks it.
+    let base = recipe(dir.path(), "never", &x).sets(sets);
+    for (widths, needle) in [
+        ("[]", "model.matryoshka_widths: required"),
+        (
+            "[0, 8]",
+            "model.matryoshka_widths: width 0 must be at least 1",
+        ),
+        (
+            "[8, 8]",
+            "model.matryoshka_widths: must be strictly increasing",
+        ),
+        (
+            "[8, 49]",
+            "model.matryoshka_widths: width 49 exceeds model.d_hidden",
+        ),
+    ] {
+        base.clone()
+            .set(format!("model.matryoshka_widths={widths}"))
+            .fails(&[needle]);
+    }
+    recipe(dir.path(), "never", &x)
+        .sets(["model.matryoshka_widths=[8]"])
+        .fails(&["model.matryoshka_widths: only used by activation matryoshka_batchtopk"]);
+}
+
+#[test]
 fn jumprelu_l0_falls_as_its_coefficient_rises() {
     let dir = tempfile::tempdir().unwrap();
     let (x, _) = data(dir.path());

@@ -13,6 +13,7 @@
 mod batchtopk;
 mod gated;
 mod jumprelu;
+mod matryoshka_batchtopk;
 mod relu;
 mod sigmoid;
 mod topk;
@@ -23,7 +24,7 @@ pub use gated::gated;
 use crate::activation::Activation;
 use crate::config::ModelConfig;
 use crate::export::torchscript::ActivationCode;
-use crate::model::Sae;
+use crate::model::{Forward, Sae};
 use serde_json::{Map, Value};
 use tch::{Device, Tensor};
 
@@ -36,6 +37,9 @@ pub fn of(a: &Activation) -> Box<dyn Architecture> {
         Activation::BatchTopK { k } => Box::new(batchtopk::BatchTopK { k }),
         Activation::JumpRelu { bandwidth } => Box::new(jumprelu::JumpRelu { bandwidth }),
         Activation::Gated => Box::new(gated::Gated),
+        Activation::MatryoshkaBatchTopK { k } => {
+            Box::new(matryoshka_batchtopk::MatryoshkaBatchTopK { k })
+        }
     }
 }
 
@@ -101,6 +105,20 @@ pub trait Architecture {
     /// [`penalty_codes`]: Architecture::penalty_codes
     fn aux_loss(&self, _model: &Sae, _penalty_codes: &Tensor, _target: &Tensor) -> Option<Tensor> {
         None
+    }
+
+    /// Extra loss terms from the training forward pass (its codes `z`),
+    /// each added unweighted to the loss, in order, after everything else
+    /// (matryoshka: each inner prefix's reconstruction). Empty by default,
+    /// and then the loss is computed exactly as without this hook.
+    fn extra_losses(
+        &self,
+        _model: &Sae,
+        _forward: &Forward,
+        _target: &Tensor,
+        _m: &ModelConfig,
+    ) -> Vec<Tensor> {
+        Vec::new()
     }
 
     /// After the forward pass, from the training codes (a running estimate).

@@ -586,7 +586,7 @@ fn activation_from_attrs(c: &ModuleContents, path: &Path) -> Result<Option<Activ
         Some(AttrValue::Int(k)) => Some(*k),
         _ => None,
     };
-    if matches!(kind, ActivationKind::Topk | ActivationKind::Batchtopk) && k.is_none_or(|k| k < 1) {
+    if kind.uses_k() && k.is_none_or(|k| k < 1) {
         bail_user!(
             "{}: activation is {name} but the module has no integer attribute `k` >= 1",
             path.display()

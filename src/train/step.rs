@@ -44,7 +44,8 @@ pub struct StepOutput {
     pub mse: Tensor,
     /// The unweighted sparsity penalty.
     pub sparsity: Tensor,
-    /// An architecture's extra loss term (gated: the gate's reconstruction).
+    /// An architecture's extra loss term (gated: the gate's reconstruction;
+    /// matryoshka_batchtopk: the sum of the inner levels' reconstructions).
     pub aux: Option<Tensor>,
     pub forward: Forward,
     /// This rank's share of the global batch (1 in a single process): its
@@ -162,6 +163,19 @@ impl Learner {
         let loss = match &aux {
             Some(a) => &mse + &sparsity * sparsity_weight + a,
             None => &mse + &sparsity * sparsity_weight,
+        };
+        // Last: the architecture's extra terms (matryoshka's inner levels),
+        // added one by one in order (out of place, `loss = loss + e`, as
+        // SAELens does); logged as `aux_loss`, their sum.
+        let extra = self.arch.extra_losses(model, &f, target, &self.cfg.model);
+        let (loss, aux) = match extra.split_first() {
+            None => (loss, aux),
+            Some((first, rest)) => (
+                extra.iter().fold(loss, |l, e| l + e),
+                Some(tch::no_grad(|| {
+                    rest.iter().fold(first.detach(), |s, e| s + e.detach())
+                })),
+            ),
         };
         StepOutput {
             loss,

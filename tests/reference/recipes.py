@@ -1,6 +1,6 @@
 """Reference trainer for the modern SAE recipes (issue 8), in plain PyTorch,
 written from SAELens 6.x (saes/topk_sae.py, saes/batchtopk_sae.py,
-saes/jumprelu_sae.py, training/sae_trainer.py, training/optim.py) and
+saes/matryoshka_batchtopk_sae.py, saes/jumprelu_sae.py, training/sae_trainer.py, training/optim.py) and
 dictionary_learning (unit-norm decoder). It does not import sae_lens or this
 project; the autograd Functions below are SAELens's own, copied.
 
@@ -9,6 +9,12 @@ project; the autograd Functions below are SAELens's own, copied.
     topk:      feature_acts = scatter(topk(hidden_pre, k)) of relu(values)
     batchtopk: feature_acts = the k*batch largest of relu(hidden_pre) over the batch;
                topk_threshold <- (1 - lr) topk_threshold + lr min(positive acts)  (float64)
+    matryoshka_batchtopk: batchtopk's codes and threshold; levels = the
+               --matryoshka-widths, d_sae appended when the last is not it
+               (_validate_matryoshka_config); after the loss below, for each
+               level but the last, decoded = z[:, prev:w] @ W_dec[prev:w] + decoded
+               (decoded starting at b_dec, _iterable_decode) and
+               loss = loss + mse(decoded, x), in increasing width
     jumprelu:  threshold.clamp_(min=0) before the pass;
                feature_acts = JumpReLU.apply(hidden_pre, threshold, bandwidth)
     gated:     feature_acts = (pi_gate > 0) * relu(sae_in @ (W_enc * exp(r_mag)) + b_mag),
@@ -207,6 +213,9 @@ def normalize_rows(W_dec):
     W_dec.data /= W_dec.norm(dim=1, keepdim=True)
 
 
+BATCHTOPK = ("batchtopk", "matryoshka_batchtopk")
+
+
 class SAE(nn.Module):
     def __init__(self, w, args):
         super().__init__()
@@ -218,7 +227,7 @@ class SAE(nn.Module):
         if args.architecture == "jumprelu":
             self.threshold = nn.Parameter(
                 torch.full((self.W_enc.shape[1],), args.init_threshold, dtype=torch.float32))
-        if args.architecture == "batchtopk":
+        if args.architecture in BATCHTOPK:
             self.register_buffer("topk_threshold", torch.tensor(0.0, dtype=torch.double))
         if args.architecture == "gated":
             # SAELens _init_weights_gated (b_gate from the init's b_enc).
@@ -240,7 +249,7 @@ class SAE(nn.Module):
         hidden_pre = (x - self.b_dec) @ self.W_enc + self.b_enc
         if a.architecture == "topk":
             acts = topk_acts(hidden_pre, a.k)
-        elif a.architecture == "batchtopk":
+        elif a.architecture in BATCHTOPK:
             acts = batch_topk_acts(hidden_pre, a.k)
         else:
             acts = JumpReLU.apply(hidden_pre, self.threshold, a.bandwidth, False)
@@ -257,8 +266,11 @@ class SAE(nn.Module):
 
 def main():
     p = common.base_parser(__doc__)
-    p.add_argument("--architecture", choices=["topk", "batchtopk", "jumprelu", "gated"],
+    p.add_argument("--architecture",
+                   choices=["topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"],
                    required=True)
+    p.add_argument("--matryoshka-widths", type=lambda v: [int(w) for w in v.split(",")],
+                   default=[])
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--penalty", choices=["none", "auxk", "l0", "l1"], default="none")
     p.add_argument("--coefficient", type=float, default=0.0)
@@ -280,6 +292,10 @@ def main():
     X = torch.tensor(common.load_data(args.data), dtype=torch.float32)
     w = common.read_safetensors(args.init)
     sae = SAE(w, args)
+    levels = list(args.matryoshka_widths)
+    if args.architecture == "matryoshka_batchtopk" and (
+            not levels or levels[-1] != sae.W_enc.shape[1]):
+        levels.append(sae.W_enc.shape[1])
     if args.b_dec_mean:
         with torch.no_grad():
             sae.b_dec.copy_(X.mean(dim=0))
@@ -324,7 +340,17 @@ def main():
             did_fire = feature_acts.bool().float().sum(-2).bool()
             since_fired += 1
             since_fired[did_fire] = 0
-        if args.architecture == "batchtopk":
+        if args.architecture == "matryoshka_batchtopk":
+            # SAELens MatryoshkaBatchTopKTrainingSAE.training_forward_pass
+            # (the outer level is the base loss above).
+            decoded = sae.b_dec
+            prev_width = 0
+            for width in levels[:-1]:
+                inner_feature_acts = feature_acts[:, prev_width:width]
+                decoded = inner_feature_acts @ sae.W_dec[prev_width:width] + decoded
+                prev_width = width
+                loss = loss + F.mse_loss(decoded, sae_in)
+        if args.architecture in BATCHTOPK:
             sae.update_topk_threshold(feature_acts)
         optimizer.zero_grad()
         loss.backward()
@@ -348,7 +374,7 @@ def main():
     if args.architecture == "jumprelu":
         # Saved projected to >= 0 (the same map at inference: relu(pre) * (pre > t)).
         tensors["threshold"] = sae.threshold.detach().clamp(min=0.0)
-    if args.architecture == "batchtopk":
+    if args.architecture in BATCHTOPK:
         tensors["threshold"] = torch.ones_like(sae.b_enc) * sae.topk_threshold.item()
     common.write_safetensors(f"{args.out}/weights.safetensors", tensors)
 
