@@ -7,6 +7,8 @@ STAMP    := $(VENV)/.installed-torch-$(TORCH)
 # sae_lens 6.x, for the SAELens interop tests (tests/interop.rs): ~35 s, ~0.9 GB.
 SAELENS  := sae-lens>=6,<7
 SAELENS_STAMP := $(VENV)/.installed-sae-lens-6
+# scikit-learn, the OMP reference of the pursuit tests (tests/pursuit.rs).
+SKLEARN_STAMP := $(VENV)/.installed-sklearn
 BIN      := target/release/sae
 
 # A user's own libtorch (LIBTORCH=/path/to/libtorch) is honoured; otherwise
@@ -21,7 +23,7 @@ endif
 # Tests call Python references through this interpreter.
 export SAE_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup saelens build demo test parity bench fuzz clean fmt lint
+.PHONY: setup saelens sklearn build demo test parity bench fuzz clean fmt lint
 
 setup: $(STAMP)
 
@@ -40,17 +42,25 @@ $(SAELENS_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet "$(SAELENS)" "torch==$(TORCH)"
 	touch $@
 
+sklearn: $(SKLEARN_STAMP)
+
+$(SKLEARN_STAMP): $(STAMP)
+	@echo "==> installing scikit-learn into $(VENV) (one-time)"
+	$(PY) -m pip install --quiet scikit-learn
+	touch $@
+
 build: $(SETUP_DEPS)
 	$(CARGO_ENV) cargo build --release --locked
 
 demo: build
 	@bash scripts/demo.sh
 
-# SAE_REQUIRE_SAELENS: the SAELens interop tests fail (not skip) without sae_lens.
+# SAE_REQUIRE_SAELENS: the SAELens interop tests fail (not skip) without
+# sae_lens, and the pursuit tests without scikit-learn.
 # Unit and integration tests (no doc-tests: there are none), then one
 # closing line with the totals over every test binary.
 TEST_LOG := target/test.log
-test: $(STAMP) $(SAELENS_STAMP) build
+test: $(STAMP) $(SAELENS_STAMP) $(SKLEARN_STAMP) build
 	@set -o pipefail; SAE_REQUIRE_SAELENS=1 $(CARGO_ENV) cargo test --release --locked --lib --bins --tests \
 	    -- --test-threads=2 2>&1 | tee $(TEST_LOG)
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' $(TEST_LOG)

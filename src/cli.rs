@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::data::{npy, synth};
 use crate::metrics::{self, Metrics};
 use crate::model::Sae;
+use crate::pursuit::{Pursuit, PursuitEncoder};
 use crate::train::{self, TrainOptions};
 use crate::{bail_user, device, export, Result};
 use anyhow::Context;
@@ -44,11 +45,11 @@ pub enum Command {
     /// Reconstruction and sparsity metrics of a model on data.
     Eval(EvalArgs),
     /// Latent codes: float32 [rows, d_hidden].
-    Encode(IoArgs),
+    Encode(CodeArgs),
     /// Decoder output of codes [rows, d_hidden]: float32 [rows, d_in].
     Decode(IoArgs),
     /// Encode then decode: float32 [rows, d_in].
-    Reconstruct(IoArgs),
+    Reconstruct(CodeArgs),
     /// Per-row reconstruction MSE (an anomaly score): float32 [rows, 1].
     Score(IoArgs),
     /// Convert a model to TorchScript, SAELens or safetensors.
@@ -171,6 +172,101 @@ pub struct EvalArgs {
     /// cpu | cuda | cuda:N | auto
     #[arg(long, default_value = "auto")]
     pub device: String,
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
+}
+
+/// Which encoder makes the codes: the model's own, or a pursuit over its
+/// decoder rows.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum EncoderKind {
+    /// The model's own encoder.
+    #[default]
+    Model,
+    /// Orthogonal matching pursuit over the decoder rows: k atoms, least-squares
+    /// coefficients (may be negative), as scikit-learn's orthogonal_mp.
+    Omp,
+    /// Matching pursuit over the decoder rows, as SAELens's matching_pursuit
+    /// encoder: at most k steps, non-negative codes, no refit.
+    Mp,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct EncoderArgs {
+    /// Encoder for the codes: `model` (the model's own), or `omp` / `mp`, a
+    /// pursuit over the decoder rows (W_dec) in the model's normalised space,
+    /// from norm(x) - b_dec; codes are for the original decoder rows. Needs a
+    /// model whose decoder is linear.
+    #[arg(long, value_enum, default_value_t = EncoderKind::Model)]
+    pub encoder: EncoderKind,
+    /// Pursuit encoders: atoms per row (omp, required) or at most this many
+    /// steps (mp; default d_in).
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub k: Option<i64>,
+    /// mp only: a row stops once the norm of its residual (in the model's
+    /// normalised space) is below R [default: 0, never].
+    #[arg(long, value_name = "R", allow_negative_numbers = true)]
+    pub residual_threshold: Option<f64>,
+}
+
+impl EncoderArgs {
+    /// The pursuit asked for (None: the model's encoder), checked; `d_in`
+    /// is mp's default step limit.
+    pub fn pursuit(&self, d_in: i64) -> Result<Option<Pursuit>> {
+        if let Some(k) = self.k {
+            if k < 1 {
+                bail_user!("--k {k}: must be at least 1");
+            }
+        }
+        if let Some(r) = self.residual_threshold {
+            if !(r >= 0.0 && r.is_finite()) {
+                bail_user!("--residual-threshold {r}: must be a finite number >= 0");
+            }
+        }
+        match self.encoder {
+            EncoderKind::Model => {
+                if self.k.is_some() || self.residual_threshold.is_some() {
+                    bail_user!(
+                        "--k and --residual-threshold: only for --encoder omp or mp \
+                         (the model's own encoder takes neither)"
+                    );
+                }
+                Ok(None)
+            }
+            EncoderKind::Omp => {
+                if self.residual_threshold.is_some() {
+                    bail_user!("--residual-threshold: only for --encoder mp");
+                }
+                match self.k {
+                    Some(k) => Ok(Some(Pursuit::Omp { k })),
+                    None => bail_user!("--encoder omp: needs --k N, the atoms per row"),
+                }
+            }
+            EncoderKind::Mp => Ok(Some(Pursuit::Mp {
+                k: self.k.unwrap_or(d_in),
+                residual_threshold: self.residual_threshold.unwrap_or(0.0),
+            })),
+        }
+    }
+
+    /// The pursuit encoder for `model` (None: the model's own encoder).
+    fn build(&self, model: &Sae, model_arg: &str) -> Result<Option<PursuitEncoder>> {
+        match self.pursuit(model.spec.d_in)? {
+            None => Ok(None),
+            Some(p) => PursuitEncoder::new(model, p)
+                .map(Some)
+                .with_context(|| format!("--model {model_arg}")),
+        }
+    }
+}
+
+/// `encode` and `reconstruct`: input/output and the encoder.
+#[derive(Args, Debug)]
+pub struct CodeArgs {
+    #[command(flatten)]
+    pub io: IoArgs,
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
 }
 
 #[derive(Args, Debug)]
@@ -222,10 +318,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train_cmd(&a),
         Command::Sweep(a) => sweep_cmd(&a),
         Command::Eval(a) => eval(&a),
-        Command::Encode(a) => transform(&a, Transform::Encode),
-        Command::Decode(a) => transform(&a, Transform::Decode),
-        Command::Reconstruct(a) => transform(&a, Transform::Reconstruct),
-        Command::Score(a) => transform(&a, Transform::Score),
+        Command::Encode(a) => transform(&a.io, &a.encoder, Transform::Encode),
+        Command::Decode(a) => transform(&a, &EncoderArgs::default(), Transform::Decode),
+        Command::Reconstruct(a) => transform(&a.io, &a.encoder, Transform::Reconstruct),
+        Command::Score(a) => transform(&a, &EncoderArgs::default(), Transform::Score),
         Command::Export(a) => export_cmd(&a),
     }
 }
@@ -391,6 +487,7 @@ fn eval(a: &EvalArgs) -> Result<()> {
         bail_user!("--batch-size {}: must be at least 1", a.batch_size);
     }
     let model = load(&a.model, &a.device)?;
+    let pursuit = a.encoder.build(&model, &a.model)?;
     // A float32 C-order file is memory-mapped (any size, bounded memory; the
     // metrics run over it in --batch-size chunks); anything else is read.
     let mapped = crate::data::mmap::map_npy(std::path::Path::new(&a.data)).ok();
@@ -435,13 +532,18 @@ fn eval(a: &EvalArgs) -> Result<()> {
         }
         None => None,
     };
-    let m = metrics::evaluate_target(
+    let codes: &dyn metrics::CodeSource = match &pursuit {
+        Some(p) => p,
+        None => &metrics::ModelEncoder,
+    };
+    let m = metrics::evaluate_codes(
         &model,
         &x,
         y.as_ref(),
         a.batch_size,
         a.target,
         truth.as_ref(),
+        codes,
     );
     if a.json {
         let mut v = serde_json::to_value(&m)?;
@@ -493,11 +595,16 @@ enum Transform {
     Score,
 }
 
-fn transform(a: &IoArgs, what: Transform) -> Result<()> {
+fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform) -> Result<()> {
     if a.batch_size < 1 {
         bail_user!("--batch-size {}: must be at least 1", a.batch_size);
     }
     let model = load(&a.model, &a.device)?;
+    let pursuit = enc.build(&model, &a.model)?;
+    let encode = |xb: &Tensor| match &pursuit {
+        Some(p) => p.encode(&model, xb),
+        None => model.encode(xb),
+    };
     // Headers only: check the width before writing anything.
     let shape = npy::data_shape(&a.data)?;
     let (want, what_name) = match what {
@@ -533,9 +640,9 @@ fn transform(a: &IoArgs, what: Transform) -> Result<()> {
     npy::for_each_chunk(&a.data, a.batch_size as usize, |m| {
         let xb = m.to_tensor().to_device(device);
         let y = match what {
-            Transform::Encode => model.encode(&xb),
+            Transform::Encode => encode(&xb),
             Transform::Decode => model.decode(&xb),
-            Transform::Reconstruct => model.forward(&xb),
+            Transform::Reconstruct => model.decode(&encode(&xb)),
             Transform::Score => {
                 // Per-row MSE in the model's (normalised) space, like `mse`.
                 let xn = model.norm.apply(&xb);

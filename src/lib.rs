@@ -23,6 +23,7 @@ pub mod normalize;
 pub mod optim;
 pub mod penalty;
 pub mod plot;
+pub mod pursuit;
 pub mod report;
 pub mod schedule;
 mod shim;

@@ -7,7 +7,8 @@
 //! - `mse` = mean over all n·d elements of (x̂ − x)²
 //! - `fvu` = Σ(x − x̂)² / Σ(x − x̄)², x̄ the per-column mean over rows
 //! - `explained_variance` = 1 − fvu
-//! - `l0` = mean over rows of #{j : z_j > t}
+//! - `l0` = mean over rows of #{j : z_j > t} (codes from a pursuit encoder,
+//!   which may be negative, count where z_j ≠ 0: [`CodeSource::active`])
 //! - `l1` = mean over rows of Σ_j |z_j|
 //! - `mean_activation[j]` = mean over rows of z_j
 //! - `kl_to_target` = Σ_j KL(ρ ‖ clamp(mean_activation[j], ε, 1−ε))
@@ -98,6 +99,28 @@ pub fn evaluate(
     evaluate_target(model, x, None, batch, target, truth)
 }
 
+/// Where the metrics get their codes: the model's own encoder
+/// ([`ModelEncoder`]) or another one (e.g. [`crate::pursuit::PursuitEncoder`]).
+/// The reconstruction is always the model's decoder of these codes.
+pub trait CodeSource {
+    /// Codes `[rows, d_hidden]` of normalised rows `xn`.
+    fn codes(&self, model: &Sae, xn: &Tensor) -> Tensor;
+    /// Which codes count as active (for l0, firing frequencies, dead and
+    /// dense units): above the activation's threshold by default.
+    fn active(&self, model: &Sae, z: &Tensor) -> Tensor {
+        z.gt(model.spec.activation.active_threshold())
+    }
+}
+
+/// The model's own encoder.
+pub struct ModelEncoder;
+
+impl CodeSource for ModelEncoder {
+    fn codes(&self, model: &Sae, xn: &Tensor) -> Tensor {
+        model.encode_normalized(xn)
+    }
+}
+
 /// [`evaluate`] for a model that reconstructs `y` (row-aligned with `x`; a
 /// transcoder) rather than `x`: the reconstruction metrics compare with `y`,
 /// in the model's output space.
@@ -108,6 +131,19 @@ pub fn evaluate_target(
     batch: i64,
     target: f64,
     truth: Option<&Tensor>,
+) -> Metrics {
+    evaluate_codes(model, x, y, batch, target, truth, &ModelEncoder)
+}
+
+/// [`evaluate_target`] with codes from `codes` instead of the model's encoder.
+pub fn evaluate_codes(
+    model: &Sae,
+    x: &Tensor,
+    y: Option<&Tensor>,
+    batch: i64,
+    target: f64,
+    truth: Option<&Tensor>,
+    codes: &dyn CodeSource,
 ) -> Metrics {
     let _guard = tch::no_grad_guard();
     let device = model.device();
@@ -122,7 +158,7 @@ pub fn evaluate_target(
                 .to_device(device)
                 .to_kind(Kind::Float)
         };
-        sums.add(model, &rows(x), y.map(rows));
+        sums.add(model, codes, &rows(x), y.map(rows));
         start += len;
     }
     sums.metrics(model, n, target, truth)
@@ -157,20 +193,21 @@ impl Sums {
 
     /// Adds raw rows `xb` (float32, on the model's device) and, for a
     /// transcoder, their targets `yb`.
-    fn add(&mut self, model: &Sae, xb: &Tensor, yb: Option<Tensor>) {
+    fn add(&mut self, model: &Sae, codes: &dyn CodeSource, xb: &Tensor, yb: Option<Tensor>) {
         let xn = model.norm.apply(xb);
-        let z = model.encode_normalized(&xn);
+        let z = codes.codes(model, &xn);
         let xh = model.decode_normalized(&z);
         let xn = match yb {
             Some(yb) => model.output_norm().apply(&yb),
             None => xn,
         };
         let xn = xn.to_kind(Kind::Double);
-        let thr = model.spec.activation.active_threshold();
         self.sse += (xh.to_kind(Kind::Double) - &xn).square().sum(Kind::Double);
         self.sum_x += xn.sum_dim_intlist(0, false, Kind::Double);
         self.sum_x2 += xn.square().sum_dim_intlist(0, false, Kind::Double);
-        self.fire += z.gt(thr).sum_dim_intlist(0, false, Kind::Double);
+        self.fire += codes
+            .active(model, &z)
+            .sum_dim_intlist(0, false, Kind::Double);
         self.act += z.sum_dim_intlist(0, false, Kind::Double);
         self.l1 += z.abs().sum(Kind::Double);
     }

@@ -95,13 +95,25 @@ pub fn py_file(script: impl AsRef<Path>, args: &[&str]) -> String {
 /// its absence is a failure; a bare `cargo test` says loudly that the
 /// SAELens checks of `test` did not run.
 pub fn saelens_available(test: &str) -> bool {
+    python_module_available(test, "sae_lens", "make saelens")
+}
+
+/// Whether the venv has scikit-learn (the OMP reference), under the same
+/// rule as [`saelens_available`].
+pub fn sklearn_available(test: &str) -> bool {
+    python_module_available(test, "sklearn", "make sklearn")
+}
+
+/// Whether the venv's Python imports `module`; when not, a failure under
+/// SAE_REQUIRE_SAELENS=1 (`make test`), else a loud SKIPPED line.
+pub fn python_module_available(test: &str, module: &str, make_target: &str) -> bool {
     let ok = Command::new(python())
-        .args(["-c", "import sae_lens"])
+        .args(["-c", &format!("import {module}")])
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
         let msg = format!(
-            "{test}: sae_lens is not installed in {}; `make saelens` installs it (`make test` does)",
+            "{test}: {module} is not installed in {}; `{make_target}` installs it (`make test` does)",
             python().display()
         );
         if std::env::var("SAE_REQUIRE_SAELENS").as_deref() == Ok("1") {
