@@ -23,7 +23,7 @@ endif
 # Tests call Python references through this interpreter.
 export SAE_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup saelens sklearn build demo test parity bench fuzz clean fmt lint
+.PHONY: setup saelens sklearn build demo digits test parity bench fuzz clean fmt lint
 
 setup: $(STAMP)
 
@@ -54,6 +54,12 @@ build: $(SETUP_DEPS)
 
 demo: build
 	@bash scripts/demo.sh
+
+# A top-k SAE (L0 = 10) on scikit-learn's digits, with a held-out split (~10 s).
+digits: build $(SKLEARN_STAMP)
+	$(PY) scripts/digits.py digits
+	target/release/sae train --config configs/digits.yaml --out runs/digits --force
+	target/release/sae eval --model runs/digits --data digits/digits_valid.npy --encoder omp --k 10
 
 # SAE_REQUIRE_SAELENS: the SAELens interop tests fail (not skip) without
 # sae_lens, and the pursuit tests without scikit-learn.

@@ -225,6 +225,10 @@ pub struct ModelConfig {
     pub jumprelu_bandwidth: f64,
     /// batchtopk: rate of the running estimate of the inference threshold.
     pub topk_threshold_lr: f64,
+    /// batchtopk, matryoshka_batchtopk: after training, set the inference
+    /// threshold from the training rows so that the saved encoder keeps `k`
+    /// codes per row on average on them (instead of the running estimate).
+    pub calibrate_threshold: bool,
     /// matryoshka_batchtopk: the nested prefix widths whose reconstructions
     /// are trained too (strictly increasing; `d_hidden` is added as the last
     /// level when missing, as SAELens does). See [`ModelConfig::matryoshka_levels`].
@@ -390,6 +394,7 @@ impl Default for ModelConfig {
             jumprelu_init_threshold: 0.01,
             jumprelu_bandwidth: 0.05,
             topk_threshold_lr: 0.01,
+            calibrate_threshold: false,
             matryoshka_widths: Vec::new(),
         }
     }
@@ -822,6 +827,18 @@ impl Config {
             return Err(format!(
                 "model.topk_threshold_lr: {} must be in (0, 1]",
                 m.topk_threshold_lr
+            ));
+        }
+        if m.calibrate_threshold
+            && !matches!(
+                m.activation,
+                ActivationKind::Batchtopk | ActivationKind::MatryoshkaBatchtopk
+            )
+        {
+            return Err(format!(
+                "model.calibrate_threshold: only used by activations batchtopk and \
+                 matryoshka_batchtopk, not {}",
+                activation_name(m.activation)
             ));
         }
         if !(m.decoder_init_norm > 0.0 && m.decoder_init_norm.is_finite()) {

@@ -676,3 +676,139 @@ fn new_keys_are_validated() {
         case.fails(&[needle]);
     }
 }
+
+#[test]
+fn dead_window_longer_than_the_run_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, _) = data(dir.path());
+    // 2048 rows / 128 = 16 steps an epoch, 4 epochs: 64 steps.
+    let auxk = recipe(dir.path(), "auxk_window", &x).sets([
+        "model.activation=topk",
+        "model.k=4",
+        "sparsity.penalty=auxk",
+        "train.dead_window=65",
+    ]);
+    let err = auxk.user_error(&[
+        "train.dead_window",
+        "65",
+        "64 steps",
+        "sparsity.penalty: auxk",
+    ]);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    recipe(dir.path(), "resample_window", &x)
+        .sets([
+            "model.activation=relu",
+            "sparsity.penalty=l1",
+            "train.resample_every=10",
+            "train.dead_window=1000",
+        ])
+        .user_error(&["train.dead_window", "64 steps", "train.resample_every"]);
+    // Without auxk or resampling the window only feeds the `dead` column.
+    recipe(dir.path(), "plain_window", &x)
+        .sets([
+            "model.activation=topk",
+            "model.k=4",
+            "sparsity.penalty=none",
+            "train.epochs=1",
+            "train.dead_window=1000",
+        ])
+        .train();
+}
+
+#[test]
+fn many_dead_latents_warn_on_stderr_and_in_the_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, _) = data(dir.path());
+    // An L1 weight this large, on unit-norm decoder rows, silences the latents.
+    let run = recipe(dir.path(), "dead", &x)
+        .sets([
+            "model.activation=relu",
+            "sparsity.penalty=l1",
+            "sparsity.weight=100",
+            "train.optimizer.lr=0.05",
+            "train.unit_norm_decoder=true",
+        ])
+        .train();
+    let dead = run.stat("train", "dead_fraction");
+    assert!(dead > 0.3, "dead_fraction {dead}");
+    // Shown even with -q (Case trains with -q), on one line.
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("sae: warning:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "stderr: {}", run.stderr);
+    for needle in [
+        "% of latents are dead",
+        "train.resample_every",
+        "train.optimizer.lr",
+    ] {
+        assert!(lines[0].contains(needle), "{needle} missing: {}", lines[0]);
+    }
+    let warnings = run.summary()["warnings"].as_array().unwrap().clone();
+    assert_eq!(warnings.len(), 1);
+    assert_eq!(
+        format!("sae: warning: {}", warnings[0].as_str().unwrap()),
+        lines[0]
+    );
+    // A healthy run: no warning, no `warnings` key.
+    let run = recipe(dir.path(), "healthy", &x)
+        .sets([
+            "model.activation=topk",
+            "model.k=4",
+            "sparsity.penalty=none",
+        ])
+        .train();
+    assert!(run.stat("train", "dead_fraction") <= 0.3);
+    assert!(!run.stderr.contains("warning"), "{}", run.stderr);
+    assert!(run.summary().get("warnings").is_none());
+}
+
+#[test]
+fn calibrated_batchtopk_threshold_gives_l0_k_on_the_training_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, _) = data(dir.path());
+    for (name, extra) in [
+        ("calibrated_batchtopk", None),
+        (
+            "calibrated_matryoshka",
+            Some("model.matryoshka_widths=[8, 24]"),
+        ),
+    ] {
+        let activation = match extra {
+            Some(_) => "model.activation=matryoshka_batchtopk",
+            None => "model.activation=batchtopk",
+        };
+        let run = recipe(dir.path(), name, &x)
+            .sets([
+                activation,
+                "model.k=5",
+                "sparsity.penalty=none",
+                "model.calibrate_threshold=true",
+            ])
+            .sets(extra)
+            .train();
+        // The saved encoder, on the training rows: mean L0 = k within 1 %.
+        let z = dir.path().join(format!("{name}_z.npy"));
+        run.apply("encode", &x, &z, &[]);
+        let z = Tensor::read_npy(&z).unwrap();
+        let l0 = z
+            .gt(0.0)
+            .sum_dim_intlist(1, false, Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        assert!((l0 - 5.0).abs() <= 0.05, "{name}: encoded l0 {l0}");
+        let summary_l0 = run.stat("train", "l0");
+        assert!(
+            (summary_l0 - 5.0).abs() <= 0.05,
+            "{name}: summary l0 {summary_l0}"
+        );
+    }
+    recipe(dir.path(), "calibrate_topk", &x)
+        .sets([
+            "model.activation=topk",
+            "model.k=5",
+            "model.calibrate_threshold=true",
+        ])
+        .user_error(&["model.calibrate_threshold", "topk"]);
+}

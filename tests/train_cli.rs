@@ -200,3 +200,34 @@ fn cuda_training_when_available() {
         .train();
     assert_eq!(run.summary()["device"].as_str(), Some("cuda:0"));
 }
+
+/// configs/digits.yaml on scripts/digits.py's data trains (a few epochs
+/// here; the full run and its held-out FVU are in the config's notes).
+#[test]
+fn digits_config_trains() {
+    if !sklearn_available("digits_config_trains") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let data = dir.path().join("data");
+    py_file(
+        format!("{root}/scripts/digits.py"),
+        &[data.to_str().unwrap()],
+    );
+    let (train, valid) = (data.join("digits_train.npy"), data.join("digits_valid.npy"));
+    let run = Case::new(dir.path(), "digits")
+        .config(format!("{root}/configs/digits.yaml"))
+        .sets([
+            format!("data.train={}", train.display()),
+            format!("data.valid={}", valid.display()),
+            "train.epochs=5".into(),
+            // 115 steps: a window the run can see (see the dead_window check).
+            "train.dead_window=50".into(),
+            "device=cpu".into(),
+        ])
+        .train();
+    assert_eq!(run.stat("train", "l0"), 10.0);
+    let fvu = run.stat("valid", "fvu");
+    assert!(fvu < 0.5, "held-out fvu {fvu} after 5 epochs");
+}

@@ -11,6 +11,7 @@
 //! This file is the loop that wires them, and the end of the run.
 
 pub mod batches;
+pub mod calibrate;
 pub mod init;
 pub mod interrupt;
 pub mod plan;
@@ -23,7 +24,7 @@ pub use init::{geometric_median, normalize_decoder_rows};
 pub use step::{clip_grad_norm, remove_parallel_gradient};
 
 use crate::checkpoint;
-use crate::config::Config;
+use crate::config::{Config, PenaltyKind};
 use crate::data::dataset::Shard;
 use crate::metrics::{self, Metrics};
 use crate::model::Sae;
@@ -68,6 +69,42 @@ pub struct Summary {
     pub train: Metrics,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub valid: Option<Metrics>,
+    /// What the run did that the user likely did not want (also printed on
+    /// stderr); left out when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// Above this fraction of dead latents on the training rows, a run warns.
+pub const DEAD_WARN_FRACTION: f64 = 0.3;
+
+/// The warnings of a finished run, from its training-row metrics.
+fn run_warnings(cfg: &Config, train: &Metrics) -> Vec<String> {
+    let mut out = Vec::new();
+    if train.dead_fraction > DEAD_WARN_FRACTION {
+        let mut remedies = Vec::new();
+        if cfg.model.activation.uses_k()
+            && cfg.sparsity.penalty != PenaltyKind::Auxk
+            && cfg.model.hidden.len() <= 1
+        {
+            remedies.push("sparsity.penalty: auxk".to_string());
+        }
+        if cfg.train.resample_every == 0 && cfg.model.hidden.len() <= 1 {
+            remedies.push("train.resample_every".to_string());
+        }
+        remedies.push(format!(
+            "a lower train.optimizer.lr (now {})",
+            cfg.train.optimizer.lr
+        ));
+        out.push(format!(
+            "{:.1}% of latents are dead (never active on the training rows, more than {:.0}%); \
+             try {}",
+            100.0 * train.dead_fraction,
+            100.0 * DEAD_WARN_FRACTION,
+            remedies.join(", or ")
+        ));
+    }
+    out
 }
 
 /// Rows processed per evaluation batch (bounded memory, any data size).
@@ -151,9 +188,17 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
     if !run.writer {
         return Ok(None);
     }
-    let model = learner.into_model();
+    let mut model = learner.into_model();
+    if cfg.model.calibrate_threshold {
+        let k = cfg.model.k.expect("validated: calibrate_threshold needs k");
+        calibrate::calibrate_threshold(&mut model, &plan.data.train, k);
+    }
     run.save_model(&model)?;
     let (train, valid) = evaluate(&model, &plan.data, cfg.sparsity.target);
+    let warnings = run_warnings(&cfg, &train);
+    for w in &warnings {
+        eprintln!("sae: warning: {w}");
+    }
     let summary = Summary {
         steps: state.step,
         epochs: cfg.train.epochs,
@@ -166,6 +211,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
         final_loss: state.last_loss,
         train,
         valid,
+        warnings,
     };
     run.save_summary(&model, &summary)?;
     Ok(Some(summary))

@@ -5,7 +5,7 @@
 
 use super::batches::Source;
 use super::init;
-use crate::config::{Auto, BatchSize, Config, DistBackend};
+use crate::config::{Auto, BatchSize, Config, DistBackend, PenaltyKind};
 use crate::data::dataset::{read_order, Dataset};
 use crate::data::mmap::Mapped;
 use crate::data::npy;
@@ -109,6 +109,20 @@ impl Plan {
                 "train.lr_warmup_steps + train.lr_decay_steps: {} + {} exceeds the run's {} steps",
                 t.lr_warmup_steps,
                 t.lr_decay_steps,
+                self.total_steps
+            );
+        }
+        let auxk = self.cfg.sparsity.penalty == PenaltyKind::Auxk;
+        if (auxk || t.resample_every > 0) && t.dead_window > self.total_steps {
+            let user = match auxk {
+                true => "sparsity.penalty: auxk",
+                false => "train.resample_every",
+            };
+            bail_user!(
+                "train.dead_window: {} is longer than the run's {} steps, so {user} never sees a \
+                 dead latent; set train.dead_window to at most {} (or train for more epochs)",
+                t.dead_window,
+                self.total_steps,
                 self.total_steps
             );
         }
