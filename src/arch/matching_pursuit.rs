@@ -50,7 +50,9 @@ impl Architecture for MatchingPursuit {
         Ok(("matching_pursuit", m))
     }
 
-    /// `codes(self, x)`: the pursuit as a scripted loop over `W_dec`.
+    /// `codes(self, x)`: the pursuit as a scripted loop over the rows of
+    /// `W_enc.T` (the tied dictionary; the module's `W_dec` is its copy, read
+    /// by `decode`), the same ops as [`crate::pursuit::matching_pursuit`].
     fn torchscript(&self, _model: &Sae) -> ActivationCode {
         ActivationCode {
             body: MP_TS.into(),
@@ -69,12 +71,12 @@ impl Architecture for MatchingPursuit {
 
 /// `crate::pursuit::matching_pursuit` in TorchScript.
 const MP_TS: &str = "    r = x
-    acts = torch.zeros([x.size(0), self.W_dec.size(0)], dtype=x.dtype, device=x.device)
+    acts = torch.zeros([x.size(0), self.W_enc.size(1)], dtype=x.dtype, device=x.device)
     prev = acts != 0
     done = torch.zeros([x.size(0)], dtype=x.dtype, device=x.device) != 0
     for _ in range(self.k):
-        idx = torch.argmax(torch.relu(torch.matmul(r, self.W_dec.t())), dim=1, keepdim=True)
-        sel = torch.index_select(self.W_dec, 0, idx.squeeze(1))
+        idx = torch.argmax(torch.relu(torch.matmul(r, self.W_enc)), dim=1, keepdim=True)
+        sel = torch.index_select(self.W_enc.t(), 0, idx.squeeze(1))
         values = torch.relu(torch.sum(r * sel, dim=-1, keepdim=True))
         masked = values * torch.logical_not(done).to(values.dtype).unsqueeze(1)
         acts = acts.scatter_add(1, idx, masked)
