@@ -613,6 +613,10 @@ fn saelens_saved_sae_is_read_by_sae() {
             &["--architecture", "topk", "--k", "4", "--rescale"],
         ),
         ("jumprelu", &["--architecture", "jumprelu"]),
+        (
+            "matching_pursuit",
+            &["--architecture", "matching_pursuit", "--k", "5"],
+        ),
     ];
     for (name, extra) in cases {
         let sl = p(d, name);
