@@ -10,6 +10,10 @@ use tch::Tensor;
 /// `model.jumprelu_bandwidth` when a model file does not say (SAELens's default).
 pub const DEFAULT_BANDWIDTH: f64 = 0.05;
 
+/// `model.residual_threshold` when a model file does not say (SAELens's
+/// default).
+pub const DEFAULT_RESIDUAL_THRESHOLD: f64 = 1e-2;
+
 /// One per file in `src/arch/`, where each is described.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Activation {
@@ -29,6 +33,12 @@ pub enum Activation {
     /// are a training setting (`model.matryoshka_widths`), not the model's.
     MatryoshkaBatchTopK {
         k: i64,
+    },
+    /// Greedy matching pursuit over the decoder rows: at most `k` atoms a
+    /// row, stopping once the residual norm is below `residual_threshold`.
+    MatchingPursuit {
+        k: i64,
+        residual_threshold: f64,
     },
 }
 
@@ -52,6 +62,10 @@ impl Activation {
             ActivationKind::MatryoshkaBatchtopk => Activation::MatryoshkaBatchTopK {
                 k: k.expect("validated: matryoshka_batchtopk has k"),
             },
+            ActivationKind::MatchingPursuit => Activation::MatchingPursuit {
+                k: k.expect("validated: matching_pursuit has k"),
+                residual_threshold: DEFAULT_RESIDUAL_THRESHOLD,
+            },
         }
     }
 
@@ -61,7 +75,31 @@ impl Activation {
             Activation::JumpRelu { .. } => Activation::JumpRelu {
                 bandwidth: m.jumprelu_bandwidth,
             },
-            a => a,
+            a => a.with_residual_threshold(Some(m.residual_threshold)),
+        }
+    }
+
+    /// matching_pursuit with its residual threshold set to `t` (when
+    /// given, as a model file may not); other activations unchanged.
+    pub fn with_residual_threshold(self, t: Option<f64>) -> Activation {
+        match (self, t) {
+            (Activation::MatchingPursuit { k, .. }, Some(residual_threshold)) => {
+                Activation::MatchingPursuit {
+                    k,
+                    residual_threshold,
+                }
+            }
+            (a, _) => a,
+        }
+    }
+
+    /// matching_pursuit's residual threshold.
+    pub fn residual_threshold(&self) -> Option<f64> {
+        match self {
+            Activation::MatchingPursuit {
+                residual_threshold, ..
+            } => Some(*residual_threshold),
+            _ => None,
         }
     }
 
@@ -74,6 +112,7 @@ impl Activation {
             Activation::JumpRelu { .. } => ActivationKind::Jumprelu,
             Activation::Gated => ActivationKind::Gated,
             Activation::MatryoshkaBatchTopK { .. } => ActivationKind::MatryoshkaBatchtopk,
+            Activation::MatchingPursuit { .. } => ActivationKind::MatchingPursuit,
         }
     }
 
@@ -81,7 +120,8 @@ impl Activation {
         match self {
             Activation::TopK { k }
             | Activation::BatchTopK { k }
-            | Activation::MatryoshkaBatchTopK { k } => Some(*k),
+            | Activation::MatryoshkaBatchTopK { k }
+            | Activation::MatchingPursuit { k, .. } => Some(*k),
             _ => None,
         }
     }

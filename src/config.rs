@@ -163,6 +163,8 @@ pub enum ActivationKind {
     Gated,
     #[serde(rename = "matryoshka_batchtopk")]
     MatryoshkaBatchtopk,
+    #[serde(rename = "matching_pursuit")]
+    MatchingPursuit,
 }
 
 impl ActivationKind {
@@ -170,7 +172,10 @@ impl ActivationKind {
     pub fn uses_k(self) -> bool {
         matches!(
             self,
-            ActivationKind::Topk | ActivationKind::Batchtopk | ActivationKind::MatryoshkaBatchtopk
+            ActivationKind::Topk
+                | ActivationKind::Batchtopk
+                | ActivationKind::MatryoshkaBatchtopk
+                | ActivationKind::MatchingPursuit
         )
     }
 }
@@ -233,6 +238,9 @@ pub struct ModelConfig {
     /// are trained too (strictly increasing; `d_hidden` is added as the last
     /// level when missing, as SAELens does). See [`ModelConfig::matryoshka_levels`].
     pub matryoshka_widths: Vec<i64>,
+    /// matching_pursuit: a row stops selecting atoms once its residual norm
+    /// falls below this (0: never; SAELens's `residual_threshold`).
+    pub residual_threshold: f64,
 }
 
 impl ModelConfig {
@@ -396,6 +404,7 @@ impl Default for ModelConfig {
             topk_threshold_lr: 0.01,
             calibrate_threshold: false,
             matryoshka_widths: Vec::new(),
+            residual_threshold: crate::activation::DEFAULT_RESIDUAL_THRESHOLD,
         }
     }
 }
@@ -605,6 +614,7 @@ pub fn activation_name(a: ActivationKind) -> &'static str {
         ActivationKind::Jumprelu => "jumprelu",
         ActivationKind::Gated => "gated",
         ActivationKind::MatryoshkaBatchtopk => "matryoshka_batchtopk",
+        ActivationKind::MatchingPursuit => "matching_pursuit",
     }
 }
 
@@ -800,6 +810,7 @@ impl Config {
     fn validate_recipe(&self) -> Check {
         self.validate_activation_knobs()?;
         self.validate_matryoshka()?;
+        self.validate_matching_pursuit()?;
         self.validate_penalty_pairing()?;
         self.validate_sparsity_schedule()?;
         self.validate_deep()?;
@@ -893,6 +904,63 @@ impl Config {
             return Err(
                 "model.hidden: not available with activation matryoshka_batchtopk \
                         (its prefixes decode straight to the output)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// `model.residual_threshold`, and what SAELens's `MatchingPursuitSAE`
+    /// is: tied (its dictionary is `W_dec`, with `W_enc = W_dec.T` and no
+    /// encoder bias), trained on the reconstruction alone (no sparsity
+    /// coefficient), one linear layer each way, `b_dec` subtracted from the
+    /// input and added to the output.
+    fn validate_matching_pursuit(&self) -> Check {
+        let (m, s) = (&self.model, &self.sparsity);
+        let t = m.residual_threshold;
+        if !finite_nonneg(t) {
+            return Err(format!("model.residual_threshold: {t} must be >= 0"));
+        }
+        if m.activation != ActivationKind::MatchingPursuit {
+            if t != crate::activation::DEFAULT_RESIDUAL_THRESHOLD {
+                return Err(format!(
+                    "model.residual_threshold: only used by activation matching_pursuit, not {}",
+                    activation_name(m.activation)
+                ));
+            }
+            return Ok(());
+        }
+        if !m.tied {
+            return Err("model.tied: activation matching_pursuit is a tied SAE \
+                        (its encoder is the decoder's rows); set model.tied: true"
+                .into());
+        }
+        if s.penalty != PenaltyKind::None {
+            return Err(
+                "sparsity.penalty: activation matching_pursuit is trained on the \
+                        reconstruction alone (its sparsity is model.k and \
+                        model.residual_threshold); set sparsity.penalty: none"
+                    .into(),
+            );
+        }
+        if m.hidden.len() > 1 {
+            return Err(
+                "model.hidden: not available with activation matching_pursuit \
+                        (it pursues over W_dec's rows in the input space)"
+                    .into(),
+            );
+        }
+        if m.decoder_activation != OutputActivation::None {
+            return Err(
+                "model.decoder_activation: activation matching_pursuit needs a \
+                        linear decoder (none)"
+                    .into(),
+            );
+        }
+        if !m.apply_b_dec_to_input {
+            return Err(
+                "model.apply_b_dec_to_input: activation matching_pursuit needs \
+                        true (b_dec is both removed from the input and added back)"
                     .into(),
             );
         }

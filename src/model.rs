@@ -333,6 +333,9 @@ impl Sae {
     /// (inference mode unless `train`).
     fn codes(&self, x: &Tensor, pre: &Tensor, train: bool) -> Tensor {
         let act = &self.spec.activation;
+        if let Some(z) = act.arch().codes_from_input(self, x) {
+            return z;
+        }
         match &self.gate {
             Some(g) => {
                 // SAELens order: W_enc * exp(r_mag), then the matmul.

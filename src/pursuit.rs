@@ -269,33 +269,47 @@ impl PursuitEncoder {
     /// MP (SAELens's `_encode_matching_pursuit` on the unit atoms) on
     /// residuals `r0 [b, d]` (float32): codes `[b, h]`.
     fn mp(&self, r0: &Tensor, k: i64, threshold: f64) -> Tensor {
-        let b = r0.size()[0];
-        let h = self.unit32.size()[0];
-        let dev = r0.device();
-        // A copy: the residual is updated in place.
-        let mut r = r0.copy();
-        let mut acts = Tensor::zeros([b, h], (Kind::Float, dev));
-        let mut prev = Tensor::zeros([b, h], (Kind::Bool, dev));
-        let mut done = Tensor::zeros([b], (Kind::Bool, dev));
-        for _ in 0..k {
-            let idx = r.mm(&self.unit32.tr()).relu().argmax(1, true);
-            let sel = self.unit32.index_select(0, &idx.squeeze_dim(1));
-            let values = (&r * &sel).sum_dim_intlist(-1, true, Kind::Float).relu();
-            let masked = values * done.logical_not().to_kind(Kind::Float).unsqueeze(1);
-            acts = acts.scatter_add(1, &idx, &masked);
-            r -= &masked * &sel;
+        matching_pursuit(r0, &self.unit32, k, threshold) * self.inv_norm.unsqueeze(0)
+    }
+}
+
+/// SAELens's `_encode_matching_pursuit` (`stop_on_duplicate_support`
+/// true): codes `[b, h]` of centred rows `r0 [b, d]` over the atoms `dict
+/// [h, d]` as they are (not normalised), at most `k` steps. Differentiable
+/// as SAELens's: the selections are made without autograd, and gradients
+/// flow to `r0` and `dict` through the selected coefficients
+/// `relu(<r, d_j>)` and the residual updates (the `matching_pursuit`
+/// architecture trains through this; `--encoder mp` calls it on unit
+/// atoms without autograd).
+pub fn matching_pursuit(r0: &Tensor, dict: &Tensor, k: i64, threshold: f64) -> Tensor {
+    let b = r0.size()[0];
+    let h = dict.size()[0];
+    let dev = r0.device();
+    let mut r = r0.shallow_clone();
+    let mut acts = Tensor::zeros([b, h], (r0.kind(), dev));
+    let mut prev = Tensor::zeros([b, h], (Kind::Bool, dev));
+    let mut done = Tensor::zeros([b], (Kind::Bool, dev));
+    for _ in 0..k {
+        let idx = tch::no_grad(|| r.mm(&dict.tr()).relu().argmax(1, true));
+        let sel = dict.index_select(0, &idx.squeeze_dim(1));
+        let values = (&r * &sel).sum_dim_intlist(-1, true, r.kind()).relu();
+        let masked = values * done.logical_not().to_kind(r.kind()).unsqueeze(1);
+        acts = acts.scatter_add(1, &idx, &masked);
+        r = &r - &masked * &sel;
+        let stop = tch::no_grad(|| {
             let support = acts.ne(0.0);
             done = done.logical_or(&support.eq_tensor(&prev).all_dim(1, false));
             prev = support;
             if threshold > 0.0 {
                 done = done.logical_or(&r.norm_scalaropt_dim(2, [-1], false).lt(threshold));
             }
-            if done.all().int64_value(&[]) != 0 {
-                break;
-            }
+            done.all().int64_value(&[]) != 0
+        });
+        if stop {
+            break;
         }
-        acts * self.inv_norm.unsqueeze(0)
     }
+    acts
 }
 
 impl CodeSource for PursuitEncoder {

@@ -175,6 +175,17 @@ const VARIANTS: &[Variant] = &[
         buffers: &["threshold"],
     },
     Variant {
+        name: "matching_pursuit",
+        sets: &[
+            "model.activation=matching_pursuit",
+            "model.k=4",
+            "model.tied=true",
+            "sparsity.penalty=none",
+        ],
+        extra_params: &[],
+        buffers: &[],
+    },
+    Variant {
         name: "relu_standardize_tied",
         sets: &["data.normalize=standardize", "model.tied=true"],
         extra_params: &[],
@@ -496,6 +507,16 @@ fn saelens_export_loads_in_sae_lens_and_matches() {
             ],
             "JumpReLUSAE",
         ),
+        (
+            "matching_pursuit",
+            &[
+                "model.activation=matching_pursuit",
+                "model.k=4",
+                "model.tied=true",
+                "sparsity.penalty=none",
+            ],
+            "MatchingPursuitSAE",
+        ),
     ];
     let mut dirs = Vec::new();
     for (name, sets, class) in cases {
@@ -560,6 +581,14 @@ for i in range(0, len(a), 4):
     );
     let dev = max_dev(&p(d, "relu_standardize_tied_z.npy"), &z2);
     assert!(dev <= TOL, "SAELens export read back deviates by {dev}");
+    // A matching-pursuit export (W_dec and b_dec only) too.
+    let z2 = p(d, "matching_pursuit_z2.npy");
+    apply("encode", p(d, "matching_pursuit_saelens"), &x, &z2, &[]);
+    let dev = max_dev(&p(d, "matching_pursuit_z.npy"), &z2);
+    assert!(
+        dev <= TOL,
+        "matching_pursuit SAELens export read back deviates by {dev}"
+    );
 }
 
 /// SAEs saved by `sae_lens` itself load in `sae` (`--model DIR`) and give the
@@ -584,6 +613,10 @@ fn saelens_saved_sae_is_read_by_sae() {
             &["--architecture", "topk", "--k", "4", "--rescale"],
         ),
         ("jumprelu", &["--architecture", "jumprelu"]),
+        (
+            "matching_pursuit",
+            &["--architecture", "matching_pursuit", "--k", "5"],
+        ),
     ];
     for (name, extra) in cases {
         let sl = p(d, name);

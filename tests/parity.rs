@@ -644,6 +644,25 @@ fn matryoshka(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
     }
 }
 
+/// Matching pursuit (SAELens `matching_pursuit`): tied, codes from a greedy
+/// pursuit of at most 6 atoms over W_dec (residual threshold 0.05), trained
+/// through the pursuit on the reconstruction alone.
+fn matching_pursuit(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        activation: "matching_pursuit",
+        k: Some(6),
+        seed: 12,
+        knobs: &[
+            ("model.tied=true", &[]),
+            (
+                "model.residual_threshold=0.05",
+                &["--residual-threshold", "0.05"],
+            ),
+        ],
+        ..sparse(name, epochs, batch)
+    }
+}
+
 /// `test_name: case(name, epochs, batch);` -> a `#[test]` checking that case.
 macro_rules! parity_tests {
     ($($test:ident: $case:ident($name:literal, $epochs:literal, $batch:expr);)*) => {
@@ -677,4 +696,6 @@ parity_tests! {
     jumprelu_recipe_minibatch: jumprelu_recipe("jumprelu_recipe", 10, Some(48));
     matryoshka_full_batch: matryoshka("matryoshka_full", 100, None);
     matryoshka_minibatch: matryoshka("matryoshka_minibatch", 10, Some(48));
+    matching_pursuit_full_batch: matching_pursuit("matching_pursuit_full", 100, None);
+    matching_pursuit_minibatch: matching_pursuit("matching_pursuit_minibatch", 10, Some(48));
 }

@@ -77,6 +77,7 @@ impl Architecture for BatchTopK {
     fn torchscript(&self, model: &Sae) -> ActivationCode {
         ActivationCode {
             body: JUMP_TS.into(),
+            from_input: false,
             tensors: vec![("threshold".into(), saved_threshold(model), false)],
             attrs: vec![("k".into(), AttrValue::Int(self.k))],
         }

@@ -50,6 +50,7 @@ impl Architecture for Gated {
             body: "    mag = (pre - self.b_enc) * torch.exp(self.r_mag) + self.b_mag\n    \
                    return (pre > 0).to(pre.dtype) * torch.relu(mag)\n"
                 .into(),
+            from_input: false,
             tensors: vec![
                 ("r_mag".into(), g.r_mag.shallow_clone(), true),
                 ("b_mag".into(), g.b_mag.shallow_clone(), true),

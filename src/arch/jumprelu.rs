@@ -61,6 +61,7 @@ impl Architecture for JumpRelu {
     fn torchscript(&self, model: &Sae) -> ActivationCode {
         ActivationCode {
             body: JUMP_TS.into(),
+            from_input: false,
             tensors: vec![("threshold".into(), saved_threshold(model), true)],
             attrs: vec![(
                 "jumprelu_bandwidth".into(),

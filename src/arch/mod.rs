@@ -13,6 +13,7 @@
 mod batchtopk;
 mod gated;
 mod jumprelu;
+mod matching_pursuit;
 mod matryoshka_batchtopk;
 mod relu;
 mod sigmoid;
@@ -40,6 +41,13 @@ pub fn of(a: &Activation) -> Box<dyn Architecture> {
         Activation::MatryoshkaBatchTopK { k } => {
             Box::new(matryoshka_batchtopk::MatryoshkaBatchTopK { k })
         }
+        Activation::MatchingPursuit {
+            k,
+            residual_threshold,
+        } => Box::new(matching_pursuit::MatchingPursuit {
+            k,
+            residual_threshold,
+        }),
     }
 }
 
@@ -58,6 +66,19 @@ pub trait Architecture {
     /// Codes from pre-activations `[batch, d_hidden]`, as at inference.
     /// `threshold` is the model's (see [`Architecture::threshold`]).
     fn apply(&self, pre: &Tensor, threshold: Option<&Tensor>) -> Tensor;
+
+    /// Codes that are not a function of the pre-activations alone: from the
+    /// code layer's input `x` (normalised, minus `b_dec` when
+    /// `apply_b_dec_to_input`) and the model's weights, the same in training
+    /// and at inference, gradients flowing through them (matching pursuit: a
+    /// greedy search over the decoder rows). When `Some`, `Sae` uses these
+    /// and never calls [`apply`] / [`apply_train`]. `None` by default.
+    ///
+    /// [`apply`]: Architecture::apply
+    /// [`apply_train`]: Architecture::apply_train
+    fn codes_from_input(&self, _model: &Sae, _x: &Tensor) -> Option<Tensor> {
+        None
+    }
 
     /// Codes during training (gradients flow through these).
     fn apply_train(&self, pre: &Tensor, threshold: Option<&Tensor>) -> Tensor {
@@ -133,7 +154,11 @@ pub trait Architecture {
     /// SAELens has none for this one.
     fn saelens(&self) -> Result<(&'static str, Map<String, Value>), String>;
 
-    /// The TorchScript `activation(self, pre)` method and what it reads.
+    /// The TorchScript `activation(self, pre)` method (or, for
+    /// [`codes_from_input`] architectures, the `codes(self, x)` method) and
+    /// what it reads.
+    ///
+    /// [`codes_from_input`]: Architecture::codes_from_input
     fn torchscript(&self, model: &Sae) -> ActivationCode;
 }
 

@@ -30,6 +30,7 @@ impl Architecture for TopK {
             body: "    values, indices = torch.topk(pre, self.k, dim=-1)\n    \
                    return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))\n"
                 .into(),
+            from_input: false,
             tensors: vec![],
             attrs: vec![("k".into(), AttrValue::Int(self.k))],
         }

@@ -122,6 +122,14 @@ pub fn save(model: &Sae, dir: &Path) -> Result<()> {
              decoders are linear; export as torchscript or safetensors instead"
         );
     }
+    let pursuit = matches!(model.spec.activation, Activation::MatchingPursuit { .. });
+    if pursuit && model.norm.shift.is_some() {
+        bail_user!(
+            "cannot export to SAELens: a matching_pursuit model's codes depend on its \
+             decoder rows' norms, which folding the input normalisation (data.normalize) \
+             would change; export as torchscript or safetensors instead"
+        );
+    }
     let (w_enc, b_enc, w_dec, b_dec) = fold_normalization(model);
     let mut metadata = Map::new();
     metadata.insert("sae_lens_version".into(), json!(SAELENS_FORMAT_VERSION));
@@ -166,6 +174,8 @@ pub fn save(model: &Sae, dir: &Path) -> Result<()> {
                 ("b_dec", b_dec),
             ]
         }
+        // Matching pursuit: SAELens's is tied, with W_dec and b_dec only.
+        None if pursuit => vec![("W_dec", w_dec), ("b_dec", b_dec)],
         None => vec![
             ("W_enc", w_enc),
             ("b_enc", b_enc),
@@ -233,6 +243,10 @@ struct CfgIn {
     #[serde(alias = "activation_fn_str")]
     activation_fn: Option<String>,
     activation_fn_kwargs: Option<Value>,
+    /// matching_pursuit (`max_iterations` null: d_in, as SAELens).
+    residual_threshold: Option<f64>,
+    max_iterations: Option<i64>,
+    stop_on_duplicate_support: Option<bool>,
 }
 
 /// How a SAELens architecture maps onto ours.
@@ -311,9 +325,37 @@ fn activation_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
             fold_dec_norm: false,
             threshold: None,
         }),
+        "matching_pursuit" => {
+            let k = cfg.max_iterations.unwrap_or(cfg.d_in);
+            if k < 1 {
+                bail_user!("{origin}: max_iterations = {k} must be at least 1");
+            }
+            if cfg.stop_on_duplicate_support == Some(false) {
+                bail_user!(
+                    "{origin}: stop_on_duplicate_support = false is not supported \
+                     (matching pursuit here always stops on a repeated support)"
+                );
+            }
+            if cfg.apply_b_dec_to_input == Some(false) {
+                bail_user!(
+                    "{origin}: a matching_pursuit SAE with apply_b_dec_to_input = false is \
+                     not supported (its decoder then leaves b_dec out)"
+                );
+            }
+            Ok(Imported {
+                activation: Activation::MatchingPursuit {
+                    k,
+                    residual_threshold: cfg
+                        .residual_threshold
+                        .unwrap_or(crate::activation::DEFAULT_RESIDUAL_THRESHOLD),
+                },
+                fold_dec_norm: false,
+                threshold: None,
+            })
+        }
         other => bail_user!(
             "{origin}: architecture `{other}` is not supported \
-             (supported: standard, topk, jumprelu, batchtopk, gated)"
+             (supported: standard, topk, jumprelu, batchtopk, gated, matching_pursuit)"
         ),
     }
 }
@@ -328,6 +370,33 @@ pub fn load(dir: &Path, device: Device) -> Result<Sae> {
     let weights = dir.join(WEIGHTS_FILE);
     let (mut t, _) = read_all(&weights)?;
     let (d, h) = (cfg.d_in, cfg.d_sae);
+    if let Activation::MatchingPursuit { .. } = imported.activation {
+        // Tied: W_dec and b_dec only (W_enc is W_dec.T, no encoder bias).
+        let w_dec = take(&mut t, "W_dec", &[h, d], &weights)?;
+        let b_dec = take(&mut t, "b_dec", &[d], &weights)?;
+        check_no_other_tensors(t, &weights)?;
+        let model = Sae {
+            spec: ModelSpec {
+                d_in: d,
+                d_hidden: h,
+                activation: imported.activation,
+                decoder_activation: OutputActivation::None,
+                apply_b_dec_to_input: true,
+                tied: true,
+            },
+            w_enc: w_dec.tr().contiguous(),
+            b_enc: Tensor::zeros([h], (Kind::Float, Device::Cpu)),
+            w_dec: None,
+            b_dec,
+            threshold: None,
+            gate: None,
+            enc_layers: Vec::new(),
+            dec_layers: Vec::new(),
+            norm: Normalizer::identity(),
+            out_norm: None,
+        };
+        return Ok(super::on_device(model, device));
+    }
     let mut w_enc = take(&mut t, "W_enc", &[d, h], &weights)?;
     let gated = imported.activation == Activation::Gated;
     let mut b_enc = take(

@@ -43,6 +43,9 @@ pub struct Architecture {
     /// `enc_layers.{i}.b`, `dec_layers.{i}.W`, `dec_layers.{i}.b`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hidden: Vec<i64>,
+    /// matching_pursuit: its residual threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual_threshold: Option<f64>,
 }
 
 impl Architecture {
@@ -67,6 +70,7 @@ impl Architecture {
             } else {
                 Vec::new()
             },
+            residual_threshold: s.activation.residual_threshold(),
         }
     }
 }
@@ -208,7 +212,8 @@ pub fn load(path: &Path, device: Device) -> Result<Sae> {
     let spec = ModelSpec {
         d_in: arch.d_in,
         d_hidden: arch.d_hidden,
-        activation: Activation::from_config(arch.activation, arch.k),
+        activation: Activation::from_config(arch.activation, arch.k)
+            .with_residual_threshold(arch.residual_threshold),
         decoder_activation: arch.decoder_activation,
         apply_b_dec_to_input: arch.apply_b_dec_to_input,
         tied: arch.tied,

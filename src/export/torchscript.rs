@@ -301,10 +301,17 @@ const CLASS_NAME: &str = "__torch__.sae.SparseAutoencoder";
 /// `def activation(self, pre: Tensor) -> Tensor`, indented 4 spaces), plus
 /// extra parameters/buffers (name, tensor, is a parameter) and attributes it
 /// reads. Each architecture gives its own (`Architecture::torchscript`).
+///
+/// Architectures whose codes need the code layer's input rather than the
+/// pre-activations (`Architecture::codes_from_input`) set `from_input`:
+/// `body` is then that of `def codes(self, x: Tensor) -> Tensor`, where `x`
+/// is the normalised input minus `b_dec` (when `apply_b_dec_to_input`), and
+/// `encode` returns `self.codes(x)` without computing pre-activations.
 pub struct ActivationCode {
     pub body: String,
     pub tensors: Vec<(String, Tensor, bool)>,
     pub attrs: Vec<(String, AttrValue)>,
+    pub from_input: bool,
 }
 
 impl ActivationCode {
@@ -314,6 +321,7 @@ impl ActivationCode {
             body: body.into(),
             tensors: vec![],
             attrs: vec![],
+            from_input: false,
         }
     }
 }
@@ -341,6 +349,7 @@ fn layer_names(side: &str, i: usize) -> (String, String) {
 /// The module definition of `model`.
 pub fn module_def(model: &Sae) -> ModuleDef {
     let act = activation_code(model);
+    let source = module_source(model, &act);
     let mut tensors = vec![
         ("W_enc".to_string(), model.w_enc.shallow_clone(), true),
         ("b_enc".to_string(), model.b_enc.shallow_clone(), true),
@@ -358,18 +367,22 @@ pub fn module_def(model: &Sae) -> ModuleDef {
     attrs.extend(act.attrs);
     ModuleDef {
         class_name: CLASS_NAME.into(),
-        source: module_source(model, &act.body),
+        source,
         tensors,
         attrs,
     }
 }
 
-/// The methods `encode`, `activation` (body `act_body`), `decode` and
-/// `forward`.
-fn module_source(model: &Sae, act_body: &str) -> String {
-    let mut src = encode_source(model);
-    src.push_str("def activation(self, pre: Tensor) -> Tensor:\n");
-    src.push_str(act_body);
+/// The methods `encode`, `activation` (or `codes`, see [`ActivationCode`]),
+/// `decode` and `forward`.
+fn module_source(model: &Sae, act: &ActivationCode) -> String {
+    let mut src = encode_source(model, act.from_input);
+    if act.from_input {
+        src.push_str("def codes(self, x: Tensor) -> Tensor:\n");
+    } else {
+        src.push_str("def activation(self, pre: Tensor) -> Tensor:\n");
+    }
+    src.push_str(&act.body);
     src.push('\n');
     src.push_str(&decode_source(model));
     src.push_str("def forward(self, x: Tensor) -> Tensor:\n");
@@ -381,7 +394,7 @@ fn has_norm(n: &Normalizer) -> bool {
     n.shift.is_some() && n.scale.is_some()
 }
 
-fn encode_source(model: &Sae) -> String {
+fn encode_source(model: &Sae, from_input: bool) -> String {
     let mut src = String::new();
     src.push_str("def encode(self, x: Tensor) -> Tensor:\n");
     if has_norm(&model.norm) {
@@ -395,6 +408,10 @@ fn encode_source(model: &Sae) -> String {
     }
     if model.spec.apply_b_dec_to_input {
         src.push_str("    x = x - self.b_dec\n");
+    }
+    if from_input {
+        src.push_str("    return self.codes(x)\n\n");
+        return src;
     }
     src.push_str("    pre = torch.matmul(x, self.W_enc) + self.b_enc\n");
     src.push_str("    return self.activation(pre)\n\n");
@@ -601,6 +618,10 @@ fn activation_from_attrs(c: &ModuleContents, path: &Path) -> Result<Option<Activ
         },
         (a, _) => a,
     };
+    let act = act.with_residual_threshold(match c.attrs.get("residual_threshold") {
+        Some(AttrValue::Float(t)) => Some(*t),
+        _ => None,
+    });
     Ok(Some(act))
 }
 

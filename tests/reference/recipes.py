@@ -1,6 +1,6 @@
 """Reference trainer for the modern SAE recipes (issue 8), in plain PyTorch,
 written from SAELens 6.x (saes/topk_sae.py, saes/batchtopk_sae.py,
-saes/matryoshka_batchtopk_sae.py, saes/jumprelu_sae.py, training/sae_trainer.py, training/optim.py) and
+saes/matryoshka_batchtopk_sae.py, saes/jumprelu_sae.py, saes/matching_pursuit_sae.py, training/sae_trainer.py, training/optim.py) and
 dictionary_learning (unit-norm decoder). It does not import sae_lens or this
 project; the autograd Functions below are SAELens's own, copied.
 
@@ -15,6 +15,10 @@ project; the autograd Functions below are SAELens's own, copied.
                level but the last, decoded = z[:, prev:w] @ W_dec[prev:w] + decoded
                (decoded starting at b_dec, _iterable_decode) and
                loss = loss + mse(decoded, x), in increasing width
+    matching_pursuit: tied, W_dec the only weight (W_enc = W_dec.T, no b_enc);
+               feature_acts = _encode_matching_pursuit(x - b_dec, W_dec,
+               --residual-threshold, max_iterations=k, stop_on_duplicate_support=True)
+               (copied verbatim below), gradients through the pursuit; no penalty
     jumprelu:  threshold.clamp_(min=0) before the pass;
                feature_acts = JumpReLU.apply(hidden_pre, threshold, bandwidth)
     gated:     feature_acts = (pi_gate > 0) * relu(sae_in @ (W_enc * exp(r_mag)) + b_mag),
@@ -199,6 +203,67 @@ class CoefficientScheduler:
         return self.current_value
 
 
+# --- SAELens saes/matching_pursuit_sae.py (6.x), verbatim ------------------
+
+def _encode_matching_pursuit(
+    sae_in_centered: torch.Tensor,
+    W_dec: torch.Tensor,
+    residual_threshold: float,
+    max_iterations: int | None,
+    stop_on_duplicate_support: bool,
+) -> torch.Tensor:
+    residual = sae_in_centered.clone()
+
+    stop_on_residual_threshold = residual_threshold > 0
+
+    # Handle multi-dimensional inputs by flattening all but the last dimension
+    original_shape = residual.shape
+    if residual.ndim > 2:
+        residual = residual.reshape(-1, residual.shape[-1])
+
+    batch_size = residual.shape[0]
+    d_sae, d_in = W_dec.shape
+
+    if max_iterations is None:
+        max_iterations = d_in  # Sensible upper bound
+
+    acts = torch.zeros(batch_size, d_sae, device=W_dec.device, dtype=residual.dtype)
+    prev_support = torch.zeros(batch_size, d_sae, dtype=torch.bool, device=W_dec.device)
+    done = torch.zeros(batch_size, dtype=torch.bool, device=W_dec.device)
+
+    for _ in range(max_iterations):
+        with torch.no_grad():
+            indices = (residual @ W_dec.T).relu().max(dim=1, keepdim=True).indices
+            indices_flat = indices.squeeze(1)  # [batch_size]
+
+        selected_dec = W_dec[indices_flat]  # [batch_size, d_in]
+        values = (residual * selected_dec).sum(dim=-1, keepdim=True).relu()
+
+        active_mask = (~done).unsqueeze(1)
+        masked_values = (values * active_mask.to(values.dtype)).to(acts.dtype)
+
+        acts.scatter_add_(1, indices, masked_values)
+
+        residual = residual - masked_values * selected_dec
+
+        if stop_on_duplicate_support or stop_on_residual_threshold:
+            with torch.no_grad():
+                support = acts != 0
+                if stop_on_duplicate_support:
+                    done = done | (support == prev_support).all(dim=1)
+                    prev_support = support
+                if stop_on_residual_threshold:
+                    done = done | (residual.norm(dim=-1) < residual_threshold)
+
+                if done.all():
+                    break
+
+    if len(original_shape) > 2:
+        acts = acts.reshape(*original_shape[:-1], acts.shape[-1])
+
+    return acts
+
+
 # --- unit-norm decoder (dictionary_learning's ConstrainedAdam) --------------
 
 @torch.no_grad()
@@ -229,6 +294,11 @@ class SAE(nn.Module):
                 torch.full((self.W_enc.shape[1],), args.init_threshold, dtype=torch.float32))
         if args.architecture in BATCHTOPK:
             self.register_buffer("topk_threshold", torch.tensor(0.0, dtype=torch.double))
+        if args.architecture == "matching_pursuit":
+            # SAELens MatchingPursuitTrainingSAE: tied, W_enc is W_dec.T and
+            # there is no encoder bias.
+            del self.W_enc
+            del self.b_enc
         if args.architecture == "gated":
             # SAELens _init_weights_gated (b_gate from the init's b_enc).
             self.b_gate = self.b_enc
@@ -246,6 +316,11 @@ class SAE(nn.Module):
             magnitude_pre_activation = sae_in @ (self.W_enc * self.r_mag.exp()) + self.b_mag
             feature_magnitudes = torch.relu(magnitude_pre_activation)
             return active_features * feature_magnitudes, magnitude_pre_activation
+        if a.architecture == "matching_pursuit":
+            # MatchingPursuitTrainingSAE.encode_with_hidden_pre
+            acts = _encode_matching_pursuit(x - self.b_dec, self.W_dec, a.residual_threshold,
+                                            max_iterations=a.k, stop_on_duplicate_support=True)
+            return acts, torch.zeros_like(acts)
         hidden_pre = (x - self.b_dec) @ self.W_enc + self.b_enc
         if a.architecture == "topk":
             acts = topk_acts(hidden_pre, a.k)
@@ -267,11 +342,13 @@ class SAE(nn.Module):
 def main():
     p = common.base_parser(__doc__)
     p.add_argument("--architecture",
-                   choices=["topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"],
+                   choices=["topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk",
+                            "matching_pursuit"],
                    required=True)
     p.add_argument("--matryoshka-widths", type=lambda v: [int(w) for w in v.split(",")],
                    default=[])
     p.add_argument("--k", type=int, default=None)
+    p.add_argument("--residual-threshold", type=float, default=1e-2)
     p.add_argument("--penalty", choices=["none", "auxk", "l0", "l1"], default="none")
     p.add_argument("--coefficient", type=float, default=0.0)
     p.add_argument("--dead-window", type=int, default=1000)
@@ -294,8 +371,8 @@ def main():
     sae = SAE(w, args)
     levels = list(args.matryoshka_widths)
     if args.architecture == "matryoshka_batchtopk" and (
-            not levels or levels[-1] != sae.W_enc.shape[1]):
-        levels.append(sae.W_enc.shape[1])
+            not levels or levels[-1] != sae.W_dec.shape[0]):
+        levels.append(sae.W_dec.shape[0])
     if args.b_dec_mean:
         with torch.no_grad():
             sae.b_dec.copy_(X.mean(dim=0))
@@ -308,7 +385,7 @@ def main():
     scheduler = get_lr_scheduler(args.lr_schedule, optimizer, len(batches), args.lr,
                                  args.lr_warmup_steps, args.lr_decay_steps, args.lr_end)
     coefficient = CoefficientScheduler(args.sparsity_warmup_steps, args.coefficient)
-    since_fired = torch.zeros(sae.W_enc.shape[1])
+    since_fired = torch.zeros(sae.W_dec.shape[0])
 
     log = common.LossLog(args.out)
     for epoch, idx in batches:
@@ -366,8 +443,13 @@ def main():
         log.log(epoch, loss.item(), mse_loss.item(), penalty.item())
     log.close()
 
-    b_enc = sae.b_gate if args.architecture == "gated" else sae.b_enc
-    tensors = {"W_enc": sae.W_enc, "b_enc": b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if args.architecture == "matching_pursuit":
+        # As this project saves a tied model: W_enc = W_dec.T, b_enc as it started.
+        W_enc, b_enc = sae.W_dec.T, torch.from_numpy(w["b_enc"])
+    else:
+        W_enc = sae.W_enc
+        b_enc = sae.b_gate if args.architecture == "gated" else sae.b_enc
+    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if args.architecture == "gated":
         tensors["r_mag"] = sae.r_mag
         tensors["b_mag"] = sae.b_mag
