@@ -188,17 +188,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
     if !run.writer {
         return Ok(None);
     }
-    let mut model = learner.into_model();
-    if cfg.model.calibrate_threshold {
-        let k = cfg.model.k.expect("validated: calibrate_threshold needs k");
-        calibrate::calibrate_threshold(&mut model, &plan.data.train, k);
-    }
-    run.save_model(&model)?;
-    let (train, valid) = evaluate(&model, &plan.data, cfg.sparsity.target);
-    let warnings = run_warnings(&cfg, &train);
-    for w in &warnings {
-        eprintln!("sae: warning: {w}");
-    }
+    let (model, train, valid, warnings) = finish(&run, learner, &cfg, &plan.data)?;
     let summary = Summary {
         steps: state.step,
         epochs: cfg.train.epochs,
@@ -215,6 +205,29 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
     };
     run.save_summary(&model, &summary)?;
     Ok(Some(summary))
+}
+
+/// The end of a run: the trained model (its threshold calibrated where the
+/// config asks) saved, its metrics on the training and validation rows, and
+/// the warnings they call for (also printed).
+fn finish(
+    run: &RunDir,
+    learner: Learner,
+    cfg: &Config,
+    data: &plan::Data,
+) -> Result<(Sae, Metrics, Option<Metrics>, Vec<String>)> {
+    let mut model = learner.into_model();
+    if cfg.model.calibrate_threshold {
+        let k = cfg.model.k.expect("validated: calibrate_threshold needs k");
+        calibrate::calibrate_threshold(&mut model, &data.train, k);
+    }
+    run.save_model(&model)?;
+    let (train, valid) = evaluate(&model, data, cfg.sparsity.target);
+    let warnings = run_warnings(cfg, &train);
+    for w in &warnings {
+        eprintln!("sae: warning: {w}");
+    }
+    Ok((model, train, valid, warnings))
 }
 
 /// Joins the data-parallel group when a launcher started this process,
