@@ -661,6 +661,35 @@ print(all(torch.allclose(a[n], b[n], atol=1e-7, rtol=0) for n in ["W_enc", "b_en
         &[&p(d, "standard"), &format!("{run}/model.safetensors")],
     );
     assert_eq!(same.trim(), "True", "model.init from SAELens");
+    // A JumpReLU SAE: its thresholds come along too (every tensor, not four).
+    let out = Case::new(d, "init_from_saelens_jumprelu")
+        .yaml(BASE.replace('X', &x))
+        .sets(&[
+            &format!("model.init={}", p(d, "jumprelu")),
+            "model.d_hidden=24",
+            "model.activation=jumprelu",
+            "sparsity.penalty=none",
+            "train.optimizer.lr=1e-12",
+            "train.epochs=1",
+        ])
+        .output();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("model.init: W_enc, b_enc, W_dec, b_dec, threshold from"),
+        "{said}"
+    );
+    let run = p(d, "init_from_saelens_jumprelu");
+    let same = py(
+        r#"
+import sys, torch
+from safetensors.torch import load_file
+a = load_file(sys.argv[1] + "/sae_weights.safetensors"); b = load_file(sys.argv[2])
+print(all(torch.allclose(a[n], b[n], atol=1e-6, rtol=0) for n in ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"]))
+"#,
+        &[&p(d, "jumprelu"), &format!("{run}/model.safetensors")],
+    );
+    assert_eq!(same.trim(), "True", "model.init from a SAELens JumpReLU SAE");
 }
 
 /// What SAELens cannot represent is refused with one clear line (exit 2) and
