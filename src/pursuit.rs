@@ -357,7 +357,7 @@ impl Source<'_> {
                 g, alpha0, offsets, ..
             } => {
                 let (fit, _, _, _) = Tensor::embedding_bag(
-                    *g,
+                    g,
                     &idx.flatten(0, -1),
                     &(offsets * t),
                     false,

@@ -664,7 +664,7 @@ print(all(torch.allclose(a[n], b[n], atol=1e-7, rtol=0) for n in ["W_enc", "b_en
     // A JumpReLU SAE: its thresholds come along too (every tensor, not four).
     let out = Case::new(d, "init_from_saelens_jumprelu")
         .yaml(BASE.replace('X', &x))
-        .sets(&[
+        .sets([
             &format!("model.init={}", p(d, "jumprelu")),
             "model.d_hidden=24",
             "model.activation=jumprelu",
