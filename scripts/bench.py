@@ -207,7 +207,8 @@ def bench_encode():
 
 def bench_omp():
     """Seconds of `sae encode` with the model's encoder and with OMP (k = 32),
-    alternating, best of each; rows, and OMP's codes L0."""
+    alternating (two rounds with --quick, one otherwise: OMP takes minutes),
+    best of each; rows, and OMP's codes L0."""
     rows = 20_000 if QUICK else 100_000
     data = os.path.join(OUT, f"OMP-{rows}.npy")
     if not os.path.exists(data):
@@ -224,7 +225,7 @@ def bench_omp():
                    stdout=subprocess.DEVNULL)
     out = os.path.join(OUT, "OMP-codes.npy")
     best = {"model": float("inf"), "omp": float("inf")}
-    for r in range(2):
+    for r in range(2 if QUICK else 1):
         for enc in ("model", "omp"):
             extra = ["--encoder", "omp", "--k", "32"] if enc == "omp" else []
             t0 = time.perf_counter()

@@ -115,6 +115,8 @@ pub struct PursuitEncoder {
     /// OMP: the Gram matrix `D̃·D̃ᵀ [h, h]` (float32) of the unit atoms,
     /// when it fits in [`GRAM_BYTES`].
     gram: Option<Tensor>,
+    /// Rows per chunk, when set (tests); otherwise from [`CHUNK_BYTES`].
+    chunk_rows: Option<i64>,
     /// `1 / ‖d_j‖` (0 for an all-zero row), float32 `[h]`.
     inv_norm: Tensor,
     /// `[d]`, float32.
@@ -166,6 +168,7 @@ impl PursuitEncoder {
             unit32,
             unit64,
             gram,
+            chunk_rows: None,
             inv_norm,
             b_dec: model.b_dec.detach().to_kind(Kind::Float),
         })
@@ -175,6 +178,12 @@ impl PursuitEncoder {
     /// (for tests and benchmarks: both ways give the same codes).
     pub fn without_gram(mut self) -> Self {
         self.gram = None;
+        self
+    }
+
+    /// At most `rows` rows per chunk (tests: several chunks, in parallel).
+    pub fn with_chunk_rows(mut self, rows: i64) -> Self {
+        self.chunk_rows = Some(rows.max(1));
         self
     }
 
@@ -195,25 +204,99 @@ impl PursuitEncoder {
             Pursuit::Omp { k } => 12 * h + 8 * k * d,
             Pursuit::Mp { .. } => 4 * h,
         };
-        let chunk = (CHUNK_BYTES / per_row.max(1)).clamp(16, n.max(16));
-        let mut out = Vec::new();
-        let mut start = 0;
-        while start < n {
-            let len = chunk.min(n - start);
-            let rows = r0.narrow(0, start, len);
-            out.push(match self.method {
-                Pursuit::Omp { k } => self.omp(&rows, k),
-                Pursuit::Mp {
-                    k,
-                    residual_threshold,
-                } => self.mp(&rows, k, residual_threshold),
-            });
-            start += len;
-        }
+        let chunk = self
+            .chunk_rows
+            .unwrap_or((CHUNK_BYTES / per_row.max(1)).clamp(16, n.max(16)));
+        let ranges: Vec<(i64, i64)> = (0..n)
+            .step_by(chunk as usize)
+            .map(|start| (start, chunk.min(n - start)))
+            .collect();
+        let workers = match self.device() {
+            Device::Cpu => (tch::get_num_threads().max(1) as usize).min(ranges.len()),
+            _ => 1,
+        };
+        let out = if workers > 1 {
+            self.chunks_in_parallel(&r0, &ranges, workers)
+        } else {
+            ranges
+                .iter()
+                .map(|&(start, len)| self.chunk(&r0.narrow(0, start, len)))
+                .collect()
+        };
         if out.is_empty() {
             return Tensor::zeros([0, h], (Kind::Float, self.device()));
         }
         Tensor::cat(&out, 0)
+    }
+
+    /// Codes of one chunk of centred rows.
+    fn chunk(&self, rows: &Tensor) -> Tensor {
+        match self.method {
+            Pursuit::Omp { k } => self.omp(rows, k),
+            Pursuit::Mp {
+                k,
+                residual_threshold,
+            } => self.mp(rows, k, residual_threshold),
+        }
+    }
+
+    /// The chunks on `workers` threads of one libtorch thread each. The
+    /// pursuit loop is many small operations; run with several libtorch
+    /// threads, each of them ends in an OpenMP barrier whose spinning threads
+    /// cost more than the work (3x slower on a busy 2-core machine), while
+    /// whole chunks side by side keep every core on useful work.
+    fn chunks_in_parallel(
+        &self,
+        r0: &Tensor,
+        ranges: &[(i64, i64)],
+        workers: usize,
+    ) -> Vec<Tensor> {
+        let threads = tch::get_num_threads();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut done: Vec<(usize, Tensor)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    // Tensors are Send, not Sync: each worker gets its own
+                    // handles (sharing storage), made here.
+                    let enc = self.shallow_clone();
+                    let r0 = r0.shallow_clone();
+                    let next = &next;
+                    scope.spawn(move || {
+                        tch::set_num_threads(1);
+                        let _guard = tch::no_grad_guard();
+                        let mut got = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&(start, len)) = ranges.get(i) else {
+                                break;
+                            };
+                            got.push((i, enc.chunk(&r0.narrow(0, start, len))));
+                        }
+                        got
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("pursuit worker failed"))
+                .collect()
+        });
+        tch::set_num_threads(threads);
+        done.sort_by_key(|(i, _)| *i);
+        done.into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// Another handle on the same tensors (for a worker thread).
+    fn shallow_clone(&self) -> PursuitEncoder {
+        PursuitEncoder {
+            method: self.method,
+            unit32: self.unit32.shallow_clone(),
+            unit64: self.unit64.shallow_clone(),
+            gram: self.gram.as_ref().map(Tensor::shallow_clone),
+            chunk_rows: self.chunk_rows,
+            inv_norm: self.inv_norm.shallow_clone(),
+            b_dec: self.b_dec.shallow_clone(),
+        }
     }
 
     /// Codes of raw rows (normalised as the model does first).
@@ -566,6 +649,35 @@ mod tests {
         let scale = b.abs().max().double_value(&[]);
         let err = (a - b).abs().max().double_value(&[]) / scale;
         assert!(err < 1e-5, "codes differ by {err} of the largest");
+    }
+
+    /// Chunks encoded by parallel workers give the codes of one chunk.
+    #[test]
+    fn chunks_in_parallel_equal_one_chunk() {
+        let _rng = crate::seeded();
+        tch::manual_seed(6);
+        let m = model(16, 48, false);
+        let x = Tensor::randn([301, 16], (Kind::Float, Device::Cpu));
+        let threads = tch::get_num_threads();
+        tch::set_num_threads(2);
+        for p in [
+            Pursuit::Omp { k: 5 },
+            Pursuit::Mp {
+                k: 7,
+                residual_threshold: 0.5,
+            },
+        ] {
+            let whole = PursuitEncoder::new(&m, p).unwrap().encode(&m, &x);
+            let parts = PursuitEncoder::new(&m, p)
+                .unwrap()
+                .with_chunk_rows(16)
+                .encode(&m, &x);
+            // Equal but for matmul blocking (chunk sizes differ).
+            let err = (&whole - &parts).abs().max().double_value(&[]);
+            assert!(err < 1e-5, "{p:?}: chunked codes differ by {err}");
+        }
+        assert_eq!(tch::get_num_threads(), 2, "thread count restored");
+        tch::set_num_threads(threads);
     }
 
     /// Tied models use W_enc.T as the dictionary; `k` larger than the
