@@ -149,6 +149,7 @@ pub fn evaluate_codes(
     let device = model.device();
     let n = x.size()[0];
     let d = y.map_or(x.size()[1], |y| y.size()[1]);
+    let batch = batch.min(chunk_rows(model.spec.d_hidden, d));
     let mut sums = Sums::new(d, model.spec.d_hidden, device);
     let mut start = 0;
     while start < n {
@@ -162,6 +163,19 @@ pub fn evaluate_codes(
         start += len;
     }
     sums.metrics(model, n, target, truth)
+}
+
+/// Bytes of per-chunk temporaries that evaluation and encoding allow
+/// themselves (codes, pre-activations, masks: several `[rows, d_hidden]`
+/// float32 tensors), so their memory does not grow with `d_hidden` beyond
+/// the model: 4,096 rows up to 4,096 latents, 256 rows at 65,536.
+pub const CHUNK_BUDGET_BYTES: i64 = 256 << 20;
+
+/// Rows per chunk under [`CHUNK_BUDGET_BYTES`] for `h` latents and `d`
+/// columns: about four float32 `[rows, h]` and four `[rows, d]` tensors at
+/// once (at least 16 rows, so matmuls stay efficient).
+pub fn chunk_rows(h: i64, d: i64) -> i64 {
+    (CHUNK_BUDGET_BYTES / (16 * (h + d)).max(1)).max(16)
 }
 
 /// Float64 sums over the rows evaluated so far, in the model's spaces.
@@ -205,11 +219,20 @@ impl Sums {
         self.sse += (xh.to_kind(Kind::Double) - &xn).square().sum(Kind::Double);
         self.sum_x += xn.sum_dim_intlist(0, false, Kind::Double);
         self.sum_x2 += xn.square().sum_dim_intlist(0, false, Kind::Double);
+        // [rows, h] reductions in float32 (a sum with another dtype copies
+        // its whole input into that dtype first), then float64 across chunks:
+        // counts are exact below 2^24 rows per chunk.
         self.fire += codes
             .active(model, &z)
-            .sum_dim_intlist(0, false, Kind::Double);
-        self.act += z.sum_dim_intlist(0, false, Kind::Double);
-        self.l1 += z.abs().sum(Kind::Double);
+            .sum_dim_intlist(0, false, Kind::Float)
+            .to_kind(Kind::Double);
+        self.act += z
+            .sum_dim_intlist(0, false, Kind::Float)
+            .to_kind(Kind::Double);
+        // Per-row L1 norms: no |z| copy.
+        self.l1 += z
+            .norm_scalaropt_dim(1, [1], false)
+            .sum(Kind::Double);
     }
 
     /// The metrics of `n` rows summed up (see the module's definitions).
