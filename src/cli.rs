@@ -729,7 +729,7 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
             .to_device(tch::Device::Cpu)
             .to_kind(Kind::Float)
             .contiguous();
-        Ok(Vec::<f32>::try_from(y.flatten(0, -1)).context("codes to host")?)
+        Vec::<f32>::try_from(y.flatten(0, -1)).context("codes to host")
     };
     let mut step = |m: npy::Matrix| -> Result<()> {
         let xb = m.to_tensor().to_device(device);

@@ -111,6 +111,11 @@ pub struct CsrWriter {
     indptr: Vec<i64>,
     /// Column indices need int64 in the temp file.
     wide_cols: bool,
+    /// Largest count that int32 indices hold (lowered by the unit tests to
+    /// exercise int64 output).
+    int32_max: u64,
+    /// Members of this many bytes or more get zip64 headers (ditto).
+    zip64_from: u64,
     entries: Vec<(usize, f32)>,
 }
 
@@ -138,6 +143,8 @@ impl CsrWriter {
             top,
             indptr: vec![0],
             wide_cols: cols > i32::MAX as usize,
+            int32_max: i32::MAX as u64,
+            zip64_from: u32::MAX as u64,
             entries: Vec::new(),
         };
         // Fields set one at a time so that Drop cleans up whatever was made.
@@ -201,20 +208,21 @@ impl CsrWriter {
         }
         let rows = (self.indptr.len() - 1) as u64;
         let nnz = *self.indptr.last().unwrap() as u64;
-        let small = |n: u64| n <= i32::MAX as u64;
+        let small = |n: u64| n <= self.int32_max;
         let int32 = small(nnz) && small(rows) && small(self.cols as u64);
         let (idx_descr, idx_size) = if int32 { ("<i4", 4) } else { ("<i8", 8) };
 
         let file = File::create(&self.tmp)
             .map_err(|e| user(format!("cannot write {}: {e}", path.display())))?;
         let mut zip = ZipWriter::new(BufWriter::new(file));
+        let zip64_from = self.zip64_from;
         let start =
             |zip: &mut ZipWriter<BufWriter<File>>, name: &str, header: &[u8], bytes: u64| {
                 let size = header.len() as u64 + bytes;
                 let opts = FileOptions::default()
                     .compression_method(zip::CompressionMethod::Stored)
                     .last_modified_time(zip::DateTime::default())
-                    .large_file(size >= u32::MAX as u64);
+                    .large_file(size >= zip64_from);
                 zip.start_file(name, opts).map_err(zerr)?;
                 zip.write_all(header).map_err(werr)
             };
@@ -692,6 +700,42 @@ mod tests {
         let mut m = vec![1.0, 4.0, -5.0, 0.0, 2.0, 2.0];
         keep_top(&mut m, 3, 1);
         assert_eq!(m, vec![0.0, 0.0, -5.0, 0.0, 2.0, 0.0]);
+    }
+
+    /// Written and read back: int32, and int64 with zip64 headers (the path
+    /// of more than 2^31 stored values or a member over 4 GiB).
+    #[test]
+    fn round_trip_int32_and_int64() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rows, cols) = (37, 11);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| if i % 3 == 0 { i as f32 - 200.0 } else { 0.0 })
+            .collect();
+        for (wide, name) in [(false, "a.npz"), (true, "b.npz")] {
+            let path = dir.path().join(name);
+            let mut w = CsrWriter::create(&path, cols, None).unwrap();
+            if wide {
+                w.int32_max = 5;
+                w.zip64_from = 0;
+            }
+            w.write_rows(&values[..10 * cols], 10).unwrap();
+            w.write_rows(&values[10 * cols..], rows - 10).unwrap();
+            w.finish().unwrap();
+            let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert_eq!(names.len(), if wide { 2 } else { 1 }, "temp files left");
+            let m = open(path.to_str().unwrap())
+                .unwrap()
+                .expect("a CSR archive");
+            assert_eq!((m.rows, m.cols), (rows, cols));
+            assert_eq!(m.indices.size, if wide { 8 } else { 4 });
+            let mut back = Vec::new();
+            m.for_each_chunk(4, |c| {
+                back.extend(c.data);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(back, values);
+        }
     }
 
     #[test]
