@@ -325,7 +325,8 @@ pub struct IoArgs {
     /// a scipy CSR .npz, as `encode --sparse` writes).
     #[arg(long)]
     pub data: String,
-    /// Output .npy (float32, C order), written atomically.
+    /// Output .npy (float32, C order; `encode --sparse`: a CSR .npz), written
+    /// atomically.
     #[arg(long)]
     pub out: PathBuf,
     /// Rows per batch: input is read and output written in chunks of this

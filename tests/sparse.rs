@@ -383,3 +383,58 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
     );
     assert_eq!(counts.trim(), "(200000, 512) 1000000");
 }
+
+/// An output through a regular file, and a full disk (a 64 KiB tmpfs; needs
+/// root, skipped elsewhere): exit 2 naming the file, nothing left behind.
+#[test]
+fn sparse_output_that_cannot_be_written_is_a_user_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (run, _) = tiny_model(d);
+    let big = d.join("big");
+    std::fs::create_dir(&big).unwrap();
+    let (xb, _) = synth(&big, 20000, 16, 24, 3);
+    let file = d.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let encode = |out: &Path| {
+        expect_user_error(
+            &[
+                "encode",
+                "--model",
+                run.path(),
+                "--data",
+                &xb,
+                "--out",
+                s(out),
+                "--sparse",
+                "--batch-size",
+                "1000",
+            ],
+            &["codes.npz"],
+        );
+    };
+    encode(&file.join("codes.npz"));
+
+    let mnt = d.join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs", s(&mnt)])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|st| st.success());
+    if !mounted {
+        println!("full-disk: cannot mount a tmpfs here (not root?); skipped");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&mnt);
+    // 20000 rows x 4 codes x 8 bytes = 640 KB: cannot fit.
+    encode(&mnt.join("codes.npz"));
+    let left: Vec<_> = std::fs::read_dir(&mnt).unwrap().collect();
+    assert!(left.is_empty(), "left on the full disk: {left:?}");
+}
