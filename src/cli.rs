@@ -2,7 +2,7 @@
 //! `main.rs` only parses, calls [`run`] and maps errors to exit codes.
 
 use crate::config::Config;
-use crate::data::{npy, synth};
+use crate::data::{csr, npy, synth};
 use crate::metrics::{self, Metrics};
 use crate::model::Sae;
 use crate::pursuit::{Pursuit, PursuitEncoder};
@@ -44,9 +44,11 @@ pub enum Command {
     Sweep(SweepArgs),
     /// Reconstruction and sparsity metrics of a model on data.
     Eval(EvalArgs),
-    /// Latent codes: float32 [rows, d_hidden].
-    Encode(CodeArgs),
-    /// Decoder output of codes [rows, d_hidden]: float32 [rows, d_in].
+    /// Latent codes: float32 [rows, d_hidden], dense .npy or (--sparse) a
+    /// scipy CSR .npz.
+    Encode(EncodeArgs),
+    /// Decoder output of codes [rows, d_hidden] (.npy, or a scipy CSR .npz as
+    /// `encode --sparse` writes): float32 [rows, d_in].
     Decode(IoArgs),
     /// Encode then decode: float32 [rows, d_in].
     Reconstruct(CodeArgs),
@@ -269,15 +271,62 @@ pub struct CodeArgs {
     pub encoder: EncoderArgs,
 }
 
+/// `encode`: the codes' output form on top of [`CodeArgs`].
+#[derive(Args, Debug)]
+pub struct EncodeArgs {
+    #[command(flatten)]
+    pub code: CodeArgs,
+    /// Write the codes as a sparse matrix: a scipy CSR .npz (uncompressed,
+    /// as `scipy.sparse.save_npz` writes; `scipy.sparse.load_npz` reads it,
+    /// `sae decode` too). --out must end in .npz. Streamed: memory holds one
+    /// batch plus the row pointers.
+    #[arg(long)]
+    pub sparse: bool,
+    /// Keep only the N largest codes of each row by absolute value (ties: the
+    /// lower latent index); the others are zero (dense) or not stored
+    /// (--sparse). Zeros are never stored, so a row may keep fewer than N.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub top: Option<i64>,
+}
+
+/// How `encode` writes its codes (default: dense, all of them).
+#[derive(Debug, Default, Clone, Copy)]
+struct CodeOutput {
+    sparse: bool,
+    top: Option<usize>,
+}
+
+impl EncodeArgs {
+    fn output(&self) -> Result<CodeOutput> {
+        let top = match self.top {
+            Some(n) if n < 1 => bail_user!("--top {n}: must be at least 1"),
+            Some(n) => Some(n as usize),
+            None => None,
+        };
+        if self.sparse && self.code.io.out.extension().is_none_or(|e| e != "npz") {
+            bail_user!(
+                "--out {}: --sparse writes a scipy CSR .npz archive; name the output FILE.npz",
+                self.code.io.out.display()
+            );
+        }
+        Ok(CodeOutput {
+            sparse: self.sparse,
+            top,
+        })
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct IoArgs {
     /// A run directory, a .safetensors or TorchScript file, or a SAELens directory.
     #[arg(long)]
     pub model: String,
-    /// Input .npy, file.npz:key, or a directory of .npy shards.
+    /// Input .npy, file.npz:key, or a directory of .npy shards (decode: also
+    /// a scipy CSR .npz, as `encode --sparse` writes).
     #[arg(long)]
     pub data: String,
-    /// Output .npy (float32, C order), written atomically.
+    /// Output .npy (float32, C order; `encode --sparse`: a CSR .npz), written
+    /// atomically.
     #[arg(long)]
     pub out: PathBuf,
     /// Rows per batch: input is read and output written in chunks of this
@@ -318,10 +367,28 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train_cmd(&a),
         Command::Sweep(a) => sweep_cmd(&a),
         Command::Eval(a) => eval(&a),
-        Command::Encode(a) => transform(&a.io, &a.encoder, Transform::Encode),
-        Command::Decode(a) => transform(&a, &EncoderArgs::default(), Transform::Decode),
-        Command::Reconstruct(a) => transform(&a.io, &a.encoder, Transform::Reconstruct),
-        Command::Score(a) => transform(&a, &EncoderArgs::default(), Transform::Score),
+        Command::Encode(a) => {
+            let out = a.output()?;
+            transform(&a.code.io, &a.code.encoder, Transform::Encode, out)
+        }
+        Command::Decode(a) => transform(
+            &a,
+            &EncoderArgs::default(),
+            Transform::Decode,
+            CodeOutput::default(),
+        ),
+        Command::Reconstruct(a) => transform(
+            &a.io,
+            &a.encoder,
+            Transform::Reconstruct,
+            CodeOutput::default(),
+        ),
+        Command::Score(a) => transform(
+            &a,
+            &EncoderArgs::default(),
+            Transform::Score,
+            CodeOutput::default(),
+        ),
         Command::Export(a) => export_cmd(&a),
     }
 }
@@ -595,7 +662,13 @@ enum Transform {
     Score,
 }
 
-fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform) -> Result<()> {
+/// Where `transform` writes: a dense `.npy` or a CSR `.npz`.
+enum Sink {
+    Dense(npy::NpyWriter),
+    Sparse(csr::CsrWriter),
+}
+
+fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) -> Result<()> {
     if a.batch_size < 1 {
         bail_user!("--batch-size {}: must be at least 1", a.batch_size);
     }
@@ -605,17 +678,27 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform) -> Result<()> {
         Some(p) => p.encode(&model, xb),
         None => model.encode(xb),
     };
-    // Headers only: check the width before writing anything.
-    let shape = npy::data_shape(&a.data)?;
+    // A whole .npz holding a scipy sparse matrix: codes for decode only.
+    let sparse_in = csr::open(&a.data)?;
     let (want, what_name) = match what {
         Transform::Decode => (model.spec.d_hidden, "d_hidden"),
         _ => (model.spec.d_in, "d_in"),
     };
-    if shape.cols as i64 != want {
-        bail_user!(
-            "{}: has {} columns but the model's {what_name} is {want}",
+    // Headers only: check the width before writing anything.
+    let cols = match &sparse_in {
+        Some(m) if matches!(what, Transform::Decode) => m.cols,
+        Some(m) => bail_user!(
+            "{}: a sparse matrix of codes [{} x {}]; only `sae decode` reads it",
             a.data,
-            shape.cols
+            m.rows,
+            m.cols
+        ),
+        None => npy::data_shape(&a.data)?.cols,
+    };
+    if cols as i64 != want {
+        bail_user!(
+            "{}: has {cols} columns but the model's {what_name} is {want}",
+            a.data
         );
     }
     let out_cols = match what {
@@ -636,8 +719,20 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform) -> Result<()> {
     let device = model.device();
     // Streamed: one batch of input and output in memory; the output goes to
     // a temp file renamed into place only when complete.
-    let mut out = npy::NpyWriter::create(&a.out, out_cols as usize)?;
-    npy::for_each_chunk(&a.data, a.batch_size as usize, |m| {
+    let ncols = out_cols as usize;
+    let mut sink = if codes.sparse {
+        Sink::Sparse(csr::CsrWriter::create(&a.out, ncols, codes.top)?)
+    } else {
+        Sink::Dense(npy::NpyWriter::create(&a.out, ncols)?)
+    };
+    let host = |y: &Tensor| -> Result<Vec<f32>> {
+        let y = y
+            .to_device(tch::Device::Cpu)
+            .to_kind(Kind::Float)
+            .contiguous();
+        Vec::<f32>::try_from(y.flatten(0, -1)).context("codes to host")
+    };
+    let mut step = |m: npy::Matrix| -> Result<()> {
         let xb = m.to_tensor().to_device(device);
         let y = match what {
             Transform::Encode => encode(&xb),
@@ -650,10 +745,42 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform) -> Result<()> {
                 (xh - xn).square().mean_dim(-1, true, Kind::Float)
             }
         };
-        out.write(&y)
-    })?;
-    out.finish()
-        .with_context(|| format!("writing {}", a.out.display()))?;
+        match (&mut sink, codes.top) {
+            (Sink::Dense(w), None) => w.write(&y),
+            (Sink::Dense(w), Some(n)) => {
+                let mut v = host(&y)?;
+                csr::keep_top(&mut v, ncols, n);
+                w.write(&Tensor::from_slice(&v).reshape([m.rows as i64, out_cols]))
+            }
+            (Sink::Sparse(w), _) => w.write_rows(&host(&y)?, m.rows),
+        }
+    };
+    let batch = a.batch_size as usize;
+    match &sparse_in {
+        Some(m) => m.for_each_chunk(batch, &mut step)?,
+        None => {
+            npy::for_each_chunk(&a.data, batch, &mut step)?;
+        }
+    }
+    match sink {
+        Sink::Dense(w) => w
+            .finish()
+            .with_context(|| format!("writing {}", a.out.display()))?,
+        Sink::Sparse(w) => {
+            let (rows, nnz) = w.counts();
+            w.finish()?;
+            let total = rows as f64 * ncols as f64;
+            eprintln!(
+                "wrote {} [{rows} x {ncols}, {nnz} stored values, {:.3}% dense]",
+                a.out.display(),
+                if total > 0.0 {
+                    100.0 * nnz as f64 / total
+                } else {
+                    0.0
+                }
+            );
+        }
+    }
     Ok(())
 }
 

@@ -1,5 +1,6 @@
-//! Data: `.npy` I/O, in-memory datasets and batching, synthetic data.
+//! Data: `.npy` I/O, scipy CSR `.npz` codes, in-memory datasets and batching, synthetic data.
 
+pub mod csr;
 pub mod dataset;
 pub mod mmap;
 pub mod npy;
