@@ -330,7 +330,8 @@ pub struct IoArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Rows per batch: input is read and output written in chunks of this
-    /// many rows, so memory stays bounded for any file size.
+    /// many rows, so memory stays bounded for any file size (fewer for wide
+    /// models: 256 MiB of temporaries at most, e.g. 256 rows at 65,536 latents).
     #[arg(long, default_value_t = 4096)]
     pub batch_size: i64,
     /// cpu | cuda | cuda:N | auto
@@ -755,7 +756,9 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
             (Sink::Sparse(w), _) => w.write_rows(&host(&y)?, m.rows),
         }
     };
-    let batch = a.batch_size as usize;
+    // At most --batch-size rows, fewer for wide models (memory budget).
+    let width = model.spec.d_in.max(model.d_out());
+    let batch = a.batch_size.min(metrics::chunk_rows(model.spec.d_hidden, width)) as usize;
     match &sparse_in {
         Some(m) => m.for_each_chunk(batch, &mut step)?,
         None => {

@@ -244,6 +244,7 @@ struct Finished {
 /// printed).
 fn finish(run: &RunDir, learner: Learner, cfg: &Config, data: &plan::Data) -> Result<Finished> {
     let mut model = learner.into_model();
+    device::release_memory();
     if cfg.model.calibrate_threshold {
         let k = cfg.model.k.expect("validated: calibrate_threshold needs k");
         calibrate::calibrate_threshold(&mut model, &data.train, k);
