@@ -309,6 +309,52 @@ pub fn scan(
     Ok(acc.finish())
 }
 
+/// The first two principal-component scores `[n, 2]` (float32) of codes
+/// `z [n, h]`: randomized subspace iteration on the centred codes (no
+/// `[h, h]` matrix), started from a fixed pseudo-random basis so the map is
+/// the same every run; each axis's sign makes its largest |score| positive.
+pub fn pca_2d(z: &Tensor) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    let z = z.to_kind(Kind::Float);
+    let (n, h) = (z.size()[0], z.size()[1]);
+    let dev = z.device();
+    if n == 0 {
+        return Tensor::zeros([0, 2], (Kind::Float, dev));
+    }
+    let zc = &z - z.mean_dim(0, true, Kind::Float);
+    let q = (h.min(n).min(10)).max(1);
+    let mut rng = crate::data::dataset::SplitMix64(0x5ae);
+    let start: Vec<f32> = (0..h * q)
+        .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        .collect();
+    let omega = Tensor::from_slice(&start).reshape([h, q]).to_device(dev);
+    let mut y = zc.matmul(&omega);
+    for _ in 0..5 {
+        let (qy, _) = Tensor::linalg_qr(&y, "reduced");
+        y = zc.matmul(&zc.tr().matmul(&qy));
+    }
+    let (qy, _) = Tensor::linalg_qr(&y, "reduced");
+    // B = Qᵀ zc is [q, h]; its left singular vectors are the eigenvectors
+    // of B Bᵀ (ascending eigenvalues: the last two are the largest).
+    let b = qy.tr().matmul(&zc).to_kind(Kind::Double);
+    let (evals, evecs) = b.matmul(&b.tr()).linalg_eigh("L");
+    let k = 2.min(evals.size()[0]);
+    let top = evecs.narrow(1, evals.size()[0] - k, k).flip([1]);
+    let sv = evals
+        .narrow(0, evals.size()[0] - k, k)
+        .flip([0])
+        .clamp_min(0.0)
+        .sqrt();
+    let mut scores = (qy.to_kind(Kind::Double).matmul(&top) * sv).to_kind(Kind::Float);
+    if k < 2 {
+        scores = Tensor::cat(&[scores, Tensor::zeros([n, 2 - k], (Kind::Float, dev))], 1);
+    }
+    let idx = scores.abs().argmax(0, true);
+    let sign = scores.gather(0, &idx, false).sign();
+    let sign = sign.where_self(&sign.ne(0.0), &sign.ones_like());
+    scores * sign
+}
+
 /// What `sae latents` was asked for, beyond the model and the data.
 pub struct Options {
     pub top: i64,
@@ -748,6 +794,33 @@ mod tests {
             let hist_total: i64 = st.hist.iter().sum();
             let active = flat.iter().filter(|&&v| v > 0.0).count() as i64;
             assert_eq!(hist_total, active);
+        }
+    }
+
+    #[test]
+    fn pca_scores_match_the_exact_svd() {
+        let _g = crate::seeded();
+        tch::manual_seed(3);
+        let z = Tensor::randn([300, 40], (Kind::Float, Device::Cpu))
+            * Tensor::linspace(3.0, 0.1, 40, (Kind::Float, Device::Cpu));
+        let got = pca_2d(&z);
+        let zc = &z - z.mean_dim(0, true, Kind::Float);
+        let zd = zc.to_kind(Kind::Double);
+        let (_, v) = zd.tr().matmul(&zd).linalg_eigh("L");
+        let want = zd
+            .matmul(&v.narrow(1, 38, 2).flip([1]))
+            .to_kind(Kind::Float);
+        for c in 0..2 {
+            let (g, w) = (got.select(1, c), want.select(1, c));
+            let d = (&g - &w)
+                .abs()
+                .max()
+                .double_value(&[])
+                .min((&g + &w).abs().max().double_value(&[]));
+            assert!(
+                d < 1e-2 * w.abs().max().double_value(&[]),
+                "component {c}: {d}"
+            );
         }
     }
 
