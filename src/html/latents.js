@@ -147,4 +147,5 @@ window.addEventListener("hashchange", () => { const j = openLatent(); if (j >= 0
 
 refresh();
 if (openLatent() >= 0) card(openLatent());
+document.body.dataset.readyMs = performance.now().toFixed(0);
 document.body.dataset.ready = "1";

@@ -96,4 +96,5 @@ function linePlot(c, a, b, col) {
   for (const [name, src] of D.plots) box.appendChild(el("img", { src: src, alt: name, title: name }));
   document.getElementById("config").textContent = D.config;
 })();
+document.body.dataset.readyMs = performance.now().toFixed(0);
 document.body.dataset.ready = "1";
