@@ -43,9 +43,10 @@ pub fn hist_edge(b: i64) -> f64 {
     2f64.powf((b - HIST_OFFSET) as f64 / 2.0)
 }
 
-/// Rows per chunk when none is asked: codes of about 64 MB.
+/// Rows per chunk when none is asked: codes of about 32 MB (1,024 rows at
+/// 8,192 latents); a chunk's work holds a few such buffers.
 pub fn default_chunk_rows(d_hidden: i64) -> usize {
-    ((16 << 20) / d_hidden.max(1)).clamp(256, 8192) as usize
+    ((8 << 20) / d_hidden.max(1)).clamp(256, 8192) as usize
 }
 
 /// Per-latent statistics of one pass over the data.
@@ -127,23 +128,26 @@ impl Accumulator {
         self.max = self.max.maximum(&z.amax(0, false));
 
         // Histogram: flat index latent * BINS + bin, inactive codes into the
-        // spare last slot.
-        let bin = (z.abs().clamp_min(1e-30).log2() * 2.0)
-            .floor()
-            .clamp(-(HIST_OFFSET as f64), (HIST_BINS - 1 - HIST_OFFSET) as f64)
-            .to_kind(Kind::Int64)
-            + HIST_OFFSET;
-        let latent = Tensor::arange(self.h, (Kind::Int64, z.device())) * HIST_BINS;
-        let flat = (bin + latent.unsqueeze(0)).masked_fill(&inactive, self.h * HIST_BINS);
+        // spare last slot. In place: one [b, h] float and one int64 buffer.
+        let mut t = z.abs();
+        let _ = t.clamp_min_(1e-30);
+        let _ = t.log2_();
+        t *= 2.0;
+        let _ = t.floor_();
+        let _ = t.clamp_(-(HIST_OFFSET as f64), (HIST_BINS - 1 - HIST_OFFSET) as f64);
+        let mut flat = t.to_kind(Kind::Int64);
+        drop(t);
+        let latent = Tensor::arange(self.h, (Kind::Int64, z.device())) * HIST_BINS + HIST_OFFSET;
+        flat += latent.unsqueeze(0);
+        let _ = flat.masked_fill_(&inactive, self.h * HIST_BINS);
         self.hist += flat
-            .flatten(0, -1)
+            .view([-1])
             .bincount::<Tensor>(None, self.h * HIST_BINS + 1);
+        drop(flat);
 
         // This chunk's top rows per latent, ties to the lower row.
-        let masked = z
-            .masked_fill(&inactive, f64::NEG_INFINITY)
-            .tr()
-            .contiguous();
+        let mut masked = z.tr().contiguous();
+        let _ = masked.masked_fill_(&inactive.tr(), f64::NEG_INFINITY);
         let k = self.top.min(b);
         let (mut vals, mut idx) = masked.topk(k, 1, true, true);
         // topk does not promise which of equal values it keeps: where the

@@ -92,7 +92,7 @@ function barChart(canvas, labels, counts, color) {
     ctx.fillRect(L + i * bw + 2, H - B - bh, Math.max(1, bw - 4), bh);
     ctx.fillStyle = "#333";
     ctx.textAlign = "center";
-    if (counts.length <= 12 || i % Math.ceil(counts.length / 12) === 0) ctx.fillText(labels[i], L + (i + 0.5) * bw, H - B + 14);
+    if (i % Math.max(1, Math.ceil(44 / bw)) === 0) ctx.fillText(labels[i], L + (i + 0.5) * bw, H - B + 14);
     if (counts.length <= 12 && counts[i] > 0) ctx.fillText(String(counts[i]), L + (i + 0.5) * bw, H - B - bh - 3);
   }
 }

@@ -96,8 +96,8 @@ function card(j) {
     rows.forEach((r, i) => {
       const px = D.pix.rows[r];
       const pic = px !== undefined && i < D.tiles ? greyTile(b64bytes(px), ih, iw, scale) : null;
-      const lab = D.labels && D.labels[r] !== undefined ? " " + D.labels[r] : "";
-      tiles.appendChild(el("div", { cls: "tile", "data-row": r }, [pic, el("span", { text: "row " + r + lab }), el("span", { text: fmt(vals[i]) })]));
+      const lab = D.labels && D.labels[r] !== undefined ? el("span", { cls: "text", text: D.labels[r] }) : null;
+      tiles.appendChild(el("div", { cls: "tile", "data-row": r }, [pic, el("span", { text: "row " + r }), lab, el("span", { cls: "val", text: fmt(vals[i]) })]));
     });
     c.appendChild(tiles);
   } else {
