@@ -466,6 +466,19 @@ fn dashboard_renders_in_chromium_with_labels() {
             r.seconds
         );
     }
+    // Filtered and sorted from the address: the dead latents only; all
+    // latents by frequency, rarest first.
+    let r = render(&b, &page, "#dead=dead&latent=0");
+    let dead = v["dead"].as_u64().unwrap() as usize;
+    assert_eq!(table_counts(&r.dom), (dead, dead));
+    assert!(r.dom.contains(r#"<tr class="lat dead open" data-id="0">"#));
+    let r = render(&b, &page, "#sort=freq-asc");
+    let first = between(&r.dom, r#"<tr class="lat"#, ">");
+    assert_eq!(
+        first,
+        Some(r#" dead" data-id="0""#),
+        "the rarest latent (dead, lowest id) first"
+    );
     screenshot(
         &b,
         &page,

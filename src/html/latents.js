@@ -22,12 +22,14 @@ function value(j, key) {
 function refresh() {
   const fmin = parseFloat(document.getElementById("fmin").value);
   const fmax = parseFloat(document.getElementById("fmax").value);
+  const amin = parseFloat(document.getElementById("amin").value);
   const dead = document.getElementById("fdead").value;
   const view = [];
   for (let j = 0; j < H; j++) {
     const f = D.freq[j];
     if (!Number.isNaN(fmin) && f < fmin) continue;
     if (!Number.isNaN(fmax) && f > fmax) continue;
+    if (!Number.isNaN(amin) && !(D.max[j] >= amin)) continue;
     if (dead === "dead" && f !== 0) continue;
     if (dead === "alive" && f === 0) continue;
     view.push(j);
@@ -139,12 +141,19 @@ for (const th of document.querySelectorAll("#latents th")) th.addEventListener("
   if (state.key === th.dataset.key) state.desc = !state.desc; else { state.key = th.dataset.key; state.desc = th.dataset.key !== "id"; }
   refresh();
 });
-for (const id of ["fmin", "fmax", "fdead"]) document.getElementById(id).addEventListener("input", () => { state.page = 0; refresh(); });
+for (const id of ["fmin", "fmax", "amin", "fdead"]) document.getElementById(id).addEventListener("input", () => { state.page = 0; refresh(); });
 document.getElementById("goto").addEventListener("change", (ev) => { location.hash = "latent=" + ev.target.value; });
 document.getElementById("prev").addEventListener("click", () => { state.page = Math.max(0, state.page - 1); renderRows(); });
 document.getElementById("next").addEventListener("click", () => { state.page = Math.min(Math.ceil(state.view.length / PAGE) - 1, state.page + 1); renderRows(); });
 window.addEventListener("hashchange", () => { const j = openLatent(); if (j >= 0) card(j); });
 
+// The address may also set the view: #dead=dead|alive&sort=KEY[-asc]&latent=N.
+(function fromHash() {
+  const dead = /dead=(all|alive|dead)/.exec(location.hash);
+  if (dead) document.getElementById("fdead").value = dead[1];
+  const sort = /sort=(id|freq|mean|max|norm|cos|dead)(-asc)?/.exec(location.hash);
+  if (sort) { state.key = sort[1]; state.desc = !sort[2]; }
+})();
 refresh();
 if (openLatent() >= 0) card(openLatent());
 document.body.dataset.readyMs = performance.now().toFixed(0);

@@ -91,6 +91,7 @@ pub fn latents_page(title: &str, data: &Value) -> String {
     <div class="controls">
       <label>frequency &ge; <input id="fmin" type="number" step="any" min="0" max="1" placeholder="0"></label>
       <label>&le; <input id="fmax" type="number" step="any" min="0" max="1" placeholder="1"></label>
+      <label>max act. &ge; <input id="amin" type="number" step="any" placeholder="any"></label>
       <label><select id="fdead"><option value="all">all</option><option value="alive">alive</option><option value="dead">dead only</option></select></label>
       <label>latent <input id="goto" type="number" min="0" placeholder="id"></label>
     </div>

@@ -30,8 +30,8 @@ document.getElementById("subtitle").textContent = D.subtitle;
 
 (function samples() {
   const S = D.sample, box = document.getElementById("samples");
-  document.getElementById("samplenote").textContent = S.orig.length + " " + S.split + " rows (top: original, below: reconstruction)" +
-    (S.image ? "" : "; original in grey, reconstruction in colour");
+  document.getElementById("samplenote").textContent = S.orig.length + " " + S.split + " rows: " +
+    (S.image ? "original above, reconstruction below" : "original in grey, reconstruction in colour");
   if (S.image) {
     const [h, w] = S.image;
     let lo = Infinity, hi = -Infinity;
