@@ -304,7 +304,8 @@ pub struct LatentsArgs {
     /// Output directory: latents.csv, top_rows.npy, top_values.npy, index.html.
     #[arg(long)]
     pub out: PathBuf,
-    /// Top-activating rows kept per latent.
+    /// Top-activating rows kept per latent (largest code first, ties to the
+    /// lower row; -1 in top_rows.npy where a latent fired on fewer rows).
     #[arg(
         long,
         value_name = "N",
@@ -758,7 +759,11 @@ fn latents_cmd(a: &LatentsArgs) -> Result<()> {
     let (codes, encoder_name): (&dyn metrics::CodeSource, String) = match &pursuit {
         Some(p) => (
             p,
-            format!("{:?}", a.encoder.pursuit(model.spec.d_in)?).to_lowercase(),
+            format!("{:?}", a.encoder.pursuit(model.spec.d_in)?)
+                .to_lowercase()
+                .replace(['{', '}'], "")
+                .trim()
+                .replace("  ", " "),
         ),
         None => (&metrics::ModelEncoder, "model".to_string()),
     };
