@@ -23,7 +23,7 @@ endif
 # Tests call Python references through this interpreter.
 export SAE_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup saelens sklearn browser build demo digits test parity bench fuzz clean fmt lint
+.PHONY: setup saelens sklearn browser build demo digits digits-table test parity bench fuzz clean fmt lint
 
 setup: $(STAMP)
 
@@ -75,6 +75,12 @@ digits: build $(SKLEARN_STAMP)
 	target/release/sae latents --model runs/digits --data digits/digits_train.npy \
 	    --labels digits/digits_train_labels.txt --out runs/digits/latents
 	@echo "open runs/digits/latents/index.html and runs/digits/report.html in a browser"
+
+# Held-out FVU at L0 = 10 on digits for PCA, each architecture and each
+# encoder (own, OMP, MP); writes the table into BENCHMARKS.md (~2 min).
+digits-table: build $(SKLEARN_STAMP)
+	$(PY) scripts/digits.py digits
+	$(PY) scripts/digits_table.py $(BIN) digits runs/digits-table BENCHMARKS.md
 
 # SAE_REQUIRE_SAELENS: the SAELens interop tests fail (not skip) without
 # sae_lens, and the pursuit tests without scikit-learn; SAE_REQUIRE_BROWSER:

@@ -7,6 +7,8 @@ Cases (issue 6):
   M  ReLU + L1 (SAELens standard), 768 -> 8192, batch 1024 (matmul-bound)
   T  top-k k=32, 768 -> 16384, batch 1024 (PyTorch side: the dense top-k step)
   E  `sae encode` of 1,000,000 x 768 rows from a .npy file (768 -> 1024 ReLU model), rows/s
+  OMP `sae encode --encoder omp --k 32` of 100,000 x 768 rows over 8192 atoms
+     (a 768 -> 8192 top-k model), against the model's own encoder on the same rows
   DP M trained data-parallel, 2 ranks x 1 thread under torchrun (Gloo), against
      one process with 2 threads; with the share of the step spent in collectives
 
@@ -15,7 +17,7 @@ only, no data loading); PyTorch's loop is timed the same way. Each case runs
 ours and PyTorch alternately REPEATS times; the table takes the best of each.
 The matmul peak is torch.mm at the M shape, measured in this same run.
 
-Usage: bench.py SAE_BIN OUT_DIR [--quick] [--only S,M,T,E,OOC,DP]
+Usage: bench.py SAE_BIN OUT_DIR [--quick] [--only S,M,T,E,OOC,OMP,DP]
   --only runs the named parts and prints their figures without writing the table.
 """
 import json, os, platform, subprocess, sys, time
@@ -203,6 +205,39 @@ def bench_encode():
     return rows, rows / dt, 2 * 768 * 1024 * rows / dt / 1e9
 
 
+def bench_omp():
+    """Seconds of `sae encode` with the model's encoder and with OMP (k = 32),
+    alternating, best of each; rows, and OMP's codes L0."""
+    rows = 20_000 if QUICK else 100_000
+    data = os.path.join(OUT, f"OMP-{rows}.npy")
+    if not os.path.exists(data):
+        np.save(data, np.random.default_rng(2).standard_normal((rows, 768), dtype=np.float32))
+    train = os.path.join(OUT, "OMP-train.npy")
+    np.save(train, np.random.default_rng(3).standard_normal((4096, 768)).astype(np.float32))
+    cfg = os.path.join(OUT, "OMP.yaml")
+    json.dump({"device": "cpu", "data": {"train": train},
+               "model": {"d_hidden": 8192, "activation": "topk", "k": 32},
+               "sparsity": {"penalty": "none"}, "train": {"epochs": 1, "batch_size": 1024}},
+              open(cfg, "w"))
+    run = os.path.join(OUT, "run-OMP")
+    subprocess.run([SAE, "train", "-q", "--config", cfg, "--out", run, "--force"], check=True,
+                   stdout=subprocess.DEVNULL)
+    out = os.path.join(OUT, "OMP-codes.npy")
+    best = {"model": float("inf"), "omp": float("inf")}
+    for r in range(2):
+        for enc in ("model", "omp"):
+            extra = ["--encoder", "omp", "--k", "32"] if enc == "omp" else []
+            t0 = time.perf_counter()
+            subprocess.run([SAE, "encode", "--model", run, "--data", data, "--out", out] + extra,
+                           check=True)
+            best[enc] = min(best[enc], time.perf_counter() - t0)
+            log(f"OMP round {r + 1}: {enc} encoder {best[enc]:.1f} s")
+    z = np.load(out, mmap_mode="r")
+    l0 = float((np.asarray(z[:1000]) != 0).sum(1).mean())
+    os.remove(out)
+    return rows, best["model"], best["omp"], l0
+
+
 def run_capped(cmd, cap_bytes):
     """Runs cmd inside a cgroup-v1 memory cap; returns (returncode, peak bytes)
     or None when no cgroup can be made here."""
@@ -304,6 +339,10 @@ def main():
             single, dp, share = bench_dp()
             log(f"DP: 2 ranks x 1 thread {dp:,.0f}/s vs 1 process x {THREADS} threads {single:,.0f}/s: "
                 f"{dp / single:.2f}x; collectives {share:.0%} of rank 0's loop")
+        if "OMP" in ONLY:
+            o_rows, o_model, o_omp, o_l0 = bench_omp()
+            log(f"OMP: {o_rows:,} rows, model encoder {o_model:.1f} s, OMP k=32 {o_omp:.1f} s "
+                f"(L0 {o_l0:.1f}): {o_omp / o_model:.1f}x")
         if ONLY & {"E", "OOC"}:
             e_rows, e_rate, e_gf = bench_encode() if "E" in ONLY else (1_000_000, 0, 0)
             if "E" in ONLY:
@@ -317,6 +356,7 @@ def main():
     e_rows, e_rate, e_gf = bench_encode()
     ooc = bench_out_of_core(os.path.join(OUT, f"E-{e_rows}.npy"), e_rows)
     dp_single, dp_rate, dp_share = bench_dp()
+    o_rows, o_model, o_omp, o_l0 = bench_omp()
     cpu = platform.processor() or platform.machine()
     try:
         cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
@@ -350,6 +390,9 @@ def main():
               f"torchrun (Gloo, this machine) {dp_rate:,.0f} samples/s vs 1 process x {THREADS} threads "
               f"{dp_single:,.0f}: {dp_rate / dp_single:.2f}x; collectives (the 25 MB gradient allreduce, "
               f"waits for the other rank included) take {dp_share:.0%} of rank 0's training loop."]
+    lines += ["", f"OMP (`sae encode --encoder omp --k 32`, {o_rows:,} x 768 rows, 8192 atoms of a 768 -> 8192 "
+              f"top-k model, codes written as .npy): {o_omp:.1f} s vs the model's own encoder {o_model:.1f} s: "
+              f"{o_omp / o_model:.1f}x (aim: at most 10x); mean L0 of the OMP codes {o_l0:.1f}."]
     lines += ["", "GFLOP/s counts the dense maths (12 * d_in * d_hidden per training sample; 10 for S),",
               "also where our path does less work, so there it is an effective rate: T (sparse top-k:",
               "k columns and rows instead of three dense matmuls) and M (b_dec's gradient as a vector",

@@ -86,6 +86,44 @@ pub struct Config {
     pub sparsity: SparsityConfig,
     pub train: TrainConfig,
     pub dist: DistConfig,
+    pub eval: EvalConfig,
+}
+
+/// `eval.encoder`: which encoder the end of a run measures besides the
+/// model's own (the `--encoder` of `sae eval`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalEncoder {
+    /// Only the model's own encoder.
+    Model,
+    /// Orthogonal matching pursuit over the decoder rows.
+    Omp,
+    /// Matching pursuit over the decoder rows.
+    Mp,
+}
+
+/// How a finished run is measured: besides the model's own encoder, the
+/// same metrics with a pursuit encoder over its decoder (summary.json
+/// `pursuit`, and its columns in a sweep's table).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    pub encoder: EvalEncoder,
+    /// Atoms per row (omp) or most steps (mp); default `model.k`, and for
+    /// mp without it `d_in`.
+    pub k: Option<i64>,
+    /// mp: a row stops once its residual norm is below this (0: never).
+    pub residual_threshold: f64,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            encoder: EvalEncoder::Model,
+            k: None,
+            residual_threshold: 0.0,
+        }
+    }
 }
 
 /// `dist.backend`: the c10d backend of a data-parallel run.
@@ -364,6 +402,7 @@ impl Default for Config {
             sparsity: SparsityConfig::default(),
             train: TrainConfig::default(),
             dist: DistConfig::default(),
+            eval: EvalConfig::default(),
         }
     }
 }
@@ -561,6 +600,7 @@ impl Config {
         self.validate_sparsity()?;
         self.validate_train()?;
         validate_dist(&self.dist)?;
+        self.validate_eval()?;
         crate::device::parse_device(&self.device).map_err(|e| format!("device: {e}"))?;
         Ok(())
     }
@@ -593,6 +633,63 @@ fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+impl Config {
+    /// `eval`: a pursuit needs a linear decoder that maps codes back to the
+    /// input (as `--encoder` in `sae eval`), and omp a number of atoms.
+    fn validate_eval(&self) -> Check {
+        let e = &self.eval;
+        let name = match e.encoder {
+            EvalEncoder::Model => {
+                if e.k.is_some() || e.residual_threshold != 0.0 {
+                    return Err("eval.k and eval.residual_threshold: only for eval.encoder \
+                                omp or mp (the model's own encoder takes neither)"
+                        .into());
+                }
+                return Ok(());
+            }
+            EvalEncoder::Omp => "omp",
+            EvalEncoder::Mp => "mp",
+        };
+        if let Some(k) = e.k {
+            if k < 1 {
+                return Err(format!("eval.k: {k} must be at least 1"));
+            }
+        }
+        if !(e.residual_threshold >= 0.0 && e.residual_threshold.is_finite()) {
+            return Err(format!(
+                "eval.residual_threshold: {} must be a finite number >= 0",
+                e.residual_threshold
+            ));
+        }
+        if e.encoder == EvalEncoder::Omp {
+            if e.residual_threshold != 0.0 {
+                return Err("eval.residual_threshold: only for eval.encoder mp".into());
+            }
+            if e.k.is_none() && self.model.k.is_none() {
+                return Err("eval.encoder omp: needs eval.k, the atoms per row \
+                            (or model.k, which it defaults to)"
+                    .into());
+            }
+        }
+        let why = if self.model.decoder_activation != OutputActivation::None {
+            Some("its decoder applies a sigmoid (model.decoder_activation)")
+        } else if !self.model.hidden.is_empty() {
+            Some("it has hidden layers (model.hidden)")
+        } else if self.data.target.is_some() {
+            Some("it is a transcoder (data.target)")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => Err(format!(
+                "eval.encoder {name}: needs a model whose decoder is linear and \
+                 reconstructs its input, but {why}; use eval.encoder: model"
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 fn validate_dist(d: &DistConfig) -> std::result::Result<(), String> {

@@ -24,8 +24,12 @@
 //! `r = r0 − γ·D̃_S`. A row stops early, keeping its codes, when the atom it
 //! selects is already in its support or is linearly dependent on it (the
 //! Cholesky pivot `‖d̃‖² − ‖w‖²` falls to 1e-10 or below), where scikit-learn
-//! also stops. The small linear algebra is in float64; only the `[rows,
-//! d_hidden]` correlation matmul is float32.
+//! also stops. The small linear algebra is in float64; the `[rows,
+//! d_hidden]` correlations are float32. They come from the Gram matrix
+//! `G = D̃·D̃ᵀ` when it fits (Batch-OMP, Rubinstein et al. 2008:
+//! `D̃·r_t = D̃·r0 − Σ_s γ_s G[s]`, one matmul per row and then t rows of G
+//! per step, gathered by `embedding_bag`), else from the residual (a full
+//! matmul per step, k times the one-pass encoder's work).
 //!
 //! **MP** (SAELens's `MatchingPursuitSAE` encoder, `_encode_matching_pursuit`,
 //! on the unit atoms): at most `k` steps of `j = argmax relu(⟨r, d̃_j⟩)`,
@@ -59,6 +63,30 @@ pub enum Pursuit {
 }
 
 impl Pursuit {
+    /// The pursuit of a config's `eval` section (None: the model's own
+    /// encoder only); `k` defaults to `model.k`, and for mp to `d_in`.
+    pub fn from_config(cfg: &crate::config::Config, d_in: i64) -> Option<Pursuit> {
+        use crate::config::EvalEncoder;
+        let k = cfg.eval.k.or(cfg.model.k);
+        match cfg.eval.encoder {
+            EvalEncoder::Model => None,
+            EvalEncoder::Omp => Some(Pursuit::Omp {
+                k: k.expect("validated: eval.encoder omp has a k"),
+            }),
+            EvalEncoder::Mp => Some(Pursuit::Mp {
+                k: k.unwrap_or(d_in),
+                residual_threshold: cfg.eval.residual_threshold,
+            }),
+        }
+    }
+
+    /// At most this many atoms per row.
+    pub fn k(&self) -> i64 {
+        match *self {
+            Pursuit::Omp { k } | Pursuit::Mp { k, .. } => k,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Pursuit::Omp { .. } => "omp",
@@ -71,6 +99,10 @@ impl Pursuit {
 const PIVOT_EPS: f64 = 1e-10;
 /// Bytes of working tensors per chunk of rows (bounds memory for any input).
 const CHUNK_BYTES: i64 = 1 << 27;
+/// OMP keeps the atoms' Gram matrix when it takes at most this many bytes
+/// (d_hidden up to 23,170); larger dictionaries recompute correlations from
+/// the residual, k matmuls instead of one.
+const GRAM_BYTES: i64 = 2 << 30;
 
 /// A pursuit encoder over one model's decoder rows.
 #[derive(Debug)]
@@ -80,6 +112,9 @@ pub struct PursuitEncoder {
     /// refits).
     unit32: Tensor,
     unit64: Tensor,
+    /// OMP: the Gram matrix `D̃·D̃ᵀ [h, h]` (float32) of the unit atoms,
+    /// when it fits in [`GRAM_BYTES`].
+    gram: Option<Tensor>,
     /// `1 / ‖d_j‖` (0 for an all-zero row), float32 `[h]`.
     inv_norm: Tensor,
     /// `[d]`, float32.
@@ -110,9 +145,7 @@ impl PursuitEncoder {
                 model.d_out()
             );
         }
-        let k = match method {
-            Pursuit::Omp { k } | Pursuit::Mp { k, .. } => k,
-        };
+        let k = method.k();
         if k < 1 {
             bail_user!("--k {k}: must be at least 1");
         }
@@ -125,13 +158,24 @@ impl PursuitEncoder {
             .where_self(&norm.gt(0.0), &norm.zeros_like());
         let unit32 = (&w * inv_norm.unsqueeze(1)).contiguous();
         let unit64 = unit32.to_kind(Kind::Double);
+        let h = unit32.size()[0];
+        let gram = (matches!(method, Pursuit::Omp { .. }) && 4 * h * h <= GRAM_BYTES)
+            .then(|| unit32.mm(&unit32.tr()));
         Ok(PursuitEncoder {
             method,
             unit32,
             unit64,
+            gram,
             inv_norm,
             b_dec: model.b_dec.detach().to_kind(Kind::Float),
         })
+    }
+
+    /// OMP without the Gram matrix, as for dictionaries too large for it
+    /// (for tests and benchmarks: both ways give the same codes).
+    pub fn without_gram(mut self) -> Self {
+        self.gram = None;
+        self
     }
 
     pub fn device(&self) -> Device {
@@ -148,7 +192,7 @@ impl PursuitEncoder {
         // Per row: the [h] correlations (float32) and, for OMP, the [k, d]
         // selected atoms (float64).
         let per_row = match self.method {
-            Pursuit::Omp { k } => 4 * h + 8 * k * d,
+            Pursuit::Omp { k } => 12 * h + 8 * k * d,
             Pursuit::Mp { .. } => 4 * h,
         };
         let chunk = (CHUNK_BYTES / per_row.max(1)).clamp(16, n.max(16));
@@ -179,80 +223,92 @@ impl PursuitEncoder {
 
     /// OMP on residuals `r0 [b, d]` (float32): codes `[b, h]`.
     fn omp(&self, r0: &Tensor, k: i64) -> Tensor {
-        let (b, d) = (r0.size()[0], r0.size()[1]);
+        let b = r0.size()[0];
         let h = self.unit32.size()[0];
         let k = k.min(h);
         let dev = r0.device();
         let f64o = (Kind::Double, dev);
-        let r0 = r0.to_kind(Kind::Double);
-        let mut r = r0.shallow_clone();
-        // Slot t of each row: its t-th atom (a zero row and index 0 once the
-        // row has stopped), the atom's ⟨d̃, r0⟩, and row t of the Cholesky
-        // factor L of the selected atoms' Gram matrix. Unused slots are the
-        // identity in L with a zero right-hand side, so they solve to γ = 0.
-        let atoms = Tensor::zeros([b, k, d], f64o);
+        let mut src = match &self.gram {
+            Some(g) => Source::Gram {
+                g,
+                alpha0: r0.mm(&self.unit32.tr()),
+                offsets: Tensor::arange(b, (Kind::Int64, dev)),
+                r0: r0.to_kind(Kind::Double),
+            },
+            None => Source::Residual {
+                r0: r0.to_kind(Kind::Double),
+                atoms: Tensor::zeros([b, k, r0.size()[1]], f64o),
+            },
+        };
+        // Slot t of each row: its t-th atom's index (0 once the row has
+        // stopped), row t of the inverse `L⁻¹` of the Cholesky factor of the
+        // selected atoms' Gram matrix (`G_S = L·Lᵀ`), and `y_t = (L⁻¹·rhs)_t`
+        // with `rhs_s = ⟨d̃_s, r0⟩`, so that the refit is `γ = G_S⁻¹·rhs =
+        // L⁻ᵀ·y`.
         let idx = Tensor::zeros([b, k], (Kind::Int64, dev));
-        let rhs = Tensor::zeros([b, k], f64o);
-        let l = Tensor::eye(k, f64o).unsqueeze(0).repeat([b, 1, 1]);
+        let linv = Tensor::zeros([b, k, k], f64o);
+        let y = Tensor::zeros([b, k], f64o);
         let mut active = Tensor::ones([b], (Kind::Bool, dev));
         let mut gamma = Tensor::zeros([b, 0], f64o);
         let mut used = 0;
         for t in 0..k {
-            let corr = r.to_kind(Kind::Float).mm(&self.unit32.tr());
-            let new = corr.abs().argmax(1, false);
-            let a = self.unit64.index_select(0, &new);
-            let sq = a.square().sum_dim_intlist(1, false, Kind::Double);
-            let (w, pivot, dup) = if t == 0 {
-                (None, sq, Tensor::zeros([b], (Kind::Bool, dev)))
-            } else {
-                let sel = atoms.narrow(1, 0, t);
-                let g = sel.bmm(&a.unsqueeze(2));
-                let w = l
-                    .narrow(1, 0, t)
-                    .narrow(2, 0, t)
-                    .linalg_solve_triangular(&g, false, true, false);
-                let pivot = sq
-                    - w.square()
-                        .sum_dim_intlist([1, 2].as_slice(), false, Kind::Double);
-                let dup = idx
-                    .narrow(1, 0, t)
-                    .eq_tensor(&new.unsqueeze(1))
-                    .any_dim(1, false);
-                (Some(w), pivot, dup)
+            let new = src
+                .correlations(self, &idx.narrow(1, 0, t), &gamma)
+                .abs()
+                .argmax(1, false);
+            let (sq, g, rhs) = src.atom(self, &new, &idx.narrow(1, 0, t));
+            // `w = L⁻¹·(D̃_S·d̃_new)`: the new atom's row of the Cholesky
+            // factor; its pivot `‖d̃_new‖² − ‖w‖²` is the squared distance
+            // of the new atom from the span of the selected ones.
+            let (w, pivot, dup) = match g {
+                None => (None, sq, Tensor::zeros([b], (Kind::Bool, dev))),
+                Some(g) => {
+                    let w = (linv.narrow(1, 0, t).narrow(2, 0, t) * g.unsqueeze(1))
+                        .sum_dim_intlist(2, false, Kind::Double);
+                    let pivot = sq - w.square().sum_dim_intlist(1, false, Kind::Double);
+                    let dup = idx
+                        .narrow(1, 0, t)
+                        .eq_tensor(&new.unsqueeze(1))
+                        .any_dim(1, false);
+                    (Some(w), pivot, dup)
+                }
             };
             active = active
                 .logical_and(&dup.logical_not())
                 .logical_and(&pivot.gt(PIVOT_EPS));
             let on = active.to_kind(Kind::Double);
-            if let Some(w) = w {
-                l.narrow(1, t, 1)
-                    .narrow(2, 0, t)
-                    .copy_(&(w * on.view([b, 1, 1])).transpose(1, 2));
-            }
             let diag = pivot
                 .clamp_min(PIVOT_EPS)
                 .sqrt()
                 .where_self(&active, &on.ones_like());
-            l.narrow(1, t, 1)
-                .narrow(2, t, 1)
-                .copy_(&diag.view([b, 1, 1]));
-            let a = a * on.unsqueeze(1);
-            atoms.narrow(1, t, 1).copy_(&a.unsqueeze(1));
+            src.keep(self, t, &new, &on);
             idx.narrow(1, t, 1)
                 .copy_(&(new * active.to_kind(Kind::Int64)).unsqueeze(1));
-            rhs.narrow(1, t, 1)
-                .copy_(&(&a * &r0).sum_dim_intlist(1, true, Kind::Double));
+            // Row t of L⁻¹ is `[−wᵀ·L⁻¹, 1] / diag` and `y_t = (rhs_t −
+            // w·y) / diag`, elementwise over the batch: no per-row solver
+            // calls. A stopped row gets the identity row and y_t = 0, which
+            // leaves its γ as it was.
+            linv.narrow(1, t, 1)
+                .narrow(2, t, 1)
+                .copy_(&diag.reciprocal().view([b, 1, 1]));
+            let y_t = match &w {
+                Some(w) => {
+                    let lt = linv.narrow(1, 0, t).narrow(2, 0, t);
+                    let row = (w.unsqueeze(2) * &lt).sum_dim_intlist(1, false, Kind::Double)
+                        * (-&on / &diag).unsqueeze(1);
+                    linv.narrow(1, t, 1)
+                        .narrow(2, 0, t)
+                        .copy_(&row.unsqueeze(1));
+                    (rhs - (w * y.narrow(1, 0, t)).sum_dim_intlist(1, false, Kind::Double)) * &on
+                        / &diag
+                }
+                None => rhs * &on / &diag,
+            };
+            y.narrow(1, t, 1).copy_(&y_t.unsqueeze(1));
             used = t + 1;
-            gamma = rhs
-                .narrow(1, 0, used)
-                .unsqueeze(2)
-                .cholesky_solve(&l.narrow(1, 0, used).narrow(2, 0, used), false)
-                .squeeze_dim(2);
-            r = &r0
-                - gamma
-                    .unsqueeze(1)
-                    .bmm(&atoms.narrow(1, 0, used))
-                    .squeeze_dim(1);
+            gamma = (linv.narrow(1, 0, used).narrow(2, 0, used)
+                * y.narrow(1, 0, used).unsqueeze(2))
+            .sum_dim_intlist(1, false, Kind::Double);
             if active.any().int64_value(&[]) == 0 {
                 break;
             }
@@ -270,6 +326,102 @@ impl PursuitEncoder {
     /// residuals `r0 [b, d]` (float32): codes `[b, h]`.
     fn mp(&self, r0: &Tensor, k: i64, threshold: f64) -> Tensor {
         matching_pursuit(r0, &self.unit32, k, threshold) * self.inv_norm.unsqueeze(0)
+    }
+}
+
+/// Where OMP's per-step quantities come from: the correlations `D̃·r_t` of
+/// the current residual, and the new atom's Gram entries and `⟨d̃, r0⟩`.
+enum Source<'a> {
+    /// Batch-OMP (Rubinstein et al. 2008): `D̃·r_t = α0 − Σ_s γ_s G[s]`,
+    /// t rows of G per row and step, summed by one `embedding_bag`; the
+    /// new atom's Gram entries are gathered from G. No residual.
+    Gram {
+        g: &'a Tensor,
+        alpha0: Tensor,
+        offsets: Tensor,
+        r0: Tensor,
+    },
+    /// The residual `r0 − γ·D̃_S` (float64, from the kept atoms) times
+    /// `D̃ᵀ`: a [b, d] x [d, h] matmul per step.
+    Residual { r0: Tensor, atoms: Tensor },
+}
+
+impl Source<'_> {
+    /// `D̃·r` for the residual left by the atoms `idx [b, t]` with
+    /// coefficients `gamma [b, t]`: float32 `[b, h]`.
+    fn correlations(&self, enc: &PursuitEncoder, idx: &Tensor, gamma: &Tensor) -> Tensor {
+        let t = idx.size()[1];
+        match self {
+            Source::Gram { alpha0, .. } if t == 0 => alpha0.shallow_clone(),
+            Source::Gram {
+                g, alpha0, offsets, ..
+            } => {
+                let (fit, _, _, _) = Tensor::embedding_bag(
+                    g,
+                    &idx.flatten(0, -1),
+                    &(offsets * t),
+                    false,
+                    0, // sum
+                    false,
+                    Some(gamma.to_kind(Kind::Float).flatten(0, -1)),
+                    false,
+                );
+                alpha0 - fit
+            }
+            Source::Residual { r0, atoms } => {
+                let r = if t == 0 {
+                    r0.shallow_clone()
+                } else {
+                    r0 - gamma
+                        .unsqueeze(1)
+                        .bmm(&atoms.narrow(1, 0, t))
+                        .squeeze_dim(1)
+                };
+                r.to_kind(Kind::Float).mm(&enc.unit32.tr())
+            }
+        }
+    }
+
+    /// For the new atoms `new [b]` after the atoms `idx [b, t]`:
+    /// `‖d̃_new‖²`, the Gram entries `⟨d̃_s, d̃_new⟩ [b, t]` (None when t is
+    /// 0) and `⟨d̃_new, r0⟩`, float64.
+    fn atom(
+        &self,
+        enc: &PursuitEncoder,
+        new: &Tensor,
+        idx: &Tensor,
+    ) -> (Tensor, Option<Tensor>, Tensor) {
+        let t = idx.size()[1];
+        match self {
+            Source::Gram { g, r0, .. } => {
+                let h = g.size()[0];
+                let flat = g.view([-1]);
+                let sq = flat.index_select(0, &(new * (h + 1)));
+                let cross = (t > 0).then(|| {
+                    flat.take(&(idx * h + new.unsqueeze(1)))
+                        .to_kind(Kind::Double)
+                });
+                let rhs =
+                    (enc.unit64.index_select(0, new) * r0).sum_dim_intlist(1, false, Kind::Double);
+                (sq.to_kind(Kind::Double), cross, rhs)
+            }
+            Source::Residual { r0, atoms } => {
+                let a = enc.unit64.index_select(0, new);
+                let sq = a.square().sum_dim_intlist(1, false, Kind::Double);
+                let cross =
+                    (t > 0).then(|| atoms.narrow(1, 0, t).bmm(&a.unsqueeze(2)).squeeze_dim(2));
+                let rhs = (&a * r0).sum_dim_intlist(1, false, Kind::Double);
+                (sq, cross, rhs)
+            }
+        }
+    }
+
+    /// Keeps the new atoms in slot t (zero where `on` is 0: stopped rows).
+    fn keep(&mut self, enc: &PursuitEncoder, t: i64, new: &Tensor, on: &Tensor) {
+        if let Source::Residual { atoms, .. } = self {
+            let a = enc.unit64.index_select(0, new) * on.unsqueeze(1);
+            atoms.narrow(1, t, 1).copy_(&a.unsqueeze(1));
+        }
     }
 }
 
@@ -352,7 +504,10 @@ mod tests {
         tch::manual_seed(3);
         let (d, h, k, n) = (24, 20, 3, 50);
         let m = model(d, h, false);
-        let (q, _) = Tensor::randn([d, h], (Kind::Float, Device::Cpu)).qr(true);
+        let (q, _) = Tensor::linalg_qr(
+            &Tensor::randn([d, h], (Kind::Float, Device::Cpu)),
+            "reduced",
+        );
         let scale = Tensor::rand([h, 1], (Kind::Float, Device::Cpu)) * 3.0 + 0.2;
         let m = Sae {
             w_dec: Some(q.tr().contiguous() * scale),
@@ -391,6 +546,26 @@ mod tests {
             .sum(Kind::Double)
             .double_value(&[]);
         assert!(r <= r0, "MP residual grew: {r} > {r0}");
+    }
+
+    /// The Gram-matrix correlations (Batch-OMP) and the residual ones
+    /// select the same atoms and give the same codes.
+    #[test]
+    fn omp_gram_equals_residual() {
+        let _rng = crate::seeded();
+        tch::manual_seed(5);
+        let m = model(16, 48, false);
+        let x = Tensor::randn([300, 16], (Kind::Float, Device::Cpu));
+        let gram = PursuitEncoder::new(&m, Pursuit::Omp { k: 6 }).unwrap();
+        assert!(gram.gram.is_some());
+        let resid = PursuitEncoder::new(&m, Pursuit::Omp { k: 6 })
+            .unwrap()
+            .without_gram();
+        let (a, b) = (gram.encode(&m, &x), resid.encode(&m, &x));
+        assert!(a.ne(0.0).eq_tensor(&b.ne(0.0)).all().int64_value(&[]) != 0);
+        let scale = b.abs().max().double_value(&[]);
+        let err = (a - b).abs().max().double_value(&[]) / scale;
+        assert!(err < 1e-5, "codes differ by {err} of the largest");
     }
 
     /// Tied models use W_enc.T as the dictionary; `k` larger than the

@@ -557,6 +557,38 @@ const METRIC_COLUMNS: [&str; 10] = [
     "run",
 ];
 
+/// With `eval.encoder` omp|mp, the same measures with that pursuit encoder
+/// (summary.json `pursuit`), after the model's own.
+const PURSUIT_COLUMNS: [&str; 3] = ["pursuit_train_fvu", "pursuit_valid_fvu", "pursuit_l0"];
+
+/// The pursuit the runs were measured with too ("omp k=10"), if any.
+fn pursuit_label(rows: &[Row]) -> Option<String> {
+    let of = |r: &Row| {
+        let p = r.summary.get("pursuit")?;
+        Some((
+            p.get("encoder")?.as_str()?.to_string(),
+            p.get("k")?.as_i64()?,
+        ))
+    };
+    let (name, k) = rows.iter().find_map(of)?;
+    Some(if rows.iter().filter_map(of).all(|(_, k2)| k2 == k) {
+        format!("{name} k={k}")
+    } else {
+        format!("{name} (k: each run's eval.k, default model.k)")
+    })
+}
+
+fn pursuit_cells(r: &Row) -> Vec<String> {
+    let f = |split: &str, key: &str| {
+        r.summary
+            .get("pursuit")
+            .and_then(|p| p.get(split)?.get(key)?.as_f64())
+            .map(|v| format!("{v:.6}"))
+            .unwrap_or_default()
+    };
+    vec![f("train", "fvu"), f("valid", "fvu"), f("train", "l0")]
+}
+
 fn metric_cells(r: &Row) -> Vec<String> {
     let f = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
     let mmcs = r.metric("valid", "mmcs").or(r.metric("train", "mmcs"));
@@ -587,11 +619,17 @@ fn csv_field(s: &str) -> String {
 }
 
 fn write_tables(spec: &SweepSpec, rows: &[Row], out: &Path) -> Result<()> {
+    let pursuit = pursuit_label(rows);
+    let extra: &[&str] = if pursuit.is_some() {
+        &PURSUIT_COLUMNS
+    } else {
+        &[]
+    };
     let header: Vec<String> = spec
         .grid
         .iter()
         .map(|(k, _)| k.clone())
-        .chain(METRIC_COLUMNS.iter().map(|s| s.to_string()))
+        .chain(METRIC_COLUMNS.iter().chain(extra).map(|s| s.to_string()))
         .collect();
     let mut csv = header
         .iter()
@@ -605,7 +643,10 @@ fn write_tables(spec: &SweepSpec, rows: &[Row], out: &Path) -> Result<()> {
         "---|".repeat(header.len())
     );
     for r in rows {
-        let cells: Vec<String> = r.values.iter().cloned().chain(metric_cells(r)).collect();
+        let mut cells: Vec<String> = r.values.iter().cloned().chain(metric_cells(r)).collect();
+        if pursuit.is_some() {
+            cells.extend(pursuit_cells(r));
+        }
         csv += &(cells
             .iter()
             .map(|c| csv_field(c))
@@ -616,6 +657,12 @@ fn write_tables(spec: &SweepSpec, rows: &[Row], out: &Path) -> Result<()> {
     }
     md += "\nl0 and fvu on the training data; pca_fvu_at_l0: FVU of a PCA reconstruction \
            keeping as many components as the run's L0 (linear between integers).\n";
+    if let Some(p) = &pursuit {
+        md += &format!(
+            "pursuit_*: the same measures with codes from {p} over each run's decoder rows \
+             (eval.encoder) instead of its own encoder.\n"
+        );
+    }
     fsutil::write_bytes_atomic(&out.join("sweep.csv"), csv.as_bytes())?;
     fsutil::write_bytes_atomic(&out.join("sweep.md"), md.as_bytes())
 }
@@ -670,6 +717,7 @@ fn frontier_groups(spec: &SweepSpec, rows: &[Row]) -> Vec<(String, Vec<(f64, f64
         .filter(|&i| spec.grid[i].1.len() > 1)
         .collect();
     let group_keys = &varying[..varying.len().saturating_sub(1)];
+    let pursuit = pursuit_label(rows);
     let mut groups: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for r in rows {
         let key = if group_keys.is_empty() {
@@ -684,9 +732,15 @@ fn frontier_groups(spec: &SweepSpec, rows: &[Row]) -> Vec<(String, Vec<(f64, f64
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        match groups.iter_mut().find(|g| g.0 == key) {
-            Some(g) => g.1.push((r.l0(), r.fvu())),
-            None => groups.push((key, vec![(r.l0(), r.fvu())])),
+        let mut add = |key: String, point: (f64, f64)| match groups.iter_mut().find(|g| g.0 == key)
+        {
+            Some(g) => g.1.push(point),
+            None => groups.push((key, vec![point])),
+        };
+        add(key.clone(), (r.l0(), r.fvu()));
+        if let (Some(label), Some(p)) = (&pursuit, r.summary.get("pursuit")) {
+            let m = |key: &str| p["train"][key].as_f64().unwrap_or(f64::NAN);
+            add(format!("{key}, {label}"), (m("l0"), m("fvu")));
         }
     }
     groups

@@ -591,6 +591,106 @@ for i in range(0, len(a), 4):
     );
 }
 
+/// Transcoders (`data.target`) export as SAELens's `transcoder` (ReLU) and
+/// `jumprelu_transcoder`, normalisations of input and target folded in:
+/// sae_lens encodes and maps to the target's space as `sae` does, and
+/// `sae` reads the export back. Other activations are refused.
+#[test]
+fn saelens_transcoder_export() {
+    if !saelens_available("saelens_transcoder_export") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 300, 10, 16, 2);
+    let y = p(d, "y.npy");
+    py(
+        "import sys, numpy as np\nx = np.load(sys.argv[1]); r = np.random.default_rng(0)\n\
+         np.save(sys.argv[2], (x @ r.standard_normal((10, 7)) + 3.0).astype(np.float32))",
+        &[&x, &y],
+    );
+    let base = "model.apply_b_dec_to_input=false".to_string();
+    let target = format!("data.target={y}");
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("relu", &["data.normalize=standardize"], "Transcoder"),
+        (
+            "jumprelu",
+            &["model.activation=jumprelu", "sparsity.penalty=l0"],
+            "JumpReLUTranscoder",
+        ),
+    ];
+    let mut args = vec![x.clone()];
+    for (name, sets, class) in cases {
+        let mut all = vec![base.as_str(), target.as_str()];
+        all.extend_from_slice(sets);
+        let run = train(d, &format!("tc_{name}"), &x, &all);
+        let (z, yh) = (
+            p(d, &format!("{name}_z.npy")),
+            p(d, &format!("{name}_yh.npy")),
+        );
+        apply("encode", &run, &x, &z, &[]);
+        apply("reconstruct", &run, &x, &yh, &[]);
+        let out = p(d, &format!("{name}_saelens"));
+        sae_ok(&[
+            "export", "--model", &run, "--format", "saelens", "--out", &out,
+        ]);
+        // Read back by sae: the same codes.
+        let z2 = p(d, &format!("{name}_z2.npy"));
+        apply("encode", &out, &x, &z2, &[]);
+        let dev = max_dev(&z, &z2);
+        assert!(dev <= TOL, "{name}: read back deviates by {dev}");
+        args.extend([out, z, yh, class.to_string()]);
+    }
+    let res = py(
+        r#"
+import sys, json, warnings, numpy as np, torch
+warnings.filterwarnings("ignore")
+from sae_lens import SAE
+torch.set_grad_enabled(False)
+x = torch.from_numpy(np.load(sys.argv[1]))
+a = sys.argv[2:]
+for i in range(0, len(a), 4):
+    sae = SAE.load_from_disk(a[i])
+    print(json.dumps({
+        "class": type(sae).__name__, "expected": a[i + 3],
+        "encode": float(np.abs(sae.encode(x).numpy() - np.load(a[i + 1])).max()),
+        "forward": float(np.abs(sae(x).numpy() - np.load(a[i + 2])).max()),
+    }))
+"#,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    for (line, (name, _, _)) in res.lines().zip(cases) {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        println!("INTEROP saelens-export transcoder {name}: {r}");
+        assert_eq!(r["class"], r["expected"], "{name}: class");
+        for k in ["encode", "forward"] {
+            let v = r[k].as_f64().unwrap();
+            assert!(v <= TOL, "{name}: sae_lens {k} deviates by {v}");
+        }
+    }
+    assert_eq!(res.lines().count(), cases.len());
+    let run = train(
+        d,
+        "tc_topk",
+        &x,
+        &[
+            &base,
+            &target,
+            "model.activation=topk",
+            "model.k=3",
+            "sparsity.penalty=none",
+        ],
+    );
+    let out = p(d, "topk_saelens");
+    expect_user_error(
+        &[
+            "export", "--model", &run, "--format", "saelens", "--out", &out,
+        ],
+        &["SAELens transcoders are ReLU", "topk"],
+    );
+    assert!(!Path::new(&out).exists());
+}
+
 /// SAEs saved by `sae_lens` itself load in `sae` (`--model DIR`) and give the
 /// codes and reconstructions sae_lens computes; `model.init` takes them.
 #[test]
@@ -661,6 +761,39 @@ print(all(torch.allclose(a[n], b[n], atol=1e-7, rtol=0) for n in ["W_enc", "b_en
         &[&p(d, "standard"), &format!("{run}/model.safetensors")],
     );
     assert_eq!(same.trim(), "True", "model.init from SAELens");
+    // A JumpReLU SAE: its thresholds come along too (every tensor, not four).
+    let out = Case::new(d, "init_from_saelens_jumprelu")
+        .yaml(BASE.replace('X', &x))
+        .sets([
+            &format!("model.init={}", p(d, "jumprelu")),
+            "model.d_hidden=24",
+            "model.activation=jumprelu",
+            "sparsity.penalty=none",
+            "train.optimizer.lr=1e-12",
+            "train.epochs=1",
+        ])
+        .output();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("model.init: W_enc, b_enc, W_dec, b_dec, threshold from"),
+        "{said}"
+    );
+    let run = p(d, "init_from_saelens_jumprelu");
+    let same = py(
+        r#"
+import sys, torch
+from safetensors.torch import load_file
+a = load_file(sys.argv[1] + "/sae_weights.safetensors"); b = load_file(sys.argv[2])
+print(all(torch.allclose(a[n], b[n], atol=1e-6, rtol=0) for n in ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"]))
+"#,
+        &[&p(d, "jumprelu"), &format!("{run}/model.safetensors")],
+    );
+    assert_eq!(
+        same.trim(),
+        "True",
+        "model.init from a SAELens JumpReLU SAE"
+    );
 }
 
 /// What SAELens cannot represent is refused with one clear line (exit 2) and

@@ -172,6 +172,94 @@ fn eval_and_reconstruct_with_pursuit() {
     );
 }
 
+/// `eval.encoder: omp` in a config: summary.json's `pursuit` metrics equal
+/// `sae eval --encoder omp` of the finished run, and a sweep puts them in
+/// its table; configs that cannot use a pursuit are refused before training.
+#[test]
+fn eval_encoder_in_runs_and_sweeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 300, 16, 40, 3);
+    let base = format!(
+        "device: cpu\nseed: 1\ndata: {{train: {x}, valid_fraction: 0.2}}\n\
+         model: {{d_hidden: 48, activation: topk, k: 4}}\nsparsity: {{penalty: none}}\n\
+         train: {{epochs: 2, batch_size: 64}}\neval: {{encoder: omp}}\n"
+    );
+    let run = Case::new(d, "run").yaml(base.clone()).train();
+    let s = summary(Path::new(run.path()));
+    let p = &s["pursuit"];
+    assert_eq!(p["encoder"], "omp");
+    assert_eq!(p["k"], 4, "eval.k defaults to model.k");
+    assert!(p["valid"]["fvu"].as_f64().is_some(), "{p}");
+    // The same rows as the run's training split: its data file minus valid.
+    let model = run.path().to_string();
+    let own = eval_json(&model, &x, &[]);
+    let omp = eval_json(&model, &x, &["--encoder", "omp", "--k", "4"]);
+    let n = |v: &serde_json::Value| v["rows"].as_f64().unwrap();
+    let (tr, va) = (&p["train"], &p["valid"]);
+    let (nt, nv) = (n(tr), n(va));
+    assert_eq!(nt + nv, n(&omp));
+    // Pooled over both splits, the run's figures give sae eval's on all rows.
+    let pooled =
+        |key: &str| (tr[key].as_f64().unwrap() * nt + va[key].as_f64().unwrap() * nv) / (nt + nv);
+    let l0 = omp["l0"].as_f64().unwrap();
+    assert!(
+        (pooled("l0") - l0).abs() < 1e-6,
+        "l0 {} vs {l0}",
+        pooled("l0")
+    );
+    assert!((pooled("mse") - omp["mse"].as_f64().unwrap()).abs() < 1e-6);
+    assert!(
+        omp["fvu"].as_f64().unwrap() < own["fvu"].as_f64().unwrap(),
+        "omp {} vs own {}",
+        omp["fvu"],
+        own["fvu"]
+    );
+    // A sweep over model.k: pursuit columns, filled for every point.
+    let cfg = write_config(d, "base", &base);
+    let sweep = write_config(
+        d,
+        "sweep",
+        &format!("base: {cfg}\ngrid:\n  model.k: [2, 4]\n"),
+    );
+    let out = d.join("sw").display().to_string();
+    sae_ok(&["sweep", "--config", &sweep, "--out", &out]);
+    let csv = std::fs::read_to_string(d.join("sw/sweep.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = header
+        .iter()
+        .position(|h| *h == "pursuit_l0")
+        .expect("pursuit_l0 column");
+    for (line, k) in csv.lines().skip(1).zip([2.0, 4.0]) {
+        let l0: f64 = line.split(',').nth(col).unwrap().parse().unwrap();
+        assert!(l0 <= k + 1e-9 && l0 > 0.0, "{line}");
+    }
+    assert!(std::fs::read_to_string(d.join("sw/sweep.md"))
+        .unwrap()
+        .contains("omp (k: each run's eval.k"));
+    // Refusals, before anything is written.
+    for (extra, needles) in [
+        (
+            "eval: {encoder: omp}\nmodel: {activation: relu}\n",
+            &["eval.encoder omp", "eval.k"][..],
+        ),
+        ("eval: {k: 3}\n", &["eval.k", "omp or mp"]),
+        (
+            "eval: {encoder: mp}\nmodel: {decoder_activation: sigmoid}\n",
+            &["eval.encoder mp", "sigmoid"],
+        ),
+    ] {
+        let cfg = write_config(
+            d,
+            "bad",
+            &format!("device: cpu\ndata: {{train: {x}}}\n{extra}"),
+        );
+        let out = d.join("bad-run").display().to_string();
+        expect_user_error(&["train", "--config", &cfg, "--out", &out], needles);
+        assert!(!d.join("bad-run").exists());
+    }
+}
+
 #[test]
 fn pursuit_refusals_are_clear() {
     let dir = tempfile::tempdir().unwrap();

@@ -123,7 +123,13 @@ pub struct Weights {
     pub b_enc: Tensor,
     pub w_dec: Tensor,
     pub b_dec: Tensor,
+    /// The architecture's other tensors by their saved names (`threshold`
+    /// `[d_hidden]`, gated's `r_mag` and `b_mag`), where the source has them.
+    pub extra: Vec<(String, Tensor)>,
 }
+
+/// Tensors besides the four that `model.init` carries over.
+pub const EXTRA_INIT_TENSORS: [&str; 3] = ["threshold", "r_mag", "b_mag"];
 
 /// Weights to start training from (`model.init`): any `--model` format, or
 /// a bare `.safetensors` holding just the four SAELens-named tensors. Models
@@ -143,20 +149,37 @@ pub fn load_weights(spec: &str) -> Result<Weights> {
                 ),
                 None => bail_user!("{}: tensor `W_enc` is missing", f.display()),
             };
-            return Ok(Weights {
+            let mut w = Weights {
                 w_enc: safetensors::take(&mut t, "W_enc", &[d_in, d_h], &f)?,
                 b_enc: safetensors::take(&mut t, "b_enc", &[d_h], &f)?,
                 w_dec: safetensors::take(&mut t, "W_dec", &[d_h, d_in], &f)?,
                 b_dec: safetensors::take(&mut t, "b_dec", &[d_in], &f)?,
-            });
+                extra: Vec::new(),
+            };
+            for name in EXTRA_INIT_TENSORS {
+                if t.contains_key(name) {
+                    let v = safetensors::take(&mut t, name, &[d_h], &f)?;
+                    w.extra.push((name.to_string(), v));
+                }
+            }
+            return Ok(w);
         }
     }
     let m = load_model(spec, Device::Cpu)?;
     let f = |t: &Tensor| t.detach().to_kind(Kind::Float);
+    let mut extra = Vec::new();
+    if let Some(t) = m.threshold_for_saving() {
+        extra.push(("threshold".to_string(), t));
+    }
+    if let Some(g) = &m.gate {
+        extra.push(("r_mag".to_string(), f(&g.r_mag)));
+        extra.push(("b_mag".to_string(), f(&g.b_mag)));
+    }
     Ok(Weights {
         w_enc: f(&m.w_enc),
         b_enc: f(&m.b_enc),
         w_dec: f(&m.decoder_weight()).contiguous(),
         b_dec: f(&m.b_dec),
+        extra,
     })
 }

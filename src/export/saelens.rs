@@ -7,8 +7,9 @@
 //! threshold estimated in training, as sae_lens saves BatchTopK SAEs for
 //! inference; a sae_lens `batchtopk` training save (`topk_threshold`) reads
 //! as our batchtopk. SAELens has no sigmoid activation or decoder output, no
-//! deep (`model.hidden`) SAEs, and transcoders are not written here yet:
-//! those are refused with the reason. SAELens has no per-feature input
+//! deep (`model.hidden`) SAEs: those are refused with the reason.
+//! Transcoders (`data.target`) are written and read as SAELens's
+//! `transcoder` (ReLU) and `jumprelu_transcoder` (JumpReLU or batchtopk). SAELens has no per-feature input
 //! normalisation either; ours is affine, so it is folded into the weights
 //! exactly (see [`fold_normalization`]). Reading a `topk` SAE trained with
 //! `rescale_acts_by_decoder_norm` folds the decoder norms into the weights
@@ -65,36 +66,41 @@ struct CfgOut {
     architecture: &'static str,
 }
 
-/// Weights with the input normalisation `x_n = (x - s) / c` folded in, so
-/// that on raw x the folded SAE gives the same codes and the un-normalised
-/// reconstruction:
+/// Weights with the normalisations folded in, so that on raw x the folded
+/// SAE gives the same codes and the un-normalised output. The input's
+/// `x_n = (x - s) / c` and the output's `y = y_n * c' + s'` (the input's
+/// own for an SAE, `data.target`'s for a transcoder):
 /// - `W_enc' = diag(1/c) W_enc`
-/// - `W_dec' = W_dec diag(c)`, `b_dec' = b_dec * c + s`
-/// - `b_enc' = b_enc` when `b_dec` is subtracted from the input, since
-///   `(x - s)/c - b_dec = (x - b_dec')/c`; otherwise `b_enc - s @ W_enc'`.
+/// - `W_dec' = W_dec diag(c')`, `b_dec' = b_dec * c' + s'`
+/// - `b_enc' = b_enc` when `b_dec` is subtracted from the input (an SAE, so
+///   c' = c and s' = s), since `(x - s)/c - b_dec = (x - b_dec')/c`;
+///   otherwise `b_enc - s @ W_enc'`.
 ///
 /// Returns (W_enc, b_enc, W_dec, b_dec).
 pub fn fold_normalization(model: &Sae) -> (Tensor, Tensor, Tensor, Tensor) {
-    let w_enc = model.w_enc.detach().to_kind(Kind::Float);
-    let b_enc = model.b_enc.detach().to_kind(Kind::Float);
-    let w_dec = model.decoder_weight().detach().to_kind(Kind::Float);
-    let b_dec = model.b_dec.detach().to_kind(Kind::Float);
-    let (Some(s), Some(c)) = (&model.norm.shift, &model.norm.scale) else {
-        return (w_enc, b_enc, w_dec.contiguous(), b_dec);
-    };
+    let f = |t: &Tensor| t.detach().to_kind(Kind::Float);
+    let (mut w_enc, mut b_enc) = (f(&model.w_enc), f(&model.b_enc));
+    let (mut w_dec, mut b_dec) = (f(&model.decoder_weight()).contiguous(), f(&model.b_dec));
     // Per-feature statistics; a scalar scale broadcasts the same way.
-    let d = [model.spec.d_in];
-    let s = s.to_kind(Kind::Float).broadcast_to(d).contiguous();
-    let c = c.to_kind(Kind::Float).broadcast_to(d).contiguous();
-    let w_enc_f = &w_enc / c.unsqueeze(1);
-    let w_dec_f = &w_dec * c.unsqueeze(0);
-    let b_dec_f = &b_dec * &c + &s;
-    let b_enc_f = if model.spec.apply_b_dec_to_input {
-        b_enc
-    } else {
-        b_enc - s.matmul(&w_enc_f)
+    let stats = |n: &Normalizer, d: i64| {
+        let (Some(s), Some(c)) = (&n.shift, &n.scale) else {
+            return None;
+        };
+        let full = |t: &Tensor| t.to_kind(Kind::Float).broadcast_to([d]).contiguous();
+        Some((full(s), full(c)))
     };
-    (w_enc_f, b_enc_f, w_dec_f, b_dec_f)
+    if let Some((s, c)) = stats(&model.norm, model.spec.d_in) {
+        w_enc = &w_enc / c.unsqueeze(1);
+        if !model.spec.apply_b_dec_to_input {
+            // Not `-=`: b_enc may share storage with the model's parameter.
+            b_enc = &b_enc - s.matmul(&w_enc);
+        }
+    }
+    if let Some((s, c)) = stats(model.output_norm(), model.d_out()) {
+        w_dec = &w_dec * c.unsqueeze(0);
+        b_dec = &b_dec * &c + &s;
+    }
+    (w_enc, b_enc, w_dec, b_dec)
 }
 
 /// Writes `model` as a SAELens directory `dir` (created if missing).
@@ -110,12 +116,27 @@ pub fn save(model: &Sae, dir: &Path) -> Result<()> {
              SAEs have one encoder and one decoder layer; export as torchscript or safetensors instead"
         );
     }
-    if model.out_norm.is_some() || model.d_out() != model.spec.d_in {
-        bail_user!(
-            "cannot export to SAELens: transcoders (data.target) are not written in SAELens \
-             format yet; export as torchscript or safetensors instead"
-        );
-    }
+    let transcoder = model.out_norm.is_some() || model.d_out() != model.spec.d_in;
+    let (architecture, arch_fields) = if transcoder {
+        // SAELens's transcoders: ReLU (`transcoder`) or JumpReLU, with
+        // d_out and no b_dec on the input.
+        let name = match architecture {
+            "standard" => "transcoder",
+            "jumprelu" => "jumprelu_transcoder",
+            _ => bail_user!(
+                "cannot export to SAELens: SAELens transcoders are ReLU (`transcoder`) or \
+                 JumpReLU (`jumprelu_transcoder`), and this one is {}; export as torchscript \
+                 or safetensors instead",
+                crate::config::activation_name(model.spec.activation.kind())
+            ),
+        };
+        let mut fields = Map::new();
+        fields.insert("d_out".into(), json!(model.d_out()));
+        fields.extend(arch_fields);
+        (name, fields)
+    } else {
+        (architecture, arch_fields)
+    };
     if model.spec.decoder_activation != OutputActivation::None {
         bail_user!(
             "cannot export to SAELens: the decoder output activation is sigmoid and SAELens \
@@ -142,6 +163,12 @@ pub fn save(model: &Sae, dir: &Path) -> Result<()> {
         metadata.insert(
             "folded_input_normalization".into(),
             serde_json::to_value(model.norm.kind)?,
+        );
+    }
+    if let Some(n) = model.out_norm.as_ref().filter(|n| n.shift.is_some()) {
+        metadata.insert(
+            "folded_output_normalization".into(),
+            serde_json::to_value(n.kind)?,
         );
     }
     let cfg = CfgOut {
@@ -247,6 +274,8 @@ struct CfgIn {
     residual_threshold: Option<f64>,
     max_iterations: Option<i64>,
     stop_on_duplicate_support: Option<bool>,
+    /// Transcoders: the output width.
+    d_out: Option<i64>,
 }
 
 /// How a SAELens architecture maps onto ours.
@@ -295,7 +324,13 @@ fn activation_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
                 threshold: None,
             })
         }
-        "jumprelu" => Ok(Imported {
+        // Transcoders: the same encoders, decoding into d_out columns.
+        "transcoder" => Ok(Imported {
+            activation: Activation::Relu,
+            fold_dec_norm: false,
+            threshold: None,
+        }),
+        "jumprelu" | "jumprelu_transcoder" => Ok(Imported {
             activation: Activation::JumpRelu {
                 bandwidth: crate::activation::DEFAULT_BANDWIDTH,
             },
@@ -355,7 +390,8 @@ fn activation_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
         }
         other => bail_user!(
             "{origin}: architecture `{other}` is not supported \
-             (supported: standard, topk, jumprelu, batchtopk, gated, matching_pursuit)"
+             (supported: standard, topk, jumprelu, batchtopk, gated, matching_pursuit, \
+             transcoder, jumprelu_transcoder)"
         ),
     }
 }
@@ -413,8 +449,18 @@ pub fn load(dir: &Path, device: Device) -> Result<Sae> {
     } else {
         None
     };
-    let mut w_dec = take(&mut t, "W_dec", &[h, d], &weights)?;
-    let b_dec = take(&mut t, "b_dec", &[d], &weights)?;
+    let transcoder = cfg
+        .architecture
+        .as_deref()
+        .is_some_and(|a| a.ends_with("transcoder"));
+    let d_out = match cfg.d_out {
+        Some(o) if transcoder && o >= 1 => o,
+        Some(o) if transcoder => bail_user!("{origin}: d_out = {o} must be positive"),
+        None if transcoder => bail_user!("{origin}: a transcoder needs d_out"),
+        _ => d,
+    };
+    let mut w_dec = take(&mut t, "W_dec", &[h, d_out], &weights)?;
+    let b_dec = take(&mut t, "b_dec", &[d_out], &weights)?;
     let threshold = match imported.threshold {
         Some(name) => Some(take_threshold(&mut t, name, h, &weights)?),
         None => None,
@@ -432,7 +478,8 @@ pub fn load(dir: &Path, device: Device) -> Result<Sae> {
         d_hidden: h,
         activation: imported.activation,
         decoder_activation: OutputActivation::None,
-        apply_b_dec_to_input: cfg.apply_b_dec_to_input.unwrap_or(true),
+        // SAELens transcoders never subtract b_dec (it has d_out entries).
+        apply_b_dec_to_input: !transcoder && cfg.apply_b_dec_to_input.unwrap_or(true),
         tied: false,
     };
     let model = Sae {
@@ -446,7 +493,9 @@ pub fn load(dir: &Path, device: Device) -> Result<Sae> {
         enc_layers: Vec::new(),
         dec_layers: Vec::new(),
         norm: Normalizer::identity(),
-        out_norm: None,
+        // An identity output normalisation marks a transcoder whose d_out
+        // happens to equal d_in (it reconstructs another array).
+        out_norm: transcoder.then(Normalizer::identity),
     };
     Ok(super::on_device(model, device))
 }

@@ -126,11 +126,13 @@ pub fn normalize_decoder_rows(model: &mut Sae) {
     let _ = w.g_div_(&norms);
 }
 
-/// `model.init`: copies `W_enc`, `b_enc`, `W_dec`, `b_dec` into a fresh
-/// model from any format `--model` takes (run directory, `.safetensors`,
-/// TorchScript file, SAELens directory) or a bare safetensors file holding
-/// those four tensors (SAELens names and shapes). The architecture comes from
-/// the config; the shapes must agree with it.
+/// `model.init`: copies `W_enc`, `b_enc`, `W_dec`, `b_dec` and the
+/// architecture's other tensors (`threshold`, gated's `r_mag` and `b_mag`)
+/// into a fresh model from any format `--model` takes (run directory,
+/// `.safetensors`, TorchScript file, SAELens directory) or a bare
+/// safetensors file with those SAELens-named tensors. The architecture comes
+/// from the config; the shapes must agree with it. One line on stderr says
+/// which tensors came from the file and which start fresh.
 fn load_init_weights(model: &mut Sae, path: &Path) -> Result<()> {
     if !path.exists() {
         bail_user!("model.init: {}: no such file", path.display());
@@ -156,5 +158,48 @@ fn load_init_weights(model: &mut Sae, path: &Path) -> Result<()> {
         model.w_dec = Some(w_dec);
     }
     model.b_dec = fit(w.b_dec, "b_dec", &[model.d_out()])?;
+    let mut copied = vec!["W_enc", "b_enc", "b_dec"];
+    if !model.spec.tied {
+        copied.insert(2, "W_dec");
+    }
+    let mut unused = Vec::new();
+    for (name, t) in w.extra {
+        let t = fit(t, &name, &[h])?;
+        let slot = match name.as_str() {
+            "threshold" => model.threshold.as_mut(),
+            "r_mag" => model.gate.as_mut().map(|g| &mut g.r_mag),
+            "b_mag" => model.gate.as_mut().map(|g| &mut g.b_mag),
+            _ => None,
+        };
+        match slot {
+            // batchtopk's threshold is one running value while training.
+            Some(s) if s.dim() == 0 => *s = t.mean(Kind::Float),
+            Some(s) => *s = t,
+            None => {
+                unused.push(name);
+                continue;
+            }
+        }
+        copied.extend(export::EXTRA_INIT_TENSORS.iter().find(|n| **n == name));
+    }
+    let has = |n: &str| match n {
+        "threshold" => model.threshold.is_some(),
+        _ => model.gate.is_some(),
+    };
+    let fresh: Vec<&str> = export::EXTRA_INIT_TENSORS
+        .into_iter()
+        .filter(|n| has(n) && !copied.contains(n))
+        .collect();
+    let mut line = format!("model.init: {} from {}", copied.join(", "), path.display());
+    if !fresh.is_empty() {
+        line += &format!("; {} start fresh (not in the file)", fresh.join(", "));
+    }
+    if !unused.is_empty() {
+        line += &format!(
+            "; {} in the file not used by this activation",
+            unused.join(", ")
+        );
+    }
+    eprintln!("sae: {line}");
     Ok(())
 }

@@ -26,8 +26,9 @@ pub use step::{clip_grad_norm, remove_parallel_gradient};
 use crate::checkpoint;
 use crate::config::{Config, PenaltyKind};
 use crate::data::dataset::Shard;
-use crate::metrics::{self, Metrics};
+use crate::metrics::{self, CodeSource, Metrics, ModelEncoder};
 use crate::model::Sae;
+use crate::pursuit::{Pursuit, PursuitEncoder};
 use crate::{bail_user, device, dist, Result};
 use batches::{Batch, Batches};
 use plan::Plan;
@@ -69,10 +70,24 @@ pub struct Summary {
     pub train: Metrics,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub valid: Option<Metrics>,
+    /// `eval.encoder` omp|mp: the same metrics with that pursuit encoder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pursuit: Option<PursuitMetrics>,
     /// What the run did that the user likely did not want (also printed on
     /// stderr); left out when empty.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+}
+
+/// The final metrics with a pursuit encoder over the trained decoder.
+#[derive(Debug, Serialize)]
+pub struct PursuitMetrics {
+    /// omp | mp
+    pub encoder: String,
+    pub k: i64,
+    pub train: Metrics,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub valid: Option<Metrics>,
 }
 
 /// Above this fraction of dead latents on the training rows, a run warns.
@@ -188,7 +203,13 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
     if !run.writer {
         return Ok(None);
     }
-    let (model, train, valid, warnings) = finish(&run, learner, &cfg, &plan.data)?;
+    let Finished {
+        model,
+        train,
+        valid,
+        pursuit,
+        warnings,
+    } = finish(&run, learner, &cfg, &plan.data)?;
     let summary = Summary {
         steps: state.step,
         epochs: cfg.train.epochs,
@@ -201,6 +222,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
         final_loss: state.last_loss,
         train,
         valid,
+        pursuit,
         warnings,
     };
     run.save_summary(&model, &summary)?;
@@ -208,27 +230,51 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
     Ok(Some(summary))
 }
 
+/// What the end of a run leaves.
+struct Finished {
+    model: Sae,
+    train: Metrics,
+    valid: Option<Metrics>,
+    pursuit: Option<PursuitMetrics>,
+    warnings: Vec<String>,
+}
+
 /// The end of a run: the trained model (its threshold calibrated where the
-/// config asks) saved, its metrics on the training and validation rows, and
-/// the warnings they call for (also printed).
-fn finish(
-    run: &RunDir,
-    learner: Learner,
-    cfg: &Config,
-    data: &plan::Data,
-) -> Result<(Sae, Metrics, Option<Metrics>, Vec<String>)> {
+/// config asks) saved, its metrics on the training and validation rows (and
+/// with `eval.encoder`'s pursuit), and the warnings they call for (also
+/// printed).
+fn finish(run: &RunDir, learner: Learner, cfg: &Config, data: &plan::Data) -> Result<Finished> {
     let mut model = learner.into_model();
     if cfg.model.calibrate_threshold {
         let k = cfg.model.k.expect("validated: calibrate_threshold needs k");
         calibrate::calibrate_threshold(&mut model, &data.train, k);
     }
     run.save_model(&model)?;
-    let (train, valid) = evaluate(&model, data, cfg.sparsity.target);
+    let (train, valid) = evaluate(&model, data, cfg.sparsity.target, &ModelEncoder);
+    let pursuit = match Pursuit::from_config(cfg, model.spec.d_in) {
+        Some(p) => {
+            let enc = PursuitEncoder::new(&model, p)?;
+            let (train, valid) = evaluate(&model, data, cfg.sparsity.target, &enc);
+            Some(PursuitMetrics {
+                encoder: p.name().to_string(),
+                k: p.k(),
+                train,
+                valid,
+            })
+        }
+        None => None,
+    };
     let warnings = run_warnings(cfg, &train);
     for w in &warnings {
         eprintln!("sae: warning: {w}");
     }
-    Ok((model, train, valid, warnings))
+    Ok(Finished {
+        model,
+        train,
+        valid,
+        pursuit,
+        warnings,
+    })
 }
 
 /// Joins the data-parallel group when a launcher started this process,
@@ -416,9 +462,14 @@ fn step_log(
 }
 
 /// Metrics of the trained model on the training and validation rows.
-fn evaluate(model: &Sae, data: &plan::Data, target: f64) -> (Metrics, Option<Metrics>) {
+fn evaluate(
+    model: &Sae,
+    data: &plan::Data,
+    target: f64,
+    codes: &dyn CodeSource,
+) -> (Metrics, Option<Metrics>) {
     let eval = |x: &Tensor, y: Option<&Tensor>| {
-        metrics::evaluate_target(model, x, y, EVAL_BATCH, target, data.truth.as_ref())
+        metrics::evaluate_codes(model, x, y, EVAL_BATCH, target, data.truth.as_ref(), codes)
     };
     let train = eval(&data.train, data.train_target.as_ref());
     let valid = data
