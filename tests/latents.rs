@@ -564,7 +564,8 @@ fn report_html_renders_after_training() {
     let run = Case::new(dir.path(), "run")
         .yaml(format!(
             "seed: 0\ndata: {{train: {x}, valid_fraction: 0.2}}\nmodel: {{d_hidden: 64, activation: topk, k: 4}}\n\
-             sparsity: {{penalty: none}}\ntrain: {{epochs: 2, batch_size: 128}}\n"
+             sparsity: {{penalty: none}}\ntrain: {{epochs: 2, batch_size: 128}}\n\
+             eval: {{encoder: omp, k: 4}}\n"
         ))
         .train();
     let page = run.join("report.html");
@@ -574,6 +575,10 @@ fn report_html_renders_after_training() {
     assert_eq!(r.dom.matches(r#"<div class="tile sample">"#).count(), 8);
     assert!(r.dom.contains("latent dashboard") || r.dom.contains("sae latents --model"));
     assert!(r.dom.contains("<td>fvu</td>"));
+    assert!(
+        r.dom.contains("<th>valid (omp, k 4)</th>"),
+        "the pursuit metrics"
+    );
     println!("report.html rendered in {:.1} s", r.seconds);
     let _ = r.log;
     screenshot(&b, &page, "", &dir.path().join("report.png"), "1300,1600");

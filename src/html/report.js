@@ -6,11 +6,14 @@ document.getElementById("subtitle").textContent = D.subtitle;
 (function metrics() {
   const S = D.summary || {};
   const t = document.getElementById("metrics");
-  const splits = ["train", "valid"].filter((s) => S[s]);
-  t.appendChild(el("tr", {}, [el("th", { text: "metric" })].concat(splits.map((s) => el("th", { text: s })))));
+  // Columns: train, valid, and with eval.encoder the same with that pursuit.
+  const cols = ["train", "valid"].filter((s) => S[s]).map((s) => [s, S[s]]);
+  const P = S.pursuit;
+  if (P) for (const s of ["train", "valid"]) if (P[s]) cols.push([s + " (" + P.encoder + ", k " + P.k + ")", P[s]]);
+  t.appendChild(el("tr", {}, [el("th", { text: "metric" })].concat(cols.map((c) => el("th", { text: c[0] })))));
   for (const k of ["mse", "fvu", "explained_variance", "l0", "l1", "dead_fraction", "dense_fraction", "mmcs"]) {
-    if (!splits.some((s) => S[s][k] !== undefined)) continue;
-    t.appendChild(el("tr", {}, [el("td", { text: k })].concat(splits.map((s) => el("td", { text: fmt(S[s][k]) })))));
+    if (!cols.some((c) => c[1][k] !== undefined)) continue;
+    t.appendChild(el("tr", {}, [el("td", { text: k })].concat(cols.map((c) => el("td", { text: fmt(c[1][k]) })))));
   }
   for (const k of ["steps", "epochs", "seconds", "samples_per_second", "device", "world_size"]) {
     if (S[k] === undefined) continue;
