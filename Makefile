@@ -23,7 +23,7 @@ endif
 # Tests call Python references through this interpreter.
 export SAE_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup saelens sklearn build demo digits digits-table test parity bench fuzz clean fmt lint
+.PHONY: setup saelens sklearn browser build demo digits digits-table test parity bench fuzz clean fmt lint
 
 setup: $(STAMP)
 
@@ -49,6 +49,18 @@ $(SKLEARN_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet scikit-learn
 	touch $@
 
+# Headless Chromium for the page tests (tests/latents.rs): Debian's
+# `chromium`, installed when missing if this runs as root (as CI does);
+# otherwise this fails, saying so.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "==> installing chromium (apt-get, one-time)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "chromium is missing and cannot be installed here: apt-get install chromium (as root)"; exit 1; \
+	  fi; }
+
 build: $(SETUP_DEPS)
 	$(CARGO_ENV) cargo build --release --locked
 
@@ -60,6 +72,9 @@ digits: build $(SKLEARN_STAMP)
 	$(PY) scripts/digits.py digits
 	target/release/sae train --config configs/digits.yaml --out runs/digits --force
 	target/release/sae eval --model runs/digits --data digits/digits_valid.npy --encoder omp --k 10
+	target/release/sae latents --model runs/digits --data digits/digits_train.npy \
+	    --labels digits/digits_train_labels.txt --out runs/digits/latents
+	@echo "open runs/digits/latents/index.html and runs/digits/report.html in a browser"
 
 # Held-out FVU at L0 = 10 on digits for PCA, each architecture and each
 # encoder (own, OMP, MP); writes the table into BENCHMARKS.md (~2 min).
@@ -68,12 +83,13 @@ digits-table: build $(SKLEARN_STAMP)
 	$(PY) scripts/digits_table.py $(BIN) digits runs/digits-table BENCHMARKS.md
 
 # SAE_REQUIRE_SAELENS: the SAELens interop tests fail (not skip) without
-# sae_lens, and the pursuit tests without scikit-learn.
+# sae_lens, and the pursuit tests without scikit-learn; SAE_REQUIRE_BROWSER:
+# the page tests fail without headless Chromium.
 # Unit and integration tests (no doc-tests: there are none), then one
 # closing line with the totals over every test binary.
 TEST_LOG := target/test.log
-test: $(STAMP) $(SAELENS_STAMP) $(SKLEARN_STAMP) build
-	@set -o pipefail; SAE_REQUIRE_SAELENS=1 $(CARGO_ENV) cargo test --release --locked --lib --bins --tests \
+test: $(STAMP) $(SAELENS_STAMP) $(SKLEARN_STAMP) browser build
+	@set -o pipefail; SAE_REQUIRE_SAELENS=1 SAE_REQUIRE_BROWSER=1 $(CARGO_ENV) cargo test --release --locked --lib --bins --tests \
 	    -- --test-threads=2 2>&1 | tee $(TEST_LOG)
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' $(TEST_LOG)
 

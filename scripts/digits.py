@@ -7,7 +7,8 @@ OUT_DIR/digits_train.npy (1,438 rows) and OUT_DIR/digits_valid.npy (359
 rows, a fixed held-out split: a seeded permutation, seed 0), float32 pixel
 intensities scaled from 0..16 to [0, 1] (no standardisation: the config
 trains on these values as they are); OUT_DIR/digits_{train,valid}_labels.npy
-hold the digit of each row (for `sae latents --labels`).
+hold the digit of each row, and OUT_DIR/digits_{train,valid}_labels.txt the
+same as one line per row (for `sae latents --labels`).
 """
 
 import os
@@ -31,6 +32,8 @@ def main() -> None:
     for name, rows in (("train", train), ("valid", valid)):
         np.save(os.path.join(out, f"digits_{name}.npy"), np.ascontiguousarray(x[rows]))
         np.save(os.path.join(out, f"digits_{name}_labels.npy"), y[rows])
+        with open(os.path.join(out, f"digits_{name}_labels.txt"), "w") as f:
+            f.writelines(f"digit {d}\n" for d in y[rows])
     print(f"{out}: digits_train.npy {x[train].shape}, digits_valid.npy {x[valid].shape}, float32 in [0, 1]")
 
 

@@ -56,6 +56,9 @@ pub enum Command {
     Score(IoArgs),
     /// Convert a model to TorchScript, SAELens or safetensors.
     Export(ExportArgs),
+    /// What each latent learned: statistics, top-activating rows, and a
+    /// self-contained browser dashboard (DIR/index.html).
+    Latents(LatentsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -339,6 +342,48 @@ pub struct IoArgs {
     pub device: String,
 }
 
+#[derive(Args, Debug)]
+pub struct LatentsArgs {
+    /// A run directory, a .safetensors or TorchScript file, or a SAELens directory.
+    #[arg(long)]
+    pub model: String,
+    /// Data: .npy, file.npz:key, or a directory of .npy shards (streamed in
+    /// chunks: memory does not grow with the rows).
+    #[arg(long)]
+    pub data: String,
+    /// Output directory: latents.csv, top_rows.npy, top_values.npy, index.html.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Top-activating rows kept per latent (largest code first, ties to the
+    /// lower row; -1 in top_rows.npy where a latent fired on fewer rows).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20,
+        allow_negative_numbers = true
+    )]
+    pub top: i64,
+    /// A text file with one line per data row (e.g. a token and its
+    /// context), shown beside each top row.
+    #[arg(long, value_name = "FILE")]
+    pub labels: Option<PathBuf>,
+    /// Show rows (and decoder rows) as HxW images [default: a square d_in
+    /// is an image].
+    #[arg(long, value_name = "HxW")]
+    pub image_shape: Option<String>,
+    /// Rows per chunk [default: codes of about 64 MB].
+    #[arg(long, value_name = "N", hide = true)]
+    pub chunk_rows: Option<usize>,
+    /// cpu | cuda | cuda:N | auto
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExportFormat {
     /// A scripted TorchScript module (`torch.jit.load`): encode, decode, forward.
@@ -391,6 +436,7 @@ pub fn run(cli: Cli) -> Result<()> {
             CodeOutput::default(),
         ),
         Command::Export(a) => export_cmd(&a),
+        Command::Latents(a) => latents_cmd(&a),
     }
 }
 
@@ -801,5 +847,77 @@ fn export_cmd(a: &ExportArgs) -> Result<()> {
         ExportFormat::Safetensors => export::safetensors::save(&model, &a.out)?,
     }
     eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+/// `--image-shape HxW`, checked against `d_in`; without it a square `d_in`
+/// is an image.
+fn image_shape(arg: Option<&str>, d_in: i64) -> Result<Option<(usize, usize)>> {
+    let Some(text) = arg else {
+        return Ok(crate::plot::square_side(d_in).map(|s| (s, s)));
+    };
+    let parsed = text.split_once(['x', 'X']).and_then(|(h, w)| {
+        Some((
+            h.trim().parse::<usize>().ok()?,
+            w.trim().parse::<usize>().ok()?,
+        ))
+    });
+    match parsed {
+        Some((h, w)) if h >= 1 && w >= 1 => {
+            if (h * w) as i64 != d_in {
+                bail_user!(
+                    "--image-shape {text}: {h}x{w} = {} pixels, but the model's d_in is {d_in}",
+                    h * w
+                );
+            }
+            Ok(Some((h, w)))
+        }
+        _ => bail_user!("--image-shape {text}: expected HxW, e.g. 28x28"),
+    }
+}
+
+fn latents_cmd(a: &LatentsArgs) -> Result<()> {
+    if a.top < 1 {
+        bail_user!("--top {}: must be at least 1", a.top);
+    }
+    if a.chunk_rows == Some(0) {
+        bail_user!("--chunk-rows 0: must be at least 1");
+    }
+    let model = load(&a.model, &a.device)?;
+    let pursuit = a.encoder.build(&model, &a.model)?;
+    let image = image_shape(a.image_shape.as_deref(), model.spec.d_in)?;
+    let (codes, encoder_name): (&dyn metrics::CodeSource, String) = match &pursuit {
+        Some(p) => (
+            p,
+            format!("{:?}", a.encoder.pursuit(model.spec.d_in)?)
+                .to_lowercase()
+                .replace(['{', '}'], "")
+                .trim()
+                .replace("  ", " "),
+        ),
+        None => (&metrics::ModelEncoder, "model".to_string()),
+    };
+    let opts = crate::latents::Options {
+        top: a.top,
+        chunk_rows: a
+            .chunk_rows
+            .unwrap_or_else(|| crate::latents::default_chunk_rows(model.spec.d_hidden)),
+        image,
+        labels: a.labels.clone(),
+        progress: !a.quiet,
+        model_name: a.model.clone(),
+        data_name: a.data.clone(),
+        encoder_name,
+    };
+    let stats = crate::latents::run(&model, codes, &a.data, &a.out, &opts)?;
+    let dead = (0..stats.d_hidden as usize)
+        .filter(|&j| stats.dead(j))
+        .count();
+    println!(
+        "{} rows, {} latents ({dead} dead); wrote {}/latents.csv, top_rows.npy, top_values.npy, index.html",
+        stats.rows,
+        stats.d_hidden,
+        a.out.display()
+    );
     Ok(())
 }

@@ -4,7 +4,8 @@
 //! ([`arch`], named by [`activation::Activation`]) and sparsity penalties
 //! ([`penalty`]); the data path ([`data`]); the training run in parts
 //! ([`train`]: see docs/ARCHITECTURE.md) and optimizer ([`optim`]); metric
-//! definitions ([`metrics`]); model files ([`export`]); the CLI ([`cli`]).
+//! definitions ([`metrics`]); model files ([`export`]); what latents learned
+//! ([`latents`]) and the HTML pages ([`html`]); the CLI ([`cli`]).
 
 pub mod activation;
 pub mod arch;
@@ -17,6 +18,8 @@ pub mod dist;
 pub mod error;
 pub mod export;
 pub mod fsutil;
+pub mod html;
+pub mod latents;
 pub mod metrics;
 pub mod model;
 pub mod normalize;

@@ -582,20 +582,25 @@ pub fn read_tensor_allow_nonfinite(spec: &str) -> Result<Tensor> {
     read_tensor(spec)
 }
 
-fn shape_dict(shape: &[u64]) -> String {
+fn shape_dict(shape: &[u64], descr: &str) -> String {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let shape_txt = if dims.len() == 1 {
         format!("({},)", dims[0])
     } else {
         format!("({})", dims.join(", "))
     };
-    format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_txt}, }}")
+    format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_txt}, }}")
 }
 
 /// The `.npy` v1.0 header for a little-endian float32 C-order array, padded
 /// to `min_len` bytes (rounded up to a multiple of 64).
 fn npy_header_len(shape: &[u64], min_len: usize) -> Vec<u8> {
-    let mut dict = shape_dict(shape);
+    npy_header_descr(shape, min_len, "<f4")
+}
+
+/// [`npy_header_len`] for another dtype (`descr`, e.g. `<i8`).
+fn npy_header_descr(shape: &[u64], min_len: usize, descr: &str) -> Vec<u8> {
+    let mut dict = shape_dict(shape, descr);
     // Magic (6) + version (2) + length (2) + dict + '\n' is a multiple of 64.
     let unpadded = 10 + dict.len() + 1;
     let total = unpadded.max(min_len).div_ceil(64) * 64;
@@ -622,6 +627,18 @@ pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
     let values: Vec<f32> = Vec::<f32>::try_from(t.flatten(0, -1)).context("tensor to vec")?;
     crate::fsutil::write_atomic(path, |w| {
         w.write_all(&npy_header(&shape))?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        w.write_all(&bytes)?;
+        Ok(())
+    })
+}
+
+/// Writes int64 values of `shape` (C order) as `.npy`, atomically.
+pub fn write_npy_i64(path: &Path, shape: &[usize], values: &[i64]) -> Result<()> {
+    let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    debug_assert_eq!(dims.iter().product::<u64>() as usize, values.len());
+    crate::fsutil::write_atomic(path, |w| {
+        w.write_all(&npy_header_descr(&dims, 0, "<i8"))?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         w.write_all(&bytes)?;
         Ok(())

@@ -226,6 +226,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
         warnings,
     };
     run.save_summary(&model, &summary)?;
+    run.save_report(&model, &plan.data, &cfg)?;
     Ok(Some(summary))
 }
 

@@ -1,6 +1,7 @@
 //! The run directory, and the only part of training that writes files:
 //! out-dir checks, `config.yaml` and the `--resume` comparison, the metrics
-//! log, checkpoints, and at the end the model files, `summary.json` and plots.
+//! log, checkpoints, and at the end the model files, `summary.json`, plots
+//! and `report.html`.
 
 use super::state::{Position, State};
 use super::step::Learner;
@@ -192,6 +193,12 @@ impl RunDir {
         let json = serde_json::to_string_pretty(summary)?;
         fsutil::write_bytes_atomic(&self.path.join("summary.json"), json.as_bytes())?;
         crate::report::run_plots(&self.path, model, &summary.train)
+    }
+
+    /// `report.html`: one self-contained page of the run (after the plots).
+    pub fn save_report(&self, model: &Sae, data: &super::plan::Data, cfg: &Config) -> Result<()> {
+        let html = crate::report::run_report(&self.path, model, data, cfg.data.train.as_deref())?;
+        fsutil::write_bytes_atomic(&self.path.join("report.html"), html.as_bytes())
     }
 }
 
