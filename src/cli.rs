@@ -804,7 +804,9 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
     };
     // At most --batch-size rows, fewer for wide models (memory budget).
     let width = model.spec.d_in.max(model.d_out());
-    let batch = a.batch_size.min(metrics::chunk_rows(model.spec.d_hidden, width)) as usize;
+    let batch = a
+        .batch_size
+        .min(metrics::chunk_rows(model.spec.d_hidden, width)) as usize;
     match &sparse_in {
         Some(m) => m.for_each_chunk(batch, &mut step)?,
         None => {

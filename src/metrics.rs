@@ -230,9 +230,7 @@ impl Sums {
             .sum_dim_intlist(0, false, Kind::Float)
             .to_kind(Kind::Double);
         // Per-row L1 norms: no |z| copy.
-        self.l1 += z
-            .norm_scalaropt_dim(1, [1], false)
-            .sum(Kind::Double);
+        self.l1 += z.norm_scalaropt_dim(1, [1], false).sum(Kind::Double);
     }
 
     /// The metrics of `n` rows summed up (see the module's definitions).
