@@ -434,6 +434,50 @@ print(all(torch.allclose(p, w[n], atol=1e-7, rtol=0) for n, p in m.named_paramet
 
 /// Our SAELens export loads with `sae_lens.SAE.load_from_disk` and gives our
 /// codes and reconstructions (input normalisation folded into the weights).
+/// SAELens loads each of our exports and encodes `x` as we do: for every
+/// group of (export dir, our codes .npy, our outputs .npy, expected class)
+/// named in `names`, sae_lens builds that class and its `encode` and forward
+/// are within TOL of ours.
+fn assert_saelens_matches(x: &str, groups: &[String], names: &[&str], what: &str) {
+    let res = py(
+        r#"
+import sys, json, warnings, numpy as np, torch
+warnings.filterwarnings("ignore")
+from sae_lens import SAE
+torch.set_grad_enabled(False)
+x = torch.from_numpy(np.load(sys.argv[1]))
+a = sys.argv[2:]
+for i in range(0, len(a), 4):
+    sae = SAE.load_from_disk(a[i])
+    cfg = json.load(open(a[i] + "/cfg.json"))
+    print(json.dumps({
+        "class": type(sae).__name__, "architecture": cfg["architecture"],
+        "encode": float(np.abs(sae.encode(x).numpy() - np.load(a[i + 1])).max()),
+        "forward": float(np.abs(sae(x).numpy() - np.load(a[i + 2])).max()),
+        "expected": a[i + 3],
+    }))
+"#,
+        &[
+            [x].as_slice(),
+            &groups.iter().map(String::as_str).collect::<Vec<_>>(),
+        ]
+        .concat(),
+    );
+    let lines: Vec<serde_json::Value> = res
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), names.len());
+    for (r, name) in lines.iter().zip(names) {
+        println!("INTEROP {what} {name}: {r}");
+        assert_eq!(r["class"], r["expected"], "{name}: class");
+        for k in ["encode", "forward"] {
+            let v = r[k].as_f64().unwrap();
+            assert!(v <= TOL, "{name}: sae_lens {k} deviates by {v}");
+        }
+    }
+}
+
 #[test]
 fn saelens_export_loads_in_sae_lens_and_matches() {
     if !saelens_available("saelens_export_loads_in_sae_lens_and_matches") {
@@ -533,43 +577,8 @@ fn saelens_export_loads_in_sae_lens_and_matches() {
         ]);
         dirs.extend([out, z, xh, class.to_string()]);
     }
-    let res = py(
-        r#"
-import sys, json, warnings, numpy as np, torch
-warnings.filterwarnings("ignore")
-from sae_lens import SAE
-torch.set_grad_enabled(False)
-x = torch.from_numpy(np.load(sys.argv[1]))
-a = sys.argv[2:]
-for i in range(0, len(a), 4):
-    sae = SAE.load_from_disk(a[i])
-    cfg = json.load(open(a[i] + "/cfg.json"))
-    print(json.dumps({
-        "class": type(sae).__name__, "architecture": cfg["architecture"],
-        "encode": float(np.abs(sae.encode(x).numpy() - np.load(a[i + 1])).max()),
-        "forward": float(np.abs(sae(x).numpy() - np.load(a[i + 2])).max()),
-        "expected": a[i + 3],
-    }))
-"#,
-        &[
-            [x.as_str()].as_slice(),
-            &dirs.iter().map(String::as_str).collect::<Vec<_>>(),
-        ]
-        .concat(),
-    );
-    let lines: Vec<serde_json::Value> = res
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines.len(), cases.len());
-    for (r, (name, _, _)) in lines.iter().zip(cases) {
-        println!("INTEROP saelens-export {name}: {r}");
-        assert_eq!(r["class"], r["expected"], "{name}: class");
-        for k in ["encode", "forward"] {
-            let v = r[k].as_f64().unwrap();
-            assert!(v <= TOL, "{name}: sae_lens {k} deviates by {v}");
-        }
-    }
+    let names: Vec<&str> = cases.iter().map(|c| c.0).collect();
+    assert_saelens_matches(&x, &dirs, &names, "saelens-export");
     // Our reader takes our export back.
     let z2 = p(d, "relu_z2.npy");
     apply(
@@ -619,7 +628,7 @@ fn saelens_transcoder_export() {
             "JumpReLUTranscoder",
         ),
     ];
-    let mut args = vec![x.clone()];
+    let mut args = Vec::new();
     for (name, sets, class) in cases {
         let mut all = vec![base.as_str(), target.as_str()];
         all.extend_from_slice(sets);
@@ -641,34 +650,8 @@ fn saelens_transcoder_export() {
         assert!(dev <= TOL, "{name}: read back deviates by {dev}");
         args.extend([out, z, yh, class.to_string()]);
     }
-    let res = py(
-        r#"
-import sys, json, warnings, numpy as np, torch
-warnings.filterwarnings("ignore")
-from sae_lens import SAE
-torch.set_grad_enabled(False)
-x = torch.from_numpy(np.load(sys.argv[1]))
-a = sys.argv[2:]
-for i in range(0, len(a), 4):
-    sae = SAE.load_from_disk(a[i])
-    print(json.dumps({
-        "class": type(sae).__name__, "expected": a[i + 3],
-        "encode": float(np.abs(sae.encode(x).numpy() - np.load(a[i + 1])).max()),
-        "forward": float(np.abs(sae(x).numpy() - np.load(a[i + 2])).max()),
-    }))
-"#,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    for (line, (name, _, _)) in res.lines().zip(cases) {
-        let r: serde_json::Value = serde_json::from_str(line).unwrap();
-        println!("INTEROP saelens-export transcoder {name}: {r}");
-        assert_eq!(r["class"], r["expected"], "{name}: class");
-        for k in ["encode", "forward"] {
-            let v = r[k].as_f64().unwrap();
-            assert!(v <= TOL, "{name}: sae_lens {k} deviates by {v}");
-        }
-    }
-    assert_eq!(res.lines().count(), cases.len());
+    let names: Vec<&str> = cases.iter().map(|c| c.0).collect();
+    assert_saelens_matches(&x, &args, &names, "saelens-export transcoder");
     let run = train(
         d,
         "tc_topk",
