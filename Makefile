@@ -80,7 +80,9 @@ digits: build $(SKLEARN_STAMP)
 # encoder (own, OMP, MP); writes the table into BENCHMARKS.md (~2 min).
 digits-table: build $(SKLEARN_STAMP)
 	$(PY) scripts/digits.py digits
-	$(PY) scripts/digits_table.py $(BIN) digits runs/digits-table BENCHMARKS.md
+	$(PY) scripts/digits_table.py $(BIN) digits runs/digits-table
+	$(PY) scripts/bench_report.py runs/digits-table/table.md BENCHMARKS.md digits \
+	    "Reconstruction at L0 = 10 on real data (digits)"
 
 # SAE_REQUIRE_SAELENS: the SAELens interop tests fail (not skip) without
 # sae_lens, and the pursuit tests without scikit-learn; SAE_REQUIRE_BROWSER:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """`make digits-table`: reconstruction at L0 ~ 10 on scikit-learn's digits,
 held-out rows, for PCA, each architecture and each encoder; writes the table
-into BENCHMARKS.md (between <!-- digits:begin --> and <!-- digits:end -->).
+to OUT_DIR/table.md (the Makefile puts it into BENCHMARKS.md, between
+<!-- digits:begin --> and <!-- digits:end -->).
 
 Every architecture trains from configs/digits.yaml with only the keys that
 make it that architecture changed (so the recipe, the data and the seed are
@@ -9,13 +10,12 @@ the same), then `sae eval` on digits/digits_valid.npy with its own encoder
 (`model`), OMP with 10 atoms and matching pursuit with at most 10 steps over
 its decoder rows.
 
-Usage: digits_table.py SAE_BIN DIGITS_DIR OUT_DIR [BENCHMARKS.md]
+Usage: digits_table.py SAE_BIN DIGITS_DIR OUT_DIR
 """
 import json, os, subprocess, sys, time
 import numpy as np
 
 SAE, DIGITS, OUT = sys.argv[1], sys.argv[2], sys.argv[3]
-TARGET = sys.argv[4] if len(sys.argv) > 4 else None
 TRAIN = os.path.join(DIGITS, "digits_train.npy")
 VALID = os.path.join(DIGITS, "digits_valid.npy")
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "digits.yaml")
@@ -96,18 +96,8 @@ def main():
         lines.append(f"| {name} | {what} | {l0:.2f} | {own:.4f} | {omp:.4f} | {mp:.4f} ({mp_l0:.2f}) | {secs:.0f} |")
     table = "\n".join(lines)
     print(table)
-    if TARGET:
-        begin, end = "<!-- digits:begin -->", "<!-- digits:end -->"
-        doc = open(TARGET).read()
-        if begin not in doc:
-            doc += f"\n## Reconstruction at L0 = 10 on real data (digits)\n\n{begin}\n{end}\n"
-        head, rest = doc.split(begin, 1)
-        tail = rest.split(end, 1)[1] if end in rest else ""
-        tmp = TARGET + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{head}{begin}\n{table}\n{end}{tail}")
-        os.replace(tmp, TARGET)
-        log(f"updated {TARGET}")
+    with open(os.path.join(OUT, "table.md"), "w") as f:
+        f.write(table + "\n")
 
 
 if __name__ == "__main__":
