@@ -16,6 +16,14 @@ fn main() -> ExitCode {
     }));
     sae::device::tune_allocator();
     let cli = sae::cli::Cli::parse();
+    // Before libtorch starts threads: they inherit the mode (see there).
+    if matches!(
+        cli.command,
+        sae::cli::Command::Train(_) | sae::cli::Command::Sweep(_)
+    ) && std::env::var_os("SAE_KEEP_SUBNORMALS").is_none()
+    {
+        sae::device::flush_denormals();
+    }
     match std::panic::catch_unwind(|| sae::cli::run(cli)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
