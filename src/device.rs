@@ -77,7 +77,7 @@ pub fn tune_allocator() {
 /// Flushes subnormal floats to zero (FTZ) and reads them as zero (DAZ) on
 /// x86-64, as `torch.set_flush_denormal(True)`. Adam's moments of latents
 /// that stopped firing decay through the subnormal range, where every
-/// operation on them is several times slower (7.8x for Adam's moment
+/// operation on them is several times slower (6-8x for Adam's moment
 /// updates on this machine: scripts/denormal_bench.py). The setting is per
 /// thread and threads inherit it when created, so it must come before
 /// libtorch starts its worker threads (`main` does it for `train` and
