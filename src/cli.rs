@@ -715,6 +715,79 @@ enum Sink {
     Sparse(csr::CsrWriter),
 }
 
+/// Reads `data` (a .npy/.npz spec, or an opened CSR archive) in batches on
+/// a reader thread, computes each batch here, and writes the results on a
+/// writer thread, so reading, computing and writing overlap. Neither thread
+/// makes a libtorch call (they would compete with the computation for its
+/// threads); each holds at most two batches in flight. Returns the sink
+/// once every batch is written.
+fn pipeline<S: Send>(
+    batch: usize,
+    data: &str,
+    sparse_in: Option<&csr::CsrFile>,
+    sink: S,
+    mut compute: impl FnMut(&npy::Matrix) -> Result<Vec<f32>>,
+    write: impl Fn(&mut S, Vec<f32>, usize) -> Result<()> + Send,
+) -> Result<S> {
+    use std::sync::mpsc::sync_channel;
+    std::thread::scope(|scope| {
+        let (to_compute, batches) = sync_channel::<npy::Matrix>(2);
+        let (to_write, outputs) = sync_channel::<(Vec<f32>, usize)>(2);
+        let reader = scope.spawn(move || -> Result<()> {
+            // A closed channel means the computation stopped on an error,
+            // which is reported below; the reader just stops.
+            let send = |m: npy::Matrix| to_compute.send(m).map_err(|_| anyhow::Error::new(Stopped));
+            match sparse_in {
+                Some(m) => m.for_each_chunk(batch, send),
+                None => npy::for_each_chunk(data, batch, send).map(|_| ()),
+            }
+        });
+        let writer = scope.spawn(move || -> Result<S> {
+            let mut sink = sink;
+            for (v, rows) in outputs {
+                write(&mut sink, v, rows)?;
+            }
+            Ok(sink)
+        });
+        let mut computed = Ok(());
+        for m in batches {
+            match compute(&m) {
+                // A closed channel: the writer failed; its error is below.
+                Ok(v) => {
+                    if to_write.send((v, m.rows)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    computed = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(to_write);
+        let written = writer.join().expect("writer thread panicked");
+        let read = reader.join().expect("reader thread panicked");
+        computed?;
+        let sink = written?;
+        match read {
+            Err(e) if e.is::<Stopped>() => Ok(sink),
+            other => other.map(|_| sink),
+        }
+    })
+}
+
+/// The reader of [`pipeline`] stopped because the computation did.
+#[derive(Debug)]
+struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("computation stopped")
+    }
+}
+
+impl std::error::Error for Stopped {}
+
 fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) -> Result<()> {
     if a.batch_size < 1 {
         bail_user!("--batch-size {}: must be at least 1", a.batch_size);
@@ -767,19 +840,12 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
     // Streamed: one batch of input and output in memory; the output goes to
     // a temp file renamed into place only when complete.
     let ncols = out_cols as usize;
-    let mut sink = if codes.sparse {
+    let sink = if codes.sparse {
         Sink::Sparse(csr::CsrWriter::create(&a.out, ncols, codes.top)?)
     } else {
         Sink::Dense(npy::NpyWriter::create(&a.out, ncols)?)
     };
-    let host = |y: &Tensor| -> Result<Vec<f32>> {
-        let y = y
-            .to_device(tch::Device::Cpu)
-            .to_kind(Kind::Float)
-            .contiguous();
-        Vec::<f32>::try_from(y.flatten(0, -1)).context("codes to host")
-    };
-    let mut step = |m: npy::Matrix| -> Result<()> {
+    let compute = |m: &npy::Matrix| -> Result<Vec<f32>> {
         let xb = m.to_tensor().to_device(device);
         let y = match what {
             Transform::Encode => encode(&xb),
@@ -792,27 +858,32 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
                 (xh - xn).square().mean_dim(-1, true, Kind::Float)
             }
         };
-        match (&mut sink, codes.top) {
-            (Sink::Dense(w), None) => w.write(&y),
-            (Sink::Dense(w), Some(n)) => {
-                let mut v = host(&y)?;
-                csr::keep_top(&mut v, ncols, n);
-                w.write(&Tensor::from_slice(&v).reshape([m.rows as i64, out_cols]))
-            }
-            (Sink::Sparse(w), _) => w.write_rows(&host(&y)?, m.rows),
-        }
+        let y = y
+            .to_device(tch::Device::Cpu)
+            .to_kind(Kind::Float)
+            .contiguous();
+        Vec::<f32>::try_from(y.flatten(0, -1)).context("output to host")
     };
     // At most --batch-size rows, fewer for wide models (memory budget).
     let width = model.spec.d_in.max(model.d_out());
     let batch = a
         .batch_size
         .min(metrics::chunk_rows(model.spec.d_hidden, width)) as usize;
-    match &sparse_in {
-        Some(m) => m.for_each_chunk(batch, &mut step)?,
-        None => {
-            npy::for_each_chunk(&a.data, batch, &mut step)?;
-        }
-    }
+    let sink = pipeline(
+        batch,
+        &a.data,
+        sparse_in.as_ref(),
+        sink,
+        compute,
+        |sink, mut v, rows| match (sink, codes.top) {
+            (Sink::Dense(w), None) => w.write_rows(&v, rows),
+            (Sink::Dense(w), Some(n)) => {
+                csr::keep_top(&mut v, ncols, n);
+                w.write_rows(&v, rows)
+            }
+            (Sink::Sparse(w), _) => w.write_rows(&v, rows),
+        },
+    )?;
     match sink {
         Sink::Dense(w) => w
             .finish()

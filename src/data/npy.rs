@@ -701,13 +701,27 @@ impl NpyWriter {
             );
         }
         let values = Vec::<f32>::try_from(t.flatten(0, -1)).context("tensor to vec")?;
+        self.write_rows(&values, size[0] as usize)
+    }
+
+    /// Appends `rows` rows given row-major (no libtorch call: a writer
+    /// thread can run it while the next batch computes).
+    pub fn write_rows(&mut self, values: &[f32], rows: usize) -> Result<()> {
+        if values.len() != rows * self.cols {
+            anyhow::bail!(
+                "{}: {} values are not {rows} rows of {}",
+                self.path.display(),
+                values.len(),
+                self.cols
+            );
+        }
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.out
             .as_mut()
             .expect("not finished")
             .write_all(&bytes)
             .with_context(|| format!("writing {}", self.path.display()))?;
-        self.rows += size[0] as u64;
+        self.rows += rows as u64;
         Ok(())
     }
 
