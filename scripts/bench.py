@@ -152,7 +152,9 @@ def run_saelens(c, data):
     progress bar, logging, evals, checkpoints. Settings that make the maths
     ours: float32 on cpu, no autocast, no activation normalisation, b_dec
     subtracted from the input, unit-norm decoder rows at init (ours:
-    init_scheme sae), top-k codes not rescaled by decoder norms."""
+    init_scheme sae), top-k codes not rescaled by decoder norms. T uses
+    SAELens's sparse top-k codes (use_sparse_activations, which its docs advise
+    for float32 without autocast; 1.3x its dense default here)."""
     from sae_lens import (StandardTrainingSAE, StandardTrainingSAEConfig,
                           TopKTrainingSAE, TopKTrainingSAEConfig)
     from sae_lens.config import SAETrainerConfig
@@ -165,7 +167,7 @@ def run_saelens(c, data):
                   apply_b_dec_to_input=True, normalize_activations="none", decoder_init_norm=1.0)
     if c["kind"] == "topk":
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=c["k"], rescale_acts_by_decoder_norm=False,
-                                                    **common))
+                                                    use_sparse_activations=True, **common))
     else:
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=0.001, **common))
     cfg = SAETrainerConfig(total_training_samples=n * c["epochs"], train_batch_size_samples=b,
