@@ -219,7 +219,8 @@ def saelens_lines(rows):
         return ["SAELens baseline: NOT run (sae_lens is not installed in this venv; "
                 "`make saelens` installs it)."]
     lines = ["SAELens baseline (issue 16): SAELens's own training step (`SAETrainer.step`: "
-             "its training_forward_pass, backward, clip_grad_norm_, Adam), same data, batch and threads; "
+             "its training_forward_pass, backward, clip_grad_norm_, Adam; T with its sparse top-k codes), "
+             "same data, batch and threads; "
              "M's aim is M-trained's (trained sparsity), here at init.",
              "",
              "| case | ours samples/s | SAELens samples/s | ratio | aim |",
