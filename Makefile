@@ -108,11 +108,12 @@ parity: $(STAMP) build
 	grep -o 'PARITY[[:blank:]].*' $(PARITY_LOG) | awk -F'\t' -v fmt='$(PARITY_ROW)' '{printf fmt, $$2, $$3, $$4, $$5, $$6, $$7, $$8}'; \
 	exit $$status
 
-# Ours vs a plain PyTorch loop, same maths and threads, alternating runs;
+# Ours vs a plain PyTorch loop and vs SAELens's own training step (sae_lens,
+# as `make test` installs it), same maths and threads, alternating runs;
 # prints the table and writes it into BENCHMARKS.md. BENCH_ARGS=--quick for a short run;
 # BENCH_ARGS="--only S,OOC" runs some parts and leaves BENCHMARKS.md alone.
 BENCH_DIR := target/bench
-bench: $(STAMP) build
+bench: $(SAELENS_STAMP) build
 	$(PY) scripts/bench.py $(BIN) $(BENCH_DIR) $(BENCH_ARGS)
 	$(PY) scripts/bench_report.py $(BENCH_DIR)/table.md BENCHMARKS.md
 

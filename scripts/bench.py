@@ -11,13 +11,15 @@ Cases (issue 6):
      (a 768 -> 8192 top-k model), against the model's own encoder on the same rows
   DP M trained data-parallel, 2 ranks x 1 thread under torchrun (Gloo), against
      one process with 2 threads; with the share of the step spent in collectives
+  SAELENS  M and T against SAELens's own training step (issue 16): its trainer's
+     `step` on its StandardTrainingSAE / TopKTrainingSAE, same data and threads
 
 Ours is timed by `sae train` itself (summary.json `seconds`: the training loop
 only, no data loading); PyTorch's loop is timed the same way. Each case runs
 ours and PyTorch alternately REPEATS times; the table takes the best of each.
 The matmul peak is torch.mm at the M shape, measured in this same run.
 
-Usage: bench.py SAE_BIN OUT_DIR [--quick] [--only S,M,T,E,OOC,OMP,DP]
+Usage: bench.py SAE_BIN OUT_DIR [--quick] [--only S,M,T,E,OOC,OMP,DP,SAELENS]
   --only runs the named parts and prints their figures without writing the table.
 """
 import json, os, platform, subprocess, sys, time
@@ -137,6 +139,97 @@ def run_torch(c, data):
             opt.step()
             samples += xb.shape[0]
     return samples / (time.perf_counter() - t0)
+
+
+def run_saelens(c, data):
+    """SAELens's own training step (sae_lens 6.x) for case c, timed like
+    run_torch. Each batch goes through SAETrainer.step, the seam its `fit` loop
+    calls: training_forward_pass (MSE + the architecture's loss: L1 weighted by
+    decoder norms for M, the dead-latent aux loss for T, zero while no latent
+    has been dead for dead_feature_window steps), the dead-latent statistics,
+    backward, clip_grad_norm_(1.0), Adam (betas 0.9, 0.999) and the constant
+    lr and coefficient schedulers. Left out, as in `fit` without wandb: the
+    progress bar, logging, evals, checkpoints. Settings that make the maths
+    ours: float32 on cpu, no autocast, no activation normalisation, b_dec
+    subtracted from the input, unit-norm decoder rows at init (ours:
+    init_scheme sae), top-k codes not rescaled by decoder norms. T uses
+    SAELens's sparse top-k codes (use_sparse_activations, which its docs advise
+    for float32 without autocast; 1.3x its dense default here)."""
+    from sae_lens import (StandardTrainingSAE, StandardTrainingSAEConfig,
+                          TopKTrainingSAE, TopKTrainingSAEConfig)
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    torch.manual_seed(0)
+    x = torch.from_numpy(np.load(data))
+    n, b = x.shape[0], c["batch"]
+    common = dict(d_in=c["d_in"], d_sae=c["d_hidden"], dtype="float32", device="cpu",
+                  apply_b_dec_to_input=True, normalize_activations="none", decoder_init_norm=1.0)
+    if c["kind"] == "topk":
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=c["k"], rescale_acts_by_decoder_norm=False,
+                                                    use_sparse_activations=True, **common))
+    else:
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=0.001, **common))
+    cfg = SAETrainerConfig(total_training_samples=n * c["epochs"], train_batch_size_samples=b,
+                           lr=1e-4, lr_end=1e-4, device="cpu", autocast=False)
+    trainer = SAETrainer(cfg, sae, data_provider=iter(()))
+    samples = 0
+    t0 = time.perf_counter()
+    for _ in range(c["epochs"]):
+        perm = torch.randperm(n)
+        for s in range(0, n, b):
+            xb = x[perm[s:s + b]]
+            trainer.step(xb)
+            trainer.n_training_steps += 1
+            samples += xb.shape[0]
+    return samples / (time.perf_counter() - t0)
+
+
+# SAELENS cases and their aims (issue 16): ours at least this many times
+# SAELens's samples/s. M's aim is stated for M-trained (trained sparsity,
+# the same weights on both sides); here both start from a fresh init.
+SAELENS_AIMS = {"M": 3.0, "T": 5.0}
+
+
+def bench_saelens():
+    """Ours against SAELens's training step at the SAELENS_AIMS cases,
+    alternating REPEATS rounds, best of each: [(name, ours, SAELens)], or
+    None when sae_lens is not installed."""
+    try:
+        import sae_lens  # noqa: F401
+    except ImportError:
+        return None
+    rows = []
+    for name in SAELENS_AIMS:
+        c = CASES[name]
+        data = make_data(name, c)
+        cfg = config(name, c, data)
+        ours, theirs = 0.0, 0.0
+        for r in range(REPEATS):
+            o, t = run_ours(name, cfg), run_saelens(c, data)
+            ours, theirs = max(ours, o), max(theirs, t)
+            log(f"SAELENS {name} round {r + 1}: ours {o:.0f}/s, SAELens {t:.0f}/s")
+        rows.append((name, ours, theirs))
+    return rows
+
+
+def saelens_lines(rows):
+    """The SAELens table (or the line saying it was not run) for table.md."""
+    if rows is None:
+        return ["SAELens baseline: NOT run (sae_lens is not installed in this venv; "
+                "`make saelens` installs it)."]
+    lines = ["SAELens baseline (issue 16): SAELens's own training step (`SAETrainer.step`: "
+             "its training_forward_pass, backward, clip_grad_norm_, Adam; T with its sparse top-k codes), "
+             "same data, batch and threads; "
+             "M's aim is M-trained's (trained sparsity), here at init.",
+             "",
+             "| case | ours samples/s | SAELens samples/s | ratio | aim |",
+             "|---|---|---|---|---|"]
+    for name, o, t in rows:
+        aim = SAELENS_AIMS[name]
+        lines.append(f"| {name} | {o:,.0f} | {t:,.0f} | {o / t:.2f}x | "
+                     f">= {aim:.0f}x: {'met' if o / t >= aim else 'not met'} |")
+    return lines
 
 
 def bench_dp():
@@ -344,6 +437,13 @@ def main():
             o_rows, o_model, o_omp, o_l0 = bench_omp()
             log(f"OMP: {o_rows:,} rows, model encoder {o_model:.1f} s, OMP k=32 {o_omp:.1f} s "
                 f"(L0 {o_l0:.1f}): {o_omp / o_model:.1f}x")
+        if "SAELENS" in ONLY:
+            sl = bench_saelens()
+            if sl is None:
+                log(saelens_lines(sl)[0])
+            for name, o, t in sl or []:
+                log(f"SAELENS {name}: ours {o:,.0f}/s, SAELens {t:,.0f}/s, {o / t:.2f}x "
+                    f"(aim >= {SAELENS_AIMS[name]:.0f}x)")
         if ONLY & {"E", "OOC"}:
             e_rows, e_rate, e_gf = bench_encode() if "E" in ONLY else (1_000_000, 0, 0)
             if "E" in ONLY:
@@ -358,6 +458,9 @@ def main():
     ooc = bench_out_of_core(os.path.join(OUT, f"E-{e_rows}.npy"), e_rows)
     dp_single, dp_rate, dp_share = bench_dp()
     o_rows, o_model, o_omp, o_l0 = bench_omp()
+    sl = bench_saelens()
+    if sl is None:
+        log(saelens_lines(sl)[0])
     cpu = platform.processor() or platform.machine()
     try:
         cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
@@ -394,6 +497,7 @@ def main():
     lines += ["", f"OMP (`sae encode --encoder omp --k 32`, {o_rows:,} x 768 rows, 8192 atoms of a 768 -> 8192 "
               f"top-k model, codes written as .npy): {o_omp:.1f} s vs the model's own encoder {o_model:.1f} s: "
               f"{o_omp / o_model:.1f}x (aim: at most 10x); mean L0 of the OMP codes {o_l0:.1f}."]
+    lines += [""] + saelens_lines(sl)
     lines += ["", "GFLOP/s counts the dense maths (12 * d_in * d_hidden per training sample; 10 for S),",
               "also where our path does less work, so there it is an effective rate: T (sparse top-k:",
               "k columns and rows instead of three dense matmuls) and M (b_dec's gradient as a vector",
