@@ -327,31 +327,10 @@ fn unwritable_and_full_output_locations_are_user_errors() {
     );
 
     // A full disk: a 64 KiB tmpfs (needs root; skipped elsewhere).
-    let mnt = d.join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=64k",
-            "tmpfs",
-            mnt.to_str().unwrap(),
-        ])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        println!("full-disk: cannot mount a tmpfs here (not root?); skipped");
+    let Some(disk) = small_disk(d) else {
         return;
-    }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(&mnt);
+    };
+    let mnt = disk.0.clone();
     // 4096 x 64 float32 codes = 1 MiB: cannot fit.
     let big = d.join("big");
     std::fs::create_dir(&big).unwrap();

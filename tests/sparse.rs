@@ -415,24 +415,10 @@ fn sparse_output_that_cannot_be_written_is_a_user_error() {
     };
     encode(&file.join("codes.npz"));
 
-    let mnt = d.join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs", s(&mnt)])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|st| st.success());
-    if !mounted {
-        println!("full-disk: cannot mount a tmpfs here (not root?); skipped");
+    let Some(disk) = small_disk(d) else {
         return;
-    }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(&mnt);
+    };
+    let mnt = disk.0.clone();
     // 20000 rows x 4 codes x 8 bytes = 640 KB: cannot fit.
     encode(&mnt.join("codes.npz"));
     let left: Vec<_> = std::fs::read_dir(&mnt).unwrap().collect();

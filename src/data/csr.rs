@@ -455,6 +455,25 @@ fn to_f32(bytes: &[u8], e: Elem, out: &mut Vec<f32>) {
     }
 }
 
+/// Member `name` of the sparse archive `spec` (whose members are `names`),
+/// opened and its .npy header read.
+fn open_member<'a>(
+    zip: &'a mut ZipArchive<BufReader<File>>,
+    spec: &str,
+    name: &str,
+    names: &[String],
+) -> Result<(zip::read::ZipFile<'a>, Member)> {
+    let mut m = match zip.by_name(&format!("{name}.npy")) {
+        Ok(m) => m,
+        Err(_) => bail_user!(
+            "{spec}: a sparse matrix archive without `{name}` (it has: {})",
+            names.join(", ")
+        ),
+    };
+    let member = read_member_header(&mut m, &format!("{spec}:{name}"))?;
+    Ok((m, member))
+}
+
 /// Whether `spec` names a whole `.npz` archive (no `:member`) that holds a
 /// scipy sparse matrix (a `format` member): then it is opened and checked.
 /// `None` for anything else (a `.npy`, a member, a dense archive).
@@ -470,14 +489,7 @@ pub fn open(spec: &str) -> Result<Option<CsrFile>> {
     }
     let mut small = |name: &str| -> Result<(Member, Vec<u8>)> {
         let origin = format!("{spec}:{name}");
-        let mut m = match zip.by_name(&format!("{name}.npy")) {
-            Ok(m) => m,
-            Err(_) => bail_user!(
-                "{spec}: a sparse matrix archive without `{name}` (it has: {})",
-                names.join(", ")
-            ),
-        };
-        let member = read_member_header(&mut m, &origin)?;
+        let (mut m, member) = open_member(&mut zip, spec, name, &names)?;
         if member.len > 1 << 20 && name != "indptr" {
             bail_user!("{origin}: {} elements; expected a few", member.len);
         }
@@ -566,14 +578,7 @@ pub fn open(spec: &str) -> Result<Option<CsrFile>> {
     // data and indices: headers only here.
     let mut header_of = |name: &str| -> Result<Member> {
         let origin = format!("{spec}:{name}");
-        let mut m = match zip.by_name(&format!("{name}.npy")) {
-            Ok(m) => m,
-            Err(_) => bail_user!(
-                "{spec}: a sparse matrix archive without `{name}` (it has: {})",
-                names.join(", ")
-            ),
-        };
-        let member = read_member_header(&mut m, &origin)?;
+        let (_, member) = open_member(&mut zip, spec, name, &names)?;
         if member.shape.len() != 1 {
             bail_user!(
                 "{origin}: expected a 1-D array, got shape {:?}",

@@ -443,3 +443,30 @@ impl Run {
         apply(cmd, &self.dir, data, out, extra)
     }
 }
+
+/// A 64 KiB tmpfs under `dir` for full-disk tests, unmounted when dropped.
+pub struct SmallDisk(pub PathBuf);
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Mounts a [`SmallDisk`] at `dir/small`; None, saying so on stdout, where
+/// no tmpfs can be mounted (mounting needs root).
+pub fn small_disk(dir: &Path) -> Option<SmallDisk> {
+    let mnt = dir.join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&mnt)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        println!("full-disk: cannot mount a tmpfs here (not root?); NOT RUN");
+        return None;
+    }
+    Some(SmallDisk(mnt))
+}
