@@ -617,6 +617,21 @@ fn npy_header(shape: &[i64]) -> Vec<u8> {
     npy_header_len(&s, 0)
 }
 
+/// `values` as little-endian bytes: the memory itself on little-endian
+/// machines (no per-element copy: it bounded `sae encode`'s writer thread),
+/// a converted copy elsewhere.
+fn f32_le_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: f32 has no padding and any byte is a valid u8; the slice
+        // covers exactly the values' memory and borrows it.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+        })
+    } else {
+        std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
 /// Writes a tensor as float32 C-order `.npy`, atomically.
 pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
     let t = t
@@ -627,8 +642,7 @@ pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
     let values: Vec<f32> = Vec::<f32>::try_from(t.flatten(0, -1)).context("tensor to vec")?;
     crate::fsutil::write_atomic(path, |w| {
         w.write_all(&npy_header(&shape))?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        w.write_all(&bytes)?;
+        w.write_all(&f32_le_bytes(&values))?;
         Ok(())
     })
 }
@@ -715,11 +729,10 @@ impl NpyWriter {
                 self.cols
             );
         }
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.out
             .as_mut()
             .expect("not finished")
-            .write_all(&bytes)
+            .write_all(&f32_le_bytes(values))
             .with_context(|| format!("writing {}", self.path.display()))?;
         self.rows += rows as u64;
         Ok(())
