@@ -126,6 +126,18 @@ def run_torch(c, data):
             l1 = (z.abs() * W_dec.norm(dim=1)).sum(-1).mean()
             return F.mse_loss(z @ W_dec + b_dec, xb) + 0.001 * l1
     opt = torch.optim.Adam(params, lr=1e-4)
+
+    def train_step(xb):
+        loss = step(xb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return timed_epochs(x, c, train_step)
+
+
+def timed_epochs(x, c, train_step):
+    """Samples/s of `train_step` over c["epochs"] shuffled epochs of x in
+    batches of c["batch"] (both baselines time their loops the same way)."""
     n, b = x.shape[0], c["batch"]
     samples = 0
     t0 = time.perf_counter()
@@ -133,10 +145,7 @@ def run_torch(c, data):
         perm = torch.randperm(n)
         for s in range(0, n, b):
             xb = x[perm[s:s + b]]
-            loss = step(xb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            train_step(xb)
             samples += xb.shape[0]
     return samples / (time.perf_counter() - t0)
 
@@ -173,16 +182,11 @@ def run_saelens(c, data):
     cfg = SAETrainerConfig(total_training_samples=n * c["epochs"], train_batch_size_samples=b,
                            lr=1e-4, lr_end=1e-4, device="cpu", autocast=False)
     trainer = SAETrainer(cfg, sae, data_provider=iter(()))
-    samples = 0
-    t0 = time.perf_counter()
-    for _ in range(c["epochs"]):
-        perm = torch.randperm(n)
-        for s in range(0, n, b):
-            xb = x[perm[s:s + b]]
-            trainer.step(xb)
-            trainer.n_training_steps += 1
-            samples += xb.shape[0]
-    return samples / (time.perf_counter() - t0)
+
+    def train_step(xb):
+        trainer.step(xb)
+        trainer.n_training_steps += 1
+    return timed_epochs(x, c, train_step)
 
 
 # SAELENS cases and their aims (issue 16): ours at least this many times

@@ -613,7 +613,7 @@ fn eval(a: &EvalArgs) -> Result<()> {
         None => npy::read_tensor(&a.data)?,
     };
     check_cols(&x, model.spec.d_in, "d_in", &a.data)?;
-    let transcoder = model.out_norm.is_some() || model.d_out() != model.spec.d_in;
+    let transcoder = model.is_transcoder();
     let y = match (&a.target_data, transcoder) {
         (Some(p), true) => {
             let y = npy::read_tensor(p)?;

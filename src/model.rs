@@ -285,6 +285,12 @@ impl Sae {
     }
 
     /// The normalisation of the output space.
+    /// Whether the model reconstructs another array than its input
+    /// (`data.target`): its own output normalisation, or another width.
+    pub fn is_transcoder(&self) -> bool {
+        self.out_norm.is_some() || self.d_out() != self.spec.d_in
+    }
+
     pub fn output_norm(&self) -> &Normalizer {
         self.out_norm.as_ref().unwrap_or(&self.norm)
     }

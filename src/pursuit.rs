@@ -140,7 +140,7 @@ impl PursuitEncoder {
                  has hidden layers (model.hidden); use --encoder model"
             );
         }
-        if model.out_norm.is_some() || model.d_out() != model.spec.d_in {
+        if model.is_transcoder() {
             bail_user!(
                 "--encoder {name}: not for transcoders (this model reconstructs another \
                  array, {} columns, from its input); use --encoder model",

@@ -77,23 +77,7 @@ fn with_suffix(base: &Path, suffix: &str) -> PathBuf {
 /// A `.npy` v1.0 header: `descr`, C order, `shape` (empty: 0-d), padded so
 /// the data starts at a multiple of 64 bytes, as numpy writes it.
 fn npy_header(descr: &str, shape: &[u64]) -> Vec<u8> {
-    let dims = match shape {
-        [] => "()".to_string(),
-        [d] => format!("({d},)"),
-        ds => format!(
-            "({})",
-            ds.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
-        ),
-    };
-    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {dims}, }}");
-    let unpadded = 10 + dict.len() + 1;
-    let total = unpadded.div_ceil(64) * 64;
-    dict.push_str(&" ".repeat(total - unpadded));
-    dict.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
-    out.extend_from_slice(dict.as_bytes());
-    out
+    npy::npy_header_descr(shape, 0, descr)
 }
 
 /// Streams a CSR matrix of `cols` columns into `path` (see module docs).

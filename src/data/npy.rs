@@ -599,7 +599,7 @@ fn npy_header_len(shape: &[u64], min_len: usize) -> Vec<u8> {
 }
 
 /// [`npy_header_len`] for another dtype (`descr`, e.g. `<i8`).
-fn npy_header_descr(shape: &[u64], min_len: usize, descr: &str) -> Vec<u8> {
+pub(crate) fn npy_header_descr(shape: &[u64], min_len: usize, descr: &str) -> Vec<u8> {
     let mut dict = shape_dict(shape, descr);
     // Magic (6) + version (2) + length (2) + dict + '\n' is a multiple of 64.
     let unpadded = 10 + dict.len() + 1;

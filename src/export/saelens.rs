@@ -116,7 +116,7 @@ pub fn save(model: &Sae, dir: &Path) -> Result<()> {
              SAEs have one encoder and one decoder layer; export as torchscript or safetensors instead"
         );
     }
-    let transcoder = model.out_norm.is_some() || model.d_out() != model.spec.d_in;
+    let transcoder = model.is_transcoder();
     let (architecture, arch_fields) = if transcoder {
         // SAELens's transcoders: ReLU (`transcoder`) or JumpReLU, with
         // d_out and no b_dec on the input.
