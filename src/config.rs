@@ -372,6 +372,21 @@ pub struct TrainConfig {
     pub input_noise: InputNoise,
     /// Standard deviation (gaussian) or drop probability (mask).
     pub noise_level: f64,
+    /// Whether relu/jumprelu (and top-k) steps work only on the firing
+    /// codes (see `sparse_step`).
+    pub sparse_step: SparseStep,
+}
+
+/// `train.sparse_step`: the sparse training pass of relu and jumprelu
+/// models (and top-k's, which is always sparse unless `never`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SparseStep {
+    /// Sparse when this batch's code density is at most
+    /// `sparse_step::SWITCH_DENSITY` (CPU only; dense on CUDA).
+    Auto,
+    Always,
+    Never,
 }
 
 /// The learning rate after warm-up.
@@ -495,6 +510,7 @@ impl Default for TrainConfig {
             resample_every: 0,
             input_noise: InputNoise::None,
             noise_level: 0.1,
+            sparse_step: SparseStep::Auto,
         }
     }
 }

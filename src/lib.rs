@@ -30,6 +30,7 @@ pub mod pursuit;
 pub mod report;
 pub mod schedule;
 mod shim;
+pub mod sparse_step;
 pub mod sweep;
 pub mod train;
 

@@ -367,7 +367,12 @@ impl Sae {
         if let Some(pre) = self.pre_relu_centred(xn) {
             let z = pre.relu();
             let recon = self.decode_normalized(&z);
-            return Forward { pre, z, recon };
+            return Forward {
+                pre,
+                z,
+                recon,
+                leaf: None,
+            };
         }
         let x = self.code_input(xn);
         // `mm`, not `matmul`: batches are 2-D, and matmul's shape dispatch
@@ -375,7 +380,12 @@ impl Sae {
         let pre = x.mm(&self.w_enc) + &self.b_enc;
         let z = self.codes(&x, &pre, true);
         let recon = self.decode_normalized(&z);
-        Forward { pre, z, recon }
+        Forward {
+            pre,
+            z,
+            recon,
+            leaf: None,
+        }
     }
 
     /// Pre-activations of ReLU models that subtract `b_dec` from the input,
@@ -459,7 +469,12 @@ impl Sae {
             OutputActivation::Sigmoid => out.sigmoid(),
         };
         let z = pre.zeros_like().scatter(-1, &idx, &vals);
-        Forward { pre, z, recon }
+        Forward {
+            pre,
+            z,
+            recon,
+            leaf: None,
+        }
     }
 
     /// Reconstruction in the normalised space.
@@ -505,6 +520,9 @@ pub struct Forward {
     pub pre: Tensor,
     pub z: Tensor,
     pub recon: Tensor,
+    /// The leaf of a ReLU-like pass ([`crate::sparse_step`]): after
+    /// backward, the encoder's gradients come from it.
+    pub leaf: Option<crate::sparse_step::LeafCodes>,
 }
 
 #[cfg(test)]
@@ -546,6 +564,7 @@ mod tests {
             recon: m.decode_normalized(&z),
             pre,
             z,
+            leaf: None,
         };
         loss_of(&reference).backward();
         assert!(f.pre.equal(&reference.pre) && f.recon.equal(&reference.recon));

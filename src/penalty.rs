@@ -4,6 +4,7 @@
 
 use crate::activation::step_with_ste;
 use crate::config::{Auto, ModelConfig, PenaltyKind, SparsityConfig};
+use crate::sparse_step::LeafCodes;
 use tch::{Kind, Tensor};
 
 /// Keeps the KL finite when a unit's mean activation saturates at 0 or 1.
@@ -57,6 +58,9 @@ pub struct PenaltyInput<'a> {
     /// `z = relu(pre)`: then `|z| = z`, and no gradient reaches `pre`
     /// through z's zeros, so l1 may skip the `abs` (see `Penalty::value`).
     pub relu_codes: bool,
+    /// The leaf of a ReLU-like pass; when sparse, the penalty is taken over
+    /// its support (`z` and `pre` then carry no gradient).
+    pub leaf: Option<&'a LeafCodes>,
 }
 
 impl<'a> PenaltyInput<'a> {
@@ -71,6 +75,7 @@ impl<'a> PenaltyInput<'a> {
             threshold: None,
             dead: None,
             relu_codes: false,
+            leaf: None,
         }
     }
 }
@@ -103,6 +108,15 @@ impl Penalty {
         matches!(self, Penalty::AuxK { .. } | Penalty::L0 { .. })
     }
 
+    /// Whether this penalty can be taken over a sparse pass's support
+    /// (its value is 0, and so is its gradient, outside it).
+    pub fn supports_sparse_codes(&self) -> bool {
+        matches!(
+            self,
+            Penalty::L1 { .. } | Penalty::L0 { .. } | Penalty::None
+        )
+    }
+
     /// Whether training must track which latents are dead for this penalty.
     pub fn needs_dead_mask(&self) -> bool {
         matches!(self, Penalty::AuxK { .. })
@@ -110,6 +124,9 @@ impl Penalty {
 
     /// The penalty for one batch; a scalar tensor.
     pub fn value(&self, p: &PenaltyInput) -> Tensor {
+        if let Some(leaf) = p.leaf.filter(|l| l.support.is_some()) {
+            return self.value_sparse(p, leaf);
+        }
         let z = p.z;
         match *self {
             Penalty::Kl { target } => {
@@ -144,6 +161,39 @@ impl Penalty {
             Penalty::AuxK { k_aux } => auxk(p, k_aux),
             Penalty::None => Tensor::zeros([], (Kind::Float, z.device())),
         }
+    }
+}
+
+impl Penalty {
+    /// [`Penalty::value`] over a sparse pass's support: the same sums
+    /// without the zeros (so equal up to summation order).
+    fn value_sparse(&self, p: &PenaltyInput, leaf: &LeafCodes) -> Tensor {
+        let s = leaf.support.as_ref().expect("called on a sparse leaf");
+        let total = match *self {
+            Penalty::L1 { decoder_norm } => {
+                let z = match p.relu_codes {
+                    true => leaf.codes.shallow_clone(),
+                    false => leaf.codes.abs(),
+                };
+                match decoder_norm {
+                    true => {
+                        let norms = p.w_dec.norm_scalaropt_dim(2, [1], false);
+                        (z * norms.index_select(0, &s.cols)).sum(Kind::Float)
+                    }
+                    false => z.sum(Kind::Float),
+                }
+            }
+            Penalty::L0 { bandwidth } => {
+                let t = leaf
+                    .threshold
+                    .as_ref()
+                    .expect("validated: l0 goes with jumprelu");
+                step_with_ste(&leaf.pre, t, bandwidth).sum(Kind::Float)
+            }
+            Penalty::None => return Tensor::zeros([], (Kind::Float, p.z.device())),
+            _ => unreachable!("checked: supports_sparse_codes"),
+        };
+        total / leaf.batch as f64
     }
 }
 

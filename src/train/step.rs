@@ -7,11 +7,12 @@ use super::batches::Batch;
 use super::init::{decoder_rows, normalize_decoder_rows};
 use super::state::DeadTracker;
 use crate::arch::Architecture;
-use crate::config::{Config, InputNoise, TrainConfig};
+use crate::config::{Config, InputNoise, SparseStep, TrainConfig};
 use crate::model::{Forward, Sae};
 use crate::optim::Adam;
 use crate::penalty::{Penalty, PenaltyInput};
 use crate::schedule;
+use crate::sparse_step;
 use tch::{Kind, Reduction, Tensor};
 
 /// What one step uses that changes from step to step (schedules).
@@ -114,7 +115,7 @@ impl Learner {
         dead.update(&out.forward.z);
         self.arch
             .after_forward(&mut self.model, &out.forward.z, &self.cfg.model);
-        self.update(&out.loss, p.lr, share);
+        self.update(&out, p.lr);
         if resample_every > 0 && p.step % resample_every == 0 {
             let d = dead.dead();
             let n = resample_dead(
@@ -143,7 +144,17 @@ impl Learner {
         dead: Option<&Tensor>,
     ) -> StepOutput {
         let model = &self.model;
-        let f = model.forward_train_fast(input, !self.penalty.needs_pre_gradient());
+        let mode = self.cfg.train.sparse_step;
+        let f = if mode != SparseStep::Never
+            && self.penalty.supports_sparse_codes()
+            && sparse_step::applies(model)
+            && !input.requires_grad()
+        {
+            sparse_step::forward(model, input, mode)
+        } else {
+            let sparse_ok = mode != SparseStep::Never && !self.penalty.needs_pre_gradient();
+            model.forward_train_fast(input, sparse_ok)
+        };
         let mse = f.recon.mse_loss(target, Reduction::Mean);
         let penalty_codes = self.arch.penalty_codes(model, input);
         let w_dec = model.decoder_weight();
@@ -156,6 +167,7 @@ impl Learner {
             threshold: model.threshold.as_ref(),
             dead,
             relu_codes: penalty_codes.is_none() && self.arch.relu_codes(),
+            leaf: f.leaf.as_ref(),
         });
         let aux = penalty_codes
             .as_ref()
@@ -187,17 +199,22 @@ impl Learner {
         }
     }
 
-    /// The update half: gradients of `loss`, averaged over the ranks (this
-    /// one's weighing `share`), then the optimizer step at learning rate
-    /// `lr`, with the decoder kept at unit norm and gradients clipped (by
-    /// their global norm) where the config asks.
-    pub fn update(&mut self, loss: &Tensor, lr: f64, share: f64) {
+    /// The update half: gradients of the step's loss (the encoder's by
+    /// hand after a ReLU-like pass: `sparse_step`), averaged over the ranks
+    /// (this one's weighing its `share`), then the optimizer step at
+    /// learning rate `lr`, with the decoder kept at unit norm and gradients
+    /// clipped (by their global norm) where the config asks.
+    pub fn update(&mut self, out: &StepOutput, lr: f64) {
+        let (loss, share) = (&out.loss, out.share);
         let t = &self.cfg.train;
         self.adam.zero_grad(&mut self.model.parameters_mut());
         // A rank without rows (a last batch smaller than the world) gets
         // zero gradients: its loss is a mean over nothing, and every path
         // from it to a parameter passes through an empty tensor.
         loss.backward();
+        if let Some(leaf) = &out.forward.leaf {
+            leaf.accumulate_encoder_grads(&mut self.model);
+        }
         if let Some(g) = crate::dist::group() {
             sync_gradients(g, &mut self.adam, &mut self.model, share);
         }
