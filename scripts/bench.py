@@ -11,15 +11,20 @@ Cases (issue 6):
      (a 768 -> 8192 top-k model), against the model's own encoder on the same rows
   DP M trained data-parallel, 2 ranks x 1 thread under torchrun (Gloo), against
      one process with 2 threads; with the share of the step spent in collectives
-  SAELENS  M and T against SAELens's own training step (issue 16): its trainer's
+  MT M at trained sparsity (issue 16): the same shapes, starting from weights whose
+     L0 is about 1 % of d_hidden (from a short training run of ours, `trained_weights`),
+     L1 weight 0.004 (where that L0 holds); both sides start from those weights
+  SAELENS  M, MT and T against SAELens's own training step (issue 16): its trainer's
      `step` on its StandardTrainingSAE / TopKTrainingSAE, same data and threads
+  SWITCH  ours with `train.sparse_step: always` against `never` on the M shape at code
+     densities from 1 % to 30 %: where the sparse step stops paying (sparse_step::SWITCH_DENSITY)
 
 Ours is timed by `sae train` itself (summary.json `seconds`: the training loop
 only, no data loading); PyTorch's loop is timed the same way. Each case runs
 ours and PyTorch alternately REPEATS times; the table takes the best of each.
 The matmul peak is torch.mm at the M shape, measured in this same run.
 
-Usage: bench.py SAE_BIN OUT_DIR [--quick] [--only S,M,T,E,OOC,OMP,DP,SAELENS]
+Usage: bench.py SAE_BIN OUT_DIR [--quick] [--only S,M,MT,T,E,OOC,OMP,DP,SAELENS,SWITCH]
   --only runs the named parts and prints their figures without writing the table.
 """
 import json, os, platform, subprocess, sys, time
@@ -31,6 +36,8 @@ SAE, OUT = sys.argv[1], sys.argv[2]
 QUICK = "--quick" in sys.argv
 THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
 REPEATS = 2 if QUICK else 3
+# `train.sparse_step: auto`'s switch density (src/sparse_step.rs SWITCH_DENSITY).
+SWITCH_DENSITY = 0.10
 ONLY = None
 if "--only" in sys.argv:
     ONLY = set(sys.argv[sys.argv.index("--only") + 1].upper().split(","))
@@ -46,6 +53,9 @@ CASES = {
     # name: d_in, d_hidden, batch, rows, epochs, kind
     "S": dict(d_in=20, d_hidden=8, batch=32, rows=1000, epochs=100, kind="seed002"),
     "M": dict(d_in=768, d_hidden=8192, batch=1024, rows=1024 * (6 if QUICK else 12), epochs=1, kind="l1"),
+    # M-trained: M's shapes from weights at trained sparsity (see trained_weights).
+    "MT": dict(d_in=768, d_hidden=8192, batch=1024, rows=1024 * (6 if QUICK else 12), epochs=1, kind="l1",
+               weight=0.004, trained=True),
     "T": dict(d_in=768, d_hidden=16384, batch=1024, rows=1024 * (4 if QUICK else 8), epochs=1, kind="topk", k=32),
 }
 
@@ -65,9 +75,12 @@ def make_data(name, c):
     return path
 
 
-def config(name, c, data, threads=None):
+def config(name, c, data, threads=None, extra_train=None):
     model = {"d_hidden": c["d_hidden"], "init_scheme": "sae"}
-    sparsity = {"penalty": "l1", "weight": 0.001}
+    if c.get("trained"):
+        model["init"] = trained_weights()
+    sparsity = {"penalty": "l1", "weight": c.get("weight", 0.001)}
+    log_every = 4 if c.get("trained") else 100000
     if c["kind"] == "seed002":
         model = {"d_hidden": 8, "activation": "relu", "decoder_activation": "sigmoid",
                  "apply_b_dec_to_input": False}
@@ -78,20 +91,70 @@ def config(name, c, data, threads=None):
     cfg = {"seed": 0, "device": "cpu", "data": {"train": data}, "model": model,
            "sparsity": sparsity,
            "train": {"epochs": c["epochs"], "batch_size": c["batch"], "shuffle": True,
-                     "log_every": 100000, "threads": threads or THREADS,
+                     "log_every": log_every, "threads": threads or THREADS,
                      "optimizer": {"name": "adam", "lr": 1e-4}}}
+    cfg["train"].update(extra_train or {})
     path = os.path.join(OUT, f"{name}.yaml")
     with open(path, "w") as f:
         json.dump(cfg, f)  # JSON is YAML
     return path
 
 
+def trained_weights():
+    """A 768 -> 8192 ReLU+L1 model at trained sparsity, from a short training
+    run of ours on the M data (made once per bench run): 36 steps at L1 weight
+    0.02 and lr 2e-3 bring L0 from ~4,000 down to a few hundred, then 48 steps
+    at weight 0.004, where L0 settles near 1 % of d_hidden on this data. Returns
+    the run directory (a `model.init`)."""
+    global TRAINED
+    if TRAINED is None:
+        c = CASES["M"]
+        data = make_data("M", c)
+        runs = [os.path.join(OUT, "run-MT-init1"), os.path.join(OUT, "run-MT-init2")]
+        for i, (run, weight, epochs) in enumerate(zip(runs, (0.02, 0.004), (3, 4))):
+            cfg = {"seed": 0, "device": "cpu", "data": {"train": data},
+                   "model": {"d_hidden": c["d_hidden"], "init_scheme": "sae",
+                             **({"init": runs[0]} if i else {})},
+                   "sparsity": {"penalty": "l1", "weight": weight},
+                   "train": {"epochs": epochs, "batch_size": c["batch"], "log_every": 100000,
+                             "threads": THREADS, "optimizer": {"name": "adam", "lr": 2e-3}}}
+            path = os.path.join(OUT, f"MT-init{i + 1}.yaml")
+            json.dump(cfg, open(path, "w"))
+            subprocess.run([SAE, "train", "-q", "--config", path, "--out", run, "--force"],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        TRAINED = runs[1]
+        l0 = json.load(open(os.path.join(TRAINED, "summary.json")))["train"]["l0"]
+        log(f"MT: trained weights in {TRAINED}, L0 {l0:.1f} of {c['d_hidden']} on the M data")
+    return TRAINED
+
+
+TRAINED = None
+
+
+def load_weights(c):
+    """The MT starting weights as torch tensors (W_enc, b_enc, W_dec, b_dec)."""
+    from safetensors.torch import load_file
+    w = load_file(os.path.join(trained_weights(), "model.safetensors"))
+    return w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"]
+
+
 def run_ours(name, cfg):
     run = os.path.join(OUT, f"run-{name}")
     subprocess.run([SAE, "train", "-q", "--config", cfg, "--out", run, "--force"],
-                   check=True, stdout=subprocess.DEVNULL)
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     s = json.load(open(os.path.join(run, "summary.json")))
     return s["samples_per_second"]
+
+
+def ours_l0(name):
+    """Mean L0 over the logged steps of our last run of case `name`."""
+    lines = open(os.path.join(OUT, f"run-{name}", "metrics.jsonl")).read().split("\n")
+    l0 = [json.loads(l)["l0"] for l in lines if l.strip()]
+    return sum(l0) / len(l0)
+
+
+# Mean L0 of the codes during the last timed run of each baseline, for MT.
+L0_SEEN = {}
 
 
 def run_torch(c, data):
@@ -108,13 +171,18 @@ def run_torch(c, data):
             xh = torch.sigmoid(dec(z))
             return F.mse_loss(xh, xb) + 0.05 * (z.mean(0) - 0.05).abs().sum()
     else:
-        W_dec = torch.randn(h, d)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
-        W_enc = torch.nn.Parameter(W_dec.t().clone())
-        W_dec = torch.nn.Parameter(W_dec)
-        b_enc = torch.nn.Parameter(torch.zeros(h))
-        b_dec = torch.nn.Parameter(torch.zeros(d))
+        if c.get("trained"):
+            W_enc, b_enc, W_dec, b_dec = (torch.nn.Parameter(t) for t in load_weights(c))
+        else:
+            W_dec = torch.randn(h, d)
+            W_dec /= W_dec.norm(dim=1, keepdim=True)
+            W_enc = torch.nn.Parameter(W_dec.t().clone())
+            W_dec = torch.nn.Parameter(W_dec)
+            b_enc = torch.nn.Parameter(torch.zeros(h))
+            b_dec = torch.nn.Parameter(torch.zeros(d))
         params = [W_enc, b_enc, W_dec, b_dec]
+        weight = c.get("weight", 0.001)
+        l0s = L0_SEEN["torch"] = []
 
         def step(xb):
             pre = (xb - b_dec) @ W_enc + b_enc
@@ -123,8 +191,11 @@ def run_torch(c, data):
                 z = torch.zeros_like(pre).scatter(-1, i, v.relu())
                 return F.mse_loss(z @ W_dec + b_dec, xb)
             z = torch.relu(pre)
+            if c.get("trained") and len(l0s) < 4:
+                # The L0 of the first steps (a count over the batch: ~1 % of a step).
+                l0s.append((z > 0).sum().item() / z.shape[0])
             l1 = (z.abs() * W_dec.norm(dim=1)).sum(-1).mean()
-            return F.mse_loss(z @ W_dec + b_dec, xb) + 0.001 * l1
+            return F.mse_loss(z @ W_dec + b_dec, xb) + weight * l1
     opt = torch.optim.Adam(params, lr=1e-4)
 
     def train_step(xb):
@@ -178,21 +249,30 @@ def run_saelens(c, data):
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=c["k"], rescale_acts_by_decoder_norm=False,
                                                     use_sparse_activations=True, **common))
     else:
-        sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=0.001, **common))
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=c.get("weight", 0.001),
+                                                            **common))
+        if c.get("trained"):
+            with torch.no_grad():
+                for name, t in zip(("W_enc", "b_enc", "W_dec", "b_dec"), load_weights(c)):
+                    getattr(sae, name).copy_(t)
     cfg = SAETrainerConfig(total_training_samples=n * c["epochs"], train_batch_size_samples=b,
                            lr=1e-4, lr_end=1e-4, device="cpu", autocast=False)
     trainer = SAETrainer(cfg, sae, data_provider=iter(()))
 
+    l0s = L0_SEEN["saelens"] = []
+
     def train_step(xb):
-        trainer.step(xb)
+        out = trainer.step(xb)
         trainer.n_training_steps += 1
+        if c.get("trained") and len(l0s) < 4:
+            l0s.append((out.feature_acts > 0).sum().item() / xb.shape[0])
     return timed_epochs(x, c, train_step)
 
 
 # SAELENS cases and their aims (issue 16): ours at least this many times
-# SAELens's samples/s. M's aim is stated for M-trained (trained sparsity,
-# the same weights on both sides); here both start from a fresh init.
-SAELENS_AIMS = {"M": 3.0, "T": 5.0}
+# SAELens's samples/s. M has none (the issue states it for M-trained: trained
+# sparsity, the same weights on both sides); M starts from a fresh init.
+SAELENS_AIMS = {"M": None, "MT": 3.0, "T": 5.0}
 
 
 def bench_saelens():
@@ -214,6 +294,8 @@ def bench_saelens():
             ours, theirs = max(ours, o), max(theirs, t)
             log(f"SAELENS {name} round {r + 1}: ours {o:.0f}/s, SAELens {t:.0f}/s")
         rows.append((name, ours, theirs))
+        if c.get("trained"):
+            L0_SEEN["ours"] = ours_l0(name)
     return rows
 
 
@@ -225,14 +307,91 @@ def saelens_lines(rows):
     lines = ["SAELens baseline (issue 16): SAELens's own training step (`SAETrainer.step`: "
              "its training_forward_pass, backward, clip_grad_norm_, Adam; T with its sparse top-k codes), "
              "same data, batch and threads; "
-             "M's aim is M-trained's (trained sparsity), here at init.",
+             "M from a fresh init (the issue sets no aim for it), MT from the trained weights on both sides.",
              "",
              "| case | ours samples/s | SAELens samples/s | ratio | aim |",
              "|---|---|---|---|---|"]
     for name, o, t in rows:
         aim = SAELENS_AIMS[name]
-        lines.append(f"| {name} | {o:,.0f} | {t:,.0f} | {o / t:.2f}x | "
-                     f">= {aim:.0f}x: {'met' if o / t >= aim else 'not met'} |")
+        verdict = "none set" if aim is None else f">= {aim:.0f}x: {'met' if o / t >= aim else 'not met'}"
+        lines.append(f"| {name} | {o:,.0f} | {t:,.0f} | {o / t:.2f}x | {verdict} |")
+    return lines
+
+
+def l0_line():
+    """What L0 the MT runs saw (d_hidden 8192), for table.md."""
+    seen = []
+    if "ours" in L0_SEEN:
+        seen.append(f"ours {L0_SEEN['ours']:.0f} (mean over logged steps)")
+    for side in ("torch", "saelens"):
+        if L0_SEEN.get(side):
+            v = L0_SEEN[side]
+            seen.append(f"{'PyTorch' if side == 'torch' else 'SAELens'} {sum(v) / len(v):.0f} (first {len(v)} steps)")
+    return "MT: L0 during the timed steps, of 8192 latents: " + ", ".join(seen) + "."
+
+
+def switch_weights(rho):
+    """A SAELens-format 768 -> 8192 ReLU model whose codes on standard-normal
+    input have density rho: unit encoder columns (so each pre-activation is
+    N(0, 1) + b_enc) and b_enc = -Phi^-1(1 - rho)."""
+    from safetensors.torch import save_file
+    d, h = 768, 8192
+    path = os.path.join(OUT, f"switch-{rho:g}")
+    os.makedirs(path, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    w_dec = torch.randn(h, d, generator=g)
+    w_dec /= w_dec.norm(dim=1, keepdim=True)
+    b = -torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - rho)).item()
+    save_file({"W_enc": w_dec.t().contiguous(), "b_enc": torch.full((h,), b), "W_dec": w_dec,
+               "b_dec": torch.zeros(d)}, os.path.join(path, "sae_weights.safetensors"))
+    json.dump({"architecture": "standard", "d_in": d, "d_sae": h, "dtype": "float32",
+               "apply_b_dec_to_input": True, "normalize_activations": "none"},
+              open(os.path.join(path, "cfg.json"), "w"))
+    return path
+
+
+def bench_switch():
+    """Ours on the M shape with `train.sparse_step: always` against `never`,
+    from weights at each code density (switch_weights), alternating REPEATS
+    rounds, best of each: [(target density, measured density, dense/s,
+    sparse/s)]."""
+    c = dict(CASES["M"])
+    data = make_data("M", c)
+    rows = []
+    for rho in ([0.02, 0.1, 0.2] if QUICK else [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3]):
+        init = switch_weights(rho)
+        rates = {}
+        for r in range(REPEATS):
+            for mode in ("never", "always"):
+                cfg = config("SWITCH", c, data, extra_train={"sparse_step": mode, "log_every": 1})
+                doc = json.load(open(cfg))
+                doc["model"]["init"] = init
+                json.dump(doc, open(cfg, "w"))
+                rates[mode] = max(rates.get(mode, 0.0), run_ours("SWITCH", cfg))
+        density = ours_l0("SWITCH") / c["d_hidden"]
+        log(f"SWITCH density {rho:.0%} (measured {density:.1%}): dense {rates['never']:,.0f}/s, "
+            f"sparse {rates['always']:,.0f}/s, {rates['always'] / rates['never']:.2f}x")
+        rows.append((rho, density, rates["never"], rates["always"]))
+    return rows
+
+
+def switch_lines(rows):
+    """The SWITCH table and where the sparse step stops paying."""
+    lines = ["Sparse step switch point (M shape, 768 -> 8192 ReLU+L1, batch 1024; ours with "
+             "`train.sparse_step: never` vs `always`, from weights at each code density):",
+             "",
+             "| code density (measured) | dense samples/s | sparse samples/s | sparse / dense |",
+             "|---|---|---|---|"]
+    cross = None
+    for i, (rho, dens, dense, sparse) in enumerate(rows):
+        lines.append(f"| {rho:.0%} ({dens:.1%}) | {dense:,.0f} | {sparse:,.0f} | {sparse / dense:.2f}x |")
+        if cross is None and sparse < dense and i > 0:
+            # Linear interpolation of the ratio between this density and the last.
+            (d0, r0), (d1, r1) = (rows[i - 1][1], rows[i - 1][3] / rows[i - 1][2]), (dens, sparse / dense)
+            cross = d0 + (1.0 - r0) * (d1 - d0) / (r1 - r0)
+    lines += ["", f"The sparse step stops paying near {cross:.0%} density"
+              if cross is not None else "The sparse step paid at every density measured",
+              f"(`train.sparse_step: auto` switches at {SWITCH_DENSITY:.0%}, src/sparse_step.rs)."]
     return lines
 
 
@@ -425,6 +584,8 @@ def main():
             log(f"{name} round {r + 1}: ours {ours[-1]:.0f}/s, PyTorch {theirs[-1]:.0f}/s")
         o, t = max(ours), max(theirs)
         rows.append((name, o, t, o / t, o * flops_per_sample(c) / 1e9))
+        if c.get("trained"):
+            L0_SEEN["ours"] = ours_l0(name)
     peaks.append(matmul_peak())
     peak = max(peaks)
     if ONLY is not None:
@@ -441,13 +602,20 @@ def main():
             o_rows, o_model, o_omp, o_l0 = bench_omp()
             log(f"OMP: {o_rows:,} rows, model encoder {o_model:.1f} s, OMP k=32 {o_omp:.1f} s "
                 f"(L0 {o_l0:.1f}): {o_omp / o_model:.1f}x")
+        if "MT" in ONLY:
+            log(l0_line())
+        if "SWITCH" in ONLY:
+            for line in switch_lines(bench_switch()):
+                log(line)
         if "SAELENS" in ONLY:
             sl = bench_saelens()
             if sl is None:
                 log(saelens_lines(sl)[0])
             for name, o, t in sl or []:
                 log(f"SAELENS {name}: ours {o:,.0f}/s, SAELens {t:,.0f}/s, {o / t:.2f}x "
-                    f"(aim >= {SAELENS_AIMS[name]:.0f}x)")
+                    f"(aim: {SAELENS_AIMS[name] or 'none'})")
+            if sl:
+                log(l0_line())
         if ONLY & {"E", "OOC"}:
             e_rows, e_rate, e_gf = bench_encode() if "E" in ONLY else (1_000_000, 0, 0)
             if "E" in ONLY:
@@ -462,6 +630,7 @@ def main():
     ooc = bench_out_of_core(os.path.join(OUT, f"E-{e_rows}.npy"), e_rows)
     dp_single, dp_rate, dp_share = bench_dp()
     o_rows, o_model, o_omp, o_l0 = bench_omp()
+    switch = bench_switch()
     sl = bench_saelens()
     if sl is None:
         log(saelens_lines(sl)[0])
@@ -502,6 +671,8 @@ def main():
               f"top-k model, codes written as .npy): {o_omp:.1f} s vs the model's own encoder {o_model:.1f} s: "
               f"{o_omp / o_model:.1f}x (aim: at most 10x); mean L0 of the OMP codes {o_l0:.1f}."]
     lines += [""] + saelens_lines(sl)
+    lines += ["", l0_line()]
+    lines += [""] + switch_lines(switch)
     lines += ["", "GFLOP/s counts the dense maths (12 * d_in * d_hidden per training sample; 10 for S),",
               "also where our path does less work, so there it is an effective rate: T (sparse top-k:",
               "k columns and rows instead of three dense matmuls) and M (b_dec's gradient as a vector",

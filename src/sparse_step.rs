@@ -3,8 +3,9 @@
 //!
 //! A trained ReLU or JumpReLU SAE fires 1–2 % of its latents, yet a dense
 //! step does six `[batch, d_in] x [d_in, d_hidden]`-sized matmuls. Outside
-//! the architecture's *support* (ReLU: `pre > 0`; JumpReLU: where the
-//! codes or the threshold's pseudo-gradient can be non-zero) the codes and
+//! the architecture's *support* (`Architecture::support`; ReLU: `pre > 0`;
+//! JumpReLU: where the codes or the threshold's pseudo-gradient can be
+//! non-zero) the codes and
 //! every gradient through them are 0. So only the encoder's forward matmul
 //! stays dense (it finds the support); the rest runs over the support:
 //! - the pre-activations at the support are a leaf tensor (`[nnz]`), their
@@ -71,26 +72,12 @@ pub struct LeafCodes {
     pub batch: i64,
 }
 
-/// The support of `pre` (a bool mask) for the architectures that have one.
-fn support_mask(act: &Activation, pre: &Tensor, threshold: Option<&Tensor>) -> Option<Tensor> {
-    match (act, threshold) {
-        (Activation::Relu, _) => Some(pre.gt(0.0)),
-        // Where `pre > threshold` (the codes) or the rectangle kernel of
-        // the straight-through estimator is non-zero (`u > -1/2`, with
-        // `activation::rectangle`'s own arithmetic); the first implies the
-        // second.
-        (Activation::JumpRelu { bandwidth }, Some(t)) => Some(((pre - t) / *bandwidth).gt(-0.5)),
-        _ => None,
-    }
-}
-
-/// Whether `model` can be trained through a leaf: relu or jumprelu codes
-/// straight from `W_enc` (no gate, no deep layers) and an untied decoder.
+/// Whether `model` can be trained through a leaf: codes with a support
+/// (`Architecture::support`: relu, jumprelu) straight from `W_enc` (no
+/// gate, no deep layers) and an untied decoder.
 pub fn applies(model: &Sae) -> bool {
-    matches!(
-        model.spec.activation,
-        Activation::Relu | Activation::JumpRelu { .. }
-    ) && model.gate.is_none()
+    model.spec.activation.arch().has_support()
+        && model.gate.is_none()
         && model.enc_layers.is_empty()
         && model.dec_layers.is_empty()
         && model.w_dec.is_some()
@@ -112,7 +99,7 @@ pub fn sparse_at(mode: SparseStep, density: f64, device: Device) -> bool {
 /// pass they carry no gradient (the loss reaches the leaf through
 /// `Forward.leaf` and `Forward.recon`).
 pub fn forward(model: &Sae, xn: &Tensor, mode: SparseStep) -> Forward {
-    let act = model.spec.activation;
+    let arch = model.spec.activation.arch();
     let threshold = model.threshold.as_ref();
     let (x, pre, mask) = tch::no_grad(|| {
         let x = if model.spec.apply_b_dec_to_input {
@@ -121,7 +108,7 @@ pub fn forward(model: &Sae, xn: &Tensor, mode: SparseStep) -> Forward {
             xn.shallow_clone()
         };
         let pre = x.mm(&model.w_enc) + &model.b_enc;
-        let mask = support_mask(&act, &pre, threshold).expect("checked: applies()");
+        let mask = arch.support(&pre, threshold);
         (x, pre, mask)
     });
     let (batch, h) = (pre.size()[0], pre.size()[1]);
@@ -133,7 +120,6 @@ pub fn forward(model: &Sae, xn: &Tensor, mode: SparseStep) -> Forward {
         }
         _ => 0.0,
     };
-    let arch = act.arch();
     if batch == 0 || !sparse_at(mode, density, pre.device()) {
         let leaf = pre.set_requires_grad(true);
         let z = arch.apply_train(&leaf, threshold);
@@ -422,7 +408,9 @@ mod tests {
     fn jumprelu_support_includes_the_kernel_window() {
         let pre = Tensor::from_slice(&[0.0f32, 0.08, 0.1, 0.12, 0.2]).view([1, 5]);
         let t = Tensor::from_slice(&[0.1f32; 5]);
-        let mask = support_mask(&Activation::JumpRelu { bandwidth: 0.05 }, &pre, Some(&t)).unwrap();
+        let mask = Activation::JumpRelu { bandwidth: 0.05 }
+            .arch()
+            .support(&pre, Some(&t));
         let got: Vec<bool> = Vec::try_from(mask.view([-1])).unwrap();
         assert_eq!(got, [false, true, true, true, true]);
     }

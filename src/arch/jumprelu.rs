@@ -33,6 +33,18 @@ impl Architecture for JumpRelu {
         Threshold::Parameter
     }
 
+    fn has_support(&self) -> bool {
+        true
+    }
+
+    /// Where `pre > threshold` (the codes) or the rectangle kernel of the
+    /// threshold's pseudo-gradient is non-zero (`u > -1/2`, with
+    /// `rectangle`'s own arithmetic); the first implies the second.
+    fn support(&self, pre: &Tensor, threshold: Option<&Tensor>) -> Tensor {
+        let t = threshold.expect("a jumprelu model has a threshold");
+        ((pre - t) / self.bandwidth).gt(-0.5)
+    }
+
     fn init_threshold(&self, d_hidden: i64, m: &ModelConfig, device: Device) -> Option<Tensor> {
         Some(Tensor::full(
             [d_hidden],

@@ -100,6 +100,21 @@ pub trait Architecture {
         Threshold::None
     }
 
+    /// Whether [`support`] is given: then the model can train through the
+    /// sparse step (`crate::sparse_step`).
+    ///
+    /// [`support`]: Architecture::support
+    fn has_support(&self) -> bool {
+        false
+    }
+
+    /// Where the training codes, and every gradient through them (to `pre`
+    /// and to the threshold), can be non-zero: a bool mask shaped like
+    /// `pre`. Outside it a step has nothing to compute.
+    fn support(&self, _pre: &Tensor, _threshold: Option<&Tensor>) -> Tensor {
+        unreachable!("only called when has_support()")
+    }
+
     /// The threshold a fresh model starts with (when it has one).
     fn init_threshold(&self, _d_hidden: i64, _m: &ModelConfig, _device: Device) -> Option<Tensor> {
         None

@@ -17,6 +17,14 @@ impl Architecture for Relu {
         true
     }
 
+    fn has_support(&self) -> bool {
+        true
+    }
+
+    fn support(&self, pre: &Tensor, _threshold: Option<&Tensor>) -> Tensor {
+        pre.gt(0.0)
+    }
+
     fn saelens(&self) -> Result<(&'static str, Map<String, Value>), String> {
         Ok(("standard", Map::new()))
     }
