@@ -83,13 +83,15 @@ pub fn applies(model: &Sae) -> bool {
         && model.w_dec.is_some()
 }
 
-/// Whether `mode` takes the sparse pass at `density` on `device`. `auto`
-/// keeps the dense pass on CUDA, where the switch point is not measured.
-pub fn sparse_at(mode: SparseStep, density: f64, device: Device) -> bool {
+/// Whether `mode` takes the sparse pass on `device` for a batch whose
+/// code density `density()` gives (called only when it decides). `auto`
+/// keeps the dense pass on CUDA, where the switch point is not measured
+/// (and reading the density back would wait for the device every step).
+pub fn sparse_at(mode: SparseStep, device: Device, density: impl FnOnce() -> f64) -> bool {
     match mode {
         SparseStep::Always => true,
         SparseStep::Never => false,
-        SparseStep::Auto => device == Device::Cpu && density <= SWITCH_DENSITY,
+        SparseStep::Auto => device == Device::Cpu && density() <= SWITCH_DENSITY,
     }
 }
 
@@ -112,15 +114,10 @@ pub fn forward(model: &Sae, xn: &Tensor, mode: SparseStep) -> Forward {
         (x, pre, mask)
     });
     let (batch, h) = (pre.size()[0], pre.size()[1]);
-    let density = match mode {
-        // count_nonzero, not a bool sum: that casts the mask to int64 first
-        // (20 ms at 1024 x 8192 against under 1).
-        SparseStep::Auto => {
-            mask.count_nonzero(None).int64_value(&[]) as f64 / (batch * h).max(1) as f64
-        }
-        _ => 0.0,
-    };
-    if batch == 0 || !sparse_at(mode, density, pre.device()) {
+    // count_nonzero, not a bool sum: that casts the mask to int64 first
+    // (20 ms at 1024 x 8192 against under 1).
+    let density = || mask.count_nonzero(None).int64_value(&[]) as f64 / (batch * h) as f64;
+    if batch == 0 || !sparse_at(mode, pre.device(), density) {
         let leaf = pre.set_requires_grad(true);
         let z = arch.apply_train(&leaf, threshold);
         let recon = model.decode_normalized(&z);

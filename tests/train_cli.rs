@@ -231,3 +231,82 @@ fn digits_config_trains() {
     let fvu = run.stat("valid", "fvu");
     assert!(fvu < 0.5, "held-out fvu {fvu} after 5 epochs");
 }
+
+/// `train.sparse_step`: `always` takes the sparse pass on every step and
+/// `never` on none (summary.json `sparse_steps`), and the two train the same
+/// model up to float rounding (relu + l1, and jumprelu + l0); `auto` takes
+/// it once the codes are sparse enough.
+#[test]
+fn sparse_step_modes_train_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, _) = synth(dir.path(), 1024, 16, 24, 3);
+    // For auto: settings under which the codes get sparse within the run
+    // (jumprelu's thresholds rise about lr per step whatever the weight:
+    // Adam normalises their gradient, so they start higher).
+    let sparser = [
+        ("relu", "l1", "sparsity.weight=0.2"),
+        ("jumprelu", "l0", "model.jumprelu_init_threshold=0.2"),
+    ];
+    for (activation, penalty, sparser) in sparser {
+        let run = |mode: &str| {
+            case(
+                dir.path(),
+                &format!("{activation}-{mode}"),
+                &x,
+                activation,
+                penalty,
+            )
+            .set(format!("train.sparse_step={mode}"))
+            .train()
+        };
+        let (never, always) = (run("never"), run("always"));
+        let steps = never.summary()["steps"].as_i64().unwrap();
+        let sparse = |r: &Run| r.summary()["sparse_steps"].as_i64().expect("sparse_steps");
+        assert_eq!(sparse(&never), 0, "{activation}: never");
+        assert_eq!(sparse(&always), steps, "{activation}: always");
+        let (l_never, l_always) = (never.metric("loss"), always.metric("loss"));
+        for (i, (a, b)) in l_never.iter().zip(&l_always).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs(),
+                "{activation} step {}: loss {a} vs {b}",
+                i + 1
+            );
+        }
+        let (w_never, w_always) = (never.model(), always.model());
+        for (name, a) in &w_never {
+            let diff = (a - &w_always[name]).abs().max().double_value(&[]);
+            assert!(diff < 1e-3, "{activation}: {name} differs by {diff}");
+        }
+        // auto decides per step from that batch's code density: at 128
+        // latents these codes go below 10 % during the run. For relu the
+        // density is L0 / d_hidden of the same step (metrics.jsonl); for
+        // jumprelu the support also holds the threshold's kernel window,
+        // so it takes the sparse pass on at most those steps.
+        let auto = case(
+            dir.path(),
+            &format!("{activation}-auto"),
+            &x,
+            activation,
+            penalty,
+        )
+        .sets(["model.d_hidden=128", sparser])
+        .train();
+        let l0 = auto.metric("l0");
+        let sparse_enough = l0.iter().filter(|&&l| l / 128.0 <= 0.1).count() as i64;
+        let took = sparse(&auto);
+        println!(
+            "{activation}: auto took the sparse pass on {took} of {steps} steps \
+             ({sparse_enough} with L0 <= 10 %); L0 {:.1} -> {:.1}",
+            l0[0],
+            l0[l0.len() - 1]
+        );
+        assert!(
+            took > 0 && took < steps,
+            "{activation}: auto took {took} sparse steps"
+        );
+        match activation {
+            "relu" => assert_eq!(took, sparse_enough),
+            _ => assert!(took <= sparse_enough),
+        }
+    }
+}

@@ -66,6 +66,10 @@ pub struct Summary {
     pub collective_seconds: Option<f64>,
     pub seconds: f64,
     pub samples_per_second: f64,
+    /// relu/jumprelu models: how many of this process's steps took the
+    /// sparse pass (`train.sparse_step`); absent for other models.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sparse_steps: Option<i64>,
     pub final_loss: f64,
     pub train: Metrics,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -163,10 +167,14 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
     let started = Instant::now();
     let busy_before = group.map_or(0.0, |g| g.busy_seconds());
     report.progress.set_step(pos.step);
+    let mut sparse_steps = learner.can_step_sparse().then_some(0);
     while let Some(batch) = batches.next_batch()? {
         state.advance(&batch);
         let params = StepParams::at(&cfg, state.step, total_steps);
         let out = learner.step(&batch, &params, &mut state.dead);
+        if let (Some(n), Some(leaf)) = (&mut sparse_steps, &out.forward.leaf) {
+            *n += leaf.support.is_some() as i64;
+        }
         if state.step % cfg.train.log_every == 0 || batch.end_of_epoch {
             report.logged_step(&learner, &out, &batch, &params, &mut state)?;
         }
@@ -219,6 +227,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
         collective_seconds: group.map(|g| g.busy_seconds() - busy_before),
         seconds,
         samples_per_second: state.samples as f64 / seconds.max(1e-9),
+        sparse_steps,
         final_loss: state.last_loss,
         train,
         valid,

@@ -78,6 +78,12 @@ impl Learner {
         }
     }
 
+    /// Whether this model and penalty can take the sparse pass
+    /// (`crate::sparse_step`; `train.sparse_step` decides whether they do).
+    pub fn can_step_sparse(&self) -> bool {
+        self.penalty.supports_sparse_codes() && sparse_step::applies(&self.model)
+    }
+
     /// The value above which a code counts as firing (dead-latent tracking).
     pub fn active_threshold(&self) -> f64 {
         self.arch.active_threshold()
@@ -145,11 +151,7 @@ impl Learner {
     ) -> StepOutput {
         let model = &self.model;
         let mode = self.cfg.train.sparse_step;
-        let f = if mode != SparseStep::Never
-            && self.penalty.supports_sparse_codes()
-            && sparse_step::applies(model)
-            && !input.requires_grad()
-        {
+        let f = if mode != SparseStep::Never && self.can_step_sparse() && !input.requires_grad() {
             sparse_step::forward(model, input, mode)
         } else {
             let sparse_ok = mode != SparseStep::Never && !self.penalty.needs_pre_gradient();
