@@ -413,70 +413,6 @@ impl Sae {
         Some(centred.mm(&self.w_enc) + (&self.b_enc + zero))
     }
 
-    /// `forward_train`, with a sparse fast path for top-k models when the
-    /// caller needs no gradient through `pre` (`sparse_ok`). Same values and
-    /// gradients as the dense pass up to float rounding; in the fast path
-    /// `Forward::pre` is computed without autograd.
-    pub fn forward_train_fast(&self, xn: &Tensor, sparse_ok: bool) -> Forward {
-        match self.spec.activation {
-            Activation::TopK { k }
-                if sparse_ok
-                    && self.gate.is_none()
-                    && self.enc_layers.is_empty()
-                    && self.dec_layers.is_empty()
-                    && self.w_dec.is_some() =>
-            {
-                self.forward_train_topk(xn, k)
-            }
-            _ => self.forward_train(xn),
-        }
-    }
-
-    /// Top-k training without dense work on the sparse side. The dense
-    /// encoder matmul only picks the k latents (no autograd); their k
-    /// pre-activations are recomputed with autograd from the k selected
-    /// encoder columns, and the decoder sums the k selected rows
-    /// (`embedding_bag`). Backward then touches k columns and k rows per
-    /// sample instead of doing three dense [batch, d_hidden] matmuls.
-    fn forward_train_topk(&self, xn: &Tensor, k: i64) -> Forward {
-        let x = self.code_input(xn);
-        let (b, d) = (x.size()[0], x.size()[1]);
-        let w_dec = self.w_dec.as_ref().expect("checked: untied");
-        let pre = tch::no_grad(|| x.matmul(&self.w_enc) + &self.b_enc);
-        let (_, idx) = pre.topk(k, -1, true, false);
-        let flat = idx.flatten(0, -1);
-        // [b*k, d] rows of W_enc.T; contiguous first so the gather copies rows.
-        let cols = self.w_enc.tr().contiguous().index_select(0, &flat);
-        let recomputed = cols.view([b, k, d]).bmm(&x.unsqueeze(-1)).squeeze_dim(-1)
-            + self.b_enc.index_select(0, &flat).view([b, k]);
-        // Forward values are the dense pass's own (bit-identical selection and
-        // codes); the gradient flows through the recomputation.
-        let vals = (pre.gather(-1, &idx, false) + (&recomputed - recomputed.detach())).relu();
-        let offsets = Tensor::arange_start_step(0, b * k, k, (Kind::Int64, x.device()));
-        let (sum, _, _, _) = Tensor::embedding_bag(
-            w_dec,
-            &flat,
-            &offsets,
-            false,
-            0,
-            false,
-            Some(vals.flatten(0, -1)),
-            false,
-        );
-        let out = sum + &self.b_dec;
-        let recon = match self.spec.decoder_activation {
-            OutputActivation::None => out,
-            OutputActivation::Sigmoid => out.sigmoid(),
-        };
-        let z = pre.zeros_like().scatter(-1, &idx, &vals);
-        Forward {
-            pre,
-            z,
-            recon,
-            leaf: None,
-        }
-    }
-
     /// Reconstruction in the normalised space.
     pub fn decode_normalized(&self, z: &Tensor) -> Tensor {
         let mut out = match z.dim() {
@@ -576,45 +512,6 @@ mod tests {
             } else {
                 assert!(a.equal(&b), "{name} gradient differs");
             }
-        }
-    }
-
-    /// The sparse top-k pass gives the dense pass's loss and gradients.
-    #[test]
-    fn sparse_topk_matches_dense() {
-        let _rng = crate::seeded();
-        tch::manual_seed(0);
-        let cfg = ModelConfig {
-            d_hidden: 64,
-            activation: crate::config::ActivationKind::Topk,
-            k: Some(5),
-            init_scheme: InitScheme::Sae,
-            ..ModelConfig::default()
-        };
-        let spec = ModelSpec::from_config(&cfg, 12);
-        let x = Tensor::randn([33, 12], (Kind::Float, Device::Cpu));
-        let run = |sparse: bool| {
-            tch::manual_seed(1);
-            let mut m = Sae::init(spec, &cfg, 12, Normalizer::identity(), None, Device::Cpu);
-            let _ = m.b_dec.detach().uniform_(-0.1, 0.1);
-            let _ = m.b_enc.detach().uniform_(-0.1, 0.1);
-            m.set_requires_grad(true);
-            let f = m.forward_train_fast(&x, sparse);
-            let loss = f.recon.mse_loss(&x, tch::Reduction::Mean) + f.z.sum(Kind::Float) * 0.01;
-            loss.backward();
-            let grads: Vec<Tensor> = m.parameters().iter().map(|p| p.grad().copy()).collect();
-            (loss.double_value(&[]), f.z.detach(), grads)
-        };
-        let (l_dense, z_dense, g_dense) = run(false);
-        let (l_sparse, z_sparse, g_sparse) = run(true);
-        assert!(
-            (l_dense - l_sparse).abs() < 1e-6 * l_dense.abs(),
-            "{l_dense} vs {l_sparse}"
-        );
-        assert!(z_dense.allclose(&z_sparse, 1e-5, 1e-6, false));
-        for (a, b) in g_dense.iter().zip(&g_sparse) {
-            let diff = (a - b).abs().max().double_value(&[]);
-            assert!(diff < 1e-6, "gradient differs by {diff}");
         }
     }
 }

@@ -102,12 +102,6 @@ impl Penalty {
         }
     }
 
-    /// Whether this penalty differentiates through the pre-activations (then
-    /// the model's sparse top-k training path cannot be used).
-    pub fn needs_pre_gradient(&self) -> bool {
-        matches!(self, Penalty::AuxK { .. } | Penalty::L0 { .. })
-    }
-
     /// Whether this penalty can be taken over a sparse pass's support
     /// (its value is 0, and so is its gradient, outside it).
     pub fn supports_sparse_codes(&self) -> bool {

@@ -29,6 +29,7 @@
 //! [`SWITCH_DENSITY`]), so a run (and a resumed one) is deterministic.
 
 use crate::activation::Activation;
+use crate::arch::Support;
 use crate::config::{OutputActivation, SparseStep};
 use crate::model::{Forward, Sae};
 use tch::{Device, Kind, Tensor};
@@ -42,7 +43,7 @@ use tch::{Device, Kind, Tensor};
 pub const SWITCH_DENSITY: f64 = 0.10;
 
 /// The entries of the batch the sparse pass works on.
-pub struct Support {
+pub struct Entries {
     /// Row and latent of each entry, in row-major order (`[nnz]` int64).
     pub rows: Tensor,
     pub cols: Tensor,
@@ -67,7 +68,7 @@ pub struct LeafCodes {
     /// gradient to the model's threshold); the model's own when dense.
     pub threshold: Option<Tensor>,
     /// `None`: dense.
-    pub support: Option<Support>,
+    pub support: Option<Entries>,
     /// Rows in the batch.
     pub batch: i64,
 }
@@ -103,20 +104,23 @@ pub fn sparse_at(mode: SparseStep, device: Device, density: impl FnOnce() -> f64
 pub fn forward(model: &Sae, xn: &Tensor, mode: SparseStep) -> Forward {
     let arch = model.spec.activation.arch();
     let threshold = model.threshold.as_ref();
-    let (x, pre, mask) = tch::no_grad(|| {
+    let (x, pre, sel) = tch::no_grad(|| {
         let x = if model.spec.apply_b_dec_to_input {
             xn - &model.b_dec
         } else {
             xn.shallow_clone()
         };
         let pre = x.mm(&model.w_enc) + &model.b_enc;
-        let mask = arch.support(&pre, threshold);
-        (x, pre, mask)
+        let sel = arch.support(&pre, threshold);
+        (x, pre, sel)
     });
     let (batch, h) = (pre.size()[0], pre.size()[1]);
-    // count_nonzero, not a bool sum: that casts the mask to int64 first
-    // (20 ms at 1024 x 8192 against under 1).
-    let density = || mask.count_nonzero(None).int64_value(&[]) as f64 / (batch * h) as f64;
+    let density = || match &sel {
+        // count_nonzero, not a bool sum: that casts the mask to int64 first
+        // (20 ms at 1024 x 8192 against under 1).
+        Support::Mask(m) => m.count_nonzero(None).int64_value(&[]) as f64 / (batch * h) as f64,
+        Support::Rows(idx) => idx.size()[1] as f64 / h as f64,
+    };
     if batch == 0 || !sparse_at(mode, pre.device(), density) {
         let leaf = pre.set_requires_grad(true);
         let z = arch.apply_train(&leaf, threshold);
@@ -135,12 +139,18 @@ pub fn forward(model: &Sae, xn: &Tensor, mode: SparseStep) -> Forward {
             }),
         };
     }
-    // Flat indices in row-major order; gathers and scatters through them
+    // Flat indices, grouped by row; gathers and scatters through them
     // (masked_select / masked_scatter take 30-80 ms here, these under 1).
-    let flat = mask.view([-1]).nonzero().squeeze_dim(1);
+    let flat = tch::no_grad(|| match &sel {
+        Support::Mask(m) => m.view([-1]).nonzero().squeeze_dim(1),
+        Support::Rows(idx) => {
+            let starts = Tensor::arange(batch, (Kind::Int64, idx.device())) * h;
+            (idx + starts.unsqueeze(1)).view([-1])
+        }
+    });
     let rows = flat.floor_divide_scalar(h);
     let counts = rows.bincount::<Tensor>(None, batch);
-    let support = Support {
+    let support = Entries {
         cols: flat.remainder(h),
         offsets: counts.cumsum(0, Kind::Int64) - counts,
         rows,
@@ -150,7 +160,7 @@ pub fn forward(model: &Sae, xn: &Tensor, mode: SparseStep) -> Forward {
         .index_select(0, &flat)
         .set_requires_grad(true);
     let t = threshold.map(|t| t.index_select(0, &support.cols));
-    let codes = arch.apply_train(&leaf, t.as_ref());
+    let codes = arch.support_codes(&leaf, t.as_ref());
     let w_dec = model.w_dec.as_ref().expect("checked: applies()");
     let (sum, _, _, _) = Tensor::embedding_bag(
         w_dec,
@@ -228,29 +238,21 @@ impl LeafCodes {
             }
         };
         if model.spec.apply_b_dec_to_input {
-            // b_dec enters as `x = xn - b_dec`. ReLU: its share as the
-            // vector product -(Σ G)·W_encᵀ, as the dense ReLU shortcut
-            // computes it; jumprelu: as autograd sums it (the input's
-            // gradient, then its batch sum), since a threshold can turn a
-            // rounding difference into a different selection.
+            // b_dec enters as `x = xn - b_dec`: its share is
+            // -Σ_batch G·W_encᵀ. As the vector product -(Σ G)·W_encᵀ for
+            // relu (as the dense ReLU shortcut computes it) and in the
+            // sparse pass; the dense pass of a thresholded or top-k model
+            // sums it as autograd does (the input's gradient, then its
+            // batch sum), since a selection can turn a rounding difference
+            // into a different choice and parity with PyTorch is bitwise
+            // there.
             let gd = match (model.spec.activation, &self.support) {
-                (Activation::Relu, _) => gb.unsqueeze(0).mm(&model.w_enc.tr()).squeeze_dim(0),
+                (Activation::Relu, _) | (_, Some(_)) => {
+                    gb.unsqueeze(0).mm(&model.w_enc.tr()).squeeze_dim(0)
+                }
                 (_, None) => g
                     .mm(&model.w_enc.tr())
                     .sum_dim_intlist(0, false, Kind::Float),
-                (_, Some(s)) => {
-                    let (gx, _, _, _) = Tensor::embedding_bag(
-                        &model.w_enc.tr(),
-                        &s.cols,
-                        &s.offsets,
-                        false,
-                        0,
-                        false,
-                        Some(g),
-                        false,
-                    );
-                    gx.sum_dim_intlist(0, false, Kind::Float)
-                }
             };
             add_grad(&mut model.b_dec, &gd.neg());
         }
@@ -328,8 +330,8 @@ mod tests {
 
     /// The sparse pass and the dense leaf give autograd's loss, codes (bit
     /// for bit) and gradients (to float rounding), for relu + l1 (with and
-    /// without decoder norms and b_dec subtraction) and jumprelu + l0/l1;
-    /// `auto` picks the pass by density.
+    /// without decoder norms and b_dec subtraction), jumprelu + l0/l1 and
+    /// top-k; `auto` picks the pass by density.
     #[test]
     fn leaf_passes_match_autograd() {
         let _rng = crate::seeded();
@@ -358,6 +360,13 @@ mod tests {
             base(ActivationKind::Jumprelu, PenaltyKind::L1),
         ));
         cases.push(("relu none", base(ActivationKind::Relu, PenaltyKind::None)));
+        let mut c = base(ActivationKind::Topk, PenaltyKind::None);
+        c.model.k = Some(3);
+        cases.push(("topk none", c));
+        let mut c = base(ActivationKind::Topk, PenaltyKind::L1);
+        c.model.k = Some(3);
+        c.model.decoder_activation = OutputActivation::Sigmoid;
+        cases.push(("topk l1", c));
         for (name, cfg) in &cases {
             // b_enc 0: about half fire (auto stays dense); -2: a few
             // percent (auto goes sparse).
@@ -377,7 +386,9 @@ mod tests {
                 }
                 for mode in [SparseStep::Auto, SparseStep::Always] {
                     let (l, z, sparse, g) = step_grads(cfg, b_enc, mode);
-                    let want = mode == SparseStep::Always || auto_sparse;
+                    // top-k: density k / d_hidden = 3/64, sparse for auto too.
+                    let want =
+                        mode == SparseStep::Always || auto_sparse || name.starts_with("topk");
                     assert_eq!(
                         sparse, want,
                         "{name} b_enc {b_enc} {mode:?}: sparse {sparse}"
@@ -405,9 +416,12 @@ mod tests {
     fn jumprelu_support_includes_the_kernel_window() {
         let pre = Tensor::from_slice(&[0.0f32, 0.08, 0.1, 0.12, 0.2]).view([1, 5]);
         let t = Tensor::from_slice(&[0.1f32; 5]);
-        let mask = Activation::JumpRelu { bandwidth: 0.05 }
+        let Support::Mask(mask) = Activation::JumpRelu { bandwidth: 0.05 }
             .arch()
-            .support(&pre, Some(&t));
+            .support(&pre, Some(&t))
+        else {
+            panic!("jumprelu's support is a mask")
+        };
         let got: Vec<bool> = Vec::try_from(mask.view([-1])).unwrap();
         assert_eq!(got, [false, true, true, true, true]);
     }

@@ -3,7 +3,7 @@
 //! thresholds through a straight-through estimator, a rectangle kernel of
 //! width `bandwidth`.
 
-use super::{jump, saved_threshold, Architecture, Threshold, JUMP_TS};
+use super::{jump, saved_threshold, Architecture, Support, Threshold, JUMP_TS};
 use crate::activation::{rectangle, straight_through};
 use crate::config::ModelConfig;
 use crate::export::torchscript::{ActivationCode, AttrValue};
@@ -40,9 +40,9 @@ impl Architecture for JumpRelu {
     /// Where `pre > threshold` (the codes) or the rectangle kernel of the
     /// threshold's pseudo-gradient is non-zero (`u > -1/2`, with
     /// `rectangle`'s own arithmetic); the first implies the second.
-    fn support(&self, pre: &Tensor, threshold: Option<&Tensor>) -> Tensor {
+    fn support(&self, pre: &Tensor, threshold: Option<&Tensor>) -> Support {
         let t = threshold.expect("a jumprelu model has a threshold");
-        ((pre - t) / self.bandwidth).gt(-0.5)
+        Support::Mask(((pre - t) / self.bandwidth).gt(-0.5))
     }
 
     fn init_threshold(&self, d_hidden: i64, m: &ModelConfig, device: Device) -> Option<Tensor> {

@@ -51,6 +51,14 @@ pub fn of(a: &Activation) -> Box<dyn Architecture> {
     }
 }
 
+/// The entries of a batch `[batch, d_hidden]` a sparse step works on.
+pub enum Support {
+    /// A bool mask shaped like the pre-activations.
+    Mask(Tensor),
+    /// The same number of latents in every row: their indices `[batch, k]`.
+    Rows(Tensor),
+}
+
 /// How the model holds a per-latent threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Threshold {
@@ -109,10 +117,20 @@ pub trait Architecture {
     }
 
     /// Where the training codes, and every gradient through them (to `pre`
-    /// and to the threshold), can be non-zero: a bool mask shaped like
-    /// `pre`. Outside it a step has nothing to compute.
-    fn support(&self, _pre: &Tensor, _threshold: Option<&Tensor>) -> Tensor {
+    /// and to the threshold), can be non-zero. Outside it a step has
+    /// nothing to compute.
+    fn support(&self, _pre: &Tensor, _threshold: Option<&Tensor>) -> Support {
         unreachable!("only called when has_support()")
+    }
+
+    /// The training codes at the support's entries from their
+    /// pre-activations (`[nnz]`; `threshold` gathered alike): an
+    /// elementwise function. By default [`apply_train`], which is one for
+    /// relu and jumprelu.
+    ///
+    /// [`apply_train`]: Architecture::apply_train
+    fn support_codes(&self, pre: &Tensor, threshold: Option<&Tensor>) -> Tensor {
+        self.apply_train(pre, threshold)
     }
 
     /// The threshold a fresh model starts with (when it has one).

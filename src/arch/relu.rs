@@ -1,6 +1,6 @@
 //! `relu(pre)`: SAELens's `standard` SAE.
 
-use super::Architecture;
+use super::{Architecture, Support};
 use crate::export::torchscript::ActivationCode;
 use crate::model::Sae;
 use serde_json::{Map, Value};
@@ -21,8 +21,8 @@ impl Architecture for Relu {
         true
     }
 
-    fn support(&self, pre: &Tensor, _threshold: Option<&Tensor>) -> Tensor {
-        pre.gt(0.0)
+    fn support(&self, pre: &Tensor, _threshold: Option<&Tensor>) -> Support {
+        Support::Mask(pre.gt(0.0))
     }
 
     fn saelens(&self) -> Result<(&'static str, Map<String, Value>), String> {

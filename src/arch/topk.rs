@@ -1,6 +1,6 @@
 //! Top-k: the k largest pre-activations per row survive (then ReLU).
 
-use super::Architecture;
+use super::{Architecture, Support};
 use crate::export::torchscript::{ActivationCode, AttrValue};
 use crate::model::Sae;
 use serde_json::{json, Map, Value};
@@ -16,6 +16,20 @@ impl Architecture for TopK {
     fn apply(&self, pre: &Tensor, _threshold: Option<&Tensor>) -> Tensor {
         let (values, indices) = pre.topk(self.k, -1, true, false);
         pre.zeros_like().scatter(-1, &indices, &values.relu())
+    }
+
+    fn has_support(&self) -> bool {
+        true
+    }
+
+    /// The k selected latents of each row (the same `topk` as `apply`).
+    fn support(&self, pre: &Tensor, _threshold: Option<&Tensor>) -> Support {
+        Support::Rows(pre.topk(self.k, -1, true, false).1)
+    }
+
+    /// ReLU on the kept values.
+    fn support_codes(&self, pre: &Tensor, _threshold: Option<&Tensor>) -> Tensor {
+        pre.relu()
     }
 
     fn saelens(&self) -> Result<(&'static str, Map<String, Value>), String> {

@@ -154,8 +154,7 @@ impl Learner {
         let f = if mode != SparseStep::Never && self.can_step_sparse() && !input.requires_grad() {
             sparse_step::forward(model, input, mode)
         } else {
-            let sparse_ok = mode != SparseStep::Never && !self.penalty.needs_pre_gradient();
-            model.forward_train_fast(input, sparse_ok)
+            model.forward_train(input)
         };
         let mse = f.recon.mse_loss(target, Reduction::Mean);
         let penalty_codes = self.arch.penalty_codes(model, input);
