@@ -280,7 +280,7 @@ fn add_grad(param: &mut Tensor, g: &Tensor) {
 fn set_grad(param: &mut Tensor, g: &Tensor) {
     match param.grad() {
         mut grad if grad.defined() => {
-            let _ = grad.copy_(g);
+            grad.copy_(g);
         }
         _ => create_grad(param, g),
     }
