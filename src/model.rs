@@ -139,12 +139,20 @@ impl Sae {
             InitScheme::Sae => {
                 // Random decoder rows of norm decoder_init_norm; the encoder
                 // starts as its transpose (when the shapes allow).
-                let unit_rows = |t: Tensor| &t / t.norm_scalaropt_dim(2, [1], true);
-                let w_dec = unit_rows(Tensor::randn([d_h, code_out], opts)) * m.decoder_init_norm;
+                // In place: no [d_hidden, d] temporaries (same values as
+                // `t / norms * decoder_init_norm`).
+                let rows = |n: i64| {
+                    let mut t = Tensor::randn([d_h, n], opts);
+                    let norms = t.norm_scalaropt_dim(2, [1], true);
+                    let _ = t.g_div_(&norms);
+                    let _ = t.g_mul_scalar_(m.decoder_init_norm);
+                    t
+                };
+                let w_dec = rows(code_out);
                 let w_enc = if code_in == code_out {
                     w_dec.tr()
                 } else {
-                    unit_rows(Tensor::randn([d_h, code_in], opts)).tr() * m.decoder_init_norm
+                    rows(code_in).tr()
                 };
                 (
                     w_enc,
@@ -442,7 +450,12 @@ impl Sae {
         let x = self.code_input(xn);
         let (b, d) = (x.size()[0], x.size()[1]);
         let w_dec = self.w_dec.as_ref().expect("checked: untied");
-        let pre = tch::no_grad(|| x.matmul(&self.w_enc) + &self.b_enc);
+        // In place: no second [batch, d_hidden] buffer (same values).
+        let pre = tch::no_grad(|| {
+            let mut pre = x.matmul(&self.w_enc);
+            let _ = pre.g_add_(&self.b_enc);
+            pre
+        });
         let (_, idx) = pre.topk(k, -1, true, false);
         let flat = idx.flatten(0, -1);
         // [b*k, d] rows of W_enc.T; contiguous first so the gather copies rows.
@@ -468,7 +481,10 @@ impl Sae {
             OutputActivation::None => out,
             OutputActivation::Sigmoid => out.sigmoid(),
         };
-        let z = pre.zeros_like().scatter(-1, &idx, &vals);
+        // Scattered in place into the zeros: one [batch, d_hidden] buffer,
+        // not two (same values and gradient as the out-of-place scatter).
+        let mut z = pre.zeros_like();
+        let _ = z.scatter_(-1, &idx, &vals);
         Forward {
             pre,
             z,
