@@ -18,13 +18,18 @@ Cases (issue 6):
      `step` on its StandardTrainingSAE / TopKTrainingSAE, same data and threads
   SWITCH  ours with `train.sparse_step: always` against `never` on the M shape at code
      densities from 1 % to 30 %: where the sparse step stops paying (sparse_step::SWITCH_DENSITY)
+  MEM  peak RSS of `sae train` and `sae eval` (issue 16): 768 -> 4096 / 16384 /
+     65536 / 131072 top-k k=32, batch 1024, 8192 rows, 1 epoch (--quick: the
+     first two), against the training state (parameters, gradients, Adam's two
+     moments); the end-of-run phase against the training loop; and top-k
+     selection over those latents against the encoder matmul that feeds it
 
 Ours is timed by `sae train` itself (summary.json `seconds`: the training loop
 only, no data loading); PyTorch's loop is timed the same way. Each case runs
 ours and PyTorch alternately REPEATS times; the table takes the best of each.
 The matmul peak is torch.mm at the M shape, measured in this same run.
 
-Usage: bench.py SAE_BIN OUT_DIR [--quick] [--only S,M,MT,T,E,OOC,OMP,DP,SAELENS,SWITCH]
+Usage: bench.py SAE_BIN OUT_DIR [--quick] [--only S,M,MT,T,E,OOC,OMP,DP,SAELENS,SWITCH,MEM]
   --only runs the named parts and prints their figures without writing the table.
 """
 import json, os, platform, subprocess, sys, time
@@ -594,6 +599,107 @@ def bench_out_of_core(data, rows):
     return {"size": size, "cap": cap, "rc": 0, **rates}
 
 
+# MEM (issue 16): training and evaluation memory against the state size.
+MEM_SIZES = [4096, 16384] if QUICK else [4096, 16384, 65536, 131072]
+MEM_ROWS, MEM_D_IN, MEM_K = 8192, 768, 32
+
+
+def run_peak(cmd):
+    """Runs cmd (stdout discarded); returns (its peak RSS in bytes, wall
+    seconds, the time.time() it ended). The peak is wait4's ru_maxrss for
+    this one child (its own descendants included), not RUSAGE_CHILDREN's
+    maximum over every child so far."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall, ended = time.perf_counter() - t0, time.time()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise subprocess.CalledProcessError(p.returncode, cmd)
+    return usage.ru_maxrss * 1024, wall, ended
+
+
+def bench_mem():
+    """For each MEM_SIZES d_hidden: `sae train` (THREADS threads) then `sae
+    eval` of the run on its training rows. Returns [dict(h, state, train,
+    eval, loop, end, wall)]: bytes, and seconds of the training loop
+    (summary.json `seconds`), of the end of the run (from the last step's
+    metrics.jsonl write, at the end of the one epoch, to the exit:
+    checkpoint, evaluation, model files, plots, report) and of the whole
+    command."""
+    out = []
+    for h in MEM_SIZES:
+        c = dict(d_in=MEM_D_IN, d_hidden=h, batch=1024, rows=MEM_ROWS, epochs=1, kind="topk", k=MEM_K)
+        data = make_data("MEM", c)
+        cfg = config(f"MEM-{h}", c, data)
+        run = os.path.join(OUT, f"run-MEM-{h}")
+        train_peak, wall, ended = run_peak([SAE, "train", "-q", "--config", cfg, "--out", run, "--force"])
+        loop = json.load(open(os.path.join(run, "summary.json")))["seconds"]
+        end = ended - os.path.getmtime(os.path.join(run, "metrics.jsonl"))
+        eval_peak, _, _ = run_peak([SAE, "eval", "--model", run, "--data", data])
+        # Parameters W_enc, W_dec, b_enc, b_dec (float32); with gradients and
+        # Adam's two moments, four times their bytes.
+        state = 4 * 4 * (2 * MEM_D_IN * h + h + MEM_D_IN)
+        r = dict(h=h, state=state, train=train_peak, eval=eval_peak, loop=loop, end=end, wall=wall)
+        log(f"MEM {h}: state {state / 1e9:.2f} GB, train peak {train_peak / 1e9:.2f} GB, "
+            f"eval peak {eval_peak / 1e9:.2f} GB (aim {mem_aim(state) / 1e9:.2f} GB); "
+            f"loop {loop:.1f} s, end of run {end:.1f} s, whole command {wall:.1f} s")
+        out.append(r)
+    return out
+
+
+def mem_aim(state):
+    """Issue 16's memory aim: peak RSS at most 1.5 x state + 1 GB."""
+    return 1.5 * state + 1e9
+
+
+def bench_topk():
+    """Top-k selection (k = MEM_K) on CPU over [1024, h] float32
+    pre-activations against the [1024, 768] x [768, h] encoder matmul that
+    produces them, THREADS threads, best of 5, at 65,536 and 131,072 latents
+    (also with --quick: a second each): [(h, matmul s, topk s)]."""
+    out = []
+    for h in (65536, 131072):
+        x, w = torch.randn(1024, MEM_D_IN), torch.randn(MEM_D_IN, h)
+        pre = x @ w
+        best = {"mm": float("inf"), "topk": float("inf")}
+        for _ in range(5):
+            for name, f in (("mm", lambda: x @ w), ("topk", lambda: pre.topk(MEM_K, dim=-1))):
+                t0 = time.perf_counter()
+                f()
+                best[name] = min(best[name], time.perf_counter() - t0)
+        log(f"MEM top-k over {h} latents: matmul {best['mm'] * 1e3:.1f} ms, "
+            f"topk({MEM_K}) {best['topk'] * 1e3:.1f} ms ({best['topk'] / best['mm']:.2f}x the matmul)")
+        out.append((h, best["mm"], best["topk"]))
+        del x, w, pre
+    return out
+
+
+def mem_lines(rows, topk):
+    """The MEM table and the top-k line for table.md."""
+    lines = [f"Memory (issue 16): 768 -> d_hidden top-k k={MEM_K}, batch 1024, {MEM_ROWS:,} rows of "
+             f"standard-normal float32, 1 epoch, {THREADS} threads. Peak RSS (wait4 ru_maxrss) of "
+             "`sae train` and of `sae eval --model RUN --data DATA`; state = parameters + gradients + "
+             "Adam's two moments (4 x parameter bytes); aim: peak <= 1.5 x state + 1 GB. "
+             "End of run: from the last step to the exit (checkpoint, evaluation, model files, "
+             "plots, report); aim: faster than the one epoch of training.",
+             "",
+             "| d_hidden | state GB | train peak GB | eval peak GB | aim GB | peak aim | "
+             "training loop s | end of run s | end-of-run aim |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        aim = mem_aim(r["state"])
+        met = r["train"] <= aim and r["eval"] <= aim
+        lines.append(f"| {r['h']:,} | {r['state'] / 1e9:.2f} | {r['train'] / 1e9:.2f} | "
+                     f"{r['eval'] / 1e9:.2f} | {aim / 1e9:.2f} | {'met' if met else 'not met'} | "
+                     f"{r['loop']:.1f} | {r['end']:.1f} | {'met' if r['end'] < r['loop'] else 'not met'} |")
+    for h, mm, tk in topk:
+        lines += ["", f"Top-k on CPU over {h:,} latents ([1024, {h}] float32, k={MEM_K}, {THREADS} threads): "
+                  f"topk {tk * 1e3:.1f} ms vs the [1024,768] x [768,{h}] encoder matmul {mm * 1e3:.1f} ms "
+                  f"({tk / mm:.2f}x)."]
+    return lines
+
+
 def main():
     # The peak is re-measured around every case and the best kept, so a
     # momentarily busy machine does not understate it.
@@ -654,6 +760,9 @@ def main():
                 log(f"OOC: {ooc}")
                 if ooc and ooc.get("rc") == 0:
                     log(f"OOC: stream/memory = {ooc['stream'] / ooc['memory']:.0%}")
+        if "MEM" in ONLY:
+            for line in mem_lines(bench_mem(), bench_topk()):
+                log(line)
         return
     e_rows, e_rate, e_gf, e_io = bench_encode()
     # --quick: the 0.6 GB file's half is below what the process itself needs
@@ -665,6 +774,7 @@ def main():
     sl = bench_saelens()
     if sl is None:
         log(saelens_lines(sl)[0])
+    mem, topk = bench_mem(), bench_topk()
     cpu = platform.processor() or platform.machine()
     try:
         cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
@@ -711,6 +821,7 @@ def main():
     lines += [""] + saelens_lines(sl)
     lines += ["", l0_line()]
     lines += [""] + switch_lines(switch)
+    lines += [""] + mem_lines(mem, topk)
     lines += ["", "GFLOP/s counts the dense maths (12 * d_in * d_hidden per training sample; 10 for S),",
               "also where our path does less work, so there it is an effective rate: T (sparse top-k:",
               "k columns and rows instead of three dense matmuls) and M (b_dec's gradient as a vector",

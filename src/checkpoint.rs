@@ -244,8 +244,12 @@ pub fn load(
     for (i, p) in model.parameters_mut().into_iter().enumerate() {
         let value = take(format!("param.{i}"), p)?;
         p.copy_(&value);
-        adam.exp_avg[i] = take(format!("exp_avg.{i}"), &adam.exp_avg[i])?;
-        adam.exp_avg_sq[i] = take(format!("exp_avg_sq.{i}"), &adam.exp_avg_sq[i])?;
+        // Copied in, not swapped: the moments keep the flat buffers Adam
+        // made them in, so its flat path takes them without a copy.
+        let m = take(format!("exp_avg.{i}"), &adam.exp_avg[i])?;
+        adam.exp_avg[i].copy_(&m);
+        let v = take(format!("exp_avg_sq.{i}"), &adam.exp_avg_sq[i])?;
+        adam.exp_avg_sq[i].copy_(&v);
     }
     if let Some(th) = model.threshold.as_mut() {
         let value = take("threshold".into(), th)?;

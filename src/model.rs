@@ -139,12 +139,20 @@ impl Sae {
             InitScheme::Sae => {
                 // Random decoder rows of norm decoder_init_norm; the encoder
                 // starts as its transpose (when the shapes allow).
-                let unit_rows = |t: Tensor| &t / t.norm_scalaropt_dim(2, [1], true);
-                let w_dec = unit_rows(Tensor::randn([d_h, code_out], opts)) * m.decoder_init_norm;
+                // In place: no [d_hidden, d] temporaries (same values as
+                // `t / norms * decoder_init_norm`).
+                let rows = |n: i64| {
+                    let mut t = Tensor::randn([d_h, n], opts);
+                    let norms = t.norm_scalaropt_dim(2, [1], true);
+                    let _ = t.g_div_(&norms);
+                    let _ = t.g_mul_scalar_(m.decoder_init_norm);
+                    t
+                };
+                let w_dec = rows(code_out);
                 let w_enc = if code_in == code_out {
                     w_dec.tr()
                 } else {
-                    unit_rows(Tensor::randn([d_h, code_in], opts)).tr() * m.decoder_init_norm
+                    rows(code_in).tr()
                 };
                 (
                     w_enc,

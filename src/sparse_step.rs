@@ -110,7 +110,9 @@ pub fn forward(model: &Sae, xn: &Tensor, mode: SparseStep) -> Forward {
         } else {
             xn.shallow_clone()
         };
-        let pre = x.mm(&model.w_enc) + &model.b_enc;
+        // The bias added in place: one [batch, d_hidden] buffer, not two.
+        let mut pre = x.mm(&model.w_enc);
+        let _ = pre.g_add_(&model.b_enc);
         let sel = arch.support(&pre, threshold);
         (x, pre, sel)
     });
@@ -178,9 +180,9 @@ pub fn forward(model: &Sae, xn: &Tensor, mode: SparseStep) -> Forward {
         OutputActivation::Sigmoid => out.sigmoid(),
     };
     let z = tch::no_grad(|| {
-        Tensor::zeros([batch * h], (pre.kind(), pre.device()))
-            .index_copy(0, &flat, &codes)
-            .view([batch, h])
+        let mut z = Tensor::zeros([batch * h], (pre.kind(), pre.device()));
+        let _ = z.index_copy_(0, &flat, &codes);
+        z.view([batch, h])
     });
     Forward {
         pre,
