@@ -42,7 +42,7 @@ QUICK = "--quick" in sys.argv
 THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
 REPEATS = 2 if QUICK else 3
 # `train.sparse_step: auto`'s switch density (src/sparse_step.rs SWITCH_DENSITY).
-SWITCH_DENSITY = 0.10
+SWITCH_DENSITY = 0.15
 ONLY = None
 if "--only" in sys.argv:
     ONLY = set(sys.argv[sys.argv.index("--only") + 1].upper().split(","))

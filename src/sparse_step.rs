@@ -34,13 +34,14 @@ use crate::config::{OutputActivation, SparseStep};
 use crate::model::{Forward, Sae};
 use tch::{Device, Kind, Tensor};
 
-/// Code density (firing entries / `batch x d_hidden`) at or below which
-/// `train.sparse_step: auto` takes the sparse pass on CPU. Measured with
-/// `python scripts/bench.py BIN DIR --only SWITCH` (768 -> 8192, batch
-/// 1024, 2 threads, 2026-11-30): the sparse step is faster up to ~X %
-/// density; the constant sits a little below the crossing, where the two
-/// were within a few percent.
-pub const SWITCH_DENSITY: f64 = 0.10;
+/// Code density (entries in the support / `batch x d_hidden`) at or below
+/// which `train.sparse_step: auto` takes the sparse pass on CPU. Measured
+/// with `python scripts/bench.py BIN DIR --only SWITCH` (768 -> 8192 ReLU,
+/// batch 1024, 2 threads, 2026-11-30): sparse/dense 2.64x at 1 %, 1.32x at
+/// 10 %, 1.04x at 15 %, 0.87x at 20 %; the two cross near 16 %. Both sides'
+/// work scales with d_in alike, and the dense side's with d_hidden as the
+/// sparse side's with the firing count, so the crossing is a density.
+pub const SWITCH_DENSITY: f64 = 0.15;
 
 /// The entries of the batch the sparse pass works on.
 pub struct Entries {

@@ -278,7 +278,7 @@ fn sparse_step_modes_train_alike() {
             assert!(diff < 1e-3, "{activation}: {name} differs by {diff}");
         }
         // auto decides per step from that batch's code density: at 128
-        // latents these codes go below 10 % during the run. For relu the
+        // latents these codes go below 15 % during the run. For relu the
         // density is L0 / d_hidden of the same step (metrics.jsonl); for
         // jumprelu the support also holds the threshold's kernel window,
         // so it takes the sparse pass on at most those steps.
@@ -292,11 +292,11 @@ fn sparse_step_modes_train_alike() {
         .sets(["model.d_hidden=128", sparser])
         .train();
         let l0 = auto.metric("l0");
-        let sparse_enough = l0.iter().filter(|&&l| l / 128.0 <= 0.1).count() as i64;
+        let sparse_enough = l0.iter().filter(|&&l| l / 128.0 <= 0.15).count() as i64;
         let took = sparse(&auto);
         println!(
             "{activation}: auto took the sparse pass on {took} of {steps} steps \
-             ({sparse_enough} with L0 <= 10 %); L0 {:.1} -> {:.1}",
+             ({sparse_enough} with L0 <= 15 %); L0 {:.1} -> {:.1}",
             l0[0],
             l0[l0.len() - 1]
         );
