@@ -604,19 +604,31 @@ MEM_SIZES = [4096, 16384] if QUICK else [4096, 16384, 65536, 131072]
 MEM_ROWS, MEM_D_IN, MEM_K = 8192, 768, 32
 
 
+# Runs argv[2:] with stdout discarded, from a fresh small interpreter, and
+# writes the child's ru_maxrss (KiB) to argv[1]; exits with its exit code.
+PEAK_WRAPPER = """
+import os, sys
+null = os.open(os.devnull, os.O_WRONLY)
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, null, 1)])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_peak(cmd):
     """Runs cmd (stdout discarded); returns (its peak RSS in bytes, wall
     seconds, the time.time() it ended). The peak is wait4's ru_maxrss for
-    this one child (its own descendants included), not RUSAGE_CHILDREN's
-    maximum over every child so far."""
+    this one child, taken by a small wrapper interpreter: a child spawned
+    straight from this process would count this process's own memory (often
+    GBs by now) in its ru_maxrss, which includes the memory before exec."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(p.pid, 0)
+    peak_file = os.path.join(OUT, "peak.txt")
+    r = subprocess.run([sys.executable, "-S", "-c", PEAK_WRAPPER, peak_file] + cmd)
     wall, ended = time.perf_counter() - t0, time.time()
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise subprocess.CalledProcessError(p.returncode, cmd)
-    return usage.ru_maxrss * 1024, wall, ended
+    if r.returncode != 0:
+        raise subprocess.CalledProcessError(r.returncode, cmd)
+    return int(open(peak_file).read()) * 1024, wall, ended
 
 
 def bench_mem():
