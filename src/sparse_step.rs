@@ -37,15 +37,16 @@ use tch::{Device, Kind, Tensor};
 /// Code density (entries in the support / `batch x d_hidden`) at or below
 /// which `train.sparse_step: auto` takes the sparse pass on CPU. Measured
 /// with `python scripts/bench.py BIN DIR --only SWITCH` (768 -> 8192 ReLU,
-/// batch 1024, 2 threads, 2026-11-30): sparse/dense 2.64x at 1 %, 1.32x at
-/// 10 %, 1.04x at 15 %, 0.87x at 20 %; the two cross near 16 %. Both sides'
+/// batch 1024, 2 threads, 2026-11-30, two runs): sparse/dense 2.7x at 1 %,
+/// 1.35-1.44x at 10 %, 1.04-1.12x at 15 %, 0.70-0.88x at 20 %; the two
+/// cross near 16 %. Both sides'
 /// work scales with d_in alike, and the dense side's with d_hidden as the
 /// sparse side's with the firing count, so the crossing is a density.
 pub const SWITCH_DENSITY: f64 = 0.15;
 
 /// The entries of the batch the sparse pass works on.
 pub struct Entries {
-    /// Row and latent of each entry, in row-major order (`[nnz]` int64).
+    /// Row and latent of each entry, grouped by row (`[nnz]` int64).
     pub rows: Tensor,
     pub cols: Tensor,
     /// Where each row's entries start (`[batch]`), for `embedding_bag`.
@@ -75,7 +76,7 @@ pub struct LeafCodes {
 }
 
 /// Whether `model` can be trained through a leaf: codes with a support
-/// (`Architecture::support`: relu, jumprelu) straight from `W_enc` (no
+/// (`Architecture::support`: relu, jumprelu, topk) straight from `W_enc` (no
 /// gate, no deep layers) and an untied decoder.
 pub fn applies(model: &Sae) -> bool {
     model.spec.activation.arch().has_support()
