@@ -835,8 +835,8 @@ def main():
     lines += [""] + switch_lines(switch)
     lines += [""] + mem_lines(mem, topk)
     lines += ["", "GFLOP/s counts the dense maths (12 * d_in * d_hidden per training sample; 10 for S),",
-              "also where our path does less work, so there it is an effective rate: T (sparse top-k:",
-              "k columns and rows instead of three dense matmuls) and M (b_dec's gradient as a vector",
+              "also where our path does less work, so there it is an effective rate: T and MT (the sparse",
+              "step: the firing codes' rows and columns instead of five of the six dense matmuls) and M (b_dec's gradient as a vector",
               "product instead of the input-gradient matmul: 10 * d_in * d_hidden really done, so the",
               "matmuls run at 10/12 of the rate shown). Out-of-core: timing starts once the first",
               "window (streamed) or the whole file (in memory) is loaded.",
