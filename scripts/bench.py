@@ -80,10 +80,14 @@ def make_data(name, c):
     return path
 
 
-def config(name, c, data, threads=None, extra_train=None):
+def config(name, c, data, threads=None, extra_train=None, init=None):
+    """The config of case c on data, written as OUT/name.yaml: starting from
+    `init` (a model.init) if given, else from the trained weights for MT."""
     model = {"d_hidden": c["d_hidden"], "init_scheme": "sae"}
-    if c.get("trained"):
-        model["init"] = trained_weights()
+    if init is None and c.get("trained"):
+        init = trained_weights()
+    if init is not None:
+        model["init"] = init
     sparsity = {"penalty": "l1", "weight": c.get("weight", 0.001)}
     log_every = 4 if c.get("trained") else 100000
     if c["kind"] == "seed002":
@@ -116,19 +120,14 @@ def trained_weights():
         # Its own 12,288 rows (M's full-size data), so --quick starts from the same L0.
         c = dict(CASES["M"], rows=1024 * 12)
         data = make_data("MT-init", c)
-        runs = [os.path.join(OUT, "run-MT-init1"), os.path.join(OUT, "run-MT-init2")]
-        for i, (run, weight, epochs) in enumerate(zip(runs, (0.02, 0.004), (3, 4))):
-            cfg = {"seed": 0, "device": "cpu", "data": {"train": data},
-                   "model": {"d_hidden": c["d_hidden"], "init_scheme": "sae",
-                             **({"init": runs[0]} if i else {})},
-                   "sparsity": {"penalty": "l1", "weight": weight},
-                   "train": {"epochs": epochs, "batch_size": c["batch"], "log_every": 100000,
-                             "threads": THREADS, "optimizer": {"name": "adam", "lr": 2e-3}}}
-            path = os.path.join(OUT, f"MT-init{i + 1}.yaml")
-            json.dump(cfg, open(path, "w"))
-            subprocess.run([SAE, "train", "-q", "--config", path, "--out", run, "--force"],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        TRAINED = runs[1]
+        init = None
+        for i, (weight, epochs) in enumerate(((0.02, 3), (0.004, 4))):
+            name = f"MT-init{i + 1}"
+            cfg = config(name, dict(c, weight=weight, epochs=epochs), data, init=init,
+                         extra_train={"optimizer": {"name": "adam", "lr": 2e-3}})
+            run_ours(name, cfg)
+            init = os.path.join(OUT, f"run-{name}")
+        TRAINED = init
         l0 = json.load(open(os.path.join(TRAINED, "summary.json")))["train"]["l0"]
         log(f"MT: trained weights in {TRAINED}, L0 {l0:.1f} of {c['d_hidden']} on the M data")
     return TRAINED
@@ -373,10 +372,8 @@ def bench_switch():
         rates = {}
         for r in range(REPEATS):
             for mode in ("never", "always"):
-                cfg = config("SWITCH", c, data, extra_train={"sparse_step": mode, "log_every": 1})
-                doc = json.load(open(cfg))
-                doc["model"]["init"] = init
-                json.dump(doc, open(cfg, "w"))
+                cfg = config("SWITCH", c, data, init=init,
+                             extra_train={"sparse_step": mode, "log_every": 1})
                 rates[mode] = max(rates.get(mode, 0.0), run_ours("SWITCH", cfg))
         density = ours_l0("SWITCH") / c["d_hidden"]
         log(f"SWITCH density {rho:.0%} (measured {density:.1%}): dense {rates['never']:,.0f}/s, "

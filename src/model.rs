@@ -17,6 +17,7 @@ use crate::activation::Activation;
 use crate::arch::Threshold;
 use crate::config::{InitScheme, ModelConfig, OutputActivation};
 use crate::normalize::Normalizer;
+use crate::sparse_step::Entries;
 use tch::{Device, Kind, Tensor};
 
 /// Code density at or below which [`Sae::decode_normalized_sparse`] sums
@@ -434,7 +435,7 @@ impl Sae {
     /// deep) take the dense path. For evaluation, where a 65,536-latent
     /// top-k model's dense decode cost as much as its encoder.
     pub fn decode_normalized_sparse(&self, z: &Tensor) -> Tensor {
-        let (Some(w_dec), true, 2) = (&self.w_dec, self.dec_layers.is_empty(), z.dim()) else {
+        let (true, true, 2) = (self.w_dec.is_some(), self.dec_layers.is_empty(), z.dim()) else {
             return self.decode_normalized(z);
         };
         let (rows, h) = (z.size()[0], z.size()[1]);
@@ -443,15 +444,24 @@ impl Sae {
             return self.decode_normalized(z);
         }
         let flat = z.view([-1]).nonzero().squeeze_dim(1);
-        let counts = flat.floor_divide_scalar(h).bincount::<Tensor>(None, rows);
+        let entries = Entries::from_flat(&flat, rows, h);
+        self.decode_entries(&entries, &z.view([-1]).index_select(0, &flat))
+    }
+
+    /// The reconstruction (normalised space) of codes given at `entries`
+    /// only (`vals`, `[nnz]`): the sum of each row's decoder rows weighted
+    /// by its codes (`embedding_bag`, gradients to `W_dec` and `vals`),
+    /// plus `b_dec`, then the output activation. Untied, shallow models.
+    pub fn decode_entries(&self, entries: &Entries, vals: &Tensor) -> Tensor {
+        let w_dec = self.w_dec.as_ref().expect("an untied decoder");
         let (sum, _, _, _) = Tensor::embedding_bag(
             w_dec,
-            &flat.remainder(h),
-            &(counts.cumsum(0, Kind::Int64) - &counts),
+            &entries.cols,
+            &entries.offsets,
             false,
             0,
             false,
-            Some(z.view([-1]).index_select(0, &flat)),
+            Some(vals),
             false,
         );
         let out = sum + &self.b_dec;

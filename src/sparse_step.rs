@@ -29,8 +29,8 @@
 //! [`SWITCH_DENSITY`]), so a run (and a resumed one) is deterministic.
 
 use crate::activation::Activation;
-use crate::arch::Support;
-use crate::config::{OutputActivation, SparseStep};
+use crate::arch::{Architecture, Support};
+use crate::config::SparseStep;
 use crate::model::{Forward, Sae};
 use tch::{Device, Kind, Tensor};
 
@@ -44,13 +44,27 @@ use tch::{Device, Kind, Tensor};
 /// sparse side's with the firing count, so the crossing is a density.
 pub const SWITCH_DENSITY: f64 = 0.15;
 
-/// The entries of the batch the sparse pass works on.
+/// The entries of a `[rows, d_hidden]` batch of codes that a sparse pass
+/// works on.
 pub struct Entries {
     /// Row and latent of each entry, grouped by row (`[nnz]` int64).
     pub rows: Tensor,
     pub cols: Tensor,
-    /// Where each row's entries start (`[batch]`), for `embedding_bag`.
+    /// Where each row's entries start (`[rows]`), for `embedding_bag`.
     pub offsets: Tensor,
+}
+
+impl Entries {
+    /// From flat indices into a `[rows, h]` matrix, grouped by row.
+    pub fn from_flat(flat: &Tensor, rows: i64, h: i64) -> Entries {
+        let r = flat.floor_divide_scalar(h);
+        let counts = r.bincount::<Tensor>(None, rows);
+        Entries {
+            cols: flat.remainder(h),
+            offsets: counts.cumsum(0, Kind::Int64) - counts,
+            rows: r,
+        }
+    }
 }
 
 /// The leaf of a ReLU-like training pass: what the loss differentiates
@@ -75,11 +89,11 @@ pub struct LeafCodes {
     pub batch: i64,
 }
 
-/// Whether `model` can be trained through a leaf: codes with a support
+/// Whether `model` (of architecture `arch`) can be trained through a leaf: codes with a support
 /// (`Architecture::support`: relu, jumprelu, topk) straight from `W_enc` (no
 /// gate, no deep layers) and an untied decoder.
-pub fn applies(model: &Sae) -> bool {
-    model.spec.activation.arch().has_support()
+pub fn applies(model: &Sae, arch: &dyn Architecture) -> bool {
+    arch.has_support()
         && model.gate.is_none()
         && model.enc_layers.is_empty()
         && model.dec_layers.is_empty()
@@ -103,8 +117,7 @@ pub fn sparse_at(mode: SparseStep, device: Device, density: impl FnOnce() -> f64
 /// batch's density. `Forward.pre` and `Forward.z` are dense; in the sparse
 /// pass they carry no gradient (the loss reaches the leaf through
 /// `Forward.leaf` and `Forward.recon`).
-pub fn forward(model: &Sae, xn: &Tensor, mode: SparseStep) -> Forward {
-    let arch = model.spec.activation.arch();
+pub fn forward(model: &Sae, arch: &dyn Architecture, xn: &Tensor, mode: SparseStep) -> Forward {
     let threshold = model.threshold.as_ref();
     let (x, pre, sel) = tch::no_grad(|| {
         let x = if model.spec.apply_b_dec_to_input {
@@ -152,35 +165,14 @@ pub fn forward(model: &Sae, xn: &Tensor, mode: SparseStep) -> Forward {
             (idx + starts.unsqueeze(1)).view([-1])
         }
     });
-    let rows = flat.floor_divide_scalar(h);
-    let counts = rows.bincount::<Tensor>(None, batch);
-    let support = Entries {
-        cols: flat.remainder(h),
-        offsets: counts.cumsum(0, Kind::Int64) - counts,
-        rows,
-    };
+    let support = Entries::from_flat(&flat, batch, h);
     let leaf = pre
         .view([-1])
         .index_select(0, &flat)
         .set_requires_grad(true);
     let t = threshold.map(|t| t.index_select(0, &support.cols));
     let codes = arch.support_codes(&leaf, t.as_ref());
-    let w_dec = model.w_dec.as_ref().expect("checked: applies()");
-    let (sum, _, _, _) = Tensor::embedding_bag(
-        w_dec,
-        &support.cols,
-        &support.offsets,
-        false,
-        0,
-        false,
-        Some(&codes),
-        false,
-    );
-    let out = sum + &model.b_dec;
-    let recon = match model.spec.decoder_activation {
-        OutputActivation::None => out,
-        OutputActivation::Sigmoid => out.sigmoid(),
-    };
+    let recon = model.decode_entries(&support, &codes);
     let z = tch::no_grad(|| {
         let mut z = Tensor::zeros([batch * h], (pre.kind(), pre.device()));
         let _ = z.index_copy_(0, &flat, &codes);
@@ -206,17 +198,13 @@ impl LeafCodes {
     /// and `b_dec`'s share through the input) from the leaf's gradient to
     /// what backward left in the parameters' `.grad`.
     pub fn accumulate_encoder_grads(&self, model: &mut Sae) {
-        let g = self.pre.grad();
-        if !g.defined() {
-            // The loss does not reach the leaf (no code fired): the
-            // encoder's gradients are 0, and its `.grad` must exist anyway.
-            let g = self.pre.zeros_like();
-            return self.accumulate_from(model, &g);
-        }
-        self.accumulate_from(model, &g)
-    }
-
-    fn accumulate_from(&self, model: &mut Sae, g: &Tensor) {
+        // Undefined when the loss does not reach the leaf (no code fired):
+        // the encoder's gradients are 0, and its `.grad` must exist anyway.
+        let g = match self.pre.grad() {
+            g if g.defined() => g,
+            _ => self.pre.zeros_like(),
+        };
+        let g = &g;
         let _guard = tch::no_grad_guard();
         let (gw, gb) = match &self.support {
             None => (self.x.tr().mm(g), g.sum_dim_intlist(0, false, Kind::Float)),
@@ -297,7 +285,7 @@ fn create_grad(param: &Tensor, g: &Tensor) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ActivationKind, Config, InitScheme, PenaltyKind};
+    use crate::config::{ActivationKind, Config, InitScheme, OutputActivation, PenaltyKind};
     use crate::model::ModelSpec;
     use crate::normalize::Normalizer;
     use crate::train::step::Learner;

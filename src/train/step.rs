@@ -81,7 +81,8 @@ impl Learner {
     /// Whether this model and penalty can take the sparse pass
     /// (`crate::sparse_step`; `train.sparse_step` decides whether they do).
     pub fn can_step_sparse(&self) -> bool {
-        self.penalty.supports_sparse_codes() && sparse_step::applies(&self.model)
+        self.penalty.supports_sparse_codes()
+            && sparse_step::applies(&self.model, self.arch.as_ref())
     }
 
     /// The value above which a code counts as firing (dead-latent tracking).
@@ -152,7 +153,7 @@ impl Learner {
         let model = &self.model;
         let mode = self.cfg.train.sparse_step;
         let f = if mode != SparseStep::Never && self.can_step_sparse() && !input.requires_grad() {
-            sparse_step::forward(model, input, mode)
+            sparse_step::forward(model, self.arch.as_ref(), input, mode)
         } else {
             model.forward_train(input)
         };
