@@ -20,6 +20,7 @@ pub mod export;
 pub mod fsutil;
 pub mod html;
 pub mod latents;
+pub mod lm;
 pub mod metrics;
 pub mod model;
 pub mod normalize;
