@@ -59,6 +59,75 @@ pub enum Command {
     /// What each latent learned: statistics, top-activating rows, and a
     /// self-contained browser dashboard (DIR/index.html).
     Latents(LatentsArgs),
+    /// Run a language model on token ids and write its activations (one row
+    /// per kept token position) to .npy, streamed; optionally a labels file.
+    Activations(ActivationsArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  sae activations --model lm6.pt --tokens tokens.npy --out acts.npy --exclude-positions 0
+  sae activations --config c.yaml --out acts.npy        # the rows `sae train` sees from c.yaml
+  sae activations --model lm6.pt2 --tokens t.npy --out a.npy --dtype float16 \\
+      --vocab vocab.txt --labels labels.txt
+
+The model: the part of a language model up to the layer studied, with
+forward(ids int64 [batch, ctx]) returning [batch, ctx, d]. In Python:
+  torch.jit.trace(UpTo(lm, 6), ids).save(\"lm6.pt\")            # TorchScript
+  torch._inductor.aoti_compile_and_package(torch.export.export(UpTo(lm, 6), (ids,)),
+                                           package_path=\"lm6.pt2\")   # torch.export
+A .pt2 package holds compiled native code: loading it runs that code, so
+treat it like an executable and load only packages you trust. TorchScript
+files run no native code.
+
+Rows are the kept positions in token order (sequence by sequence); the model
+runs on fixed groups of --batch-size sequences, so the values are exactly
+those `sae train` computes from the same source.")]
+pub struct ActivationsArgs {
+    /// The language model: TorchScript (.pt) or AOTInductor package (.pt2).
+    #[arg(long, required_unless_present = "config")]
+    pub model: Option<String>,
+    /// Token ids .npy: int [n_seq, ctx], or 1-D with --context-size.
+    #[arg(long, required_unless_present = "config")]
+    pub tokens: Option<String>,
+    /// Take model, tokens, exclusions, model batch and device from a
+    /// training config's data.* keys (its training sequences: those not
+    /// held out by data.valid_fraction).
+    #[arg(long, conflicts_with_all = ["model", "tokens"])]
+    pub config: Option<PathBuf>,
+    /// Output .npy [rows, d].
+    #[arg(long)]
+    pub out: PathBuf,
+    /// float32 or float16 values.
+    #[arg(long, default_value = "float32", value_parser = ["float32", "float16"])]
+    pub dtype: String,
+    /// Tokens per sequence of a 1-D token stream.
+    #[arg(long, value_name = "N")]
+    pub context_size: Option<i64>,
+    /// Token ids that give no row (e.g. BOS, padding), comma-separated.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub exclude_tokens: Vec<i64>,
+    /// Positions that give no row (0-based; negative from the end), comma-separated.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub exclude_positions: Vec<i64>,
+    /// Sequences per model call.
+    #[arg(long, value_name = "SEQS", default_value_t = 8)]
+    pub batch_size: i64,
+    /// One string per token id: a text file (line i = id i) or .json (a
+    /// list, or a {token: id} object); with --labels.
+    #[arg(long, value_name = "FILE")]
+    pub vocab: Option<PathBuf>,
+    /// Write one label per row: its token in a few tokens of context, the
+    /// token marked ⟦like this⟧ (for `sae latents --labels`).
+    #[arg(long, value_name = "FILE")]
+    pub labels: Option<PathBuf>,
+    /// cpu | cuda | cuda:N | auto
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -437,6 +506,7 @@ pub fn run(cli: Cli) -> Result<()> {
         ),
         Command::Export(a) => export_cmd(&a),
         Command::Latents(a) => latents_cmd(&a),
+        Command::Activations(a) => activations_cmd(&a),
     }
 }
 
@@ -947,6 +1017,77 @@ fn image_shape(arg: Option<&str>, d_in: i64) -> Result<Option<(usize, usize)>> {
         }
         _ => bail_user!("--image-shape {text}: expected HxW, e.g. 28x28"),
     }
+}
+
+fn activations_cmd(a: &ActivationsArgs) -> Result<()> {
+    use crate::lm::{dump, source, vocab::Vocab};
+    let (spec, valid_fraction) = match &a.config {
+        Some(path) => {
+            let cfg = Config::from_file(path, &[])?;
+            if !cfg.data.from_model() {
+                bail_user!("--config: {}: has no data.model", path.display());
+            }
+            (source::Spec::from_config(&cfg)?, cfg.data.valid_fraction)
+        }
+        None => {
+            if a.batch_size < 1 {
+                bail_user!("--batch-size {}: must be at least 1", a.batch_size);
+            }
+            if a.context_size.is_some_and(|c| c < 1) {
+                bail_user!("--context-size: must be at least 1");
+            }
+            let spec = source::Spec {
+                model: a.model.clone().expect("required"),
+                tokens: a.tokens.clone().expect("required"),
+                context_size: a.context_size.map(|c| c as usize),
+                exclude_tokens: a.exclude_tokens.clone(),
+                exclude_positions: a.exclude_positions.clone(),
+                group: a.batch_size as usize,
+                device: device::resolve(&a.device)?,
+            };
+            (spec, 0.0)
+        }
+    };
+    let corpus = std::rc::Rc::new(source::Corpus::open(&spec)?);
+    let n = corpus.n_seq();
+    let held = source::held_out(n, valid_fraction)?;
+    let src = source::ModelSource::new(corpus, 0, n - held);
+    let vocab = match &a.vocab {
+        Some(p) => {
+            let v = Vocab::read(p)?;
+            dump::check_vocab(&src, &v, &p.display().to_string())?;
+            Some(v)
+        }
+        None => None,
+    };
+    let w = dump::write(
+        &src,
+        &dump::Options {
+            out: a.out.clone(),
+            half: a.dtype == "float16",
+            vocab,
+            labels: a.labels.clone(),
+            progress: !a.quiet,
+        },
+    )?;
+    let held = match held {
+        0 => String::new(),
+        h => format!(" (the last {h} held out for validation)"),
+    };
+    println!(
+        "{} rows x {} from {} sequences{held} in {:.2} s ({:.0} rows/s); wrote {}{}",
+        w.rows,
+        w.d,
+        w.sequences,
+        w.seconds,
+        w.rows as f64 / w.seconds.max(1e-9),
+        a.out.display(),
+        a.labels
+            .as_ref()
+            .map(|l| format!(" and {}", l.display()))
+            .unwrap_or_default()
+    );
+    Ok(())
 }
 
 fn latents_cmd(a: &LatentsArgs) -> Result<()> {

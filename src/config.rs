@@ -188,6 +188,28 @@ pub struct DataConfig {
     /// Train from a memory-mapped `data.train` (float32 C-order `.npy`)
     /// instead of loading it: for data larger than memory.
     pub stream: bool,
+    /// A language model (TorchScript `.pt` or AOTInductor `.pt2`, with
+    /// `forward(ids[int64, B, T]) -> [B, T, d]`) whose activations on
+    /// `tokens` are the training rows, made window by window as training runs.
+    pub model: Option<String>,
+    /// Token ids `.npy`: `[n_seq, ctx]`, or 1-D with `context_size`.
+    pub tokens: Option<String>,
+    pub context_size: Option<i64>,
+    /// Positions whose token is one of these give no row (BOS, padding).
+    pub exclude_tokens: Vec<i64>,
+    /// Positions (0-based; negative from the end) that give no row.
+    pub exclude_positions: Vec<i64>,
+    /// Where the model runs (null: the training device).
+    pub model_device: Option<String>,
+    /// Sequences per model call (fixed groups of the token file).
+    pub model_batch: i64,
+}
+
+impl DataConfig {
+    /// Rows come from `data.model` run on `data.tokens`.
+    pub fn from_model(&self) -> bool {
+        self.model.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -434,6 +456,13 @@ impl Default for DataConfig {
             valid_target: None,
             allow_nonfinite: false,
             stream: false,
+            model: None,
+            tokens: None,
+            context_size: None,
+            exclude_tokens: Vec::new(),
+            exclude_positions: Vec::new(),
+            model_device: None,
+            model_batch: 8,
         }
     }
 }
@@ -761,8 +790,14 @@ fn finite_nonneg(v: f64) -> bool {
 impl Config {
     /// `data.*`: a training file, at most one source of validation rows.
     fn validate_data(&self) -> Check {
-        if self.data.train.is_none() {
-            return Err("data.train: required (a .npy file with one row per sample)".into());
+        if self.data.model.is_some() || self.data.tokens.is_some() {
+            self.validate_model_source()?;
+        } else if self.data.train.is_none() {
+            return Err(
+                "data.train: required (a .npy file with one row per sample), or data.model \
+                 with data.tokens (train from a language model's activations)"
+                    .into(),
+            );
         }
         if !(0.0..1.0).contains(&self.data.valid_fraction) {
             return Err(format!(
@@ -775,6 +810,54 @@ impl Config {
         }
         if self.data.stream {
             self.validate_stream()?;
+        }
+        Ok(())
+    }
+
+    /// `data.model` + `data.tokens`: rows made as training runs, window by
+    /// window like a streamed file, so the same options are refused.
+    fn validate_model_source(&self) -> Check {
+        let d = &self.data;
+        match (&d.model, &d.tokens) {
+            (Some(_), None) => {
+                return Err("data.model: needs data.tokens (an .npy of token ids)".into())
+            }
+            (None, Some(_)) => {
+                return Err("data.tokens: needs data.model (the language model to run)".into())
+            }
+            _ => {}
+        }
+        let clash = [
+            (d.train.is_some(), "data.train (give one source of rows)"),
+            (d.stream, "data.stream (a model source is streamed already)"),
+            (d.target.is_some(), "data.target"),
+            (d.allow_nonfinite, "data.allow_nonfinite"),
+            (d.truth.is_some(), "data.truth"),
+            (self.train.order.is_some(), "train.order"),
+            (
+                self.train.batch_size == BatchSize::Full,
+                "train.batch_size: full (one batch would hold every token)",
+            ),
+        ];
+        if let Some((_, key)) = clash.iter().find(|(on, _)| *on) {
+            return Err(format!("data.model: not available with {key}"));
+        }
+        if let Some(c) = d.context_size {
+            if c < 1 {
+                return Err(format!("data.context_size: {c} must be at least 1"));
+            }
+        }
+        if d.model_batch < 1 {
+            return Err(format!(
+                "data.model_batch: {} must be at least 1 (sequences per model call)",
+                d.model_batch
+            ));
+        }
+        if let Some(dev) = &d.model_device {
+            crate::device::parse_device(dev).map_err(|e| format!("data.model_device: {e}"))?;
+        }
+        if d.valid.is_some() && self.data.valid_fraction > 0.0 {
+            return Err("data.valid and data.valid_fraction: give one or the other".into());
         }
         Ok(())
     }

@@ -659,6 +659,14 @@ pub fn write_npy_i64(path: &Path, shape: &[usize], values: &[i64]) -> Result<()>
     })
 }
 
+fn descr_of(half: bool) -> &'static str {
+    if half {
+        "<f2"
+    } else {
+        "<f4"
+    }
+}
+
 /// Header room for any `(rows, cols)` shape: 20-digit numbers fit.
 const STREAM_HEADER_LEN: usize = 128;
 
@@ -673,10 +681,16 @@ pub struct NpyWriter {
     out: Option<BufWriter<File>>,
     cols: usize,
     rows: u64,
+    half: bool,
 }
 
 impl NpyWriter {
     pub fn create(path: &Path, cols: usize) -> Result<NpyWriter> {
+        NpyWriter::create_as(path, cols, false)
+    }
+
+    /// A writer of float16 values (`half`) or float32 ones.
+    pub fn create_as(path: &Path, cols: usize, half: bool) -> Result<NpyWriter> {
         if path.is_dir() {
             bail_user!("{}: is a directory; pass a .npy file path", path.display());
         }
@@ -688,14 +702,19 @@ impl NpyWriter {
         let file = File::create(&tmp)
             .map_err(|e| user(format!("cannot write {}: {e}", path.display())))?;
         let mut out = BufWriter::new(file);
-        out.write_all(&npy_header_len(&[0, cols as u64], STREAM_HEADER_LEN))
-            .with_context(|| format!("writing {}", path.display()))?;
+        out.write_all(&npy_header_descr(
+            &[0, cols as u64],
+            STREAM_HEADER_LEN,
+            descr_of(half),
+        ))
+        .with_context(|| format!("writing {}", path.display()))?;
         Ok(NpyWriter {
             path: path.to_owned(),
             tmp,
             out: Some(out),
             cols,
             rows: 0,
+            half,
         })
     }
 
@@ -714,6 +733,22 @@ impl NpyWriter {
                 self.cols
             );
         }
+        if self.half {
+            // Rounded by libtorch (to nearest even, as numpy's astype).
+            let h = t.to_kind(tch::Kind::Half).flatten(0, -1);
+            let mut bytes = vec![0u8; h.numel() * 2];
+            h.copy_data_u8(&mut bytes, h.numel());
+            if cfg!(target_endian = "big") {
+                bytes.chunks_exact_mut(2).for_each(|c| c.swap(0, 1));
+            }
+            self.out
+                .as_mut()
+                .expect("not finished")
+                .write_all(&bytes)
+                .with_context(|| format!("writing {}", self.path.display()))?;
+            self.rows += size[0] as u64;
+            return Ok(());
+        }
         let values = Vec::<f32>::try_from(t.flatten(0, -1)).context("tensor to vec")?;
         self.write_rows(&values, size[0] as usize)
     }
@@ -721,6 +756,7 @@ impl NpyWriter {
     /// Appends `rows` rows given row-major (no libtorch call: a writer
     /// thread can run it while the next batch computes).
     pub fn write_rows(&mut self, values: &[f32], rows: usize) -> Result<()> {
+        assert!(!self.half, "write_rows writes float32 values");
         if values.len() != rows * self.cols {
             anyhow::bail!(
                 "{}: {} values are not {rows} rows of {}",
@@ -745,7 +781,11 @@ impl NpyWriter {
         let mut file = out
             .into_inner()
             .map_err(|e| anyhow::anyhow!("{}: {e}", ctx()))?;
-        let header = npy_header_len(&[self.rows, self.cols as u64], STREAM_HEADER_LEN);
+        let header = npy_header_descr(
+            &[self.rows, self.cols as u64],
+            STREAM_HEADER_LEN,
+            descr_of(self.half),
+        );
         debug_assert_eq!(header.len(), STREAM_HEADER_LEN);
         file.seek(SeekFrom::Start(0)).with_context(ctx)?;
         file.write_all(&header).with_context(ctx)?;

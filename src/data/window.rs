@@ -220,9 +220,7 @@ impl WindowReader {
 
     /// The next `n` rows of the order as a `[n, cols]` float32 tensor.
     pub fn next_batch(&mut self, n: usize) -> Result<Tensor> {
-        let mut parts = Vec::new();
-        let mut need = n as i64;
-        while need > 0 {
+        collect_rows(n, |need| {
             let exhausted = match &self.current {
                 Some((w, pos)) => *pos >= w.local.len() as i64,
                 None => true,
@@ -231,17 +229,39 @@ impl WindowReader {
                 self.advance()?;
             }
             let (w, pos) = self.current.as_mut().expect("set above");
-            let take = need.min(w.local.len() as i64 - *pos);
             let index = w.index.as_ref().expect("set in advance");
-            parts.push(w.data.index_select(0, &index.narrow(0, *pos, take)));
-            *pos += take;
-            need -= take;
-        }
-        Ok(match parts.len() {
-            1 => parts.pop().expect("one part"),
-            _ => Tensor::cat(&parts, 0),
+            Ok(take_rows(&w.data, index, pos, need))
         })
     }
+}
+
+/// The next `n` rows of an order served window by window: `take(need)`
+/// gives up to `need` rows of the current window, moving to the next
+/// window first when the current one is used up.
+pub(crate) fn collect_rows(
+    n: usize,
+    mut take: impl FnMut(i64) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut parts = Vec::new();
+    let mut need = n as i64;
+    while need > 0 {
+        let t = take(need)?;
+        need -= t.size()[0];
+        parts.push(t);
+    }
+    Ok(match parts.len() {
+        1 => parts.pop().expect("one part"),
+        _ => Tensor::cat(&parts, 0),
+    })
+}
+
+/// Up to `need` rows of a window `data` from its order position `pos` on
+/// (`index[i]`: where the order's i-th row sits in `data`).
+pub(crate) fn take_rows(data: &Tensor, index: &Tensor, pos: &mut i64, need: i64) -> Tensor {
+    let take = need.min(index.size()[0] - *pos);
+    let rows = data.index_select(0, &index.narrow(0, *pos, take));
+    *pos += take;
+    rows
 }
 
 impl Drop for WindowReader {
@@ -256,7 +276,7 @@ impl Drop for WindowReader {
 
 /// Splits `order` into the longest stretches touching at most `max_blocks`
 /// blocks each.
-fn windows(order: &[i64], block: usize, max_blocks: usize) -> Vec<&[i64]> {
+pub(crate) fn windows(order: &[i64], block: usize, max_blocks: usize) -> Vec<&[i64]> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut seen: Vec<usize> = Vec::with_capacity(max_blocks);

@@ -9,10 +9,12 @@ use super::state::Position;
 use crate::config::{BatchSize, Config};
 use crate::data::dataset::{block_shuffled_order, epoch_order, Dataset, EpochBatches, Shard};
 use crate::data::window::{RowFile, WindowReader};
+use crate::lm::source::{ModelSource, ModelWindows};
 use crate::model::Sae;
 use crate::normalize::Normalizer;
 use crate::Result;
 use std::path::Path;
+use std::rc::Rc;
 use tch::{Device, Tensor};
 
 /// data.stream: rows per contiguous block, and blocks mixed per window.
@@ -32,10 +34,22 @@ pub enum Source {
         rows: usize,
         norm: Normalizer,
     },
+    /// data.model: rows computed by the language model window by window,
+    /// in the order a streamed dump of them would be read.
+    Model {
+        source: Rc<ModelSource>,
+        norm: Normalizer,
+    },
 }
 
 impl Source {
     pub fn new(cfg: &Config, data: &Data, model: &Sae, device: Device) -> Source {
+        if let Some(source) = &data.model_source {
+            return Source::Model {
+                source: source.clone(),
+                norm: model.norm.clone(),
+            };
+        }
         match &data.mapped {
             Some(m) => Source::Stream {
                 file: m.row_file(Path::new(cfg.data.train.as_deref().expect("validated"))),
@@ -53,6 +67,7 @@ impl Source {
         match self {
             Source::Memory(d) => d.rows(),
             Source::Stream { rows, .. } => *rows,
+            Source::Model { source, .. } => source.rows(),
         }
     }
 }
@@ -102,7 +117,30 @@ impl Orders {
 enum Current {
     Memory(EpochBatches),
     /// The epoch's reader, and the normalisation each batch gets.
-    Stream(WindowReader, Normalizer),
+    Stream(Reader, Normalizer),
+}
+
+/// Windows of a streamed file (read ahead on a thread) or of a model
+/// source (computed when reached).
+enum Reader {
+    File(WindowReader),
+    Model(ModelWindows),
+}
+
+impl Reader {
+    fn prime(&mut self) -> Result<()> {
+        match self {
+            Reader::File(r) => r.prime(),
+            Reader::Model(m) => m.prime(),
+        }
+    }
+
+    fn next_batch(&mut self, n: usize) -> Result<Tensor> {
+        match self {
+            Reader::File(r) => r.next_batch(n),
+            Reader::Model(m) => m.next_batch(n),
+        }
+    }
 }
 
 pub struct Batches {
@@ -125,7 +163,7 @@ pub struct Batches {
     /// Each epoch's order is drawn once, by whoever needs it first: streams
     /// draw the next one when they start reading it ahead.
     next_order: Option<Vec<i64>>,
-    next_reader: Option<WindowReader>,
+    next_reader: Option<Reader>,
 }
 
 impl Batches {
@@ -146,7 +184,7 @@ impl Batches {
             seed: cfg.seed,
             shuffle: cfg.train.shuffle,
             fixed: fixed_order,
-            stream: matches!(source, Source::Stream { .. }),
+            stream: matches!(source, Source::Stream { .. } | Source::Model { .. }),
         };
         let mut b = Batches {
             source,
@@ -192,11 +230,11 @@ impl Batches {
         };
         self.current = Some(match &self.source {
             Source::Memory(d) => Current::Memory(d.batches(rest, self.batch_rows, self.shard)),
-            Source::Stream { file, norm, .. } => {
+            Source::Stream { norm, .. } | Source::Model { norm, .. } => {
                 let reader = match self.next_reader.take() {
                     Some(r) => r,
                     None => {
-                        let mut r = start_reader(file, rest.to_vec());
+                        let mut r = start_reader(&self.source, rest.to_vec());
                         r.prime()?;
                         r
                     }
@@ -247,17 +285,30 @@ impl Batches {
     /// Streams: once the epoch's last window is reached, the next epoch's
     /// reader starts, so only the run's very first window is waited for.
     fn read_ahead(&mut self, left: usize) {
-        let Source::Stream { file, .. } = &self.source else {
+        if matches!(self.source, Source::Memory(_)) {
             return;
-        };
+        }
         if self.next_reader.is_none() && self.epoch < self.epochs && left <= STREAM_WINDOW_ROWS {
             let order = self.orders.of(self.epoch + 1);
-            self.next_reader = Some(start_reader(file, order.clone()));
+            self.next_reader = Some(start_reader(&self.source, order.clone()));
             self.next_order = Some(order);
         }
     }
 }
 
-fn start_reader(file: &RowFile, order: Vec<i64>) -> WindowReader {
+fn start_reader(source: &Source, order: Vec<i64>) -> Reader {
+    match source {
+        Source::Stream { file, .. } => Reader::File(start_file_reader(file, order)),
+        Source::Model { source, .. } => Reader::Model(ModelWindows::new(
+            source.clone(),
+            order,
+            STREAM_BLOCK_ROWS,
+            STREAM_WINDOW_ROWS,
+        )),
+        Source::Memory(_) => unreachable!("in-memory data has no reader"),
+    }
+}
+
+fn start_file_reader(file: &RowFile, order: Vec<i64>) -> WindowReader {
     WindowReader::start(file, order, STREAM_BLOCK_ROWS, STREAM_WINDOW_ROWS)
 }

@@ -9,10 +9,12 @@ use crate::config::{Auto, BatchSize, Config, DistBackend, PenaltyKind};
 use crate::data::dataset::{read_order, Dataset};
 use crate::data::mmap::Mapped;
 use crate::data::npy;
+use crate::lm::source::{self, Corpus, ModelSource};
 use crate::model::Sae;
 use crate::{bail_user, device, Result};
 use anyhow::Context;
 use std::path::Path;
+use std::rc::Rc;
 use tch::{Device, Kind, Tensor};
 
 /// The arrays of a run as read (not normalised).
@@ -25,6 +27,9 @@ pub struct Data {
     pub truth: Option<Tensor>,
     /// data.stream: the mapping `train` is a view of.
     pub mapped: Option<Mapped>,
+    /// data.model: the training rows' source; `train` then holds its first
+    /// rows (a sample for normalisation, init and the final metrics).
+    pub model_source: Option<Rc<ModelSource>>,
 }
 
 pub struct Plan {
@@ -189,6 +194,11 @@ pub fn joined(model: &Sae, x: &Tensor, y: Option<&Tensor>, device: Device) -> Te
 /// non-finite rows where allowed and splits off validation rows; fills in
 /// `model.d_in`.
 fn load_data(cfg: &mut Config) -> Result<Data> {
+    if cfg.data.from_model() {
+        let data = model_data(cfg)?;
+        cfg.model.d_in = Auto::Value(data.train.size()[1]);
+        return Ok(data);
+    }
     let mut data = read_arrays(cfg)?;
     cfg.model.d_in = Auto::Value(data.train.size()[1]);
     if cfg.data.allow_nonfinite {
@@ -284,6 +294,47 @@ fn read_arrays(cfg: &Config) -> Result<Data> {
         valid_target,
         truth: None,
         mapped,
+        model_source: None,
+    })
+}
+
+/// Rows of a model source's sample: its first rows in token order.
+pub const MODEL_SAMPLE_ROWS: usize = 65_536;
+
+/// `data.model` on `data.tokens`: the source of training rows (whole
+/// sequences held out for validation by `data.valid_fraction`: the last
+/// ones), its first rows as the sample, the validation rows computed.
+fn model_data(cfg: &Config) -> Result<Data> {
+    let d = &cfg.data;
+    let corpus = Rc::new(Corpus::open(&source::Spec::from_config(cfg)?)?);
+    let n = corpus.n_seq();
+    let n_valid = source::held_out(n, d.valid_fraction)?;
+    let train = ModelSource::new(corpus.clone(), 0, n - n_valid);
+    let valid = match (n_valid, &d.valid) {
+        (0, Some(p)) => Some(read(cfg, p).context("data.valid")?),
+        (0, None) => None,
+        _ => Some(ModelSource::new(corpus.clone(), n - n_valid, n).head(usize::MAX)?),
+    };
+    if let Some(v) = &valid {
+        if v.size()[1] != corpus.d {
+            bail_user!(
+                "data.valid: {} columns but data.model gives {}",
+                v.size()[1],
+                corpus.d
+            );
+        }
+        if v.size()[0] == 0 {
+            bail_user!("data.valid_fraction: the held-out sequences keep no position");
+        }
+    }
+    Ok(Data {
+        train: train.head(MODEL_SAMPLE_ROWS)?,
+        valid,
+        train_target: None,
+        valid_target: None,
+        truth: None,
+        mapped: None,
+        model_source: Some(Rc::new(train)),
     })
 }
 
