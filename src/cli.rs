@@ -1044,6 +1044,7 @@ fn activations_cmd(a: &ActivationsArgs) -> Result<()> {
                 exclude_positions: a.exclude_positions.clone(),
                 group: a.batch_size as usize,
                 device: device::resolve(&a.device)?,
+                cli: true,
             };
             (spec, 0.0)
         }

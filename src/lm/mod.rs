@@ -56,7 +56,8 @@ impl LanguageModel {
             if sae_like {
                 bail_user!(
                     "{key}: {} is a sparse autoencoder (it has W_enc/W_dec), not a language model; \
-                     give the model whose activations the SAE should learn (--model takes SAEs)",
+                     give the model up to the layer studied, whose forward(ids) returns \
+                     [batch, ctx, d]",
                     path.display()
                 );
             }

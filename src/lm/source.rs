@@ -32,6 +32,9 @@ pub struct Spec {
     /// Sequences per model call.
     pub group: usize,
     pub device: Device,
+    /// Flags (`--model`, `--tokens`) rather than config keys name the
+    /// files in messages.
+    pub cli: bool,
 }
 
 impl Spec {
@@ -52,6 +55,7 @@ impl Spec {
             exclude_positions: d.exclude_positions.clone(),
             group: d.model_batch as usize,
             device,
+            cli: false,
         })
     }
 }
@@ -89,7 +93,11 @@ impl Corpus {
     /// Opens the model and tokens, checks every id (negative, or past the
     /// model's vocabulary: named by sequence) and counts the kept positions.
     pub fn open(spec: &Spec) -> Result<Corpus> {
-        let tokens = Tokens::open(Path::new(&spec.tokens), spec.context_size)?;
+        let (model_key, tokens_key) = match spec.cli {
+            true => ("--model", "--tokens"),
+            false => ("data.model", "data.tokens"),
+        };
+        let tokens = Tokens::open(Path::new(&spec.tokens), spec.context_size, tokens_key)?;
         let ctx = tokens.ctx;
         let mut exclude_position = vec![false; ctx];
         for &p in &spec.exclude_positions {
@@ -128,7 +136,7 @@ impl Corpus {
                 tokens.origin()
             );
         }
-        let lm = LanguageModel::open(Path::new(&spec.model), spec.device, "data.model")?;
+        let lm = LanguageModel::open(Path::new(&spec.model), spec.device, model_key)?;
         let mut corpus = Corpus {
             lm,
             tokens,
@@ -138,9 +146,11 @@ impl Corpus {
             kept,
             d: 0,
         };
+        // Id 0 is inside any vocabulary: this first call finds what is
+        // wrong with the model itself before ids are blamed.
+        let zeros = Tensor::zeros([1, ctx as i64], (Kind::Int64, Device::Cpu));
+        corpus.d = corpus.lm.forward(&zeros, "a sequence of id 0")?.size()[2];
         corpus.check_ids(max_id)?;
-        let first = corpus.tokens.tensor(0, 1);
-        corpus.d = corpus.lm.forward(&first, "sequence 0")?.size()[2];
         Ok(corpus)
     }
 

@@ -29,8 +29,8 @@ pub struct Tokens {
 impl Tokens {
     /// Opens `path`; `context_size` cuts a 1-D stream (and must match a
     /// 2-D file's width when given).
-    pub fn open(path: &Path, context_size: Option<usize>) -> Result<Tokens> {
-        let origin = format!("data.tokens: {}", path.display());
+    pub fn open(path: &Path, context_size: Option<usize>, key: &str) -> Result<Tokens> {
+        let origin = format!("{key}: {}", path.display());
         let file = File::open(path).map_err(|e| user(format!("{origin}: cannot open: {e}")))?;
         let prefix = crate::data::npy::read_header_bytes(&mut BufReader::new(&file), &origin)?;
         let header = npyz::NpyHeader::from_reader(std::io::Cursor::new(&prefix))
