@@ -203,6 +203,9 @@ pub struct DataConfig {
     pub model_device: Option<String>,
     /// Sequences per model call (fixed groups of the token file).
     pub model_batch: i64,
+    /// Rows (the first, in order) that fit the normalisation statistics:
+    /// auto = every row of a file, the first 65,536 of a model source.
+    pub norm_rows: Auto<i64>,
 }
 
 impl DataConfig {
@@ -463,6 +466,7 @@ impl Default for DataConfig {
             exclude_positions: Vec::new(),
             model_device: None,
             model_batch: 8,
+            norm_rows: Auto::Auto,
         }
     }
 }
@@ -845,6 +849,11 @@ impl Config {
         if let Some(c) = d.context_size {
             if c < 1 {
                 return Err(format!("data.context_size: {c} must be at least 1"));
+            }
+        }
+        if let Auto::Value(n) = d.norm_rows {
+            if n < 1 {
+                return Err(format!("data.norm_rows: {n} must be at least 1 (or auto)"));
             }
         }
         if d.model_batch < 1 {

@@ -1,8 +1,8 @@
 //! The model a run starts from: fresh weights, `model.init`'s weights,
 //! `b_dec` estimated from the data, unit-norm decoder rows.
 
-use super::plan::{train_path, Data};
-use crate::config::{BDecInit, Config};
+use super::plan::Data;
+use crate::config::{Auto, BDecInit, Config};
 use crate::data::dataset::permutation;
 use crate::export;
 use crate::model::{ModelSpec, Sae};
@@ -45,14 +45,22 @@ pub fn model(cfg: &Config, data: &Data, device: Device) -> Result<Sae> {
     Ok(model)
 }
 
-/// The input normalisation fitted on the training rows (with data.stream:
-/// one chunked pass in float64 sums that also rejects non-finite rows).
+/// The input normalisation fitted on the training rows, or their first
+/// `data.norm_rows`. Streamed and model sources take one chunked pass in
+/// float64 sums that also rejects non-finite rows: the same pass over the
+/// same rows, so a model source and its streamed dump fit the same values.
 fn fit_norm(cfg: &Config, data: &Data) -> Result<Normalizer> {
-    Ok(match &data.mapped {
-        Some(_) => Normalizer::fit_chunked(cfg.data.normalize, &data.train, 8192, train_path(cfg))
-            .context("data.train")?,
-        None => Normalizer::fit(cfg.data.normalize, &data.train),
-    })
+    let rows = match cfg.data.norm_rows {
+        Auto::Value(n) => n.min(data.train.size()[0]),
+        Auto::Auto => data.train.size()[0],
+    };
+    let x = data.train.narrow(0, 0, rows);
+    if data.mapped.is_some() || data.model_source.is_some() {
+        let origin = cfg.data.train.as_deref().or(cfg.data.model.as_deref());
+        return Normalizer::fit_chunked(cfg.data.normalize, &x, 8192, origin.unwrap_or("data"))
+            .context("data.train");
+    }
+    Ok(Normalizer::fit(cfg.data.normalize, &x))
 }
 
 /// Rows used to estimate `b_dec` (a seeded subset of larger data).

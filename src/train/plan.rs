@@ -298,7 +298,8 @@ fn read_arrays(cfg: &Config) -> Result<Data> {
     })
 }
 
-/// Rows of a model source's sample: its first rows in token order.
+/// Rows of a model source's sample (its first rows in token order) when
+/// `data.norm_rows` is auto.
 pub const MODEL_SAMPLE_ROWS: usize = 65_536;
 
 /// `data.model` on `data.tokens`: the source of training rows (whole
@@ -328,7 +329,10 @@ fn model_data(cfg: &Config) -> Result<Data> {
         }
     }
     Ok(Data {
-        train: train.head(MODEL_SAMPLE_ROWS)?,
+        train: train.head(match d.norm_rows {
+            Auto::Auto => MODEL_SAMPLE_ROWS,
+            Auto::Value(n) => n as usize,
+        })?,
         valid,
         train_target: None,
         valid_target: None,
