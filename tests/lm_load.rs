@@ -128,6 +128,11 @@ fn torchscript_matches_eager_pytorch() {
         };
         assert!(max_abs_diff(&out, &acts_ref(b)) <= 1e-6, "batch {b}");
     }
+    // Ids outside the vocabulary are errors (aten::embedding's own check).
+    for bad in [1024, 5000, -1] {
+        let e = tch::no_grad(|| m.forward_ts(&[tokens(2).fill(bad)])).unwrap_err();
+        assert!(e.to_string().contains("index out of range in self"), "{e}");
+    }
     println!("lm.pt: load {load_s:.3} s, forward [64, 32] {fwd_s:.4} s; max |diff| {diff:e}");
 }
 
@@ -192,6 +197,9 @@ fn bad_inputs_are_user_errors() {
     // Ids >= the vocabulary: the compiled kernel's bounds check.
     let e = model.forward(&tokens(2).fill(5000)).unwrap_err();
     assert_user_error(&e, &path, &["index out of bounds"]);
+    // Negative ids: the compiled kernel would wrap them (-1 reads id 1023).
+    let e = model.forward(&tokens(2).fill(-1)).unwrap_err();
+    assert_user_error(&e, &path, &["must be >= 0"]);
     // The model still works after those.
     let out = model.forward(&tokens(2)).unwrap();
     assert!(max_abs_diff(&out, &acts_ref(2)) <= 1e-5);

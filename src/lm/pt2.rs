@@ -13,7 +13,12 @@
 //! process by the package). Without them a wrong shape reads out of bounds,
 //! so [`Pt2Model::load`] sets it to `1` when it is unset. Ids outside the
 //! embedding's range are caught by the compiled kernels' own bounds check
-//! (ids >= vocab); negative ids wrap around, as Python indexing does.
+//! (ids >= vocab); negative ids, which those kernels wrap around as Python
+//! indexing does (-1 reads the last row), are refused here.
+//!
+//! A CPU package's library uses the vector instructions of the machine it
+//! was compiled on (`AOTI_CPU_ISA`, e.g. `AVX512`): loading it on a CPU
+//! without them is refused rather than left to crash.
 
 use crate::error::user;
 use crate::{bail_user, Result};
@@ -35,10 +40,16 @@ mod ffi {
     pub type KvCb = extern "C" fn(*mut c_void, *const c_char, *const c_char);
 
     extern "C" {
-        pub fn sae_pt2_read_metadata(path: *const c_char, ctx: *mut c_void, cb: KvCb)
-            -> *mut c_char;
-        pub fn sae_pt2_load(path: *const c_char, device_index: i32, out: *mut *mut SaePt2)
-            -> *mut c_char;
+        pub fn sae_pt2_read_metadata(
+            path: *const c_char,
+            ctx: *mut c_void,
+            cb: KvCb,
+        ) -> *mut c_char;
+        pub fn sae_pt2_load(
+            path: *const c_char,
+            device_index: i32,
+            out: *mut *mut SaePt2,
+        ) -> *mut c_char;
         pub fn sae_pt2_run(
             h: *mut SaePt2,
             input: *const C_tensor,
@@ -75,7 +86,9 @@ extern "C" fn on_kv(ctx: *mut c_void, key: *const c_char, value: *const c_char) 
     // SAFETY: ctx is the &mut HashMap passed to sae_pt2_read_metadata; the
     // strings are valid NUL-terminated C strings for the call.
     let out = unsafe { &mut *(ctx as *mut HashMap<String, String>) };
-    let k = unsafe { CStr::from_ptr(key) }.to_string_lossy().into_owned();
+    let k = unsafe { CStr::from_ptr(key) }
+        .to_string_lossy()
+        .into_owned();
     let v = unsafe { CStr::from_ptr(value) }
         .to_string_lossy()
         .into_owned();
@@ -109,6 +122,31 @@ fn is_zip(path: &Path) -> Result<bool> {
         }
     }
     Ok(n == 4 && (magic == *b"PK\x03\x04" || magic == *b"PK\x05\x06"))
+}
+
+/// The x86 feature a token of `AOTI_CPU_ISA` needs that `has` lacks.
+fn missing_isa(isa: &str, has: impl Fn(&str) -> bool) -> Option<&'static str> {
+    isa.split_whitespace()
+        .filter_map(|t| match t {
+            "AVX512" => Some("avx512f"),
+            "AVX2" => Some("avx2"),
+            _ => None,
+        })
+        .find(|f| !has(f))
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has(feature: &str) -> bool {
+    match feature {
+        "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+        "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+        _ => true,
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has(_feature: &str) -> bool {
+    true
 }
 
 /// Makes the package check its inputs (see the module docs), once, unless
@@ -177,6 +215,15 @@ impl Pt2Model {
                 "{shown} was compiled for {other}; only cpu and cuda packages can run here"
             ),
         };
+        if run_on == Device::Cpu {
+            let isa = metadata.get("AOTI_CPU_ISA").map_or("", String::as_str);
+            if let Some(f) = missing_isa(isa, cpu_has) {
+                bail_user!(
+                    "{shown} was compiled for a CPU with {isa}; this CPU lacks {f}: export it \
+                     again on this machine"
+                );
+            }
+        }
         enable_input_checks();
         let mut handle: *mut ffi::SaePt2 = std::ptr::null_mut();
         // SAFETY: path_c lives for the call; on success the shim stores an
@@ -215,6 +262,9 @@ impl Pt2Model {
             Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8 => ids.to_kind(Kind::Int64),
             _ => bail_user!("{shown}: token ids must be integers (int64); got {kind:?}"),
         };
+        if ids.numel() > 0 && ids.min().int64_value(&[]) < 0 {
+            bail_user!("{shown}: token ids must be >= 0; got a negative id");
+        }
         let ids = ids.to_device(self.device).contiguous();
         let mut out: *mut C_tensor = std::ptr::null_mut();
         // SAFETY: the handle is live (owned by self); ids lives for the call;
@@ -226,7 +276,9 @@ impl Pt2Model {
             return Err(if why.starts_with("input_handles[") {
                 user(msg)
             } else if why.contains("index out of bounds") {
-                user(format!("{msg} (a token id outside the model's vocabulary?)"))
+                user(format!(
+                    "{msg} (a token id outside the model's vocabulary?)"
+                ))
             } else {
                 anyhow::anyhow!(msg)
             });
@@ -284,5 +336,16 @@ mod tests {
             "input_handles[0]: unmatched dim value at 1, expected: 32, but got: 31"
         );
         assert_eq!(reason("\n  plain failure\nmore"), "plain failure");
+    }
+
+    #[test]
+    fn cpu_isa_check() {
+        let none = |_: &str| false;
+        let all = |_: &str| true;
+        assert_eq!(missing_isa("AVX512 AVX512_VNNI", none), Some("avx512f"));
+        assert_eq!(missing_isa("AVX512 AVX512_VNNI", all), None);
+        assert_eq!(missing_isa("AVX2", |f| f != "avx2"), Some("avx2"));
+        assert_eq!(missing_isa("", none), None);
+        assert_eq!(missing_isa("NEON", none), None);
     }
 }
