@@ -242,3 +242,31 @@ fn cuda_package_without_cuda_is_a_user_error() {
         );
     }
 }
+
+/// lm.pt2 is exported as users do (`Dim("batch")`, taken to be >= 2), so
+/// with its input checks on it refuses a batch of 1 by itself; Pt2Model
+/// runs such a batch as 2 rows.
+#[test]
+fn pt2_batch_of_one() {
+    let path = common::lm::tiny_lm().join("lm.pt2");
+    let code = r#"
+import os, sys, torch
+os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"
+m = torch._inductor.aoti_load_package(sys.argv[1])
+try:
+    m(torch.zeros(1, 32, dtype=torch.long))
+    print("accepted")
+except RuntimeError:
+    print("refused")
+"#;
+    let said = common::py(code, &[path.to_str().unwrap()]);
+    assert_eq!(
+        said.trim(),
+        "refused",
+        "lm.pt2 should refuse batch 1 under its checks"
+    );
+    let model = Pt2Model::load(&path, Device::Cpu).unwrap();
+    let out = model.forward(&tokens(1)).unwrap();
+    assert_eq!(out.size(), vec![1, 32, 64]);
+    assert!(max_abs_diff(&out, &acts_ref(1)) <= 1e-5);
+}

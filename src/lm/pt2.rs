@@ -16,6 +16,12 @@
 //! (ids >= vocab); negative ids, which those kernels wrap around as Python
 //! indexing does (-1 reads the last row), are refused here.
 //!
+//! A batch of one: `torch.export` takes a dynamic dimension to be at least 2
+//! (it specialises 0 and 1), and with the input checks on such a package
+//! refuses batch 1 ("dim value is too small at 0, expected it to be >= 2").
+//! [`Pt2Model::forward`] then runs the row twice as a batch of 2 and returns
+//! the first: the rows of a batch of token sequences are independent.
+//!
 //! A CPU package's library uses the vector instructions of the machine it
 //! was compiled on (`AOTI_CPU_ISA`, e.g. `AVX512`): loading it on a CPU
 //! without them is refused rather than left to crash.
@@ -266,28 +272,49 @@ impl Pt2Model {
             bail_user!("{shown}: token ids must be >= 0; got a negative id");
         }
         let ids = ids.to_device(self.device).contiguous();
+        match self.run(&ids) {
+            Err(why) if size[0] == 1 && why.contains("too small at 0, expected it to be >= 2") => {
+                let two = ids.expand([2, size[1]], false).contiguous();
+                self.run(&two)
+                    .map(|t| t.narrow(0, 0, 1))
+                    .map_err(|why| self.run_error(&size, why))
+            }
+            r => r.map_err(|why| self.run_error(&size, why)),
+        }
+    }
+
+    /// One run of the package: its first output, or the reason it failed.
+    fn run(&self, ids: &Tensor) -> std::result::Result<Tensor, String> {
         let mut out: *mut C_tensor = std::ptr::null_mut();
         // SAFETY: the handle is live (owned by self); ids lives for the call;
         // on success the shim stores a new owned tensor in `out`.
         let err = unsafe { ffi::sae_pt2_run(self.handle.as_ptr(), ids.as_ptr(), &mut out) };
         if let Some(e) = crate::shim::take_error(err) {
-            let why = reason(&e);
-            let msg = format!("{shown}: running the model on ids {size:?}: {why}");
-            return Err(if why.starts_with("input_handles[") {
-                user(msg)
-            } else if why.contains("index out of bounds") {
-                user(format!(
-                    "{msg} (a token id outside the model's vocabulary?)"
-                ))
-            } else {
-                anyhow::anyhow!(msg)
-            });
+            return Err(reason(&e));
         }
         if out.is_null() {
-            anyhow::bail!("{shown}: the model returned no tensor");
+            return Err("the model returned no tensor".into());
         }
         // SAFETY: `out` is a heap-allocated torch::Tensor the shim handed over.
         Ok(unsafe { Tensor::from_ptr(out) })
+    }
+
+    /// A failed run as an error: the user's when the package's input checks
+    /// or its kernels' bounds checks refused the ids.
+    fn run_error(&self, size: &[i64], why: String) -> anyhow::Error {
+        let msg = format!(
+            "{}: running the model on ids {size:?}: {why}",
+            self.path.display()
+        );
+        if why.starts_with("input_handles[") {
+            user(msg)
+        } else if why.contains("index out of bounds") {
+            user(format!(
+                "{msg} (a token id outside the model's vocabulary?)"
+            ))
+        } else {
+            anyhow::anyhow!(msg)
+        }
     }
 
     /// The device the model runs on: the package's (CPU for a CPU package).
