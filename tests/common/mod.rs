@@ -3,6 +3,8 @@
 //! runs ([`Case`] -> [`Run`]) and user-error checks once for every test file.
 #![allow(dead_code)]
 
+pub mod lm;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
