@@ -79,9 +79,16 @@ fn bad_models_and_tokens_are_refused_in_one_line() {
     run(
         &p(b, "nan.pt"),
         &p(b, "tokens_nan.npy"),
-        &["NaN or Inf activations at sequence 5, position 2", "token id 7"],
+        &[
+            "NaN or Inf activations at sequence 5, position 2",
+            "token id 7",
+        ],
     );
-    run(&p(b, "missing.pt"), &ok_tokens, &["missing.pt", "no such file"]);
+    run(
+        &p(b, "missing.pt"),
+        &ok_tokens,
+        &["missing.pt", "no such file"],
+    );
     run(
         &p(b, "tokens_ok.npy"),
         &ok_tokens,
@@ -123,7 +130,11 @@ fn bad_models_and_tokens_are_refused_in_one_line() {
         &["exclude_positions: 6 is outside a sequence of 6 positions"],
     );
     let small = out.path().join("small_vocab.txt");
-    std::fs::write(&small, (0..30).map(|i| format!("t{i}\n")).collect::<String>()).unwrap();
+    std::fs::write(
+        &small,
+        (0..30).map(|i| format!("t{i}\n")).collect::<String>(),
+    )
+    .unwrap();
     let labels = p(out.path(), "labels.txt");
     let vocab_run = |vocab: &Path, needles: &[&str]| {
         expect_user_error(
@@ -147,7 +158,10 @@ fn bad_models_and_tokens_are_refused_in_one_line() {
     vocab_run(&small, &["small_vocab.txt has 30 entries", "holds id"]);
     let big = out.path().join("big_vocab.txt");
     std::fs::write(&big, (0..80).map(|i| format!("t{i}\n")).collect::<String>()).unwrap();
-    vocab_run(&big, &["big_vocab.txt has 80 entries", "accepts ids 0..49 only"]);
+    vocab_run(
+        &big,
+        &["big_vocab.txt has 80 entries", "accepts ids 0..49 only"],
+    );
 }
 
 #[test]
@@ -169,15 +183,247 @@ fn bad_model_source_configs_are_refused() {
         expect_user_error(&args, needles);
         assert!(!Path::new(&out).exists(), "{sets:?} wrote {out}");
     };
-    train(&["data.train=x.npy"], &["data.model: not available with data.train"]);
+    train(
+        &["data.train=x.npy"],
+        &["data.model: not available with data.train"],
+    );
     train(&["data.stream=true"], &["data.stream"]);
     train(&["train.batch_size=full"], &["batch_size: full"]);
     train(&["data.model_batch=0"], &["data.model_batch: 0"]);
     train(&["data.tokens=null"], &["data.model: needs data.tokens"]);
-    train(&["data.context_size=4"], &["data.context_size: 4", "sequences of 6 tokens"]);
+    train(
+        &["data.context_size=4"],
+        &["data.context_size: 4", "sequences of 6 tokens"],
+    );
     train(&["data.valid_fraction=0.99"], &["leaves none to train on"]);
     train(
-        &["data.exclude_tokens=[0]", "data.exclude_positions=[1,2,3,4,5]"],
+        &[
+            "data.exclude_tokens=[0]",
+            "data.exclude_positions=[1,2,3,4,5]",
+        ],
         &["drop every position"],
+    );
+}
+
+/// `sae activations` on the tiny language model (tests/fixtures/tiny_lm.py)
+/// against PyTorch: TorchScript to 1e-6 and .pt2 to 1e-5 of the eager
+/// forward; exclusions drop exactly the rows torch's mask drops; a 1-D
+/// stream is cut into sequences; float16 is the float32 rounded; labels
+/// mark each row's token.
+#[test]
+fn activations_equal_torch_forward_for_both_exports() {
+    let lm = common::lm::tiny_lm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let t64 = p(d, "t64.npy");
+    py(
+        "import numpy as np, sys; np.save(sys.argv[2], np.load(sys.argv[1])[:64])",
+        &[&p(&lm, "tokens.npy"), &t64],
+    );
+    let act = |model: &str, tokens: &str, out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "activations",
+            "--model",
+            model,
+            "--tokens",
+            tokens,
+            "--out",
+            out,
+            "--device",
+            "cpu",
+            "-q",
+        ];
+        args.extend_from_slice(extra);
+        sae_ok(&args)
+    };
+    let (pt, pt2) = (p(&lm, "lm.pt"), p(&lm, "lm.pt2"));
+    let said = act(&pt, &t64, &p(d, "pt.npy"), &["--batch-size", "7"]);
+    assert!(said.contains("2048 rows x 64 from 64 sequences"), "{said}");
+    act(&pt2, &t64, &p(d, "pt2.npy"), &[]);
+    act(
+        &pt,
+        &t64,
+        &p(d, "excl.npy"),
+        &["--exclude-tokens", "0,5", "--exclude-positions", "-1"],
+    );
+    act(&pt, &t64, &p(d, "half.npy"), &["--dtype", "float16"]);
+    act(
+        &pt,
+        &p(&lm, "tokens_1d.npy"),
+        &p(d, "stream.npy"),
+        &["--context-size", "32"],
+    );
+    let labels = p(d, "labels.txt");
+    act(
+        &pt,
+        &t64,
+        &p(d, "labelled.npy"),
+        &["--vocab", &p(&lm, "vocab.txt"), "--labels", &labels],
+    );
+    let report = py(
+        r#"
+import sys, numpy as np, torch
+lm, d = sys.argv[1], sys.argv[2]
+ref = np.load(f"{lm}/acts_ref.npy")                      # [64, 32, 64] eager
+tok = np.load(f"{lm}/tokens.npy")[:64]
+flat = ref.reshape(-1, ref.shape[-1])
+pt, pt2 = np.load(f"{d}/pt.npy"), np.load(f"{d}/pt2.npy")
+assert pt.shape == pt2.shape == flat.shape, (pt.shape, pt2.shape, flat.shape)
+print("pt", np.abs(pt - flat).max(), "pt2", np.abs(pt2 - flat).max())
+assert np.abs(pt - flat).max() <= 1e-6
+assert np.abs(pt2 - flat).max() <= 1e-5
+keep = ~np.isin(tok, [0, 5])
+keep[:, -1] = False
+excl = np.load(f"{d}/excl.npy")
+assert excl.shape == (keep.sum(), 64), (excl.shape, keep.sum())
+assert np.abs(excl - ref[keep]).max() <= 1e-6
+half = np.load(f"{d}/half.npy")
+assert half.dtype == np.float16 and np.array_equal(half, pt.astype(np.float16))
+ids = np.load(f"{lm}/tokens_1d.npy").astype(np.int64)
+n = len(ids) // 32
+m = torch.jit.load(f"{lm}/lm.pt")
+with torch.no_grad():
+    s_ref = torch.cat([m(torch.from_numpy(ids[:n * 32].reshape(n, 32)[i:i + 8]))
+                       for i in range(0, n, 8)]).reshape(-1, 64).numpy()
+s = np.load(f"{d}/stream.npy")
+assert s.shape == s_ref.shape, (s.shape, s_ref.shape)
+print("stream", np.abs(s - s_ref).max())
+assert np.abs(s - s_ref).max() <= 1e-6
+vocab = open(f"{lm}/vocab.txt", encoding="utf-8").read().split("\n")
+lines = open(f"{d}/labels.txt", encoding="utf-8").read().split("\n")[:-1]
+assert len(lines) == pt.shape[0], (len(lines), pt.shape)
+for i in range(0, len(lines), 97):
+    s_, p_ = divmod(i, 32)
+    want = "\u27e6" + vocab[tok[s_, p_]] + "\u27e7"
+    assert want in lines[i], (i, want, lines[i])
+    assert lines[i].startswith("".join(vocab[t] for t in tok[s_, max(0, p_ - 8):p_]) + "\u27e6")
+print("ok")
+"#,
+        &[lm.to_str().unwrap(), d.to_str().unwrap()],
+    );
+    println!("{report}");
+    assert!(report.trim_end().ends_with("ok"), "{report}");
+}
+
+/// One config for the tiny model: top-k, standardised on the first 5,000
+/// rows, BOS dropped, 2 epochs.
+fn from_model_yaml(model: &str, tokens: &str, extra_data: &str) -> String {
+    format!(
+        "device: cpu
+seed: 5
+data:
+  model: {model}
+  tokens: {tokens}
+  exclude_positions: [0]
+  normalize: standardize
+  norm_rows: 5000
+{extra_data}
+model: {{d_hidden: 256, activation: topk, k: 8}}
+sparsity: {{penalty: auxk, weight: 0.03}}
+train: {{epochs: 2, batch_size: 128, threads: 1, checkpoint_every: 100, dead_window: 50}}
+"
+    )
+}
+
+fn same_files(a: &Path, b: &Path, what: &str) {
+    for f in ["model.safetensors", "metrics.jsonl"] {
+        assert!(
+            std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(),
+            "{what}: {f} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+/// Train from the model = train from `sae activations`' dump of the same
+/// source read with data.stream (same windows, same order), byte for byte,
+/// for TorchScript and .pt2; a held-out fraction holds out whole sequences.
+#[test]
+fn training_from_the_model_equals_training_from_its_dump() {
+    let lm = common::lm::tiny_lm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tokens = p(&lm, "tokens.npy");
+    for model in ["lm.pt", "lm.pt2"] {
+        let name = model.replace('.', "_");
+        let cfg = write_config(
+            d,
+            &format!("{name}.yaml"),
+            &from_model_yaml(&p(&lm, model), &tokens, ""),
+        );
+        let dump = p(d, &format!("{name}_acts.npy"));
+        sae_ok(&["activations", "--config", &cfg, "--out", &dump, "-q"]);
+        let from_model = d.join(format!("{name}_model"));
+        sae_ok(&[
+            "train",
+            "-q",
+            "--config",
+            &cfg,
+            "--out",
+            from_model.to_str().unwrap(),
+        ]);
+        let dump_yaml = from_model_yaml("X", "X", "").replace(
+            "  model: X\n  tokens: X\n  exclude_positions: [0]\n",
+            &format!("  train: {dump}\n  stream: true\n"),
+        );
+        let dump_cfg = write_config(d, &format!("{name}_dump.yaml"), &dump_yaml);
+        let from_dump = d.join(format!("{name}_dump"));
+        sae_ok(&[
+            "train",
+            "-q",
+            "--config",
+            &dump_cfg,
+            "--out",
+            from_dump.to_str().unwrap(),
+        ]);
+        same_files(&from_model, &from_dump, model);
+        let s = summary(&from_model);
+        assert_eq!(
+            s["steps"].as_i64(),
+            Some(2 * (1321 * 31usize).div_ceil(128) as i64)
+        );
+        println!(
+            "{model}: train-from-model = train-from-dump over {} steps",
+            s["steps"]
+        );
+    }
+    // data.valid_fraction: the last 10 % of sequences (133 of 1321), whole.
+    let cfg = write_config(
+        d,
+        "valid.yaml",
+        &from_model_yaml(&p(&lm, "lm.pt"), &tokens, "  valid_fraction: 0.1"),
+    );
+    let run = d.join("valid");
+    sae_ok(&[
+        "train",
+        "-q",
+        "--config",
+        &cfg,
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    let s = summary(&run);
+    assert_eq!(s["valid"]["rows"].as_i64(), Some(133 * 31), "{s}");
+    assert_eq!(
+        s["train"]["rows"].as_i64(),
+        Some(5000),
+        "the sample: data.norm_rows"
+    );
+    assert_eq!(
+        s["steps"].as_i64(),
+        Some(2 * (1188 * 31usize).div_ceil(128) as i64)
+    );
+    let said = sae_ok(&[
+        "activations",
+        "--config",
+        &cfg,
+        "--out",
+        &p(d, "v.npy"),
+        "-q",
+    ]);
+    assert!(
+        said.contains("from 1188 sequences (the last 133 held out"),
+        "{said}"
     );
 }
