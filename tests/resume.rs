@@ -107,7 +107,13 @@ fn interrupted_runs_match_uninterrupted(yaml: &str, name: &str) {
     let d = dir.path();
     let (x, _) = synth(d, 2000, 16, 32, 3);
     let cfg = write_config(d, "c.yaml", &yaml.replace('X', &x));
-    let case = |name: &str| Case::new(d, name).config(&cfg);
+    interrupted_runs_match(d, &cfg, name);
+}
+
+/// [`interrupted_runs_match_uninterrupted`] for the config file `cfg`,
+/// runs made in `d`.
+fn interrupted_runs_match(d: &Path, cfg: &str, name: &str) {
+    let case = |name: &str| Case::new(d, name).config(cfg);
     let reference = case("reference").train().dir;
     let total = steps_of(&reference);
 
@@ -161,6 +167,34 @@ fn interrupted_runs_match_uninterrupted(yaml: &str, name: &str) {
         case.flag("--resume").train();
         same_outputs(&reference, &run, name);
     }
+}
+
+/// Rows from a language model (tests/fixtures/tiny_lm.py): a resumed run
+/// recomputes its window from the tokens and ends bit-identical.
+#[test]
+fn model_source_resume_is_bit_identical() {
+    let lm = common::lm::tiny_lm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let yaml = format!(
+        "device: cpu
+seed: 2
+data:
+  model: {}
+  tokens: {}
+  exclude_positions: [0]
+  normalize: expected_norm
+  valid_fraction: 0.05
+model: {{d_hidden: 128, activation: topk, k: 6}}
+sparsity: {{penalty: auxk, weight: 0.03}}
+train: {{epochs: 3, batch_size: 64, checkpoint_every: 5, threads: 1, dead_window: 20,
+         input_noise: gaussian, noise_level: 0.05}}
+",
+        lm.join("lm.pt").display(),
+        lm.join("tokens.npy").display()
+    );
+    let cfg = write_config(d, "c.yaml", &yaml);
+    interrupted_runs_match(d, &cfg, "model source");
 }
 
 #[test]
