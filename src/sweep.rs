@@ -168,9 +168,13 @@ impl Row {
 
 /// Eigenvalues (descending) of the covariance of the data the base config
 /// trains on, normalised the same way: PCA's variance per component.
-fn pca_spectrum(cfg: &Config) -> Result<Vec<f64>> {
+fn pca_spectrum(cfg: &Config, sources: &train::Sources) -> Result<Vec<f64>> {
     let _guard = tch::no_grad_guard();
-    let x = crate::data::npy::read_tensor(cfg.data.train.as_deref().unwrap_or_default())?;
+    let x = match cfg.data.from_model() {
+        // The sample a run from the model fits its normalisation on.
+        true => train::plan::model_sample(cfg, sources)?,
+        false => crate::data::npy::read_tensor(cfg.data.train.as_deref().unwrap_or_default())?,
+    };
     let norm = crate::normalize::Normalizer::fit(cfg.data.normalize, &x);
     let x = norm.apply(&x).to_kind(Kind::Double);
     let xc = &x - x.mean_dim(0, true, Kind::Double);
@@ -222,14 +226,101 @@ pub fn run(path: &Path, out: &Path, opts: &SweepOptions) -> Result<Vec<Row>> {
         .collect::<Result<_>>()?;
     std::fs::create_dir_all(out)
         .map_err(|e| user(format!("--out {}: cannot create: {e}", out.display())))?;
-    let spectrum = pca_spectrum(&configs[0])?;
-    let rows = if opts.jobs <= 1 {
+    let sources = train::Sources::together();
+    let spectrum = pca_spectrum(&configs[0], &sources)?;
+    let rows = if opts.jobs <= 1 && one_model_pass(&configs) {
+        run_together(
+            &spec,
+            &points,
+            &configs,
+            out,
+            &spectrum,
+            opts.progress,
+            &sources,
+        )?
+    } else if opts.jobs <= 1 {
         run_in_process(&spec, &points, &configs, out, &spectrum, opts.progress)?
     } else {
         parallel::run(&spec, &points, &configs, out, &spectrum, opts)?
     };
     write_tables(&spec, &rows, out)?;
     write_plots(&spec, &rows, out)?;
+    Ok(rows)
+}
+
+/// Whether every point trains on one language model's rows in the same
+/// order with the same threads: then one pass of the model serves them all.
+fn one_model_pass(configs: &[Config]) -> bool {
+    let key = |c: &Config| format!("{:?} {} {} {:?}", c.data, c.seed, c.device, c.train.threads);
+    configs[0].data.from_model() && configs.iter().all(|c| key(c) == key(&configs[0]))
+}
+
+/// `--jobs 1` with one model source: the points train together, the model
+/// run once per window for all (`train::train_together`); finished points
+/// are kept, checkpointed ones resume.
+fn run_together(
+    spec: &SweepSpec,
+    points: &[Vec<Value>],
+    configs: &[Config],
+    out: &Path,
+    spectrum: &[f64],
+    progress: bool,
+    sources: &train::Sources,
+) -> Result<Vec<Row>> {
+    let started = Instant::now();
+    let n = points.len();
+    let mut runs = Vec::new();
+    for (i, (point, cfg)) in points.iter().zip(configs).enumerate() {
+        let dir = out.join(spec.run_name(i, point));
+        if dir.join("summary.json").is_file() {
+            continue;
+        }
+        let resume = crate::checkpoint::path(&dir).is_file();
+        if progress {
+            let how = if resume { "resuming" } else { "training" };
+            eprintln!("[{}/{n}] {}: {how}", i + 1, spec.label(point));
+        }
+        let opts = TrainOptions {
+            out: dir,
+            force: !resume,
+            progress: false,
+            resume,
+        };
+        runs.push((cfg.clone(), opts));
+    }
+    if !runs.is_empty() {
+        if progress {
+            eprintln!(
+                "{} point(s) train together on one pass of {}",
+                runs.len(),
+                configs[0].data.model.as_deref().unwrap_or_default()
+            );
+        }
+        let before = sources.sequences_run();
+        train::train_together(&runs, sources)?;
+        if progress {
+            eprintln!(
+                "the model ran on {} sequences for {} point(s) in {:.1} s",
+                sources.sequences_run() - before,
+                runs.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, point) in points.iter().enumerate() {
+        let name = spec.run_name(i, point);
+        let dir = out.join(&name);
+        let row = finished_row(point, name, &dir, spectrum)?;
+        if progress {
+            let done = runs.iter().all(|(_, o)| o.out != dir);
+            eprintln!(
+                "{}",
+                finished_line(i, n, &spec.label(point), &row, done, started)
+            );
+        }
+        rows.push(row);
+    }
     Ok(rows)
 }
 

@@ -427,3 +427,72 @@ fn training_from_the_model_equals_training_from_its_dump() {
         "{said}"
     );
 }
+
+/// A sweep whose points share one model source trains them together: the
+/// model runs once per window for all four (its sequence count is one
+/// pass per epoch, not four), and each point ends byte-identical to the
+/// same point trained alone, whatever its batch size.
+#[test]
+fn one_pass_sweep_points_equal_solo_runs() {
+    let lm = common::lm::tiny_lm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sweep = write_config(
+        d,
+        "sweep.yaml",
+        &format!(
+            "base:
+  device: cpu
+  seed: 4
+  data: {{model: {}, tokens: {}, exclude_positions: [0], valid_fraction: 0.05}}
+  model: {{d_hidden: 128, activation: topk, k: 4}}
+  sparsity: {{penalty: none}}
+  train: {{epochs: 2, batch_size: 128, threads: 1}}
+grid:
+  model.k: [4, 8]
+  train.batch_size: [64, 256]
+",
+            p(&lm, "lm.pt"),
+            p(&lm, "tokens.npy")
+        ),
+    );
+    let out = d.join("sweep");
+    let o = sae(&["sweep", "--config", &sweep, "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("4 point(s) train together on one pass"),
+        "{err}"
+    );
+    // 1321 sequences, the last 67 held out: 1254 train sequences per epoch
+    // (plus the groups that straddle windows), and the 67 once.
+    let ran: u64 = err
+        .split("the model ran on ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no model count in: {err}"));
+    assert!(
+        (2 * 1254 + 67..=2 * 1254 + 67 + 2 * 8 * 2).contains(&ran),
+        "the model ran on {ran} sequences: {err}"
+    );
+    for run in std::fs::read_dir(&out).unwrap() {
+        let run = run.unwrap().path();
+        if !run.join("summary.json").is_file() {
+            continue;
+        }
+        let solo = d.join(format!(
+            "solo-{}",
+            run.file_name().unwrap().to_str().unwrap()
+        ));
+        sae_ok(&[
+            "train",
+            "-q",
+            "--config",
+            run.join("config.yaml").to_str().unwrap(),
+            "--out",
+            solo.to_str().unwrap(),
+        ]);
+        same_files(&run, &solo, "one-pass sweep point vs solo");
+    }
+}

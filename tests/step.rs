@@ -166,7 +166,7 @@ fn replay(case: &Case) {
 
     // In-process: the loop's parts without the run directory.
     let cfg = Config::from_yaml_str(&yaml, "test", &[]).expect("config");
-    let plan = Plan::build(&cfg, 1).expect("plan");
+    let plan = Plan::build(&cfg, 1, &Default::default()).expect("plan");
     let start = state::start();
     let mut batches = Batches::new(
         plan.source,

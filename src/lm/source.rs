@@ -14,7 +14,8 @@ use super::tokens::Tokens;
 use super::LanguageModel;
 use crate::error::user;
 use crate::{bail_user, Result};
-use std::collections::HashSet;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::rc::Rc;
 use tch::{Device, Kind, Tensor};
@@ -87,7 +88,25 @@ pub struct Corpus {
     kept: Vec<u32>,
     /// The model's output width.
     pub d: i64,
+    /// Runs sharing this corpus besides the first (`train_together`): while
+    /// there are any, computed windows and row ranges are kept for them.
+    sharers: Cell<usize>,
+    /// Sequences the model has run on (group by group), for reports.
+    pub sequences_run: Cell<u64>,
+    windows: RefCell<VecDeque<(WindowKey, Window)>>,
+    heads: RefCell<Vec<((usize, usize), Tensor)>>,
 }
+
+/// A computed window: its rows, and where the order's rows sit in them.
+type Window = (Tensor, Rc<Vec<i64>>);
+
+/// Which rows a window holds: the source's first sequence, how many rows
+/// the order asks, its first and last and a hash of them all.
+type WindowKey = (usize, usize, i64, i64, u64);
+
+/// Windows kept for runs sharing a corpus: they move through the same
+/// order within a batch of each other, so at most two are in use.
+const KEPT_WINDOWS: usize = 3;
 
 impl Corpus {
     /// Opens the model and tokens, checks every id (negative, or past the
@@ -145,6 +164,10 @@ impl Corpus {
             exclude_position,
             kept,
             d: 0,
+            sharers: Cell::new(0),
+            sequences_run: Cell::new(0),
+            windows: RefCell::default(),
+            heads: RefCell::default(),
         };
         // Id 0 is inside any vocabulary: this first call finds what is
         // wrong with the model itself before ids are blamed.
@@ -190,6 +213,15 @@ impl Corpus {
         self.group
     }
 
+    /// One more run uses this corpus: keep what is computed for it.
+    pub fn share(&self) {
+        self.sharers.set(self.sharers.get() + 1);
+    }
+
+    fn shared(&self) -> bool {
+        self.sharers.get() > 0
+    }
+
     /// Kept positions of sequence `s` with ids `ids`.
     fn keeps(&self, ids: &[i64]) -> impl Iterator<Item = usize> + '_ {
         let ids = ids.to_vec();
@@ -208,6 +240,8 @@ impl Corpus {
         let hi = (lo + self.group).min(self.tokens.n_seq);
         let what = format!("sequences {lo}..{hi}");
         let out = self.lm.forward(&self.tokens.tensor(lo, hi), &what)?;
+        self.sequences_run
+            .set(self.sequences_run.get() + (hi - lo) as u64);
         if out.size()[2] != self.d {
             bail_user!(
                 "{}: forward returned width {} on {what} but {} before",
@@ -309,10 +343,28 @@ impl ModelSource {
         self.starts.partition_point(|&s| s <= r) - 1
     }
 
-    /// The rows `rows` ask for, computed: `(data, local)` where `data`
-    /// holds the rows of every sequence they touch and `local[i]` is where
-    /// `rows[i]` sits in it.
-    pub fn window(&self, rows: &[i64]) -> Result<(Tensor, Vec<i64>)> {
+    /// The rows `rows` ask for: `(data, local)` where `data` holds the
+    /// rows of every sequence they touch and `local[i]` is where `rows[i]`
+    /// sits in it. Computed, or taken from a run sharing the corpus.
+    pub fn window(&self, rows: &[i64]) -> Result<Window> {
+        let corpus = &self.corpus;
+        if !corpus.shared() {
+            return self.compute_window(rows);
+        }
+        let key = window_key(self.first, rows);
+        if let Some((_, w)) = corpus.windows.borrow().iter().find(|(k, _)| *k == key) {
+            return Ok((w.0.shallow_clone(), w.1.clone()));
+        }
+        let w = self.compute_window(rows)?;
+        let mut kept = corpus.windows.borrow_mut();
+        if kept.len() == KEPT_WINDOWS {
+            kept.pop_front();
+        }
+        kept.push_back((key, (w.0.shallow_clone(), w.1.clone())));
+        Ok(w)
+    }
+
+    fn compute_window(&self, rows: &[i64]) -> Result<Window> {
         let mut seqs: Vec<usize> = rows.iter().map(|&r| self.sequence_of(r as u64)).collect();
         seqs.sort_unstable();
         seqs.dedup();
@@ -333,12 +385,28 @@ impl ModelSource {
                 (offset[at] + r as u64 - self.starts[s]) as i64
             })
             .collect();
-        Ok((data, local))
+        Ok((data, Rc::new(local)))
     }
 
-    /// The first `n` rows (at most all), in order.
+    /// The first `n` rows (at most all), in order (computed once for all
+    /// runs sharing the corpus).
     pub fn head(&self, n: usize) -> Result<Tensor> {
         let n = n.min(self.rows());
+        let key = (self.first, n);
+        if let Some((_, t)) = self.corpus.heads.borrow().iter().find(|(k, _)| *k == key) {
+            return Ok(t.shallow_clone());
+        }
+        let t = self.compute_head(n)?;
+        if self.corpus.shared() {
+            self.corpus
+                .heads
+                .borrow_mut()
+                .push((key, t.shallow_clone()));
+        }
+        Ok(t)
+    }
+
+    fn compute_head(&self, n: usize) -> Result<Tensor> {
         let last = self.sequence_of((n.max(1) - 1) as u64);
         let seqs: Vec<usize> = (self.first..=self.first + last).collect();
         Ok(self.corpus.rows_of(&seqs)?.narrow(0, 0, n as i64))
@@ -408,7 +476,7 @@ impl ModelWindows {
         };
         self.next += 1;
         let (data, local) = self.source.window(&self.order[lo..hi])?;
-        self.current = Some((data, Tensor::from_slice(&local), 0));
+        self.current = Some((data, Tensor::from_slice(&local[..]), 0));
         Ok(())
     }
 
@@ -434,4 +502,14 @@ impl ModelWindows {
             Ok(crate::data::window::take_rows(data, index, pos, need))
         })
     }
+}
+
+/// The key of the window of `rows` of a source starting at sequence `first`.
+fn window_key(first: usize, rows: &[i64]) -> WindowKey {
+    // FNV-1a over the row numbers.
+    let hash = rows.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &r| {
+        (h ^ r as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let (a, b) = (rows.first().copied(), rows.last().copied());
+    (first, rows.len(), a.unwrap_or(-1), b.unwrap_or(-1), hash)
 }

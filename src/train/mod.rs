@@ -134,109 +134,279 @@ const EVAL_BATCH: i64 = 4096;
 /// each batch, and only rank 0 writes the run directory and gets the
 /// summary (the others get `None`).
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
-    let group = join_group(cfg)?;
-    let shard = group.map_or(Shard::ALL, |g| Shard {
-        rank: g.rank,
-        world: g.world,
-    });
-    run_dir::check_can_start(opts, shard.rank == 0)?;
-    let plan = Plan::build(cfg, shard.world)?;
-    let run = RunDir::create(opts, &plan.cfg, shard.rank == 0)?;
-    if let Some(g) = group {
-        // The others read the run directory (a checkpoint) once rank 0 made it.
-        g.barrier();
-        dist::check()?;
-    }
-    let (model, source) = (plan.model, plan.source);
-    let (cfg, device, total_steps) = (plan.cfg, plan.device, plan.total_steps);
-    let widest = model.spec.d_hidden * model.spec.d_in.max(model.d_out()) * plan.batch_rows as i64;
-    let (mut learner, mut state, pos) = start(&run, model, &cfg, device, opts.resume, total_steps)?;
-    let mut report = Reporter {
-        log: run.metrics_log(opts.resume.then_some(pos.step))?,
-        progress: Progress::new(opts.progress && run.writer, total_steps, cfg.train.epochs),
-        run: &run,
-        valid: plan.valid_joined,
-    };
+    let mut session = Session::open(cfg, opts, &Sources::default())?;
     let interrupter = interrupt::Interrupter::register()?;
     // Tiny models: MKL single-threaded (see device::SerialBlas).
-    let _serial_blas =
-        (device == Device::Cpu && widest < device::SMALL_MATMUL_WORK).then(device::SerialBlas::new);
-    let (order, per_epoch) = (plan.fixed_order, plan.per_epoch);
-    let mut batches = Batches::new(source, &cfg, order, per_epoch, device, &pos, shard)?;
+    let _serial_blas = session.serial_blas().then(device::SerialBlas::new);
+    session.start_clock();
+    while session.step(agreed_signal(interrupter.received()))? {}
+    drop(interrupter);
+    session.finish()
+}
 
-    let started = Instant::now();
-    let busy_before = group.map_or(0.0, |g| g.busy_seconds());
-    report.progress.set_step(pos.step);
-    let mut sparse_steps = learner.can_step_sparse().then_some(0);
-    while let Some(batch) = batches.next_batch()? {
+/// Trains several runs in this process, one step at a time each, the run
+/// that has seen the fewest rows going next: runs whose rows come from one
+/// language model (`data.model`) share its windows, so the model runs once
+/// per window for all of them (`sae sweep`). Each run keeps its directory,
+/// checkpoints and resume, and ends as it would trained alone: rows do not
+/// depend on who computed them, and every step re-seeds what it draws.
+/// A signal checkpoints every run.
+pub fn train_together(runs: &[(Config, TrainOptions)], sources: &Sources) -> Result<Vec<Summary>> {
+    let mut sessions = runs
+        .iter()
+        .map(|(cfg, opts)| Session::open(cfg, opts, sources))
+        .collect::<Result<Vec<_>>>()?;
+    let interrupter = interrupt::Interrupter::register()?;
+    let _serial_blas = sessions
+        .iter()
+        .all(Session::serial_blas)
+        .then(device::SerialBlas::new);
+    let mut running: Vec<usize> = (0..sessions.len()).collect();
+    while let Some(at) = (0..running.len()).min_by_key(|&a| sessions[running[a]].state.samples) {
+        let s = &mut sessions[running[at]];
+        if let Some(sig) = interrupter.received() {
+            for &i in &running {
+                sessions[i].checkpoint()?;
+            }
+            return Err(interrupt::stopped(sig, |name| {
+                format!(
+                    "interrupted by {name}; every run checkpointed; run the same command again \
+                     to continue"
+                )
+            }));
+        }
+        let t = Instant::now();
+        let more = s.step(None)?;
+        s.busy += t.elapsed();
+        if !more {
+            running.remove(at);
+        }
+    }
+    drop(interrupter);
+    sessions
+        .into_iter()
+        .map(|s| Ok(s.finish()?.expect("a single process writes its run")))
+        .collect()
+}
+
+/// Language models opened by the runs of this process, shared by those
+/// with the same `data.*` (see [`train_together`]).
+#[derive(Default)]
+pub struct Sources {
+    corpora: std::cell::RefCell<Vec<(String, std::rc::Rc<crate::lm::source::Corpus>)>>,
+    /// Runs train together: what a corpus computes is kept for the others.
+    together: bool,
+}
+
+impl Sources {
+    /// Sequences the models of every corpus have run on.
+    pub fn sequences_run(&self) -> u64 {
+        self.corpora
+            .borrow()
+            .iter()
+            .map(|(_, c)| c.sequences_run.get())
+            .sum()
+    }
+
+    /// For runs trained together ([`train_together`]).
+    pub fn together() -> Sources {
+        Sources {
+            together: true,
+            ..Sources::default()
+        }
+    }
+
+    /// The corpus of `spec`, opened once.
+    pub fn corpus(
+        &self,
+        spec: &crate::lm::source::Spec,
+    ) -> Result<std::rc::Rc<crate::lm::source::Corpus>> {
+        let key = format!("{spec:?}");
+        if let Some((_, c)) = self.corpora.borrow().iter().find(|(k, _)| *k == key) {
+            return Ok(c.clone());
+        }
+        let c = std::rc::Rc::new(crate::lm::source::Corpus::open(spec)?);
+        if self.together {
+            c.share();
+        }
+        self.corpora.borrow_mut().push((key, c.clone()));
+        Ok(c)
+    }
+}
+
+/// One run from its plan to its summary, stepped by the caller.
+pub struct Session {
+    opts_out: PathBuf,
+    shard: Shard,
+    group: Option<&'static dist::Group>,
+    run: RunDir,
+    cfg: Config,
+    device: Device,
+    total_steps: i64,
+    data: plan::Data,
+    learner: Learner,
+    state: State,
+    batches: Batches,
+    report: Reporter,
+    sparse_steps: Option<i64>,
+    widest: i64,
+    started: Instant,
+    /// Time in this run's steps (trained together: its own share).
+    busy: Duration,
+    busy_before: f64,
+}
+
+impl Session {
+    /// Plans the run, creates (or reopens, resuming) its directory and
+    /// positions the batches; the first window of streamed rows is read.
+    pub fn open(cfg: &Config, opts: &TrainOptions, sources: &Sources) -> Result<Session> {
+        let group = join_group(cfg)?;
+        let shard = group.map_or(Shard::ALL, |g| Shard {
+            rank: g.rank,
+            world: g.world,
+        });
+        run_dir::check_can_start(opts, shard.rank == 0)?;
+        let plan = Plan::build(cfg, shard.world, sources)?;
+        let run = RunDir::create(opts, &plan.cfg, shard.rank == 0)?;
+        if let Some(g) = group {
+            // The others read the run directory (a checkpoint) once rank 0 made it.
+            g.barrier();
+            dist::check()?;
+        }
+        let (model, source) = (plan.model, plan.source);
+        let (cfg, device, total_steps) = (plan.cfg, plan.device, plan.total_steps);
+        let widest =
+            model.spec.d_hidden * model.spec.d_in.max(model.d_out()) * plan.batch_rows as i64;
+        let (learner, state, pos) = start(&run, model, &cfg, device, opts.resume, total_steps)?;
+        let report = Reporter {
+            log: run.metrics_log(opts.resume.then_some(pos.step))?,
+            progress: Progress::new(opts.progress && run.writer, total_steps, cfg.train.epochs),
+            valid: plan.valid_joined,
+        };
+        let (order, per_epoch) = (plan.fixed_order, plan.per_epoch);
+        let batches = Batches::new(source, &cfg, order, per_epoch, device, &pos, shard)?;
+        report.progress.set_step(pos.step);
+        let sparse_steps = learner.can_step_sparse().then_some(0);
+        Ok(Session {
+            opts_out: opts.out.clone(),
+            shard,
+            group,
+            run,
+            cfg,
+            device,
+            total_steps,
+            data: plan.data,
+            learner,
+            state,
+            batches,
+            report,
+            sparse_steps,
+            widest,
+            started: Instant::now(),
+            busy: Duration::ZERO,
+            busy_before: group.map_or(0.0, |g| g.busy_seconds()),
+        })
+    }
+
+    /// Whether MKL should run single-threaded for this model's matmuls.
+    fn serial_blas(&self) -> bool {
+        self.device == Device::Cpu && self.widest < device::SMALL_MATMUL_WORK
+    }
+
+    /// The training loop's timing starts now (after the set-up).
+    fn start_clock(&mut self) {
+        self.started = Instant::now();
+    }
+
+    /// One step; false once the run has no batch left. A `signal`
+    /// checkpoints and ends the run with the error that says how to resume.
+    pub fn step(&mut self, signal: Option<i32>) -> Result<bool> {
+        let Some(batch) = self.batches.next_batch()? else {
+            return Ok(false);
+        };
+        let (cfg, state) = (&self.cfg, &mut self.state);
         state.advance(&batch);
-        let params = StepParams::at(&cfg, state.step, total_steps);
-        let out = learner.step(&batch, &params, &mut state.dead);
-        if let (Some(n), Some(leaf)) = (&mut sparse_steps, &out.forward.leaf) {
+        let params = StepParams::at(cfg, state.step, self.total_steps);
+        let out = self.learner.step(&batch, &params, &mut state.dead);
+        if let (Some(n), Some(leaf)) = (&mut self.sparse_steps, &out.forward.leaf) {
             *n += leaf.support.is_some() as i64;
         }
         if state.step % cfg.train.log_every == 0 || batch.end_of_epoch {
-            report.logged_step(&learner, &out, &batch, &params, &mut state)?;
+            self.report
+                .logged_step(&self.run, &self.learner, &out, &batch, &params, state)?;
         }
-        report.progress.step_done();
-        let signal = agreed_signal(interrupter.received());
+        self.report.progress.step_done();
         dist::check()?;
         if state.step % cfg.train.checkpoint_every == 0 || signal.is_some() {
-            report.log.flush()?;
-            run.save_checkpoint(&learner, &mut state)?;
+            self.checkpoint()?;
         }
         if let Some(sig) = signal {
-            report.progress.finish();
+            self.report.progress.finish();
+            let (step, total) = (self.state.step, self.total_steps);
             return Err(interrupt::stopped(sig, |name| {
                 format!(
-                    "interrupted by {name} after step {} of {total_steps}; checkpoint saved in {}; \
+                    "interrupted by {name} after step {step} of {total}; checkpoint saved in {}; \
                      continue with: sae train --resume {}",
-                    state.step,
-                    checkpoint::path(&opts.out).display(),
-                    opts.out.display()
+                    checkpoint::path(&self.opts_out).display(),
+                    self.opts_out.display()
                 )
             }));
         }
         if batch.end_of_epoch {
-            report.log.flush()?;
+            self.report.log.flush()?;
         }
+        Ok(true)
     }
-    report.progress.finish();
-    let seconds = started.elapsed().as_secs_f64();
-    report.log.flush()?;
-    drop(interrupter);
-    if state.unsaved() {
-        run.save_checkpoint(&learner, &mut state)?;
+
+    /// Writes the metrics so far and a checkpoint.
+    fn checkpoint(&mut self) -> Result<()> {
+        self.report.log.flush()?;
+        self.run.save_checkpoint(&self.learner, &mut self.state)
     }
-    if !run.writer {
-        return Ok(None);
+
+    /// The end of the run: the last checkpoint, then (on the writer) the
+    /// model, metrics, summary and report.
+    pub fn finish(mut self) -> Result<Option<Summary>> {
+        self.report.progress.finish();
+        let seconds = match self.busy.is_zero() {
+            true => self.started.elapsed().as_secs_f64(),
+            false => self.busy.as_secs_f64(),
+        };
+        self.report.log.flush()?;
+        if self.state.unsaved() {
+            self.run.save_checkpoint(&self.learner, &mut self.state)?;
+        }
+        if !self.run.writer {
+            return Ok(None);
+        }
+        let (cfg, state, group) = (&self.cfg, &self.state, self.group);
+        let Finished {
+            model,
+            train,
+            valid,
+            pursuit,
+            warnings,
+        } = finish(&self.run, self.learner, cfg, &self.data)?;
+        let summary = Summary {
+            steps: state.step,
+            epochs: cfg.train.epochs,
+            device: device::describe(self.device),
+            world_size: self.shard.world,
+            backend: group.map(|_| "gloo".to_string()),
+            collective_seconds: group.map(|g| g.busy_seconds() - self.busy_before),
+            seconds,
+            samples_per_second: state.samples as f64 / seconds.max(1e-9),
+            sparse_steps: self.sparse_steps,
+            final_loss: state.last_loss,
+            train,
+            valid,
+            pursuit,
+            warnings,
+        };
+        self.run.save_summary(&model, &summary)?;
+        self.run.save_report(&model, &self.data, cfg)?;
+        Ok(Some(summary))
     }
-    let Finished {
-        model,
-        train,
-        valid,
-        pursuit,
-        warnings,
-    } = finish(&run, learner, &cfg, &plan.data)?;
-    let summary = Summary {
-        steps: state.step,
-        epochs: cfg.train.epochs,
-        device: device::describe(device),
-        world_size: shard.world,
-        backend: group.map(|_| "gloo".to_string()),
-        collective_seconds: group.map(|g| g.busy_seconds() - busy_before),
-        seconds,
-        samples_per_second: state.samples as f64 / seconds.max(1e-9),
-        sparse_steps,
-        final_loss: state.last_loss,
-        train,
-        valid,
-        pursuit,
-        warnings,
-    };
-    run.save_summary(&model, &summary)?;
-    run.save_report(&model, &plan.data, &cfg)?;
-    Ok(Some(summary))
 }
 
 /// What the end of a run leaves.
@@ -299,26 +469,26 @@ fn join_group(cfg: &Config) -> Result<Option<&'static dist::Group>> {
 }
 
 /// What the loop shows and logs: metrics.jsonl and the progress display.
-struct Reporter<'a> {
-    run: &'a RunDir,
+struct Reporter {
     log: MetricsLog,
     progress: Progress,
     /// Validation rows for the per-epoch valid_mse.
     valid: Option<Tensor>,
 }
 
-impl Reporter<'_> {
+impl Reporter {
     /// A logged step: its line in metrics.jsonl (the global batch's with
     /// several ranks), after checking that it has not diverged.
     fn logged_step(
         &mut self,
+        run: &RunDir,
         learner: &Learner,
         out: &StepOutput,
         batch: &Batch,
         params: &StepParams,
         state: &mut State,
     ) -> Result<()> {
-        let writer = self.run.writer;
+        let writer = run.writer;
         let entry = step_log(learner, out, batch, params, state, &self.valid, writer);
         dist::check()?;
         if !entry.loss.is_finite() {
@@ -328,7 +498,7 @@ impl Reporter<'_> {
                 entry.loss,
                 state.step,
                 batch.epoch,
-                self.run.kept_checkpoint(state.saved_step)
+                run.kept_checkpoint(state.saved_step)
             );
         }
         state.last_loss = entry.loss;

@@ -9,7 +9,7 @@ use crate::config::{Auto, BatchSize, Config, DistBackend, PenaltyKind};
 use crate::data::dataset::{read_order, Dataset};
 use crate::data::mmap::Mapped;
 use crate::data::npy;
-use crate::lm::source::{self, Corpus, ModelSource};
+use crate::lm::source::{self, ModelSource};
 use crate::model::Sae;
 use crate::{bail_user, device, Result};
 use anyhow::Context;
@@ -56,7 +56,7 @@ pub struct Plan {
 
 impl Plan {
     /// The plan for `cfg` trained by `world` data-parallel ranks.
-    pub fn build(cfg: &Config, world: usize) -> Result<Plan> {
+    pub fn build(cfg: &Config, world: usize, sources: &super::Sources) -> Result<Plan> {
         let mut cfg = cfg.clone();
         check_world(&cfg, world)?;
         let device = device::resolve(&cfg.device)?;
@@ -65,7 +65,7 @@ impl Plan {
             Auto::Value(n) => Some(n),
         });
         tch::manual_seed(cfg.seed as i64);
-        let data = load_data(&mut cfg)?;
+        let data = load_data(&mut cfg, sources)?;
         let fixed_order = match &cfg.train.order {
             Some(p) => Some(read_order(
                 p,
@@ -193,9 +193,9 @@ pub fn joined(model: &Sae, x: &Tensor, y: Option<&Tensor>, device: Device) -> Te
 /// Reads every array the config names, checks they fit together, drops
 /// non-finite rows where allowed and splits off validation rows; fills in
 /// `model.d_in`.
-fn load_data(cfg: &mut Config) -> Result<Data> {
+fn load_data(cfg: &mut Config, sources: &super::Sources) -> Result<Data> {
     if cfg.data.from_model() {
-        let data = model_data(cfg)?;
+        let data = model_data(cfg, sources)?;
         cfg.model.d_in = Auto::Value(data.train.size()[1]);
         return Ok(data);
     }
@@ -302,12 +302,28 @@ fn read_arrays(cfg: &Config) -> Result<Data> {
 /// `data.norm_rows` is auto.
 pub const MODEL_SAMPLE_ROWS: usize = 65_536;
 
+fn sample_rows(cfg: &Config) -> usize {
+    match cfg.data.norm_rows {
+        Auto::Auto => MODEL_SAMPLE_ROWS,
+        Auto::Value(n) => n as usize,
+    }
+}
+
+/// The first rows of a model source's training sequences: the sample a
+/// run fits its normalisation on.
+pub fn model_sample(cfg: &Config, sources: &super::Sources) -> Result<Tensor> {
+    let corpus = sources.corpus(&source::Spec::from_config(cfg)?)?;
+    let n = corpus.n_seq();
+    let held = source::held_out(n, cfg.data.valid_fraction)?;
+    ModelSource::new(corpus, 0, n - held).head(sample_rows(cfg))
+}
+
 /// `data.model` on `data.tokens`: the source of training rows (whole
 /// sequences held out for validation by `data.valid_fraction`: the last
 /// ones), its first rows as the sample, the validation rows computed.
-fn model_data(cfg: &Config) -> Result<Data> {
+fn model_data(cfg: &Config, sources: &super::Sources) -> Result<Data> {
     let d = &cfg.data;
-    let corpus = Rc::new(Corpus::open(&source::Spec::from_config(cfg)?)?);
+    let corpus = sources.corpus(&source::Spec::from_config(cfg)?)?;
     let n = corpus.n_seq();
     let n_valid = source::held_out(n, d.valid_fraction)?;
     let train = ModelSource::new(corpus.clone(), 0, n - n_valid);
@@ -329,10 +345,7 @@ fn model_data(cfg: &Config) -> Result<Data> {
         }
     }
     Ok(Data {
-        train: train.head(match d.norm_rows {
-            Auto::Auto => MODEL_SAMPLE_ROWS,
-            Auto::Value(n) => n as usize,
-        })?,
+        train: train.head(sample_rows(cfg))?,
         valid,
         train_target: None,
         valid_target: None,
