@@ -677,7 +677,7 @@ pub fn top_tokens(rows: &[i64], labels: &HashMap<i64, String>) -> Vec<(String, u
         }
     }
     // Stable: equal counts keep their first-seen order.
-    seen.sort_by(|a, b| b.1.cmp(&a.1));
+    seen.sort_by_key(|e| std::cmp::Reverse(e.1));
     seen.truncate(TOP_TOKENS);
     seen
 }

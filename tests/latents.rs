@@ -722,7 +722,7 @@ fn text_dashboard_marks_tokens_searches_and_samples_bands() {
             None => toks.push((t, 1)),
         }
     }
-    toks.sort_by(|a, b| b.1.cmp(&a.1));
+    toks.sort_by_key(|e| std::cmp::Reverse(e.1));
     toks.truncate(5);
     let cell: String = toks
         .iter()
@@ -752,7 +752,10 @@ fn text_dashboard_marks_tokens_searches_and_samples_bands() {
     assert!(card.contains(&want), "latent {j}: no `{want}` in the card");
     let distinct: std::collections::BTreeSet<String> =
         top.iter().map(|&r| label(r as usize)).collect();
-    assert!(distinct.len() < top.len(), "repeated text among the top rows");
+    assert!(
+        distinct.len() < top.len(),
+        "repeated text among the top rows"
+    );
     let list = between(card, "<ol class=\"toprows\">", "</ol>").unwrap();
     assert_eq!(list.matches("<li ").count(), distinct.len(), "{list}");
     assert!(list.contains("data-count=\"2\"") && list.contains("\u{d7}2"));
@@ -771,7 +774,10 @@ fn text_dashboard_marks_tokens_searches_and_samples_bands() {
     let lower = (0..32)
         .filter(|&i| !v["samples"][i][0].as_array().unwrap().is_empty())
         .count();
-    assert!(lower > 10, "only {lower} latents have samples in their lowest band");
+    assert!(
+        lower > 10,
+        "only {lower} latents have samples in their lowest band"
+    );
     println!("latent {j}: tokens {toks:?}; {lower} latents sampled in their lowest band");
 
     // Search from the address, case-insensitive, over the top rows' labels
