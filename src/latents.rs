@@ -281,35 +281,38 @@ impl Samples {
 /// latent's max, which is known only at the end of the first pass. Keeping
 /// exact per-band samples in one pass would need candidates for every band
 /// the final max could still move a row into (the kept set grows with the
-/// data's range and is not a fixed tensor); the second pass is exact,
-/// chunk-independent, holds `[d_hidden, BANDS, per]` plus one chunk, and
-/// costs one more encoding pass (`--samples 0` skips it).
+/// data's range and is not a fixed tensor); the second pass is exact and
+/// chunk-independent, and costs one more encoding pass (`--samples 0` skips
+/// it). It works on the active entries only: per chunk, its entries plus
+/// the kept ones (at most `d_hidden * BANDS * per`) are sorted by (latent,
+/// band, key) and the first `per` of each (latent, band) kept.
 pub struct Sampler {
     h: i64,
     per: i64,
     rows: i64,
-    /// `[1, h]` max |code| per latent (float32).
+    /// `[h]` max |code| per latent (float32).
     scale: Tensor,
-    keys: Vec<Tensor>,
-    best_rows: Vec<Tensor>,
-    best_vals: Vec<Tensor>,
+    /// The kept entries: `latent * BANDS + band - 1`, key, row, value.
+    group: Tensor,
+    keys: Tensor,
+    best_rows: Tensor,
+    best_vals: Tensor,
 }
 
 impl Sampler {
     pub fn new(scale: &[f32], per: i64, device: Device) -> Sampler {
-        let h = scale.len() as i64;
-        let band = |v: Tensor| (0..BANDS).map(|_| v.copy()).collect::<Vec<_>>();
+        let empty = |k: Kind| Tensor::zeros([0], (k, device));
         Sampler {
-            h,
+            h: scale.len() as i64,
             per,
             rows: 0,
             scale: Tensor::from_slice(scale)
                 .clamp_min(f32::MIN_POSITIVE as f64)
-                .to_device(device)
-                .unsqueeze(0),
-            keys: band(Tensor::full([h, per], i64::MAX, (Kind::Int64, device))),
-            best_rows: band(Tensor::full([h, per], -1, (Kind::Int64, device))),
-            best_vals: band(Tensor::zeros([h, per], (Kind::Float, device))),
+                .to_device(device),
+            group: empty(Kind::Int64),
+            keys: empty(Kind::Int64),
+            best_rows: empty(Kind::Int64),
+            best_vals: empty(Kind::Float),
         }
     }
 
@@ -317,34 +320,43 @@ impl Sampler {
     pub fn add(&mut self, z: &Tensor, active: &Tensor) {
         let _guard = tch::no_grad_guard();
         let b = z.size()[0];
-        if b == 0 {
-            return;
-        }
-        let dev = z.device();
-        let z = z.to_kind(Kind::Float);
-        let band = ((z.abs() * 3.0) / &self.scale)
-            .ceil_()
-            .clamp_(1.0, BANDS as f64)
-            .to_kind(Kind::Int64)
-            .masked_fill(&active.logical_not(), 0);
-        let row = Tensor::arange_start(self.rows, self.rows + b, (Kind::Int64, dev)).unsqueeze(1);
-        let keys =
-            sample_keys(&(row * self.h + Tensor::arange(self.h, (Kind::Int64, dev)).unsqueeze(0)));
-        let zt = z.tr();
-        let k = self.per.min(b);
-        for bi in 0..BANDS as usize {
-            let masked = keys
-                .masked_fill(&band.ne(bi as i64 + 1), i64::MAX)
-                .tr()
-                .contiguous();
-            let (kv, idx) = masked.topk(k, 1, false, true);
-            let cand_k = Tensor::cat(&[&self.keys[bi], &kv], 1);
-            let cand_r = Tensor::cat(&[&self.best_rows[bi], &(&idx + self.rows)], 1);
-            let cand_v = Tensor::cat(&[&self.best_vals[bi], &zt.gather(1, &idx, false)], 1);
-            let (sk, perm) = cand_k.topk(self.per, 1, false, true);
-            self.best_rows[bi] = cand_r.gather(1, &perm, false);
-            self.best_vals[bi] = cand_v.gather(1, &perm, false);
-            self.keys[bi] = sk;
+        let at = active.nonzero();
+        if at.size()[0] > 0 {
+            let (r, c) = (at.select(1, 0), at.select(1, 1));
+            let v = z
+                .to_kind(Kind::Float)
+                .reshape([-1])
+                .index_select(0, &(&r * self.h + &c));
+            let band = ((v.abs() * 3.0) / self.scale.index_select(0, &c))
+                .ceil_()
+                .clamp_(1.0, BANDS as f64)
+                .to_kind(Kind::Int64);
+            let row = r + self.rows;
+            let key = sample_keys(&(&row * self.h + &c));
+            let g = Tensor::cat(&[&self.group, &(c * BANDS + band - 1)], 0);
+            let k = Tensor::cat(&[&self.keys, &key], 0);
+            let rr = Tensor::cat(&[&self.best_rows, &row], 0);
+            let vv = Tensor::cat(&[&self.best_vals, &v], 0);
+            // By key, then stably by group: each group's keys ascending.
+            let (_, by_key) = k.sort_stable(true, 0, false);
+            let (gs, by_group) = g.index_select(0, &by_key).sort_stable(true, 0, false);
+            let order = by_key.index_select(0, &by_group);
+            // Rank within the group: position - the group's first position.
+            let n = gs.size()[0];
+            let pos = Tensor::arange(n, (Kind::Int64, gs.device()));
+            let first = Tensor::cat(
+                &[
+                    Tensor::ones([1], (Kind::Bool, gs.device())),
+                    gs.narrow(0, 1, n - 1).ne_tensor(&gs.narrow(0, 0, n - 1)),
+                ],
+                0,
+            );
+            let (start, _) = (&pos * first.to_kind(Kind::Int64)).cummax(0);
+            let keep = order.masked_select(&(pos - start).lt(self.per));
+            self.group = g.index_select(0, &keep);
+            self.keys = k.index_select(0, &keep);
+            self.best_rows = rr.index_select(0, &keep);
+            self.best_vals = vv.index_select(0, &keep);
         }
         self.rows += b;
     }
@@ -352,35 +364,20 @@ impl Sampler {
     pub fn finish(self) -> Samples {
         let (h, per, nb) = (self.h as usize, self.per as usize, BANDS as usize);
         let cpu = |t: &Tensor| t.to_device(Device::Cpu).contiguous();
-        let keys: Vec<Vec<i64>> = self
-            .keys
-            .iter()
-            .map(|t| Vec::try_from(cpu(t).flatten(0, -1)).unwrap())
-            .collect();
-        let rows: Vec<Vec<i64>> = self
-            .best_rows
-            .iter()
-            .map(|t| Vec::try_from(cpu(t).flatten(0, -1)).unwrap())
-            .collect();
-        let vals: Vec<Vec<f32>> = self
-            .best_vals
-            .iter()
-            .map(|t| Vec::try_from(cpu(t).flatten(0, -1)).unwrap())
-            .collect();
+        let group = Vec::<i64>::try_from(cpu(&self.group)).unwrap();
+        let rows = Vec::<i64>::try_from(cpu(&self.best_rows)).unwrap();
+        let vals = Vec::<f32>::try_from(cpu(&self.best_vals)).unwrap();
+        let mut by_group: Vec<Vec<(f32, i64)>> = vec![Vec::new(); h * nb];
+        for i in 0..group.len() {
+            by_group[group[i] as usize].push((vals[i], rows[i]));
+        }
         let mut out_r = vec![-1i64; h * nb * per];
         let mut out_v = vec![0f32; h * nb * per];
-        for j in 0..h {
-            for b in 0..nb {
-                let mut got: Vec<(f32, i64)> = (j * per..(j + 1) * per)
-                    .filter(|&i| keys[b][i] != i64::MAX && rows[b][i] >= 0)
-                    .map(|i| (vals[b][i], rows[b][i]))
-                    .collect();
-                got.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
-                let at = (j * nb + b) * per;
-                for (i, (v, r)) in got.into_iter().enumerate() {
-                    out_r[at + i] = r;
-                    out_v[at + i] = v;
-                }
+        for (g, mut got) in by_group.into_iter().enumerate() {
+            got.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+            for (i, (v, r)) in got.into_iter().enumerate() {
+                out_r[g * per + i] = r;
+                out_v[g * per + i] = v;
             }
         }
         Samples {

@@ -668,6 +668,56 @@ fn page_with_16384_latents_opens_in_seconds() {
         "the 16,384-latent page took {:.1} s",
         r.seconds
     );
+    // The same with text labels (a token in context per row): top tokens,
+    // labels of top rows and samples in the page, a search from the address.
+    let labels = dir.path().join("labels.txt");
+    let text: String = (0..4000)
+        .map(|i| {
+            format!(
+                "said the man in w{} of the house\u{27E6} t{}\u{27E7} and then some more words\n",
+                i % 31,
+                i % 97
+            )
+        })
+        .collect();
+    std::fs::write(&labels, text).unwrap();
+    let out = dir.path().join("text");
+    let started = Instant::now();
+    sae_ok(&[
+        "latents",
+        "--model",
+        run.path(),
+        "--data",
+        &x,
+        "--out",
+        out.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+        "-q",
+    ]);
+    let made = started.elapsed().as_secs_f64();
+    let page = out.join("index.html");
+    let size = std::fs::metadata(&page).unwrap().len();
+    let r = render(&b, &page, "#q=T42%20AND&latent=16000");
+    let (shown, matching) = table_counts(&r.dom);
+    assert!(matching > 0 && matching < 16384 && shown == matching.min(100));
+    assert_eq!(card_rows(&r.dom).0, 16000);
+    let in_page: f64 = between(&r.dom, r#"data-ready-ms=""#, "\"")
+        .unwrap()
+        .parse()
+        .unwrap();
+    println!(
+        "16384 latents, text labels: page {:.1} MB written in {made:.1} s; chromium load + \
+         render with a search ({matching} latents match) {:.1} s (script done {:.0} ms)",
+        size as f64 / 1e6,
+        r.seconds,
+        in_page
+    );
+    assert!(
+        r.seconds < 20.0,
+        "the 16,384-latent text page took {:.1} s",
+        r.seconds
+    );
 }
 
 /// Rows of text (a token in its context, marked with ⟦ ⟧), the data's
