@@ -492,6 +492,18 @@ fn dashboard_renders_in_chromium_with_labels() {
         let (latent, rows) = card_rows(&r.dom);
         assert_eq!(latent, j as i64);
         assert_eq!(rows, numpy_top(&v, j), "latent {j}: top rows vs numpy");
+        // Plain labels (no markers) are their own top tokens.
+        if let Some(row) = rows.first() {
+            let tr = between(&r.dom, &format!("data-id=\"{j}\">"), "</tr>").unwrap();
+            let tok = format!(
+                "<span class=\"tok\">tok{} &lt;ctx&gt; &amp; \"{row}\"</span>",
+                row % 7
+            );
+            assert!(
+                tr.contains(&tok),
+                "latent {j}: no top token `{tok}` in {tr}"
+            );
+        }
         for row in &rows {
             // The label text, escaped, beside each top row.
             let want = format!("tok{} &lt;ctx&gt; &amp; \"{row}\"", row % 7);
@@ -568,11 +580,28 @@ fn digits_dashboard_shows_image_tiles() {
     let (latent, rows) = card_rows(&r.dom);
     assert_eq!((latent, &rows), (live as i64, &numpy_top(&v, live)));
     // Each top row a tile (a canvas), plus the decoder row's picture.
-    let card = &r.dom[r.dom.find("latentcard").unwrap()..];
-    assert_eq!(card.matches(r#"<div class="tile" data-row="#).count(), 10);
+    let card = between(&r.dom, "latentcard", "<script").unwrap();
+    let top_tiles = between(card, "Top 10 rows", "Samples by activation band").unwrap();
+    assert_eq!(
+        top_tiles.matches(r#"<div class="tile" data-row="#).count(),
+        10
+    );
+    // The band samples as tiles too, as numpy chose them.
+    let mut sampled = 0;
+    for band in 1..=3 {
+        let rows: Vec<i64> = serde_json::from_value(v["samples"][live][band - 1].clone()).unwrap();
+        let rows: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+        let attr = format!("data-band=\"{band}\" data-rows=\"{}\"", rows.join(","));
+        assert!(card.contains(&attr), "latent {live}: no `{attr}`");
+        sampled += rows.len();
+    }
+    assert_eq!(
+        card.matches(r#"<div class="tile" data-row="#).count(),
+        10 + sampled
+    );
     assert!(
-        card.matches("<canvas").count() >= 12,
-        "tiles, decoder, histogram"
+        card.matches("<canvas").count() >= 12 + sampled,
+        "tiles, samples, decoder, histogram"
     );
     screenshot(
         &b,
