@@ -375,11 +375,13 @@ pub struct LatentsArgs {
     )]
     pub samples: i64,
     /// A text file with one line per data row, shown beside each top row.
-    /// Text rows (one per token): the token in a few tokens of context,
-    /// wrapped in U+27E6 / U+27E7, e.g. ` the quick⟦ fox⟧ jumps`; the page
-    /// then lists each latent's top tokens, marks the token in its context,
-    /// searches labels (#q=...), and shows no input dimensions or image.
-    /// Lines without the markers are plain labels (e.g. a class).
+    /// Text rows (one per token): the row's token in a few tokens of
+    /// context, the token wrapped in ⟦ ⟧ (U+27E6, U+27E7), e.g.
+    /// ` the quick⟦ fox⟧ jumps`; the page then lists each latent's top
+    /// tokens, highlights the token in its context, searches labels
+    /// (#q=...), and shows no decoder input dimensions (and no image unless
+    /// --image-shape). Lines without the markers are plain labels (e.g. a
+    /// class).
     #[arg(long, value_name = "FILE")]
     pub labels: Option<PathBuf>,
     /// Show rows (and decoder rows) as HxW images [default: a square d_in

@@ -257,6 +257,7 @@ fn latents_bad_input_is_one_line() {
     );
     run(&["--image-shape", "wide"], &["--image-shape wide", "HxW"]);
     run(&["--top", "0"], &["--top 0"]);
+    run(&["--samples", "-1"], &["--samples -1"]);
     let labels = dir.path().join("labels.txt");
     std::fs::write(&labels, "a\nb\nc\n").unwrap();
     run(
