@@ -420,7 +420,8 @@ pub struct LatentsArgs {
     /// chunks: memory does not grow with the rows).
     #[arg(long)]
     pub data: String,
-    /// Output directory: latents.csv, top_rows.npy, top_values.npy, index.html.
+    /// Output directory: latents.csv, top_rows.npy, top_values.npy,
+    /// sample_rows.npy, sample_values.npy, index.html.
     #[arg(long)]
     pub out: PathBuf,
     /// Top-activating rows kept per latent (largest code first, ties to the
@@ -432,8 +433,24 @@ pub struct LatentsArgs {
         allow_negative_numbers = true
     )]
     pub top: i64,
-    /// A text file with one line per data row (e.g. a token and its
-    /// context), shown beside each top row.
+    /// Rows sampled per band of each latent's activation range (thirds of
+    /// its max |code|), by a hash of (row, latent), into sample_rows.npy
+    /// [d_hidden, 3, N]; 0: none (this takes a second pass over the data).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 4,
+        allow_negative_numbers = true
+    )]
+    pub samples: i64,
+    /// A text file with one line per data row, shown beside each top row.
+    /// Text rows (one per token): the row's token in a few tokens of
+    /// context, the token wrapped in ⟦ ⟧ (U+27E6, U+27E7), e.g.
+    /// ` the quick⟦ fox⟧ jumps`; the page then lists each latent's top
+    /// tokens, highlights the token in its context, searches labels
+    /// (#q=...), and shows no decoder input dimensions (and no image unless
+    /// --image-shape). Lines without the markers are plain labels (e.g. a
+    /// class).
     #[arg(long, value_name = "FILE")]
     pub labels: Option<PathBuf>,
     /// Show rows (and decoder rows) as HxW images [default: a square d_in
@@ -1098,6 +1115,9 @@ fn latents_cmd(a: &LatentsArgs) -> Result<()> {
     if a.chunk_rows == Some(0) {
         bail_user!("--chunk-rows 0: must be at least 1");
     }
+    if a.samples < 0 {
+        bail_user!("--samples {}: must be 0 or more", a.samples);
+    }
     let model = load(&a.model, &a.device)?;
     let pursuit = a.encoder.build(&model, &a.model)?;
     let image = image_shape(a.image_shape.as_deref(), model.spec.d_in)?;
@@ -1118,6 +1138,8 @@ fn latents_cmd(a: &LatentsArgs) -> Result<()> {
             .chunk_rows
             .unwrap_or_else(|| crate::latents::default_chunk_rows(model.spec.d_hidden)),
         image,
+        image_given: a.image_shape.is_some(),
+        samples: a.samples,
         labels: a.labels.clone(),
         progress: !a.quiet,
         model_name: a.model.clone(),
@@ -1129,10 +1151,15 @@ fn latents_cmd(a: &LatentsArgs) -> Result<()> {
         .filter(|&j| stats.dead(j))
         .count();
     println!(
-        "{} rows, {} latents ({dead} dead); wrote {}/latents.csv, top_rows.npy, top_values.npy, index.html",
+        "{} rows, {} latents ({dead} dead); wrote {}/latents.csv, top_rows.npy, top_values.npy, {}index.html",
         stats.rows,
         stats.d_hidden,
-        a.out.display()
+        a.out.display(),
+        if a.samples > 0 {
+            "sample_rows.npy, sample_values.npy, "
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -63,6 +63,9 @@ pub struct LatentStats {
     pub top_values: Vec<f32>,
     /// `[d_hidden, HIST_BINS]` counts of active codes.
     pub hist: Vec<i64>,
+    /// Max |code| over the active rows (0 when dead): the scale of the
+    /// sample bands (equal to `max_activation` for codes >= 0).
+    pub scale: Vec<f32>,
 }
 
 impl LatentStats {
@@ -96,6 +99,7 @@ pub struct Accumulator {
     best_vals: Tensor,
     best_rows: Tensor,
     hist: Tensor,
+    scale: Tensor,
 }
 
 impl Accumulator {
@@ -111,6 +115,7 @@ impl Accumulator {
             best_vals: Tensor::full([d_hidden, top], f64::NEG_INFINITY, (Kind::Float, device)),
             best_rows: Tensor::full([d_hidden, top], -1, (Kind::Int64, device)),
             hist: Tensor::zeros([d_hidden * HIST_BINS + 1], (Kind::Int64, device)),
+            scale: Tensor::zeros([d_hidden], (Kind::Float, device)),
         }
     }
 
@@ -126,6 +131,9 @@ impl Accumulator {
         self.fire += active.sum_dim_intlist(0, false, Kind::Double);
         self.sum += z.sum_dim_intlist(0, false, Kind::Double);
         self.max = self.max.maximum(&z.amax(0, false));
+        self.scale = self
+            .scale
+            .maximum(&z.abs().masked_fill(&inactive, 0.0).amax(0, false));
 
         // Histogram: flat index latent * BINS + bin, inactive codes into the
         // spare last slot. In place: one [b, h] float and one int64 buffer.
@@ -207,6 +215,175 @@ impl Accumulator {
             top_rows: Vec::<i64>::try_from(cpu(&rows).flatten(0, -1)).unwrap(),
             top_values: Vec::<f32>::try_from(cpu(&vals).flatten(0, -1)).unwrap(),
             hist: Vec::<i64>::try_from(cpu(&self.hist.narrow(0, 0, self.h * HIST_BINS))).unwrap(),
+            scale: Vec::<f32>::try_from(cpu(&self.scale)).unwrap(),
+        }
+    }
+}
+
+/// Bands of a latent's activation range that the samples come from: band
+/// `b` (1-based) holds the active rows with `|code|` in
+/// `((b - 1) M / 3, b M / 3]`, `M` the latent's max `|code|` (in float32:
+/// `ceil(|code| * 3 / M)`, clamped to 1..=3).
+pub const BANDS: i64 = 3;
+
+/// The sampling key of (row, latent): SplitMix64's finaliser of
+/// `row * d_hidden + latent`, its bits read as an i64. A bijection, so no two
+/// entries of a latent tie; a band's samples are its rows with the smallest
+/// keys, which does not depend on the chunking.
+pub fn sample_key(row: i64, latent: i64, d_hidden: i64) -> i64 {
+    let mut z = row.wrapping_mul(d_hidden).wrapping_add(latent) as u64;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as i64
+}
+
+/// [`sample_key`] of every entry of an int64 tensor (wrapping products;
+/// logical shifts as arithmetic shifts with the sign bits masked off).
+fn sample_keys(x: &Tensor) -> Tensor {
+    let shr = |t: &Tensor, s: i64| {
+        t.bitwise_right_shift_tensor_scalar(s)
+            .bitwise_and((1i64 << (64 - s)) - 1)
+    };
+    let z = x.bitwise_xor_tensor(&shr(x, 30)) * (0xBF58_476D_1CE4_E5B9u64 as i64);
+    let z = z.bitwise_xor_tensor(&shr(&z, 27)) * (0x94D0_49BB_1331_11EBu64 as i64);
+    z.bitwise_xor_tensor(&shr(&z, 31))
+}
+
+/// Per latent and band, up to `per` rows sampled from the band (value
+/// descending, ties to the lower row; -1 / 0 pad), `[d_hidden, BANDS, per]`.
+pub struct Samples {
+    pub per: i64,
+    pub rows: Vec<i64>,
+    pub values: Vec<f32>,
+}
+
+impl Samples {
+    /// The sampled rows of latent `j`, band `b` (0-based), no padding.
+    pub fn rows_of(&self, j: usize, b: usize) -> &[i64] {
+        let n = self.per as usize;
+        let at = (j * BANDS as usize + b) * n;
+        let rows = &self.rows[at..at + n];
+        &rows[..rows.iter().position(|&r| r < 0).unwrap_or(n)]
+    }
+
+    pub fn values_of(&self, j: usize, b: usize) -> &[f32] {
+        let n = self.per as usize;
+        let at = (j * BANDS as usize + b) * n;
+        &self.values[at..at + self.rows_of(j, b).len()]
+    }
+}
+
+/// Samples from the lower bands of each latent's activation range, as
+/// SAE-Vis and Neuronpedia show beside the top rows.
+///
+/// A second streamed pass, fed the same chunks of codes as the
+/// [`Accumulator`] after it has finished: the bands are fractions of the
+/// latent's max, which is known only at the end of the first pass. Keeping
+/// exact per-band samples in one pass would need candidates for every band
+/// the final max could still move a row into (the kept set grows with the
+/// data's range and is not a fixed tensor); the second pass is exact and
+/// chunk-independent, and costs one more encoding pass (`--samples 0` skips
+/// it). It works on the active entries only: per chunk, its entries plus
+/// the kept ones (at most `d_hidden * BANDS * per`) are sorted by (latent,
+/// band, key) and the first `per` of each (latent, band) kept.
+pub struct Sampler {
+    h: i64,
+    per: i64,
+    rows: i64,
+    /// `[h]` max |code| per latent (float32).
+    scale: Tensor,
+    /// The kept entries: `latent * BANDS + band - 1`, key, row, value.
+    group: Tensor,
+    keys: Tensor,
+    best_rows: Tensor,
+    best_vals: Tensor,
+}
+
+impl Sampler {
+    pub fn new(scale: &[f32], per: i64, device: Device) -> Sampler {
+        let empty = |k: Kind| Tensor::zeros([0], (k, device));
+        Sampler {
+            h: scale.len() as i64,
+            per,
+            rows: 0,
+            scale: Tensor::from_slice(scale)
+                .clamp_min(f32::MIN_POSITIVE as f64)
+                .to_device(device),
+            group: empty(Kind::Int64),
+            keys: empty(Kind::Int64),
+            best_rows: empty(Kind::Int64),
+            best_vals: empty(Kind::Float),
+        }
+    }
+
+    /// Adds the codes `z [b, h]` of the next `b` rows and which are active.
+    pub fn add(&mut self, z: &Tensor, active: &Tensor) {
+        let _guard = tch::no_grad_guard();
+        let b = z.size()[0];
+        let at = active.nonzero();
+        if at.size()[0] > 0 {
+            let (r, c) = (at.select(1, 0), at.select(1, 1));
+            let v = z
+                .to_kind(Kind::Float)
+                .reshape([-1])
+                .index_select(0, &(&r * self.h + &c));
+            let band = ((v.abs() * 3.0) / self.scale.index_select(0, &c))
+                .ceil_()
+                .clamp_(1.0, BANDS as f64)
+                .to_kind(Kind::Int64);
+            let row = r + self.rows;
+            let key = sample_keys(&(&row * self.h + &c));
+            let g = Tensor::cat(&[&self.group, &(c * BANDS + band - 1)], 0);
+            let k = Tensor::cat(&[&self.keys, &key], 0);
+            let rr = Tensor::cat(&[&self.best_rows, &row], 0);
+            let vv = Tensor::cat(&[&self.best_vals, &v], 0);
+            // By key, then stably by group: each group's keys ascending.
+            let (_, by_key) = k.sort_stable(true, 0, false);
+            let (gs, by_group) = g.index_select(0, &by_key).sort_stable(true, 0, false);
+            let order = by_key.index_select(0, &by_group);
+            // Rank within the group: position - the group's first position.
+            let n = gs.size()[0];
+            let pos = Tensor::arange(n, (Kind::Int64, gs.device()));
+            let first = Tensor::cat(
+                &[
+                    Tensor::ones([1], (Kind::Bool, gs.device())),
+                    gs.narrow(0, 1, n - 1).ne_tensor(&gs.narrow(0, 0, n - 1)),
+                ],
+                0,
+            );
+            let (start, _) = (&pos * first.to_kind(Kind::Int64)).cummax(0);
+            let keep = order.masked_select(&(pos - start).lt(self.per));
+            self.group = g.index_select(0, &keep);
+            self.keys = k.index_select(0, &keep);
+            self.best_rows = rr.index_select(0, &keep);
+            self.best_vals = vv.index_select(0, &keep);
+        }
+        self.rows += b;
+    }
+
+    pub fn finish(self) -> Samples {
+        let (h, per, nb) = (self.h as usize, self.per as usize, BANDS as usize);
+        let cpu = |t: &Tensor| t.to_device(Device::Cpu).contiguous();
+        let group = Vec::<i64>::try_from(cpu(&self.group)).unwrap();
+        let rows = Vec::<i64>::try_from(cpu(&self.best_rows)).unwrap();
+        let vals = Vec::<f32>::try_from(cpu(&self.best_vals)).unwrap();
+        let mut by_group: Vec<Vec<(f32, i64)>> = vec![Vec::new(); h * nb];
+        for i in 0..group.len() {
+            by_group[group[i] as usize].push((vals[i], rows[i]));
+        }
+        let mut out_r = vec![-1i64; h * nb * per];
+        let mut out_v = vec![0f32; h * nb * per];
+        for (g, mut got) in by_group.into_iter().enumerate() {
+            got.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+            for (i, (v, r)) in got.into_iter().enumerate() {
+                out_r[g * per + i] = r;
+                out_v[g * per + i] = v;
+            }
+        }
+        Samples {
+            per: self.per,
+            rows: out_r,
+            values: out_v,
         }
     }
 }
@@ -280,24 +457,71 @@ pub fn scan(
     chunk_rows: usize,
     progress: bool,
 ) -> Result<LatentStats> {
+    let mut acc = Accumulator::new(model.spec.d_hidden, top, model.device());
+    for_each_code_chunk(
+        model,
+        codes,
+        data,
+        chunk_rows,
+        progress,
+        "latents",
+        |z, a| acc.add(z, a),
+    )?;
+    Ok(acc.finish())
+}
+
+/// The second pass: `per` rows per band of each latent's activation range
+/// (bands of `scale`, the max |code| the first pass found), see [`Sampler`].
+pub fn sample(
+    model: &Sae,
+    codes: &dyn CodeSource,
+    data: &str,
+    scale: &[f32],
+    per: i64,
+    chunk_rows: usize,
+    progress: bool,
+) -> Result<Samples> {
+    let mut s = Sampler::new(scale, per, model.device());
+    for_each_code_chunk(
+        model,
+        codes,
+        data,
+        chunk_rows,
+        progress,
+        "samples",
+        |z, a| s.add(z, a),
+    )?;
+    Ok(s.finish())
+}
+
+/// Codes of `data` chunk by chunk, with which are active, into `f`.
+fn for_each_code_chunk(
+    model: &Sae,
+    codes: &dyn CodeSource,
+    data: &str,
+    chunk_rows: usize,
+    progress: bool,
+    what: &str,
+    mut f: impl FnMut(&Tensor, &Tensor),
+) -> Result<()> {
     let _guard = tch::no_grad_guard();
     let total = npy::data_shape(data)?.rows;
     let device = model.device();
-    let mut acc = Accumulator::new(model.spec.d_hidden, top, device);
     let started = Instant::now();
     let mut last = started;
+    let mut done = 0usize;
     npy::for_each_chunk(data, chunk_rows, |m| {
         let xb = m.to_tensor().to_device(device);
         let xn = model.norm.apply(&xb);
         let z = codes.codes(model, &xn);
         let active = codes.active(model, &z);
-        acc.add(&z, &active);
+        f(&z, &active);
+        done += m.rows;
         if progress && last.elapsed() >= Duration::from_secs(5) {
             last = Instant::now();
             eprintln!(
-                "latents: {} / {total} rows ({:.0}%), {:.0} s",
-                acc.rows(),
-                100.0 * acc.rows() as f64 / total.max(1) as f64,
+                "{what}: {done} / {total} rows ({:.0}%), {:.0} s",
+                100.0 * done as f64 / total.max(1) as f64,
                 started.elapsed().as_secs_f64()
             );
         }
@@ -305,12 +529,11 @@ pub fn scan(
     })?;
     if progress {
         eprintln!(
-            "latents: {} rows in {:.1} s",
-            acc.rows(),
+            "{what}: {done} rows in {:.1} s",
             started.elapsed().as_secs_f64()
         );
     }
-    Ok(acc.finish())
+    Ok(())
 }
 
 /// The first two principal-component scores `[n, 2]` (float32) of codes
@@ -362,9 +585,14 @@ pub fn pca_2d(z: &Tensor) -> Tensor {
 /// What `sae latents` was asked for, beyond the model and the data.
 pub struct Options {
     pub top: i64,
+    /// Rows sampled per band of each latent's activation range (0: none,
+    /// and no second pass).
+    pub samples: i64,
     pub chunk_rows: usize,
     /// Rows are `h x w` images (checked: h * w = d_in).
     pub image: Option<(usize, usize)>,
+    /// `image` came from `--image-shape` (not from a square `d_in`).
+    pub image_given: bool,
     /// One line of text per data row.
     pub labels: Option<PathBuf>,
     pub progress: bool,
@@ -379,12 +607,83 @@ pub struct Options {
 const PAGE_ROW_BUDGET: usize = 24 << 20;
 /// Characters of one label kept.
 const LABEL_CHARS: usize = 200;
+/// Characters of a top token (or of an unmarked label standing for one).
+const TOKEN_CHARS: usize = 40;
+/// Top tokens listed per latent.
+const TOP_TOKENS: usize = 5;
 /// Input dimensions listed for a decoder row that is not an image.
 const DECODER_DIMS: usize = 8;
 
-/// `sae latents`: one pass for the statistics, a second for the rows the
-/// page shows, then `out/latents.csv`, `top_rows.npy`, `top_values.npy`
-/// and `index.html`, each written atomically.
+/// The markers around the active token in a label of text: ` the⟦ fox⟧ ran`.
+pub const MARK_OPEN: char = '\u{27E6}';
+pub const MARK_CLOSE: char = '\u{27E7}';
+
+/// The active token of a marked label (between the first `⟦` and the next
+/// `⟧`), or None for a plain label.
+pub fn marked_token(label: &str) -> Option<&str> {
+    let a = label.find(MARK_OPEN)? + MARK_OPEN.len_utf8();
+    let b = label[a..].find(MARK_CLOSE)? + a;
+    Some(&label[a..b])
+}
+
+/// A label cut to [`LABEL_CHARS`]: a marked one keeps its token and the
+/// context around it, a plain one its start.
+fn trim_label(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() <= LABEL_CHARS {
+        return text.to_string();
+    }
+    let open = chars.iter().position(|&c| c == MARK_OPEN);
+    let close = open.and_then(|a| {
+        chars[a..]
+            .iter()
+            .position(|&c| c == MARK_CLOSE)
+            .map(|b| a + b)
+    });
+    let start = match (open, close) {
+        (Some(a), Some(b)) if b - a < LABEL_CHARS => {
+            let side = (LABEL_CHARS - (b + 1 - a)) / 2;
+            a.saturating_sub(side).min(chars.len() - LABEL_CHARS)
+        }
+        _ => 0,
+    };
+    chars[start..start + LABEL_CHARS].iter().collect()
+}
+
+/// What a label stands for in a latent's top tokens: its marked token, or
+/// the (plain) label itself, cut to [`TOKEN_CHARS`].
+fn token_of(label: &str) -> String {
+    marked_token(label)
+        .unwrap_or(label)
+        .chars()
+        .take(TOKEN_CHARS)
+        .collect()
+}
+
+/// Per latent, the distinct tokens of its top rows, most frequent first
+/// (ties: the one of the higher-ranked row first), at most [`TOP_TOKENS`],
+/// with their counts; rows without a label are skipped.
+pub fn top_tokens(rows: &[i64], labels: &HashMap<i64, String>) -> Vec<(String, usize)> {
+    let mut seen: Vec<(String, usize)> = Vec::new();
+    for r in rows {
+        let Some(label) = labels.get(r) else { continue };
+        let t = token_of(label);
+        match seen.iter_mut().find(|(s, _)| *s == t) {
+            Some(e) => e.1 += 1,
+            None => seen.push((t, 1)),
+        }
+    }
+    // Stable: equal counts keep their first-seen order.
+    seen.sort_by_key(|e| std::cmp::Reverse(e.1));
+    seen.truncate(TOP_TOKENS);
+    seen
+}
+
+/// `sae latents`: one pass for the statistics, a second for the band
+/// samples (unless `samples` is 0), one more read for the rows the page
+/// shows, then `out/latents.csv`, `top_rows.npy`, `top_values.npy`,
+/// `sample_rows.npy`, `sample_values.npy` and `index.html`, each written
+/// atomically.
 pub fn run(
     model: &Sae,
     codes: &dyn CodeSource,
@@ -400,8 +699,9 @@ pub fn run(
             model.spec.d_in
         );
     }
+    let mut text = false;
     if let Some(path) = &opts.labels {
-        let n = count_lines(path)?;
+        let (n, marked) = count_lines(path)?;
         if n != shape.rows {
             bail_user!(
                 "--labels {}: has {n} lines but {data} has {} rows (one line per row)",
@@ -409,11 +709,31 @@ pub fn run(
                 shape.rows
             );
         }
+        text = marked;
     }
     if out.is_file() {
         bail_user!("--out {}: is a file; pass a directory", out.display());
     }
+    // Rows of marked text are tokens: a square d_in is no image then.
+    let image = if text && !opts.image_given {
+        None
+    } else {
+        opts.image
+    };
     let stats = scan(model, codes, data, opts.top, opts.chunk_rows, opts.progress)?;
+    let samples = (opts.samples > 0)
+        .then(|| {
+            sample(
+                model,
+                codes,
+                data,
+                &stats.scale,
+                opts.samples,
+                opts.chunk_rows,
+                opts.progress,
+            )
+        })
+        .transpose()?;
     let dec_rows = decoder_rows(model);
     let h = model.spec.d_hidden;
     let dec = match &dec_rows {
@@ -426,16 +746,28 @@ pub fn run(
     };
 
     // The rows the cards show pictures or text for, within the budget.
-    let per_row =
-        opts.image.map_or(0, |(a, b)| a * b) + opts.labels.as_ref().map_or(0, |_| LABEL_CHARS);
-    let (tiles, shown) = rows_within_budget(&stats, per_row);
-    let pixels = match opts.image {
+    let per_row = image.map_or(0, |(a, b)| a * b) + opts.labels.as_ref().map_or(0, |_| LABEL_CHARS);
+    let (tiles, shown) = rows_within_budget(&stats, samples.as_ref(), per_row);
+    let pixels = match image {
         Some(_) if !shown.is_empty() => collect_rows(data, &shown, opts.chunk_rows)?,
         _ => HashMap::new(),
     };
-    let labels = match &opts.labels {
-        Some(path) => read_labels(path, &shown)?,
-        None => HashMap::new(),
+    // Labels of the shown rows, and the top tokens of every latent's top
+    // rows (all of them, shown or not).
+    let (labels, tokens) = match &opts.labels {
+        Some(path) => {
+            let all_top: BTreeSet<i64> =
+                stats.top_rows.iter().copied().filter(|&r| r >= 0).collect();
+            let mut want = shown.clone();
+            want.extend(&all_top);
+            let mut read = read_labels(path, &want)?;
+            let tokens: Vec<Vec<(String, usize)>> = (0..h as usize)
+                .map(|j| top_tokens(stats.top_rows_of(j), &read))
+                .collect();
+            read.retain(|r, _| shown.contains(r));
+            (read, Some(tokens))
+        }
+        None => (HashMap::new(), None),
     };
 
     std::fs::create_dir_all(out)
@@ -447,35 +779,50 @@ pub fn run(
         &out.join("top_values.npy"),
         &Tensor::from_slice(&stats.top_values).reshape([h, opts.top]),
     )?;
-    let data_json = page_data(
-        model,
-        &stats,
-        &dec,
-        dec_rows.as_ref(),
-        &pixels,
-        &labels,
+    if let Some(s) = &samples {
+        let shape = [hh, BANDS as usize, s.per as usize];
+        npy::write_npy_i64(&out.join("sample_rows.npy"), &shape, &s.rows)?;
+        npy::write_npy(
+            &out.join("sample_values.npy"),
+            &Tensor::from_slice(&s.values).reshape([h, BANDS, s.per]),
+        )?;
+    }
+    let page = Page {
+        stats: &stats,
+        dec: &dec,
+        dec_rows: dec_rows.as_ref(),
+        samples: samples.as_ref(),
+        pixels: &pixels,
+        labels: &labels,
+        tokens: tokens.as_deref(),
+        text,
+        image,
         tiles,
-        opts,
-    );
+    };
+    let data_json = page_data(model, &page, opts);
     let html = crate::html::latents_page(&format!("Latents of {}", opts.model_name), &data_json);
     crate::fsutil::write_bytes_atomic(&out.join("index.html"), html.as_bytes())?;
     Ok(stats)
 }
 
-/// Lines of a text file (a last line without a newline counts).
-fn count_lines(path: &Path) -> Result<usize> {
+/// Lines of a text file (a last line without a newline counts), and whether
+/// any holds the marker `⟦` (rows of text: a token in its context).
+fn count_lines(path: &Path) -> Result<(usize, bool)> {
     let f = File::open(path)
         .map_err(|e| crate::error::user(format!("--labels {}: {e}", path.display())))?;
     let mut r = BufReader::new(f);
-    let (mut n, mut buf) = (0, Vec::new());
+    let (mut n, mut marked, mut buf) = (0, false, Vec::new());
+    let mut mark = [0u8; 4];
+    let mark = MARK_OPEN.encode_utf8(&mut mark).as_bytes().to_vec();
     loop {
         buf.clear();
         let got = r
             .read_until(b'\n', &mut buf)
             .with_context(|| format!("reading {}", path.display()))?;
         if got == 0 {
-            return Ok(n);
+            return Ok((n, marked));
         }
+        marked = marked || buf.windows(mark.len()).any(|w| w == mark);
         n += 1;
     }
 }
@@ -498,23 +845,35 @@ fn read_labels(path: &Path, rows: &BTreeSet<i64>) -> Result<HashMap<i64, String>
         }
         if rows.contains(&i) {
             let text = String::from_utf8_lossy(&buf);
-            let text = text.trim_end_matches(['\n', '\r']);
-            out.insert(i, text.chars().take(LABEL_CHARS).collect());
+            out.insert(i, trim_label(text.trim_end_matches(['\n', '\r'])));
         }
         i += 1;
     }
     Ok(out)
 }
 
-/// How many of each latent's top rows the page shows in full, and the
-/// distinct rows that takes, within [`PAGE_ROW_BUDGET`] bytes at
-/// `per_row` bytes a row (0: no row content, all shown).
-fn rows_within_budget(stats: &LatentStats, per_row: usize) -> (usize, BTreeSet<i64>) {
+/// How many of each latent's top rows the page shows in full (and as many
+/// of each band's samples, at most), and the distinct rows that takes,
+/// within [`PAGE_ROW_BUDGET`] bytes at `per_row` bytes a row (0: no row
+/// content, all shown).
+fn rows_within_budget(
+    stats: &LatentStats,
+    samples: Option<&Samples>,
+    per_row: usize,
+) -> (usize, BTreeSet<i64>) {
     let h = stats.d_hidden as usize;
     let rows_for = |t: usize| -> BTreeSet<i64> {
-        (0..h)
+        let mut rows: BTreeSet<i64> = (0..h)
             .flat_map(|j| stats.top_rows_of(j).iter().take(t).copied())
-            .collect()
+            .collect();
+        if let Some(s) = samples {
+            for j in 0..h {
+                for b in 0..BANDS as usize {
+                    rows.extend(s.rows_of(j, b).iter().take(t));
+                }
+            }
+        }
+        rows
     };
     if per_row == 0 {
         return (stats.top as usize, BTreeSet::new());
@@ -571,18 +930,25 @@ fn write_csv(path: &Path, s: &LatentStats, d: &DecoderStats) -> Result<()> {
     crate::fsutil::write_bytes_atomic(path, text.as_bytes())
 }
 
-/// The JSON the page draws from (see src/html/latents.js).
-#[allow(clippy::too_many_arguments)]
-fn page_data(
-    model: &Sae,
-    s: &LatentStats,
-    d: &DecoderStats,
-    dec_rows: Option<&Tensor>,
-    pixels: &HashMap<i64, Vec<f32>>,
-    labels: &HashMap<i64, String>,
+/// What the page shows, beyond the model and the options.
+struct Page<'a> {
+    stats: &'a LatentStats,
+    dec: &'a DecoderStats,
+    dec_rows: Option<&'a Tensor>,
+    samples: Option<&'a Samples>,
+    pixels: &'a HashMap<i64, Vec<f32>>,
+    labels: &'a HashMap<i64, String>,
+    /// Per latent, its top tokens and their counts (with --labels).
+    tokens: Option<&'a [Vec<(String, usize)>]>,
+    /// The labels are marked text (a token in its context).
+    text: bool,
+    image: Option<(usize, usize)>,
     tiles: usize,
-    opts: &Options,
-) -> Value {
+}
+
+/// The JSON the page draws from (see src/html/latents.js).
+fn page_data(model: &Sae, p: &Page, opts: &Options) -> Value {
+    let (s, d, pixels, labels) = (p.stats, p.dec, p.pixels, p.labels);
     let h = s.d_hidden as usize;
     let nums = |v: &[f64]| Value::Array(v.iter().map(|&x| html::num(x)).collect());
     let max: Vec<f64> = s.max_activation.iter().map(|&x| x as f64).collect();
@@ -614,31 +980,38 @@ fn page_data(
             }
         })
         .collect();
-    let dec_json = dec_rows.map(|w| {
-        let w = Vec::<f32>::try_from(w.flatten(0, -1)).unwrap_or_default();
-        let din = w.len() / h.max(1);
-        let rows = (0..h).map(|j| {
-            let row = &w[j * din..(j + 1) * din];
-            if opts.image.is_some() {
-                let m = row.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let bytes: Vec<u8> = row
-                    .iter()
-                    .map(|v| ((v / m.max(1e-12)) * 127.0).round().clamp(-127.0, 127.0) as i8 as u8)
-                    .collect();
-                json!([html::num(m as f64), html::base64(&bytes)])
-            } else {
-                let mut dims: Vec<usize> = (0..din).collect();
-                dims.sort_by(|&a, &b| row[b].abs().total_cmp(&row[a].abs()).then(a.cmp(&b)));
-                Value::Array(
-                    dims.iter()
-                        .take(DECODER_DIMS)
-                        .map(|&i| json!([i, html::num(row[i] as f64)]))
-                        .collect(),
-                )
-            }
+    // Input dimensions of a dense activation (text) mean nothing: the card
+    // shows the decoder norm and nearest latent only.
+    let dec_json = p
+        .dec_rows
+        .filter(|_| p.image.is_some() || !p.text)
+        .map(|w| {
+            let w = Vec::<f32>::try_from(w.flatten(0, -1)).unwrap_or_default();
+            let din = w.len() / h.max(1);
+            let rows = (0..h).map(|j| {
+                let row = &w[j * din..(j + 1) * din];
+                if p.image.is_some() {
+                    let m = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let bytes: Vec<u8> = row
+                        .iter()
+                        .map(|v| {
+                            ((v / m.max(1e-12)) * 127.0).round().clamp(-127.0, 127.0) as i8 as u8
+                        })
+                        .collect();
+                    json!([html::num(m as f64), html::base64(&bytes)])
+                } else {
+                    let mut dims: Vec<usize> = (0..din).collect();
+                    dims.sort_by(|&a, &b| row[b].abs().total_cmp(&row[a].abs()).then(a.cmp(&b)));
+                    Value::Array(
+                        dims.iter()
+                            .take(DECODER_DIMS)
+                            .map(|&i| json!([i, html::num(row[i] as f64)]))
+                            .collect(),
+                    )
+                }
+            });
+            Value::Array(rows.collect())
         });
-        Value::Array(rows.collect())
-    });
     let pix = (!pixels.is_empty()).then(|| {
         let (lo, hi) = pixels
             .values()
@@ -666,6 +1039,63 @@ fn page_data(
             .collect();
         Value::Object(m)
     });
+    // Band samples: per latent [rows of band 1, 2, 3] and their values
+    // ([] for a latent with none).
+    let (sample_rows, sample_vals) = match p.samples {
+        Some(x) => {
+            let per_latent = |j: usize, vals: bool| -> Value {
+                let bands: Vec<Value> = (0..BANDS as usize)
+                    .map(|b| {
+                        if vals {
+                            Value::Array(
+                                x.values_of(j, b)
+                                    .iter()
+                                    .map(|&v| html::num(v as f64))
+                                    .collect(),
+                            )
+                        } else {
+                            json!(x.rows_of(j, b))
+                        }
+                    })
+                    .collect();
+                if (0..BANDS as usize).all(|b| x.rows_of(j, b).is_empty()) {
+                    json!([])
+                } else {
+                    Value::Array(bands)
+                }
+            };
+            (
+                Some((0..h).map(|j| per_latent(j, false)).collect::<Vec<_>>()),
+                Some((0..h).map(|j| per_latent(j, true)).collect::<Vec<_>>()),
+            )
+        }
+        None => (None, None),
+    };
+    // Top tokens: each distinct string once in `tok`, per latent
+    // [index, count, index, count, ...].
+    let (tok, tt) = match p.tokens {
+        Some(all) => {
+            let mut table: Vec<String> = Vec::new();
+            let mut index: HashMap<&str, usize> = HashMap::new();
+            let per: Vec<Value> = all
+                .iter()
+                .map(|list| {
+                    let mut v = Vec::with_capacity(2 * list.len());
+                    for (t, c) in list {
+                        let i = *index.entry(t.as_str()).or_insert_with(|| {
+                            table.push(t.clone());
+                            table.len() - 1
+                        });
+                        v.push(i);
+                        v.push(*c);
+                    }
+                    json!(v)
+                })
+                .collect();
+            (Some(table), Some(per))
+        }
+        None => (None, None),
+    };
     let dead = (0..h).filter(|&j| s.dead(j)).count();
     let fh = metrics::firing_histogram(&s.frequency);
     let l0: f64 = s.frequency.iter().sum();
@@ -674,8 +1104,9 @@ fn page_data(
         .to_lowercase()
         .replace(['{', '}'], "")
         .replace("  ", " ");
-    let shown_as = match opts.image {
+    let shown_as = match p.image {
         Some((a, b)) => format!("{a}x{b} images"),
+        None if p.text => "tokens in context (--labels, ⟦marked⟧)".to_string(),
         None if opts.labels.is_some() => "text (--labels)".to_string(),
         None => "row numbers".to_string(),
     };
@@ -701,6 +1132,13 @@ fn page_data(
             )),
         ),
         ("top rows per latent", json!(s.top)),
+        (
+            "samples per band",
+            json!(p.samples.map_or("none".to_string(), |x| format!(
+                "{} from each third of the max",
+                x.per
+            ))),
+        ),
         ("rows shown as", json!(shown_as)),
     ];
     let summary: Vec<Value> = summary.into_iter().map(|(k, v)| json!([k, v])).collect();
@@ -723,11 +1161,17 @@ fn page_data(
         "vals": vals,
         "hist": hist,
         "hist_edges": (0..HIST_BINS).map(|b| html::num(hist_edge(b))).collect::<Vec<_>>(),
-        "image": opts.image.map(|(a, b)| json!([a, b])),
+        "image": p.image.map(|(a, b)| json!([a, b])),
         "dec": dec_json,
         "pix": pix,
         "labels": labels_json,
-        "tiles": tiles,
+        "text": p.text,
+        "tok": tok,
+        "tt": tt,
+        "scale": s.scale.iter().map(|&x| html::num(x as f64)).collect::<Vec<_>>(),
+        "samples": sample_rows,
+        "svals": sample_vals,
+        "tiles": p.tiles,
     })
 }
 
@@ -799,6 +1243,115 @@ mod tests {
             let active = flat.iter().filter(|&&v| v > 0.0).count() as i64;
             assert_eq!(hist_total, active);
         }
+    }
+
+    #[test]
+    fn band_samples_are_the_smallest_keys_of_each_band_in_any_chunking() {
+        let mut rng = crate::data::dataset::SplitMix64(11);
+        let (n, h, per) = (97usize, 6usize, 3usize);
+        // Latent 4 never fires; latent 5 on two rows.
+        let z: Vec<Vec<f32>> = (0..n)
+            .map(|i| {
+                (0..h)
+                    .map(|j| match j {
+                        4 => 0.0,
+                        5 => [0.0, 2.0][(i % 40 == 3) as usize],
+                        _ => ((rng.below(9) as f32) - 3.0).max(0.0) * 0.37,
+                    })
+                    .collect()
+            })
+            .collect();
+        let flat: Vec<f32> = z.iter().flatten().copied().collect();
+        let t = Tensor::from_slice(&flat).reshape([n as i64, h as i64]);
+        let scale: Vec<f32> = (0..h)
+            .map(|j| z.iter().map(|r| r[j]).fold(0f32, f32::max))
+            .collect();
+        // The tensor keys equal the scalar ones (wrapping, logical shifts).
+        let x = Tensor::from_slice(&[0i64, 1, 5, 123_456_789, i64::MAX / 3]);
+        let got = Vec::<i64>::try_from(sample_keys(&(&x * h as i64 + 2))).unwrap();
+        for (i, &xi) in [0i64, 1, 5, 123_456_789, i64::MAX / 3].iter().enumerate() {
+            assert_eq!(got[i], sample_key(xi, 2, h as i64));
+        }
+        let mut first: Option<Samples> = None;
+        for chunk in [1i64, 5, 32, 97] {
+            let mut s = Sampler::new(&scale, per as i64, Device::Cpu);
+            let mut at = 0;
+            while at < n as i64 {
+                let len = chunk.min(n as i64 - at);
+                let zb = t.narrow(0, at, len);
+                s.add(&zb, &zb.gt(0.0));
+                at += len;
+            }
+            let got = s.finish();
+            for j in 0..h {
+                for b in 0..BANDS as usize {
+                    // Reference: band members, smallest keys, by value desc.
+                    let m = scale[j];
+                    let mut cand: Vec<(i64, i64)> = (0..n)
+                        .filter(|&i| z[i][j] > 0.0)
+                        .filter(|&i| ((z[i][j] * 3.0) / m).ceil().clamp(1.0, 3.0) as usize == b + 1)
+                        .map(|i| (sample_key(i as i64, j as i64, h as i64), i as i64))
+                        .collect();
+                    cand.sort();
+                    let mut want: Vec<i64> = cand.iter().take(per).map(|c| c.1).collect();
+                    want.sort_by(|&a, &c| {
+                        z[c as usize][j]
+                            .total_cmp(&z[a as usize][j])
+                            .then(a.cmp(&c))
+                    });
+                    assert_eq!(
+                        got.rows_of(j, b),
+                        &want[..],
+                        "latent {j} band {b} chunk {chunk}"
+                    );
+                    for (r, v) in got.rows_of(j, b).iter().zip(got.values_of(j, b)) {
+                        assert_eq!(*v, z[*r as usize][j]);
+                        assert!(
+                            *v > b as f32 * m / 3.0 - 1e-6 && *v <= (b + 1) as f32 * m / 3.0 + 1e-6
+                        );
+                    }
+                }
+            }
+            assert!((0..3).all(|b| got.rows_of(4, b).is_empty()));
+            assert_eq!(got.rows_of(5, 2).len(), 3.min(n.div_ceil(40)));
+            if let Some(f) = &first {
+                assert_eq!(f.rows, got.rows, "chunk {chunk}");
+            }
+            first = Some(got);
+        }
+    }
+
+    #[test]
+    fn labels_give_tokens_and_keep_their_marker_when_cut() {
+        assert_eq!(
+            marked_token(" the quick brown\u{27E6} fox\u{27E7} jumps"),
+            Some(" fox")
+        );
+        assert_eq!(marked_token("7"), None);
+        assert_eq!(marked_token("a\u{27E6}b"), None);
+        let labels: HashMap<i64, String> = [
+            (0, "a\u{27E6} cat\u{27E7} sat"),
+            (1, "the\u{27E6} dog\u{27E7} ran"),
+            (2, "my\u{27E6} dog\u{27E7}!"),
+            (3, "7"),
+        ]
+        .into_iter()
+        .map(|(r, t)| (r, t.to_string()))
+        .collect();
+        let t = top_tokens(&[0, 1, 2, 3, 9], &labels);
+        assert_eq!(
+            t,
+            vec![
+                (" dog".to_string(), 2),
+                (" cat".to_string(), 1),
+                ("7".to_string(), 1)
+            ]
+        );
+        let long = format!("{}\u{27E6}X\u{27E7}{}", "a".repeat(500), "b".repeat(500));
+        let cut = trim_label(&long);
+        assert_eq!(cut.chars().count(), LABEL_CHARS);
+        assert_eq!(marked_token(&cut), Some("X"));
+        assert_eq!(trim_label(&"z".repeat(300)), "z".repeat(LABEL_CHARS));
     }
 
     #[test]

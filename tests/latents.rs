@@ -17,10 +17,12 @@ use std::time::Instant;
 
 /// numpy's reference: per latent, the active rows ordered by (value desc,
 /// row asc) via lexsort, -1 / 0 padding; statistics; decoder norms and
-/// nearest cosines. Asserts equality with DIR's files and prints the
-/// reference top rows as JSON. argv: codes.npy DIR top model.safetensors rule
+/// nearest cosines; the band samples (per third of the max |code|, the rows
+/// with the smallest SplitMix64 hash of row * h + latent, by value desc).
+/// Asserts equality with DIR's files and prints the reference top rows and
+/// samples as JSON. argv: codes.npy DIR top model.safetensors rule
 const NUMPY_CHECK: &str = r#"
-import json, sys
+import json, os, sys
 import numpy as np
 from safetensors.numpy import load_file
 codes, out, top, model, rule = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
@@ -61,9 +63,44 @@ np.fill_diagonal(C, -np.inf)
 assert np.allclose(t["nearest_cosine"], C.max(1), atol=1e-5)
 near = t["nearest_latent"].astype(int)
 assert np.allclose(C[np.arange(h), near], C.max(1), atol=1e-5)
+samples = None
+if os.path.exists(f"{out}/sample_rows.npy"):
+    srows = np.load(f"{out}/sample_rows.npy")
+    svals = np.load(f"{out}/sample_values.npy")
+    per = srows.shape[2]
+    assert srows.dtype == np.int64 and srows.shape == (h, 3, per), (srows.dtype, srows.shape)
+    assert svals.dtype == np.float32 and svals.shape == (h, 3, per), (svals.dtype, svals.shape)
+    def mix(x):
+        with np.errstate(over="ignore"):
+            z = x.astype(np.uint64)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            return (z ^ (z >> np.uint64(31))).view(np.int64)
+    A = np.abs(Z).astype(np.float32)
+    samples = []
+    for j in range(h):
+        idx = np.nonzero(act[:, j])[0]
+        m = A[idx, j].max() if len(idx) else np.float32(0)
+        band = np.clip(np.ceil((A[idx, j] * np.float32(3)) / np.float32(m)), 1, 3).astype(int) if len(idx) else idx
+        got = []
+        for b in range(3):
+            sel = idx[band == b + 1]
+            keys = mix(sel * h + j)
+            sel = sel[np.argsort(keys, kind="stable")][:per]
+            sel = sel[np.lexsort((sel, -Z[sel, j]))]
+            want = -np.ones(per, dtype=np.int64)
+            want[:len(sel)] = sel
+            assert np.array_equal(srows[j, b], want), f"latent {j} band {b + 1}: {srows[j, b]} vs numpy {want}"
+            v = Z[sel, j]
+            assert np.array_equal(svals[j, b, :len(sel)], v) and (svals[j, b, len(sel):] == 0).all()
+            # In the band: ((b) m / 3, (b + 1) m / 3] of the max |code|.
+            a = np.abs(v).astype(np.float64)
+            assert ((a > b * float(m) / 3 - 1e-6) & (a <= (b + 1) * float(m) / 3 + 1e-6)).all(), (j, b, a, m)
+            got.append(sel.tolist())
+        samples.append(got)
 dead = int((freq == 0).sum())
 partial = int(((ref_rows == -1).any(1) & (freq > 0)).sum())
-print(json.dumps({"dead": dead, "partial": partial, "rows": n, "top": ref_rows.tolist()}))
+print(json.dumps({"dead": dead, "partial": partial, "rows": n, "top": ref_rows.tolist(), "samples": samples}))
 "#;
 
 /// Makes latent 0 dead and latent 1 active on exactly `rare` rows of X by
@@ -220,6 +257,7 @@ fn latents_bad_input_is_one_line() {
     );
     run(&["--image-shape", "wide"], &["--image-shape wide", "HxW"]);
     run(&["--top", "0"], &["--top 0"]);
+    run(&["--samples", "-1"], &["--samples -1"]);
     let labels = dir.path().join("labels.txt");
     std::fs::write(&labels, "a\nb\nc\n").unwrap();
     run(
@@ -455,6 +493,18 @@ fn dashboard_renders_in_chromium_with_labels() {
         let (latent, rows) = card_rows(&r.dom);
         assert_eq!(latent, j as i64);
         assert_eq!(rows, numpy_top(&v, j), "latent {j}: top rows vs numpy");
+        // Plain labels (no markers) are their own top tokens.
+        if let Some(row) = rows.first() {
+            let tr = between(&r.dom, &format!("data-id=\"{j}\">"), "</tr>").unwrap();
+            let tok = format!(
+                "<span class=\"tok\">tok{} &lt;ctx&gt; &amp; \"{row}\"</span>",
+                row % 7
+            );
+            assert!(
+                tr.contains(&tok),
+                "latent {j}: no top token `{tok}` in {tr}"
+            );
+        }
         for row in &rows {
             // The label text, escaped, beside each top row.
             let want = format!("tok{} &lt;ctx&gt; &amp; \"{row}\"", row % 7);
@@ -531,11 +581,28 @@ fn digits_dashboard_shows_image_tiles() {
     let (latent, rows) = card_rows(&r.dom);
     assert_eq!((latent, &rows), (live as i64, &numpy_top(&v, live)));
     // Each top row a tile (a canvas), plus the decoder row's picture.
-    let card = &r.dom[r.dom.find("latentcard").unwrap()..];
-    assert_eq!(card.matches(r#"<div class="tile" data-row="#).count(), 10);
+    let card = between(&r.dom, "latentcard", "<script").unwrap();
+    let top_tiles = between(card, "Top 10 rows", "Samples by activation band").unwrap();
+    assert_eq!(
+        top_tiles.matches(r#"<div class="tile" data-row="#).count(),
+        10
+    );
+    // The band samples as tiles too, as numpy chose them.
+    let mut sampled = 0;
+    for band in 1..=3 {
+        let rows: Vec<i64> = serde_json::from_value(v["samples"][live][band - 1].clone()).unwrap();
+        let rows: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+        let attr = format!("data-band=\"{band}\" data-rows=\"{}\"", rows.join(","));
+        assert!(card.contains(&attr), "latent {live}: no `{attr}`");
+        sampled += rows.len();
+    }
+    assert_eq!(
+        card.matches(r#"<div class="tile" data-row="#).count(),
+        10 + sampled
+    );
     assert!(
-        card.matches("<canvas").count() >= 12,
-        "tiles, decoder, histogram"
+        card.matches("<canvas").count() >= 12 + sampled,
+        "tiles, samples, decoder, histogram"
     );
     screenshot(
         &b,
@@ -630,5 +697,204 @@ fn page_with_16384_latents_opens_in_seconds() {
         r.seconds < 20.0,
         "the 16,384-latent page took {:.1} s",
         r.seconds
+    );
+    // The same with text labels (a token in context per row): top tokens,
+    // labels of top rows and samples in the page, a search from the address.
+    let labels = dir.path().join("labels.txt");
+    let text: String = (0..4000)
+        .map(|i| {
+            format!(
+                "said the man in w{} of the house\u{27E6} t{}\u{27E7} and then some more words\n",
+                i % 31,
+                i % 97
+            )
+        })
+        .collect();
+    std::fs::write(&labels, text).unwrap();
+    let out = dir.path().join("text");
+    let started = Instant::now();
+    sae_ok(&[
+        "latents",
+        "--model",
+        run.path(),
+        "--data",
+        &x,
+        "--out",
+        out.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+        "-q",
+    ]);
+    let made = started.elapsed().as_secs_f64();
+    let page = out.join("index.html");
+    let size = std::fs::metadata(&page).unwrap().len();
+    let r = render(&b, &page, "#q=T42%20AND&latent=16000");
+    let (shown, matching) = table_counts(&r.dom);
+    assert!(matching > 0 && matching < 16384 && shown == matching.min(100));
+    assert_eq!(card_rows(&r.dom).0, 16000);
+    let in_page: f64 = between(&r.dom, r#"data-ready-ms=""#, "\"")
+        .unwrap()
+        .parse()
+        .unwrap();
+    println!(
+        "16384 latents, text labels: page {:.1} MB written in {made:.1} s; chromium load + \
+         render with a search ({matching} latents match) {:.1} s (script done {:.0} ms)",
+        size as f64 / 1e6,
+        r.seconds,
+        in_page
+    );
+    assert!(
+        r.seconds < 20.0,
+        "the 16,384-latent text page took {:.1} s",
+        r.seconds
+    );
+}
+
+/// Rows of text (a token in its context, marked with ⟦ ⟧), the data's
+/// second half a copy of its first (repeated text: equal codes and labels,
+/// so the top rows come in pairs): the top-tokens column, the search from
+/// `#q=`, the marked token escaped in the card, duplicates shown once with
+/// a count, the band samples (numpy-checked) in the card, and no input
+/// dimensions or image (d_in 16 is square, but these rows are text).
+#[test]
+fn text_dashboard_marks_tokens_searches_and_samples_bands() {
+    let Some(b) = browser("text_dashboard_marks_tokens_searches_and_samples_bands") else {
+        return;
+    };
+    let (dir, x1, model) = relu_fixture(1500, 16, 32);
+    let x = dir.path().join("x2.npy");
+    let x = x.to_str().unwrap();
+    py(
+        "import sys, numpy as np\nX = np.load(sys.argv[1])\nnp.save(sys.argv[2], np.concatenate([X, X]))",
+        &[&x1, x],
+    );
+    let label = |i: usize| {
+        let k = i % 1500;
+        format!("ctx{k}. the <b>&\"quick\u{27E6} w{}\u{27E7} jumps", k % 7)
+    };
+    let labels = dir.path().join("labels.txt");
+    let text: String = (0..3000).map(|i| label(i) + "\n").collect();
+    std::fs::write(&labels, text).unwrap();
+    let v = latents_vs_numpy(
+        dir.path(),
+        &model,
+        &model,
+        x,
+        "text",
+        &["--labels", labels.to_str().unwrap()],
+        "positive",
+    );
+    let page = dir.path().join("text/index.html");
+    let j = (2..32)
+        .find(|&j| numpy_top(&v, j).len() == 10)
+        .expect("a latent with 10 top rows");
+    let top = numpy_top(&v, j);
+    let r = render(&b, &page, &format!("#latent={j}"));
+    assert_eq!(table_counts(&r.dom), (32, 32));
+    assert_eq!(card_rows(&r.dom), (j as i64, top.clone()));
+
+    // The top-tokens column: distinct tokens, most frequent first, counts.
+    let mut toks: Vec<(String, usize)> = Vec::new();
+    for &row in &top {
+        let t = format!(" w{}", (row as usize % 1500) % 7);
+        match toks.iter_mut().find(|(s, _)| *s == t) {
+            Some(e) => e.1 += 1,
+            None => toks.push((t, 1)),
+        }
+    }
+    toks.sort_by_key(|e| std::cmp::Reverse(e.1));
+    toks.truncate(5);
+    let cell: String = toks
+        .iter()
+        .map(|(t, c)| {
+            let n = if *c > 1 {
+                format!("<span class=\"n\">\u{d7}{c}</span>")
+            } else {
+                String::new()
+            };
+            format!("<span class=\"tok\">{t}</span>{n}")
+        })
+        .collect();
+    let tr = between(&r.dom, &format!("data-id=\"{j}\">"), "</tr>").unwrap();
+    assert!(
+        tr.contains(&format!("<td class=\"toks\">{cell}</td>")),
+        "latent {j}: top tokens {toks:?} not in its table row: {tr}"
+    );
+
+    // The card: the marked token highlighted in its escaped context; the
+    // pairs of identical labels once each, with ×2.
+    let card = between(&r.dom, "id=\"latentcard\"", "<script").unwrap();
+    let k = top[0] as usize % 1500;
+    let want = format!(
+        "<span class=\"text\">ctx{k}. the &lt;b&gt;&amp;\"quick<mark class=\"act\"> w{}</mark> jumps</span>",
+        k % 7
+    );
+    assert!(card.contains(&want), "latent {j}: no `{want}` in the card");
+    let distinct: std::collections::BTreeSet<String> =
+        top.iter().map(|&r| label(r as usize)).collect();
+    assert!(
+        distinct.len() < top.len(),
+        "repeated text among the top rows"
+    );
+    let list = between(card, "<ol class=\"toprows\">", "</ol>").unwrap();
+    assert_eq!(list.matches("<li ").count(), distinct.len(), "{list}");
+    assert!(list.contains("data-count=\"2\"") && list.contains("\u{d7}2"));
+    // Text: the decoder's norm and nearest latent, no input dimensions, no
+    // picture (the one canvas is the activation histogram).
+    assert!(card.contains("nearest latent") && !card.contains("input dimensions"));
+    assert_eq!(card.matches("<canvas").count(), 1);
+    // The band samples, as numpy chose them, top band first.
+    let samples = &v["samples"][j];
+    for band in (1..=3).rev() {
+        let rows: Vec<i64> = serde_json::from_value(samples[band - 1].clone()).unwrap();
+        let rows: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+        let attr = format!("data-band=\"{band}\" data-rows=\"{}\"", rows.join(","));
+        assert!(card.contains(&attr), "latent {j}: no `{attr}` in the card");
+    }
+    let lower = (0..32)
+        .filter(|&i| !v["samples"][i][0].as_array().unwrap().is_empty())
+        .count();
+    assert!(
+        lower > 10,
+        "only {lower} latents have samples in their lowest band"
+    );
+    println!("latent {j}: tokens {toks:?}; {lower} latents sampled in their lowest band");
+
+    // Search from the address, case-insensitive, over the top rows' labels
+    // (the markers do not split the text).
+    let hits = |f: &dyn Fn(usize) -> bool| -> Vec<usize> {
+        (0..32)
+            .filter(|&i| numpy_top(&v, i).iter().any(|&r| f(r as usize % 1500)))
+            .collect()
+    };
+    let w = (k % 7 + 3) % 7;
+    for (q, want) in [
+        (format!("CTX{k}.%20The"), hits(&|r| r == k)),
+        (format!("quick%20W{w}"), hits(&|r| r % 7 == w)),
+    ] {
+        let r = render(&b, &page, &format!("#q={q}&latent={j}"));
+        let got: Vec<usize> = r
+            .dom
+            .match_indices("<tr class=\"lat")
+            .map(|(i, _)| {
+                between(&r.dom[i..], "data-id=\"", "\"")
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect::<std::collections::BTreeSet<usize>>()
+            .into_iter()
+            .collect();
+        assert_eq!(got, want, "#q={q}");
+        assert_eq!(table_counts(&r.dom), (want.len(), want.len()));
+        assert!(!want.is_empty() && want.len() < 32, "#q={q}: {want:?}");
+        println!("#q={q}: {} latents", want.len());
+    }
+    screenshot(
+        &b,
+        &page,
+        &format!("#latent={j}"),
+        &dir.path().join("text.png"),
+        "1400,1200",
     );
 }

@@ -94,12 +94,13 @@ pub fn latents_page(title: &str, data: &Value) -> String {
       <label>max act. &ge; <input id="amin" type="number" step="any" placeholder="any"></label>
       <label><select id="fdead"><option value="all">all</option><option value="alive">alive</option><option value="dead">dead only</option></select></label>
       <label>latent <input id="goto" type="number" min="0" placeholder="id"></label>
+      <label id="qlabel" hidden>labels contain <input id="q" type="search" placeholder="token or context"></label>
     </div>
     <p><span id="count"></span> latents match; <span id="pageinfo"></span>
       <button id="prev" type="button">&larr;</button><button id="next" type="button">&rarr;</button></p>
     <table id="latents" class="grid"><thead><tr>
       <th data-key="id">id</th><th data-key="freq">frequency</th><th data-key="mean">mean act.</th>
-      <th data-key="max">max act.</th><th data-key="norm">decoder norm</th><th data-key="cos">nearest cos</th><th data-key="dead">dead</th>
+      <th data-key="max">max act.</th><th data-key="norm">decoder norm</th><th data-key="cos">nearest cos</th><th data-key="dead">dead</th><th id="tokhead" class="toks" hidden>top tokens</th>
     </tr></thead><tbody id="rows"></tbody></table>
     <p class="note">Click a column to sort, a row to open its card.</p>
   </div>
