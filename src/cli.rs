@@ -64,6 +64,46 @@ pub enum Command {
     Activations(ActivationsArgs),
 }
 
+/// How a language model's tokens become rows (as the data.* keys of a
+/// training config).
+#[derive(Args, Debug)]
+pub struct SourceArgs {
+    /// Tokens per sequence of a 1-D token stream.
+    #[arg(long, value_name = "N")]
+    pub context_size: Option<i64>,
+    /// Token ids that give no row (e.g. BOS, padding), comma-separated.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub exclude_tokens: Vec<i64>,
+    /// Positions that give no row (0-based; negative from the end), comma-separated.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub exclude_positions: Vec<i64>,
+    /// Sequences per model call (data.model_batch).
+    #[arg(long = "batch-size", value_name = "SEQS", default_value_t = 8)]
+    pub model_batch: i64,
+}
+
+impl SourceArgs {
+    /// The source of `model` on `tokens`, the model on `device`.
+    fn spec(&self, model: &str, tokens: &str, device: &str) -> Result<crate::lm::source::Spec> {
+        if self.model_batch < 1 {
+            bail_user!("--batch-size {}: must be at least 1", self.model_batch);
+        }
+        if self.context_size.is_some_and(|c| c < 1) {
+            bail_user!("--context-size: must be at least 1");
+        }
+        Ok(crate::lm::source::Spec {
+            model: model.to_string(),
+            tokens: tokens.to_string(),
+            context_size: self.context_size.map(|c| c as usize),
+            exclude_tokens: self.exclude_tokens.clone(),
+            exclude_positions: self.exclude_positions.clone(),
+            group: self.model_batch as usize,
+            device: device::resolve(device)?,
+            cli: true,
+        })
+    }
+}
+
 #[derive(Args, Debug)]
 #[command(after_help = "\
 Examples:
@@ -102,18 +142,8 @@ pub struct ActivationsArgs {
     /// float32 or float16 values.
     #[arg(long, default_value = "float32", value_parser = ["float32", "float16"])]
     pub dtype: String,
-    /// Tokens per sequence of a 1-D token stream.
-    #[arg(long, value_name = "N")]
-    pub context_size: Option<i64>,
-    /// Token ids that give no row (e.g. BOS, padding), comma-separated.
-    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
-    pub exclude_tokens: Vec<i64>,
-    /// Positions that give no row (0-based; negative from the end), comma-separated.
-    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
-    pub exclude_positions: Vec<i64>,
-    /// Sequences per model call.
-    #[arg(long, value_name = "SEQS", default_value_t = 8)]
-    pub batch_size: i64,
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// One string per token id: a text file (line i = id i) or .json (a
     /// list, or a {token: id} object); with --labels.
     #[arg(long, value_name = "FILE")]
@@ -418,8 +448,22 @@ pub struct LatentsArgs {
     pub model: String,
     /// Data: .npy, file.npz:key, or a directory of .npy shards (streamed in
     /// chunks: memory does not grow with the rows).
-    #[arg(long)]
-    pub data: String,
+    #[arg(long, required_unless_present = "lm")]
+    pub data: Option<String>,
+    /// Instead of --data: a language model (TorchScript .pt or AOTInductor
+    /// .pt2) run on --tokens; with --vocab each row is labelled with its
+    /// token in context. Its rows go through a temporary .npy beside --out.
+    #[arg(long, value_name = "LM", conflicts_with = "data", requires = "tokens")]
+    pub lm: Option<String>,
+    /// Token ids .npy for --lm: int [n_seq, ctx], or 1-D with --context-size.
+    #[arg(long, requires = "lm")]
+    pub tokens: Option<String>,
+    /// One string per token id (a text file, line i = id i, or .json), for
+    /// the labels of --lm rows.
+    #[arg(long, value_name = "FILE", requires = "lm")]
+    pub vocab: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// Output directory: latents.csv, top_rows.npy, top_values.npy,
     /// sample_rows.npy, sample_values.npy, index.html.
     #[arg(long)]
@@ -1047,22 +1091,10 @@ fn activations_cmd(a: &ActivationsArgs) -> Result<()> {
             (source::Spec::from_config(&cfg)?, cfg.data.valid_fraction)
         }
         None => {
-            if a.batch_size < 1 {
-                bail_user!("--batch-size {}: must be at least 1", a.batch_size);
-            }
-            if a.context_size.is_some_and(|c| c < 1) {
-                bail_user!("--context-size: must be at least 1");
-            }
-            let spec = source::Spec {
-                model: a.model.clone().expect("required"),
-                tokens: a.tokens.clone().expect("required"),
-                context_size: a.context_size.map(|c| c as usize),
-                exclude_tokens: a.exclude_tokens.clone(),
-                exclude_positions: a.exclude_positions.clone(),
-                group: a.batch_size as usize,
-                device: device::resolve(&a.device)?,
-                cli: true,
-            };
+            let (m, t) = (a.model.as_deref(), a.tokens.as_deref());
+            let spec = a
+                .source
+                .spec(m.expect("required"), t.expect("required"), &a.device)?;
             (spec, 0.0)
         }
     };
@@ -1108,6 +1140,72 @@ fn activations_cmd(a: &ActivationsArgs) -> Result<()> {
     Ok(())
 }
 
+/// A language model's rows (and labels) written for `sae latents --lm`;
+/// removed when dropped.
+struct LmRows {
+    dir: PathBuf,
+    rows: PathBuf,
+    labels: Option<PathBuf>,
+}
+
+impl Drop for LmRows {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `lm` on `tokens` into a temporary directory beside `--out`.
+fn lm_rows(a: &LatentsArgs, lm: &str, tokens: &str, d_in: i64) -> Result<LmRows> {
+    use crate::lm::{dump, source, vocab::Vocab};
+    let spec = a.source.spec(lm, tokens, &a.device)?;
+    let corpus = std::rc::Rc::new(source::Corpus::open(&spec)?);
+    if corpus.d != d_in {
+        bail_user!(
+            "--lm {lm}: gives rows of width {} but the model {} takes {d_in}",
+            corpus.d,
+            a.model
+        );
+    }
+    let n = corpus.n_seq();
+    let src = source::ModelSource::new(corpus, 0, n);
+    let vocab = match &a.vocab {
+        Some(p) => {
+            let v = Vocab::read(p)?;
+            dump::check_vocab(&src, &v, &p.display().to_string())?;
+            Some(v)
+        }
+        None => None,
+    };
+    let name = a
+        .out
+        .file_name()
+        .map_or("latents".into(), |n| n.to_string_lossy().into_owned());
+    let dir = a
+        .out
+        .with_file_name(format!(".{name}.lm-rows.{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| crate::error::user(format!("cannot write {}: {e}", dir.display())))?;
+    let rows = LmRows {
+        rows: dir.join("rows.npy"),
+        labels: vocab.as_ref().map(|_| dir.join("labels.txt")),
+        dir,
+    };
+    let w = dump::write(
+        &src,
+        &dump::Options {
+            out: rows.rows.clone(),
+            half: false,
+            vocab,
+            labels: rows.labels.clone(),
+            progress: !a.quiet,
+        },
+    )?;
+    if !a.quiet {
+        eprintln!("{lm}: {} rows from {} sequences", w.rows, w.sequences);
+    }
+    Ok(rows)
+}
+
 fn latents_cmd(a: &LatentsArgs) -> Result<()> {
     if a.top < 1 {
         bail_user!("--top {}: must be at least 1", a.top);
@@ -1119,6 +1217,18 @@ fn latents_cmd(a: &LatentsArgs) -> Result<()> {
         bail_user!("--samples {}: must be 0 or more", a.samples);
     }
     let model = load(&a.model, &a.device)?;
+    // --lm: the model's rows (and labels) through a temporary dump.
+    let dumped = match (&a.lm, &a.tokens) {
+        (Some(lm), Some(tokens)) => Some(lm_rows(a, lm, tokens, model.spec.d_in)?),
+        _ => None,
+    };
+    let (data, labels) = match &dumped {
+        Some(t) => (
+            t.rows.to_string_lossy().into_owned(),
+            a.labels.clone().or_else(|| t.labels.clone()),
+        ),
+        None => (a.data.clone().expect("required"), a.labels.clone()),
+    };
     let pursuit = a.encoder.build(&model, &a.model)?;
     let image = image_shape(a.image_shape.as_deref(), model.spec.d_in)?;
     let (codes, encoder_name): (&dyn metrics::CodeSource, String) = match &pursuit {
@@ -1140,13 +1250,16 @@ fn latents_cmd(a: &LatentsArgs) -> Result<()> {
         image,
         image_given: a.image_shape.is_some(),
         samples: a.samples,
-        labels: a.labels.clone(),
+        labels,
         progress: !a.quiet,
         model_name: a.model.clone(),
-        data_name: a.data.clone(),
+        data_name: match (&a.lm, &a.tokens) {
+            (Some(lm), Some(t)) => format!("{lm} on {t}"),
+            _ => data.clone(),
+        },
         encoder_name,
     };
-    let stats = crate::latents::run(&model, codes, &a.data, &a.out, &opts)?;
+    let stats = crate::latents::run(&model, codes, &data, &a.out, &opts)?;
     let dead = (0..stats.d_hidden as usize)
         .filter(|&j| stats.dead(j))
         .count();

@@ -496,3 +496,87 @@ grid:
         same_files(&run, &solo, "one-pass sweep point vs solo");
     }
 }
+
+/// `sae latents --lm`: the dashboard straight from the language model, its
+/// rows labelled with their tokens in context from --vocab; the rows'
+/// temporary dump is gone afterwards.
+#[test]
+fn latents_from_the_model_label_rows_with_their_tokens() {
+    let lm = common::lm::tiny_lm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = write_config(
+        d,
+        "c.yaml",
+        &format!(
+            "device: cpu\ndata: {{model: {}, tokens: {}, exclude_positions: [0]}}\n\
+             model: {{d_hidden: 64, activation: topk, k: 4}}\nsparsity: {{penalty: none}}\n\
+             train: {{epochs: 1, batch_size: 256}}\n",
+            p(&lm, "lm.pt"),
+            p(&lm, "tokens.npy")
+        ),
+    );
+    let run = p(d, "run");
+    sae_ok(&["train", "-q", "--config", &cfg, "--out", &run]);
+    let out = d.join("latents");
+    let said = sae_ok(&[
+        "latents",
+        "-q",
+        "--model",
+        &run,
+        "--lm",
+        &p(&lm, "lm.pt"),
+        "--tokens",
+        &p(&lm, "tokens.npy"),
+        "--vocab",
+        &p(&lm, "vocab.txt"),
+        "--exclude-positions",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        said.contains(&format!("{} rows, 64 latents", 1321 * 31)),
+        "{said}"
+    );
+    let page = std::fs::read_to_string(out.join("index.html")).unwrap();
+    assert!(
+        page.contains('⟦') && page.contains('⟧'),
+        "no marked tokens in the page"
+    );
+    let left: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("lm-rows"))
+        .collect();
+    assert!(left.is_empty(), "temporary rows left: {left:?}");
+    // The model must give rows as wide as the SAE takes.
+    let (x, _) = synth(d, 200, 8, 8, 1);
+    let small = p(d, "small");
+    sae_ok(&[
+        "train",
+        "-q",
+        "--config",
+        &write_config(
+            d,
+            "s.yaml",
+            &format!("data: {{train: {x}}}\nmodel: {{d_hidden: 8}}\ntrain: {{epochs: 1}}\n"),
+        ),
+        "--out",
+        &small,
+    ]);
+    expect_user_error(
+        &[
+            "latents",
+            "--model",
+            &small,
+            "--lm",
+            &p(&lm, "lm.pt"),
+            "--tokens",
+            &p(&lm, "tokens.npy"),
+            "--out",
+            &p(d, "l2"),
+        ],
+        &["gives rows of width 64", "takes 8"],
+    );
+}
