@@ -400,3 +400,67 @@ fn what_data_parallel_training_refuses_is_said_before_joining() {
         assert!(stderr(&o).contains(says), "{sets:?}: {}", stderr(&o));
     }
 }
+
+/// Rows from a language model (tests/fixtures/tiny_lm.py) or a streamed
+/// `.npy`: each rank computes (reads) only the groups of sequences (blocks)
+/// it owns, its part of each batch is the batch's rows there, and 2 ranks
+/// train what 1 process trains (to 1e-5), with the global batch unchanged.
+#[test]
+fn two_ranks_share_the_model_and_the_stream() {
+    let _one = serial();
+    let lm = common::lm::tiny_lm();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let yaml = |data: &str| {
+        format!(
+            "seed: 3\ndevice: cpu\ndata: {{{data}}}\n\
+             model: {{d_hidden: 64, init_scheme: sae, activation: topk, k: 6}}\n\
+             sparsity: {{penalty: auxk, weight: 0.03}}\n\
+             train: {{epochs: 2, batch_size: 256, threads: 1, checkpoint_every: 100, \
+             dead_window: 20, input_noise: gaussian, noise_level: 0.05}}\ndist: {{timeout_s: 60}}\n"
+        )
+    };
+    let model_data = format!(
+        "model: {}, tokens: {}, exclude_positions: [0]",
+        lm.join("lm.pt").display(),
+        lm.join("tokens.npy").display()
+    );
+    let cfg = write_config(d, "model.yaml", &yaml(&model_data));
+    let (single, dp) = (d.join("model_1"), d.join("model_2"));
+    sae_ok(&train_args(&cfg, &single, &[]));
+    let o = run_ok(torchrun(2, &train_args(&cfg, &dp, &[])));
+    assert_close(&dp, &single, 1e-5);
+    let (s1, s2) = (summary(&single), summary(&dp));
+    assert_eq!(s1["steps"], s2["steps"], "the global batch is unchanged");
+    // Both epochs' windows: all 1321 sequences each (groups of 8 that
+    // straddle two windows count twice); each rank about half of them.
+    let all = s1["model_sequences"].as_u64().unwrap();
+    assert!((2 * 1321..2 * 1321 + 64).contains(&all), "{s1}");
+    let err = stderr(&o);
+    let per_rank: Vec<u64> = err
+        .lines()
+        .filter_map(|l| l.split("the model ran on ").nth(1))
+        .filter_map(|r| r.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(per_rank.len(), 2, "{err}");
+    for n in &per_rank {
+        let share = *n as f64 / all as f64;
+        assert!(
+            (0.4..0.6).contains(&share),
+            "a rank computed {n} of {all}: {err}"
+        );
+    }
+    println!("model source: 1 process {all} sequences, 2 ranks {per_rank:?}");
+    // The same rows dumped and streamed: each rank reads only its blocks.
+    let acts = d.join("acts.npy").display().to_string();
+    sae_ok(&["activations", "--config", &cfg, "--out", &acts, "-q"]);
+    let cfg = write_config(
+        d,
+        "stream.yaml",
+        &yaml(&format!("train: {acts}, stream: true")),
+    );
+    let (single, dp) = (d.join("stream_1"), d.join("stream_2"));
+    sae_ok(&train_args(&cfg, &single, &[]));
+    run_ok(torchrun(2, &train_args(&cfg, &dp, &[])));
+    assert_close(&dp, &single, 1e-5);
+}

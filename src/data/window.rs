@@ -159,6 +159,46 @@ pub struct WindowReader {
     handle: Option<JoinHandle<()>>,
     current: Option<(Window, i64)>,
     path: PathBuf,
+    /// Data-parallel: this rank reads only the blocks it owns.
+    owner: Option<Owner>,
+}
+
+/// Which units (blocks of a file, groups of a model's sequences) a rank
+/// owns in data-parallel training: unit `u` is rank `u % world`'s. A rank
+/// reads or computes only its units, and its part of a batch is the
+/// batch's rows that fall in them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Owner {
+    pub fn owns(&self, unit: usize) -> bool {
+        unit % self.world == self.rank
+    }
+}
+
+/// The next `need` entries of a window's `local` map from `pos` on (-1:
+/// a row another rank owns): where this rank's rows sit in the window, and
+/// their positions in the batch, counted from `base`.
+pub(crate) fn take_owned(
+    local: &[i64],
+    pos: &mut usize,
+    need: usize,
+    base: usize,
+    idx: &mut Vec<i64>,
+    at: &mut Vec<i64>,
+) -> usize {
+    let take = need.min(local.len() - *pos);
+    for (i, &l) in local[*pos..*pos + take].iter().enumerate() {
+        if l >= 0 {
+            idx.push(l);
+            at.push((base + i) as i64);
+        }
+    }
+    *pos += take;
+    take
 }
 
 impl WindowReader {
@@ -167,7 +207,13 @@ impl WindowReader {
     /// blocks (exactly one window of `block_shuffled_order`; shorter for
     /// scattered orders, so memory stays bounded), and each run of adjacent
     /// blocks is one read.
-    pub fn start(src: &RowFile, order: Vec<i64>, block: usize, window: usize) -> WindowReader {
+    pub fn start(
+        src: &RowFile,
+        order: Vec<i64>,
+        block: usize,
+        window: usize,
+        owner: Option<Owner>,
+    ) -> WindowReader {
         // Rendezvous channel: the reader finishes window k+1, then waits
         // until the loop takes it, so at most two windows are alive.
         let (tx, rx) = sync_channel(0);
@@ -179,7 +225,10 @@ impl WindowReader {
             .spawn(move || {
                 let max_blocks = window.div_ceil(block).max(1);
                 for rows in windows(&order, block, max_blocks) {
-                    let w = read_window(&src, rows, block, max_blocks);
+                    let w = match owner {
+                        None => read_window(&src, rows, block, max_blocks),
+                        Some(o) => read_owned(&src, rows, block, max_blocks, o),
+                    };
                     let failed = w.is_err();
                     if tx.send(w).is_err() || failed {
                         return;
@@ -192,7 +241,31 @@ impl WindowReader {
             handle: Some(handle),
             current: None,
             path,
+            owner,
         }
+    }
+
+    /// Data-parallel: of the next `n` rows of the order, this rank's (the
+    /// ones in blocks it owns) and their positions among the `n`.
+    pub fn next_owned(&mut self, n: usize) -> Result<(Tensor, Tensor)> {
+        debug_assert!(self.owner.is_some());
+        let (mut parts, mut at, mut done) = (Vec::new(), Vec::new(), 0);
+        while done < n {
+            let exhausted = match &self.current {
+                Some((w, pos)) => *pos >= w.local.len() as i64,
+                None => true,
+            };
+            if exhausted {
+                self.advance()?;
+            }
+            let (w, pos) = self.current.as_mut().expect("set above");
+            let mut idx = Vec::new();
+            let mut p = *pos as usize;
+            done += take_owned(&w.local, &mut p, n - done, done, &mut idx, &mut at);
+            *pos = p as i64;
+            parts.push(w.data.index_select(0, &Tensor::from_slice(&idx)));
+        }
+        Ok((Tensor::cat(&parts, 0), Tensor::from_slice(&at)))
     }
 
     /// Waits for the first window (a run's set-up, like loading in-memory
@@ -307,6 +380,41 @@ pub(crate) fn windows(order: &[i64], block: usize, max_blocks: usize) -> Vec<&[i
 /// and each run is read from the page boundary before it to the one after
 /// it. That spills up to a page into the neighbouring slots, so once all
 /// runs are in, the first and last page of each run are read again exactly.
+/// [`read_window`] of only the blocks `owner` owns; the rows of the others
+/// map to -1.
+fn read_owned(
+    src: &RowFile,
+    rows: &[i64],
+    block: usize,
+    max_blocks: usize,
+    owner: Owner,
+) -> Result<Window> {
+    let mine: Vec<i64> = rows
+        .iter()
+        .copied()
+        .filter(|&r| owner.owns(r as usize / block))
+        .collect();
+    let mut w = match mine.is_empty() {
+        false => read_window(src, &mine, block, max_blocks)?,
+        true => Window {
+            data: Tensor::zeros([0, src.cols as i64], (Kind::Float, Device::Cpu)),
+            local: Vec::new(),
+            index: None,
+            buf: None,
+            pool: src.pool.clone(),
+        },
+    };
+    let mut own = w.local.iter();
+    w.local = rows
+        .iter()
+        .map(|&r| match owner.owns(r as usize / block) {
+            true => *own.next().expect("one local row per owned row"),
+            false => -1,
+        })
+        .collect();
+    Ok(w)
+}
+
 fn read_window(src: &RowFile, rows: &[i64], block: usize, max_blocks: usize) -> Result<Window> {
     let plan = WindowPlan::new(src, rows, block);
     let buf = plan.buffer(src, max_blocks);
@@ -587,7 +695,7 @@ mod tests {
             let buf = plan.buffer(&src, window.div_ceil(block));
             let used = plan.read_direct(&src, plan.base(&buf));
             assert_eq!(used, direct && src.direct.is_some(), "block {block}");
-            let mut r = WindowReader::start(&src, order.clone(), block, window);
+            let mut r = WindowReader::start(&src, order.clone(), block, window, None);
             let mut at = 0;
             while at < order.len() {
                 let n = batch.min(order.len() - at);
@@ -623,7 +731,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let x = Tensor::randn([300, 3], (Kind::Float, Device::Cpu));
         let src = source(dir.path(), &x);
-        let mut r = WindowReader::start(&src, (0..300).collect(), 8, 16);
+        let mut r = WindowReader::start(&src, (0..300).collect(), 8, 16, None);
         assert_eq!(r.next_batch(5).unwrap().size(), [5, 3]);
         drop(r);
     }

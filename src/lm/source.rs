@@ -12,6 +12,7 @@
 
 use super::tokens::Tokens;
 use super::LanguageModel;
+use crate::data::window::{take_owned, Owner};
 use crate::error::user;
 use crate::{bail_user, Result};
 use std::cell::{Cell, RefCell};
@@ -91,8 +92,10 @@ pub struct Corpus {
     /// Runs sharing this corpus besides the first (`train_together`): while
     /// there are any, computed windows and row ranges are kept for them.
     sharers: Cell<usize>,
-    /// Sequences the model has run on (group by group), for reports.
+    /// Sequences the model has run on (group by group), for reports, and
+    /// those that training windows asked for (this rank's share).
     pub sequences_run: Cell<u64>,
+    pub window_sequences: Cell<u64>,
     windows: RefCell<VecDeque<(WindowKey, Window)>>,
     heads: RefCell<Vec<((usize, usize), Tensor)>>,
 }
@@ -166,6 +169,7 @@ impl Corpus {
             d: 0,
             sharers: Cell::new(0),
             sequences_run: Cell::new(0),
+            window_sequences: Cell::new(0),
             windows: RefCell::default(),
             heads: RefCell::default(),
         };
@@ -346,16 +350,16 @@ impl ModelSource {
     /// The rows `rows` ask for: `(data, local)` where `data` holds the
     /// rows of every sequence they touch and `local[i]` is where `rows[i]`
     /// sits in it. Computed, or taken from a run sharing the corpus.
-    pub fn window(&self, rows: &[i64]) -> Result<Window> {
+    pub fn window(&self, rows: &[i64], owner: Option<Owner>) -> Result<Window> {
         let corpus = &self.corpus;
-        if !corpus.shared() {
-            return self.compute_window(rows);
+        if !corpus.shared() || owner.is_some() {
+            return self.compute_window(rows, owner);
         }
         let key = window_key(self.first, rows);
         if let Some((_, w)) = corpus.windows.borrow().iter().find(|(k, _)| *k == key) {
             return Ok((w.0.shallow_clone(), w.1.clone()));
         }
-        let w = self.compute_window(rows)?;
+        let w = self.compute_window(rows, None)?;
         let mut kept = corpus.windows.borrow_mut();
         if kept.len() == KEPT_WINDOWS {
             kept.pop_front();
@@ -364,10 +368,20 @@ impl ModelSource {
         Ok(w)
     }
 
-    fn compute_window(&self, rows: &[i64]) -> Result<Window> {
-        let mut seqs: Vec<usize> = rows.iter().map(|&r| self.sequence_of(r as u64)).collect();
+    /// With an `owner` (data-parallel), only the sequences of the groups
+    /// this rank owns are computed; the other rows map to -1.
+    fn compute_window(&self, rows: &[i64], owner: Option<Owner>) -> Result<Window> {
+        let group = self.corpus.group;
+        let mine = |s: usize| owner.is_none_or(|o| o.owns((self.first + s) / group));
+        let mut seqs: Vec<usize> = rows
+            .iter()
+            .map(|&r| self.sequence_of(r as u64))
+            .filter(|&s| mine(s))
+            .collect();
         seqs.sort_unstable();
         seqs.dedup();
+        let counted = &self.corpus.window_sequences;
+        counted.set(counted.get() + seqs.len() as u64);
         // Where each touched sequence's rows start in `data`.
         let mut offset = Vec::with_capacity(seqs.len());
         let mut acc = 0u64;
@@ -381,8 +395,10 @@ impl ModelSource {
             .iter()
             .map(|&r| {
                 let s = self.sequence_of(r as u64);
-                let at = seqs.binary_search(&s).expect("touched");
-                (offset[at] + r as u64 - self.starts[s]) as i64
+                match seqs.binary_search(&s) {
+                    Ok(at) => (offset[at] + r as u64 - self.starts[s]) as i64,
+                    Err(_) => -1,
+                }
             })
             .collect();
         Ok((data, Rc::new(local)))
@@ -450,10 +466,20 @@ pub struct ModelWindows {
     /// The current window's rows, where the order's rows sit in them, and
     /// the position reached.
     current: Option<(Tensor, Tensor, i64)>,
+    /// Data-parallel: the groups of sequences this rank computes, and the
+    /// current window's map (-1: another rank's row).
+    owner: Option<Owner>,
+    local: Rc<Vec<i64>>,
 }
 
 impl ModelWindows {
-    pub fn new(source: Rc<ModelSource>, order: Vec<i64>, block: usize, window: usize) -> Self {
+    pub fn new(
+        source: Rc<ModelSource>,
+        order: Vec<i64>,
+        block: usize,
+        window: usize,
+        owner: Option<Owner>,
+    ) -> Self {
         let max_blocks = window.div_ceil(block.max(1)).max(1);
         let mut bounds = Vec::new();
         let mut at = 0;
@@ -467,6 +493,8 @@ impl ModelWindows {
             bounds,
             next: 0,
             current: None,
+            owner,
+            local: Rc::default(),
         }
     }
 
@@ -475,8 +503,9 @@ impl ModelWindows {
             bail_user!("data.model: the order ran out of rows before the epoch's end");
         };
         self.next += 1;
-        let (data, local) = self.source.window(&self.order[lo..hi])?;
+        let (data, local) = self.source.window(&self.order[lo..hi], self.owner)?;
         self.current = Some((data, Tensor::from_slice(&local[..]), 0));
+        self.local = local;
         Ok(())
     }
 
@@ -486,6 +515,27 @@ impl ModelWindows {
             self.advance()?;
         }
         Ok(())
+    }
+
+    /// Data-parallel: of the next `n` rows of the order, this rank's (those
+    /// of sequences in groups it owns) and their positions among the `n`.
+    pub fn next_owned(&mut self, n: usize) -> Result<(Tensor, Tensor)> {
+        let (mut parts, mut at, mut done) = (Vec::new(), Vec::new(), 0);
+        while done < n {
+            let exhausted = match &self.current {
+                Some((_, index, pos)) => *pos >= index.size()[0],
+                None => true,
+            };
+            if exhausted {
+                self.advance()?;
+            }
+            let (data, _, pos) = self.current.as_mut().expect("set above");
+            let (mut idx, mut p) = (Vec::new(), *pos as usize);
+            done += take_owned(&self.local, &mut p, n - done, done, &mut idx, &mut at);
+            *pos = p as i64;
+            parts.push(data.index_select(0, &Tensor::from_slice(&idx)));
+        }
+        Ok((Tensor::cat(&parts, 0), Tensor::from_slice(&at)))
     }
 
     /// The next `n` rows of the order, `[n, d]` float32 on the CPU.

@@ -8,7 +8,7 @@ use super::plan::{joined, Data};
 use super::state::Position;
 use crate::config::{BatchSize, Config};
 use crate::data::dataset::{block_shuffled_order, epoch_order, Dataset, EpochBatches, Shard};
-use crate::data::window::{RowFile, WindowReader};
+use crate::data::window::{Owner, RowFile, WindowReader};
 use crate::lm::source::{ModelSource, ModelWindows};
 use crate::model::Sae;
 use crate::normalize::Normalizer;
@@ -80,6 +80,9 @@ pub struct Batch {
     /// Rows of the whole (global) batch, and where this rank's part starts.
     pub rows: usize,
     pub offset: usize,
+    /// Data-parallel streamed or model rows: this rank's rows sit at these
+    /// positions of the global batch (its part is not one range).
+    pub positions: Option<Tensor>,
     pub epoch: i64,
     /// Its index within the epoch.
     pub index: i64,
@@ -139,6 +142,13 @@ impl Reader {
         match self {
             Reader::File(r) => r.next_batch(n),
             Reader::Model(m) => m.next_batch(n),
+        }
+    }
+
+    fn next_owned(&mut self, n: usize) -> Result<(Tensor, Tensor)> {
+        match self {
+            Reader::File(r) => r.next_owned(n),
+            Reader::Model(m) => m.next_owned(n),
         }
     }
 }
@@ -234,7 +244,7 @@ impl Batches {
                 let reader = match self.next_reader.take() {
                     Some(r) => r,
                     None => {
-                        let mut r = start_reader(&self.source, rest.to_vec());
+                        let mut r = start_reader(&self.source, rest.to_vec(), self.shard);
                         r.prime()?;
                         r
                     }
@@ -259,14 +269,21 @@ impl Batches {
         }
         let left = self.rest_rows - self.served * self.batch_rows;
         self.read_ahead(left);
+        let mut positions = None;
         let (x, rows) = match self.current.as_mut().expect("checked") {
             Current::Memory(m) => m.next().expect("one batch per chunk of the order"),
             Current::Stream(r, norm) => {
-                // Every rank reads the window (the rows of a batch are spread
-                // over its blocks) and keeps its part.
                 let rows = self.batch_rows.min(left);
-                let (lo, count) = self.shard.range(rows);
-                let x = r.next_batch(rows)?.narrow(0, lo as i64, count as i64);
+                let x = match self.shard.world {
+                    1 => r.next_batch(rows)?,
+                    // Each rank reads (or computes) only the blocks (groups
+                    // of sequences) it owns: its part is the batch's rows there.
+                    _ => {
+                        let (x, at) = r.next_owned(rows)?;
+                        positions = Some(at.to_device(self.device));
+                        x
+                    }
+                };
                 (norm.apply(&x.to_device(self.device)), rows)
             }
         };
@@ -275,7 +292,11 @@ impl Batches {
         Ok(Some(Batch {
             x,
             rows,
-            offset: self.shard.range(rows).0,
+            offset: match positions {
+                Some(_) => 0,
+                None => self.shard.range(rows).0,
+            },
+            positions,
             epoch: self.epoch,
             index,
             end_of_epoch: index + 1 == self.per_epoch,
@@ -290,25 +311,32 @@ impl Batches {
         }
         if self.next_reader.is_none() && self.epoch < self.epochs && left <= STREAM_WINDOW_ROWS {
             let order = self.orders.of(self.epoch + 1);
-            self.next_reader = Some(start_reader(&self.source, order.clone()));
+            self.next_reader = Some(start_reader(&self.source, order.clone(), self.shard));
             self.next_order = Some(order);
         }
     }
 }
 
-fn start_reader(source: &Source, order: Vec<i64>) -> Reader {
+fn start_reader(source: &Source, order: Vec<i64>, shard: Shard) -> Reader {
+    let owner = (shard.world > 1).then_some(Owner {
+        rank: shard.rank,
+        world: shard.world,
+    });
     match source {
-        Source::Stream { file, .. } => Reader::File(start_file_reader(file, order)),
+        Source::Stream { file, .. } => Reader::File(WindowReader::start(
+            file,
+            order,
+            STREAM_BLOCK_ROWS,
+            STREAM_WINDOW_ROWS,
+            owner,
+        )),
         Source::Model { source, .. } => Reader::Model(ModelWindows::new(
             source.clone(),
             order,
             STREAM_BLOCK_ROWS,
             STREAM_WINDOW_ROWS,
+            owner,
         )),
         Source::Memory(_) => unreachable!("in-memory data has no reader"),
     }
-}
-
-fn start_file_reader(file: &RowFile, order: Vec<i64>) -> WindowReader {
-    WindowReader::start(file, order, STREAM_BLOCK_ROWS, STREAM_WINDOW_ROWS)
 }

@@ -71,6 +71,10 @@ pub struct Summary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sparse_steps: Option<i64>,
     pub final_loss: f64,
+    /// data.model: sequences the training windows ran the model on (this
+    /// rank's share with several ranks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_sequences: Option<u64>,
     pub train: Metrics,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub valid: Option<Metrics>,
@@ -368,6 +372,17 @@ impl Session {
     /// model, metrics, summary and report.
     pub fn finish(mut self) -> Result<Option<Summary>> {
         self.report.progress.finish();
+        let model_sequences = self
+            .data
+            .model_source
+            .as_ref()
+            .map(|s| s.corpus.window_sequences.get());
+        if let (Some(n), true) = (model_sequences, self.shard.world > 1) {
+            eprintln!(
+                "rank {}: the model ran on {n} sequences of the training windows",
+                self.shard.rank
+            );
+        }
         let seconds = match self.busy.is_zero() {
             true => self.started.elapsed().as_secs_f64(),
             false => self.busy.as_secs_f64(),
@@ -398,6 +413,7 @@ impl Session {
             samples_per_second: state.samples as f64 / seconds.max(1e-9),
             sparse_steps: self.sparse_steps,
             final_loss: state.last_loss,
+            model_sequences,
             train,
             valid,
             pursuit,

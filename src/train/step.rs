@@ -100,7 +100,7 @@ impl Learner {
             g.begin_step(batch.rows);
         }
         let share = batch.x.size()[0] as f64 / batch.rows as f64;
-        let rows = (batch.rows, batch.offset);
+        let rows = (batch.rows, batch.offset, batch.positions.as_ref());
         let batch = &batch.x;
         let resample_every = self.cfg.train.resample_every;
         // Input noise and resampling draw random numbers: libtorch is
@@ -278,8 +278,17 @@ fn step_seed(seed: u64, step: i64) -> i64 {
 /// clean). `x` is the rows `offset..` of a batch of `rows`: the noise is
 /// drawn for the whole batch and this part taken, so data-parallel ranks add
 /// the noise one process would.
-fn corrupt(x: &Tensor, t: &TrainConfig, (rows, offset): (usize, usize)) -> Tensor {
-    let whole = |t: Tensor| t.narrow(0, offset as i64, x.size()[0]);
+/// Noise is drawn for the whole global batch and each rank takes its rows
+/// of it (a range, or `positions`), so ranks add what one process would.
+fn corrupt(
+    x: &Tensor,
+    t: &TrainConfig,
+    (rows, offset, positions): (usize, usize, Option<&Tensor>),
+) -> Tensor {
+    let whole = |t: Tensor| match positions {
+        Some(p) => t.index_select(0, p),
+        None => t.narrow(0, offset as i64, x.size()[0]),
+    };
     let shape = [rows as i64, x.size()[1]];
     match t.input_noise {
         InputNoise::None => x.shallow_clone(),
