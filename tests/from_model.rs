@@ -580,3 +580,38 @@ fn latents_from_the_model_label_rows_with_their_tokens() {
         &["gives rows of width 64", "takes 8"],
     );
 }
+
+/// configs/from_model.yaml (the README's recipe) trains on the tiny model
+/// with only the model, tokens and sizes overridden.
+#[test]
+fn the_from_model_recipe_trains() {
+    let lm = common::lm::tiny_lm();
+    let dir = tempfile::tempdir().unwrap();
+    let run = p(dir.path(), "run");
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/from_model.yaml");
+    let model = format!("data.model={}", p(&lm, "lm.pt"));
+    let tokens = format!("data.tokens={}", p(&lm, "tokens.npy"));
+    sae_ok(&[
+        "train",
+        "-q",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        &model,
+        "--set",
+        &tokens,
+        "--set",
+        "device=cpu",
+        "--set",
+        "model.d_hidden=256",
+        "--set",
+        "train.batch_size=512",
+        "--set",
+        "train.dead_window=40",
+        "--out",
+        &run,
+    ]);
+    let s = summary(Path::new(&run));
+    assert!(s["valid"]["fvu"].as_f64().unwrap() < 1.0, "{s}");
+    assert_eq!(s["valid"]["rows"].as_i64(), Some(14 * 31), "1 % of 1321 sequences");
+}
