@@ -122,9 +122,19 @@ pub fn map_spec(spec: &str) -> Result<Mapped> {
     match sources::detect(spec)? {
         None => map_npy(Path::new(spec)),
         Some(Other::Safetensors(s)) => {
-            let st_python = "import glob, numpy as np, safetensors.torch as st; \
-                 np.save('x.npy', np.concatenate([t.float().numpy() for f in \
-                 sorted(glob.glob('DIR/*.safetensors')) for t in st.load_file(f).values()]))";
+            // Each file's tensor, by the name read (or the only one).
+            let tensor = match spec.rsplit_once(':') {
+                Some((_, key)) if s.shards.iter().any(|x| x.origin.ends_with(&format!(":{key}"))) => {
+                    format!("st.load_file(f)['{key}']")
+                }
+                _ => "next(iter(st.load_file(f).values()))".to_owned(),
+            };
+            let python = |files: String| {
+                format!(
+                    "import glob, numpy as np, safetensors.torch as st; np.save('x.npy', \
+                     np.concatenate([{tensor}.float().numpy() for f in {files}]))"
+                )
+            };
             match s.shards.as_slice() {
                 [one] if one.dtype == safetensors::Dtype::F32 => {
                     let file = File::open(&one.path)
@@ -133,9 +143,16 @@ pub fn map_spec(spec: &str) -> Result<Mapped> {
                 }
                 [one] => Err(convert(
                     &format!("{:?} values", one.dtype),
-                    &st_python.replace("sorted(glob.glob('DIR/*.safetensors'))", &format!("['{}']", one.path.display())),
+                    &python(format!("['{}']", one.path.display())),
                 )),
-                _ => Err(convert("a directory of shards", &st_python.replace("DIR", spec))),
+                [first, ..] => {
+                    let dir = first.path.parent().unwrap_or(Path::new("."));
+                    Err(convert(
+                        "a directory of shards",
+                        &python(format!("sorted(glob.glob('{}/*.safetensors'))", dir.display())),
+                    ))
+                }
+                [] => unreachable!("a spec has at least one shard"),
             }
         }
         Some(Other::Cache(c)) => Err(convert(

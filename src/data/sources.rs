@@ -83,14 +83,53 @@ impl Other {
         }
     }
 
+    /// Calls `f` with chunks of exactly `batch` rows (the last may be
+    /// shorter), whatever the shard and record-batch boundaries: the same
+    /// chunks as one `.npy` of the same rows, so per-chunk results (`sae
+    /// encode`'s batched matmuls) are the same too.
     pub fn for_each_chunk(
         &self,
         batch: usize,
         f: &mut dyn FnMut(Matrix) -> Result<()>,
     ) -> Result<DataShape> {
-        match self {
-            Other::Safetensors(s) => s.for_each_chunk(batch, f),
-            Other::Cache(c) => c.for_each_chunk(batch, f),
+        let batch = batch.max(1);
+        let mut pending: Vec<f32> = Vec::new();
+        let mut cols = 0;
+        let mut take = |m: Matrix| -> Result<()> {
+            cols = m.cols;
+            if pending.is_empty() && m.rows == batch {
+                return f(m);
+            }
+            // Saturates for "everything in one chunk" (`read_matrix`).
+            let full_len = batch.saturating_mul(m.cols);
+            let mut data = m.data.as_slice();
+            while !data.is_empty() {
+                let room = full_len - pending.len();
+                let (now, rest) = data.split_at(room.min(data.len()));
+                pending.extend_from_slice(now);
+                data = rest;
+                if pending.len() == full_len {
+                    let full = std::mem::take(&mut pending);
+                    f(Matrix {
+                        data: full,
+                        rows: batch,
+                        cols: m.cols,
+                    })?;
+                }
+            }
+            Ok(())
+        };
+        let shape = match self {
+            Other::Safetensors(s) => s.for_each_chunk(batch, &mut take)?,
+            Other::Cache(c) => c.for_each_chunk(batch, &mut take)?,
+        };
+        if !pending.is_empty() {
+            f(Matrix {
+                rows: pending.len() / cols,
+                data: pending,
+                cols,
+            })?;
         }
+        Ok(shape)
     }
 }
