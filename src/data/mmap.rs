@@ -158,7 +158,7 @@ pub fn map_spec(spec: &str) -> Result<Mapped> {
         Some(Other::Cache(c)) => Err(convert(
             "a SAELens activation cache",
             &format!(
-                "import datasets, numpy as np; a = datasets.load_from_disk('{}').with_format('numpy')['{}']; \
+                "import datasets, numpy as np; a = datasets.load_from_disk('{}').with_format('numpy')[:]['{}']; \
                  np.save('x.npy', a.reshape(-1, a.shape[-1]).astype('<f4'))",
                 c.dir.display(),
                 c.column
