@@ -70,8 +70,8 @@ fn parts(spec: &str) -> Result<Vec<Part>> {
         shards.sort();
         if shards.is_empty() {
             bail_user!(
-                "{}: directory holds no .npy or .safetensors shards (nor a SAELens cache's \
-                 state.json)",
+                "{}: directory holds no .npy shards (nor .safetensors shards, nor a SAELens \
+                 cache's state.json)",
                 path.display()
             );
         }
