@@ -185,7 +185,8 @@ pub struct DataConfig {
     pub valid_target: Option<String>,
     /// Drop rows holding NaN or Inf (with a warning) instead of refusing the data.
     pub allow_nonfinite: bool,
-    /// Train from a memory-mapped `data.train` (float32 C-order `.npy`)
+    /// Train from a memory-mapped `data.train` (float32 C-order `.npy`, or one
+    /// float32 `.safetensors` file)
     /// instead of loading it: for data larger than memory.
     pub stream: bool,
     /// A language model (TorchScript `.pt` or AOTInductor `.pt2`, with

@@ -19,14 +19,18 @@ pub struct Mapped {
     _map: Arc<memmap2::Mmap>,
     file: Arc<File>,
     offset: usize,
+    /// The mapped file (a data spec may add `:key` to it).
+    path: std::path::PathBuf,
 }
 
 impl Mapped {
-    /// The same rows for reading with `pread` (see `data::window`).
-    pub fn row_file(&self, path: &Path) -> crate::data::window::RowFile {
+    /// The same rows for reading with `pread` (see `data::window`). The
+    /// mapped file itself is opened again (for O_DIRECT), whatever `_spec`
+    /// adds to its name (`x.safetensors:key`).
+    pub fn row_file(&self, _spec: &Path) -> crate::data::window::RowFile {
         let size = self.tensor.size();
         crate::data::window::RowFile::open(
-            path,
+            &self.path,
             self.file.clone(),
             self.offset as u64,
             size[0] as usize,
@@ -61,6 +65,19 @@ pub fn map_npy(path: &Path) -> Result<Mapped> {
         );
     }
     let offset = prefix.len();
+    map_f32(path, file, offset, rows, cols, &origin)
+}
+
+/// Maps `[rows, cols]` little-endian float32 C-order values at byte
+/// `offset` of `file`.
+fn map_f32(
+    path: &Path,
+    file: File,
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    origin: &str,
+) -> Result<Mapped> {
     let len = file.metadata()?.len() as usize;
     if len < offset + rows * cols * 4 {
         bail_user!("{origin}: file is shorter than its header's [{rows}, {cols}] float32 array; is it truncated?");
@@ -86,7 +103,68 @@ pub fn map_npy(path: &Path) -> Result<Mapped> {
         _map: map,
         file: Arc::new(file),
         offset,
+        path: path.to_owned(),
     })
+}
+
+/// `data.stream`'s source: a float32 C-order `.npy`, or one `.safetensors`
+/// file whose tensor is float32 (little-endian, C order, as the format
+/// stores it). Anything else is refused with the way to convert it.
+pub fn map_spec(spec: &str) -> Result<Mapped> {
+    use crate::data::sources::{self, Other};
+    let convert = |what: &str, python: &str| {
+        user(format!(
+            "{spec}: data.stream reads a float32 .npy or one float32 .safetensors file, not {what}; \
+             set data.stream: false (read into memory), or convert it once: python -c \"{python}\" \
+             and train on x.npy"
+        ))
+    };
+    match sources::detect(spec)? {
+        None => map_npy(Path::new(spec)),
+        Some(Other::Safetensors(s)) => {
+            // Each file's tensor, by the name read (or the only one).
+            let tensor = match spec.rsplit_once(':') {
+                Some((_, key)) if s.shards.iter().any(|x| x.origin.ends_with(&format!(":{key}"))) => {
+                    format!("st.load_file(f)['{key}']")
+                }
+                _ => "next(iter(st.load_file(f).values()))".to_owned(),
+            };
+            let python = |files: String| {
+                format!(
+                    "import glob, numpy as np, safetensors.torch as st; np.save('x.npy', \
+                     np.concatenate([{tensor}.float().numpy() for f in {files}]))"
+                )
+            };
+            match s.shards.as_slice() {
+                [one] if one.dtype == safetensors::Dtype::F32 => {
+                    let file = File::open(&one.path)
+                        .map_err(|e| user(format!("{}: cannot open: {e}", one.origin)))?;
+                    map_f32(&one.path, file, one.offset, one.rows, one.cols, &one.origin)
+                }
+                [one] => Err(convert(
+                    &format!("{:?} values", one.dtype),
+                    &python(format!("['{}']", one.path.display())),
+                )),
+                [first, ..] => {
+                    let dir = first.path.parent().unwrap_or(Path::new("."));
+                    Err(convert(
+                        "a directory of shards",
+                        &python(format!("sorted(glob.glob('{}/*.safetensors'))", dir.display())),
+                    ))
+                }
+                [] => unreachable!("a spec has at least one shard"),
+            }
+        }
+        Some(Other::Cache(c)) => Err(convert(
+            "a SAELens activation cache",
+            &format!(
+                "import datasets, numpy as np; a = datasets.load_from_disk('{}').with_format('numpy')[:]['{}']; \
+                 np.save('x.npy', a.reshape(-1, a.shape[-1]).astype('<f4'))",
+                c.dir.display(),
+                c.column
+            ),
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 //! Accepted: float16/32/64 and integer dtypes (cast to float32), C or Fortran
 //! order, either endianness, 2-D arrays. A data spec is a `.npy` path, a
 //! `file.npz:key` member, or a directory of `.npy` shards read as one array
-//! (in file-name order).
+//! (in file-name order). Safetensors shards and SAELens activation caches
+//! are handed to [`crate::data::sources`] by [`data_shape`] and
+//! [`for_each_chunk`].
 //!
 //! Streaming ([`for_each_chunk`]) holds one chunk of rows in memory: `.npy`
 //! files in C order are read sequentially, in Fortran order column by column
@@ -67,7 +69,11 @@ fn parts(spec: &str) -> Result<Vec<Part>> {
             .collect();
         shards.sort();
         if shards.is_empty() {
-            bail_user!("{}: directory holds no .npy shards", path.display());
+            bail_user!(
+                "{}: directory holds no .npy shards (nor .safetensors shards, nor a SAELens \
+                 cache's state.json)",
+                path.display()
+            );
         }
         return Ok(shards.into_iter().map(Part::File).collect());
     }
@@ -193,7 +199,12 @@ thread_local! {
 }
 
 /// Rejects non-finite values, naming the row (counted over the whole spec).
-fn check_finite(data: &[f32], cols: usize, first_row: usize, origin: &str) -> Result<()> {
+pub(crate) fn check_finite(
+    data: &[f32],
+    cols: usize,
+    first_row: usize,
+    origin: &str,
+) -> Result<()> {
     if ALLOW_NONFINITE.with(|a| a.get()) {
         return Ok(());
     }
@@ -469,6 +480,9 @@ fn with_part<T>(part: &Part, go: PartFn<'_, T>) -> Result<T> {
 /// The shape of a data spec, from its headers only (shards must agree on
 /// columns).
 pub fn data_shape(spec: &str) -> Result<DataShape> {
+    if let Some(other) = crate::data::sources::detect(spec)? {
+        return other.shape();
+    }
     let mut shape: Option<DataShape> = None;
     for part in parts(spec)? {
         let info = with_part(&part, &mut |r, _, origin| read_header(r, origin))?;
@@ -508,6 +522,9 @@ pub fn for_each_chunk(
     mut f: impl FnMut(Matrix) -> Result<()>,
 ) -> Result<DataShape> {
     let batch = batch.max(1);
+    if let Some(other) = crate::data::sources::detect(spec)? {
+        return other.for_each_chunk(batch, &mut f);
+    }
     let mut shape: Option<DataShape> = None;
     for part in parts(spec)? {
         let first_row = shape.map_or(0, |s| s.rows);

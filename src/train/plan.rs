@@ -13,7 +13,6 @@ use crate::lm::source::{self, ModelSource};
 use crate::model::Sae;
 use crate::{bail_user, device, Result};
 use anyhow::Context;
-use std::path::Path;
 use std::rc::Rc;
 use tch::{Device, Kind, Tensor};
 
@@ -233,7 +232,7 @@ fn read_arrays(cfg: &Config) -> Result<Data> {
     let train_path = train_path(cfg);
     // data.stream: a view of the mapped file; `mapped` keeps the mapping alive.
     let mapped = match cfg.data.stream {
-        true => Some(crate::data::mmap::map_npy(Path::new(train_path)).context("data.train")?),
+        true => Some(crate::data::mmap::map_spec(train_path).context("data.train")?),
         false => None,
     };
     let train = match &mapped {
