@@ -613,5 +613,9 @@ fn the_from_model_recipe_trains() {
     ]);
     let s = summary(Path::new(&run));
     assert!(s["valid"]["fvu"].as_f64().unwrap() < 1.0, "{s}");
-    assert_eq!(s["valid"]["rows"].as_i64(), Some(14 * 31), "1 % of 1321 sequences");
+    assert_eq!(
+        s["valid"]["rows"].as_i64(),
+        Some(14 * 31),
+        "1 % of 1321 sequences"
+    );
 }
