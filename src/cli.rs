@@ -355,6 +355,15 @@ impl EncoderArgs {
 
     /// The pursuit encoder for `model` (None: the model's own encoder).
     fn build(&self, model: &Sae, model_arg: &str) -> Result<Option<PursuitEncoder>> {
+        let h = model.spec.d_hidden;
+        if let (Some(k), EncoderKind::Omp) = (self.k, self.encoder) {
+            if k > h {
+                bail_user!(
+                    "--k {k}: more atoms than the model's {h} decoder rows (--model {model_arg}); \
+                     use --k {h} or fewer"
+                );
+            }
+        }
         match self.pursuit(model.spec.d_in)? {
             None => Ok(None),
             Some(p) => PursuitEncoder::new(model, p)
@@ -573,6 +582,7 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn info() -> Result<()> {
     println!("sae {}", env!("CARGO_PKG_VERSION"));
+    println!("libtorch: {}", crate::shim::torch_version());
     // Built with CUDA is a property of the libtorch we loaded; usable needs
     // a GPU and its driver too. (`at::hasCUDA` says false for both without a GPU.)
     match device::libtorch_cuda_library() {
@@ -1016,9 +1026,12 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
         },
     )?;
     match sink {
-        Sink::Dense(w) => w
-            .finish()
-            .with_context(|| format!("writing {}", a.out.display()))?,
+        Sink::Dense(w) => {
+            let rows = w.rows();
+            w.finish()
+                .with_context(|| format!("writing {}", a.out.display()))?;
+            eprintln!("wrote {} [{rows} x {ncols}, float32]", a.out.display());
+        }
         Sink::Sparse(w) => {
             let (rows, nnz) = w.counts();
             w.finish()?;
@@ -1081,7 +1094,7 @@ fn image_shape(arg: Option<&str>, d_in: i64) -> Result<Option<(usize, usize)>> {
 }
 
 fn activations_cmd(a: &ActivationsArgs) -> Result<()> {
-    use crate::lm::{dump, source, vocab::Vocab};
+    use crate::lm::{dump, source};
     let (spec, valid_fraction) = match &a.config {
         Some(path) => {
             let cfg = Config::from_file(path, &[])?;
@@ -1102,14 +1115,7 @@ fn activations_cmd(a: &ActivationsArgs) -> Result<()> {
     let n = corpus.n_seq();
     let held = source::held_out(n, valid_fraction)?;
     let src = source::ModelSource::new(corpus, 0, n - held);
-    let vocab = match &a.vocab {
-        Some(p) => {
-            let v = Vocab::read(p)?;
-            dump::check_vocab(&src, &v, &p.display().to_string())?;
-            Some(v)
-        }
-        None => None,
-    };
+    let vocab = dump::read_vocab(&src, a.vocab.as_deref())?;
     let w = dump::write(
         &src,
         &dump::Options {
@@ -1156,7 +1162,7 @@ impl Drop for LmRows {
 
 /// Runs `lm` on `tokens` into a temporary directory beside `--out`.
 fn lm_rows(a: &LatentsArgs, lm: &str, tokens: &str, d_in: i64) -> Result<LmRows> {
-    use crate::lm::{dump, source, vocab::Vocab};
+    use crate::lm::{dump, source};
     let spec = a.source.spec(lm, tokens, &a.device)?;
     let corpus = std::rc::Rc::new(source::Corpus::open(&spec)?);
     if corpus.d != d_in {
@@ -1168,14 +1174,7 @@ fn lm_rows(a: &LatentsArgs, lm: &str, tokens: &str, d_in: i64) -> Result<LmRows>
     }
     let n = corpus.n_seq();
     let src = source::ModelSource::new(corpus, 0, n);
-    let vocab = match &a.vocab {
-        Some(p) => {
-            let v = Vocab::read(p)?;
-            dump::check_vocab(&src, &v, &p.display().to_string())?;
-            Some(v)
-        }
-        None => None,
-    };
+    let vocab = dump::read_vocab(&src, a.vocab.as_deref())?;
     let name = a
         .out
         .file_name()

@@ -616,9 +616,14 @@ impl Config {
         let cfg: Config = serde_path_to_error::deserialize(root).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
-            let inner = match suggest_field(&inner) {
+            let inner = match suggest_field(&inner).or_else(|| moved_field(&path, &inner)) {
                 Some(near) => format!("{inner}; did you mean `{near}`?"),
                 None => inner,
+            };
+            // A key that came from --set is blamed on the --set.
+            let origin = match blamed_override(&path, &inner, overrides) {
+                Some(o) => format!("--set {o}"),
+                None => origin.to_string(),
             };
             if path == "." || path.is_empty() {
                 user(format!("{origin}: {inner}"))
@@ -654,6 +659,38 @@ impl Config {
         crate::device::parse_device(&self.device).map_err(|e| format!("device: {e}"))?;
         Ok(())
     }
+}
+
+/// The key an error at `path` names: the unknown field's full path for
+/// "unknown field `x`", else `path` itself.
+fn faulty_key(path: &str, msg: &str) -> String {
+    let field = msg
+        .strip_prefix("unknown field `")
+        .and_then(|r| r.split_once('`'))
+        .map(|(f, _)| f);
+    match (field, path) {
+        (Some(f), "." | "") => f.to_string(),
+        (Some(f), p) => format!("{p}.{f}"),
+        (None, p) => p.to_string(),
+    }
+}
+
+/// The `--set` override that wrote the key at fault, if one did.
+fn blamed_override<'a>(path: &str, msg: &str, overrides: &'a [String]) -> Option<&'a str> {
+    let key = faulty_key(path, msg);
+    overrides.iter().map(String::as_str).rev().find(|o| {
+        let k = o.split_once('=').map_or(*o, |(k, _)| k).trim();
+        k == key || key.starts_with(&format!("{k}.")) || k.starts_with(&format!("{key}."))
+    })
+}
+
+/// Keys users put one level too high: `train.lr` is `train.optimizer.lr`.
+fn moved_field(path: &str, msg: &str) -> Option<String> {
+    let key = faulty_key(path, msg);
+    let moved = ["lr", "betas", "weight_decay", "eps", "name"]
+        .iter()
+        .find(|f| key == format!("train.{f}"))?;
+    Some(format!("train.optimizer.{moved}"))
 }
 
 /// For serde's "unknown field `x`, expected one of `a`, `b`": the expected
@@ -916,7 +953,8 @@ impl Config {
                 m.d_hidden
             )),
             (a, Some(_)) if !a.uses_k() => Err(format!(
-                "model.k: only used by activations topk and batchtopk, not {}",
+                "model.k: only used by activations topk, batchtopk, matryoshka_batchtopk and \
+                 matching_pursuit, not {}",
                 activation_name(a)
             )),
             _ => Ok(()),

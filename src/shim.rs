@@ -3,6 +3,18 @@
 
 use std::ffi::{c_char, CStr};
 
+extern "C" {
+    fn sae_torch_version() -> *const c_char;
+}
+
+/// The libtorch version the binary was built against (its headers'), e.g. "2.11.0".
+pub fn torch_version() -> String {
+    // SAFETY: a static NUL-terminated string.
+    unsafe { CStr::from_ptr(sae_torch_version()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// Takes ownership of a shim's error string: its text, and the memory freed.
 pub(crate) fn take_error(p: *mut c_char) -> Option<String> {
     if p.is_null() {

@@ -735,6 +735,11 @@ impl NpyWriter {
         })
     }
 
+    /// Rows written so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
     /// Appends rows: a `[n, cols]` tensor (any float kind, any device).
     pub fn write(&mut self, t: &Tensor) -> Result<()> {
         let t = t

@@ -251,14 +251,7 @@ impl WindowReader {
         debug_assert!(self.owner.is_some());
         let (mut parts, mut at, mut done) = (Vec::new(), Vec::new(), 0);
         while done < n {
-            let exhausted = match &self.current {
-                Some((w, pos)) => *pos >= w.local.len() as i64,
-                None => true,
-            };
-            if exhausted {
-                self.advance()?;
-            }
-            let (w, pos) = self.current.as_mut().expect("set above");
+            let (w, pos) = self.window()?;
             let mut idx = Vec::new();
             let mut p = *pos as usize;
             done += take_owned(&w.local, &mut p, n - done, done, &mut idx, &mut at);
@@ -291,17 +284,24 @@ impl WindowReader {
         Ok(())
     }
 
+    /// The window being served and the position reached in it; the next
+    /// window once this one is used up.
+    fn window(&mut self) -> Result<(&mut Window, &mut i64)> {
+        let exhausted = match &self.current {
+            Some((w, pos)) => *pos >= w.local.len() as i64,
+            None => true,
+        };
+        if exhausted {
+            self.advance()?;
+        }
+        let (w, pos) = self.current.as_mut().expect("set above");
+        Ok((w, pos))
+    }
+
     /// The next `n` rows of the order as a `[n, cols]` float32 tensor.
     pub fn next_batch(&mut self, n: usize) -> Result<Tensor> {
         collect_rows(n, |need| {
-            let exhausted = match &self.current {
-                Some((w, pos)) => *pos >= w.local.len() as i64,
-                None => true,
-            };
-            if exhausted {
-                self.advance()?;
-            }
-            let (w, pos) = self.current.as_mut().expect("set above");
+            let (w, pos) = self.window()?;
             let index = w.index.as_ref().expect("set in advance");
             Ok(take_rows(&w.data, index, pos, need))
         })

@@ -132,3 +132,11 @@ char *sae_ts_read(const char *path, void *ctx, sae_ts_tensor_cb tensor_cb,
 }
 
 } // extern "C"
+
+#include <torch/version.h>
+
+extern "C" {
+// The libtorch version this binary was built against ("2.11.0"), for
+// `sae info`.
+const char *sae_torch_version() { return TORCH_VERSION; }
+}

@@ -68,6 +68,16 @@ pub fn check_vocab(source: &ModelSource, vocab: &Vocab, path: &str) -> Result<()
     Ok(())
 }
 
+/// The vocabulary at `path` (when given), checked against `source`.
+pub fn read_vocab(source: &ModelSource, path: Option<&std::path::Path>) -> Result<Option<Vocab>> {
+    let Some(p) = path else {
+        return Ok(None);
+    };
+    let v = Vocab::read(p)?;
+    check_vocab(source, &v, &p.display().to_string())?;
+    Ok(Some(v))
+}
+
 /// Writes every row of `source` to `opts.out` (and the labels).
 pub fn write(source: &ModelSource, opts: &Options) -> Result<Written> {
     if opts.labels.is_some() != opts.vocab.is_some() {

@@ -509,6 +509,20 @@ impl ModelWindows {
         Ok(())
     }
 
+    /// The window being served (its rows, their map, the position reached);
+    /// the next window once this one is used up.
+    fn window(&mut self) -> Result<(&Tensor, &Tensor, &mut i64)> {
+        let exhausted = match &self.current {
+            Some((_, index, pos)) => *pos >= index.size()[0],
+            None => true,
+        };
+        if exhausted {
+            self.advance()?;
+        }
+        let (data, index, pos) = self.current.as_mut().expect("set above");
+        Ok((data, index, pos))
+    }
+
     /// Computes the first window (a run's set-up).
     pub fn prime(&mut self) -> Result<()> {
         if self.current.is_none() {
@@ -522,14 +536,8 @@ impl ModelWindows {
     pub fn next_owned(&mut self, n: usize) -> Result<(Tensor, Tensor)> {
         let (mut parts, mut at, mut done) = (Vec::new(), Vec::new(), 0);
         while done < n {
-            let exhausted = match &self.current {
-                Some((_, index, pos)) => *pos >= index.size()[0],
-                None => true,
-            };
-            if exhausted {
-                self.advance()?;
-            }
-            let (data, _, pos) = self.current.as_mut().expect("set above");
+            self.window()?;
+            let (data, _, pos) = self.current.as_mut().expect("set by window");
             let (mut idx, mut p) = (Vec::new(), *pos as usize);
             done += take_owned(&self.local, &mut p, n - done, done, &mut idx, &mut at);
             *pos = p as i64;
@@ -541,14 +549,7 @@ impl ModelWindows {
     /// The next `n` rows of the order, `[n, d]` float32 on the CPU.
     pub fn next_batch(&mut self, n: usize) -> Result<Tensor> {
         crate::data::window::collect_rows(n, |need| {
-            let exhausted = match &self.current {
-                Some((_, index, pos)) => *pos >= index.size()[0],
-                None => true,
-            };
-            if exhausted {
-                self.advance()?;
-            }
-            let (data, index, pos) = self.current.as_mut().expect("set above");
+            let (data, index, pos) = self.window()?;
             Ok(crate::data::window::take_rows(data, index, pos, need))
         })
     }

@@ -714,9 +714,12 @@ pub fn summary_table(s: &Summary) -> String {
     if s.train.mmcs.is_some() {
         rows.push(("mmcs", |m| m.mmcs));
     }
+    // A space before every cell, and exponents past a million: columns
+    // never run together.
     let fmt = |v: Option<f64>| match v {
-        Some(v) => format!("{v:>12.5}"),
-        None => format!("{:>12}", "-"),
+        Some(v) if v.abs() >= 1e6 => format!(" {v:>11.4e}"),
+        Some(v) => format!(" {v:>11.5}"),
+        None => format!(" {:>11}", "-"),
     };
     let mut out = format!("{:<20}{:>12}{:>12}\n", "metric", "train", "valid");
     for (name, f) in rows {

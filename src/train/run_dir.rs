@@ -33,9 +33,15 @@ pub fn check_can_start(opts: &TrainOptions, writer: bool) -> Result<()> {
     let out = &opts.out;
     // (The other ranks would see the lock of their own rank 0.)
     if let Some(holder) = RunLock::holder(out).filter(|_| writer) {
+        let flag = if opts.resume { "--resume" } else { "--out" };
         bail_user!(
-            "--out {}: another run is training in it ({holder}); wait for it to end or choose another --out",
-            out.display()
+            "{flag} {}: another run is training in it ({holder}); wait for it to end{}",
+            out.display(),
+            if opts.resume {
+                ""
+            } else {
+                " or choose another --out"
+            }
         );
     }
     if opts.resume {
