@@ -755,7 +755,7 @@ mod parallel {
             results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(result);
         };
         std::thread::scope(|s| {
-            let workers: Vec<_> = (0..opts.jobs.min(n)).map(|_| s.spawn(&worker)).collect();
+            let workers: Vec<_> = (0..opts.jobs.min(n)).map(|_| s.spawn(worker)).collect();
             // This thread passes a signal on to the children.
             while !workers.iter().all(|w| w.is_finished()) {
                 if let Some(sig) = interrupter.received() {
