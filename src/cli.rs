@@ -41,6 +41,7 @@ pub enum Command {
     /// Train a sparse autoencoder from a YAML config; writes a run directory.
     Train(TrainArgs),
     /// One training run per point of a grid over config keys; table and plots.
+    /// Re-running the same command resumes an interrupted sweep.
     Sweep(SweepArgs),
     /// Reconstruction and sparsity metrics of a model on data.
     Eval(EvalArgs),
@@ -227,10 +228,17 @@ pub struct SweepArgs {
     /// config) and `grid:` (key path -> list of values). See configs/sweep_*.yaml.
     #[arg(long)]
     pub config: PathBuf,
-    /// Output directory [default: sweeps/<config name>]. Points whose run
-    /// directory already has summary.json are not re-run.
+    /// Output directory [default: sweeps/<config name>]. Re-running the
+    /// sweep into it resumes it: points whose run directory has summary.json
+    /// are kept, points stopped by Ctrl-C, SIGTERM or a kill continue from
+    /// their checkpoints (ending as if never stopped), the others train.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Override a key of every point's base config, value parsed as YAML;
+    /// repeatable. The grid still sets its own keys.
+    /// Example: --set train.epochs=1 --set seed=4
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    pub set: Vec<String>,
     /// Grid points trained at once, each in its own `sae train` process with
     /// cores/N libtorch threads (unless the config sets train.threads).
     /// Results do not depend on N; 1 trains the points in turn in-process.
@@ -705,6 +713,7 @@ fn sweep_cmd(a: &SweepArgs) -> Result<()> {
         &crate::sweep::SweepOptions {
             jobs: a.jobs,
             progress: !a.quiet,
+            sets: a.set.clone(),
         },
     )?;
     print!("{}", std::fs::read_to_string(out.join("sweep.md"))?);

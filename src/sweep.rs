@@ -1,6 +1,7 @@
 //! `sae sweep`: one training run per point of a grid over config keys, then a
 //! table (`sweep.csv`, `sweep.md`) and plots, including the FVU-vs-L0
-//! frontier against a PCA baseline. Finished points are not re-run.
+//! frontier against a PCA baseline. Finished points are not re-run; points
+//! stopped by a signal (or a kill) resume from their checkpoints.
 //!
 //! Sweep file:
 //! ```yaml
@@ -9,10 +10,12 @@
 //!   sparsity.weight: [0.003, 0.01, 0.03]
 //! ```
 
-use crate::config::{set_path, Config};
-use crate::error::user;
+use crate::checkpoint;
+use crate::config::{apply_override, set_path, Auto, Config};
+use crate::error::{user, Interrupted};
 use crate::plot::{self, LineChart, Series};
 use crate::report::read_loss_curve;
+use crate::train::interrupt::{self, Interrupter};
 use crate::train::{self, TrainOptions};
 use crate::{bail_user, fsutil, Result};
 use serde_yaml::Value;
@@ -26,6 +29,9 @@ pub struct SweepSpec {
     /// Grid keys in file order, each with its values.
     pub grid: Vec<(String, Vec<Value>)>,
     pub origin: String,
+    /// `--set key.path=value` overrides, applied to `base` (the grid's keys
+    /// still get the grid's values).
+    pub sets: Vec<String>,
 }
 
 /// A YAML scalar as the text a user wrote (`0.01`, `topk`, `true`).
@@ -40,7 +46,9 @@ pub fn value_text(v: &Value) -> String {
 }
 
 impl SweepSpec {
-    pub fn from_file(path: &Path) -> Result<SweepSpec> {
+    /// The sweep file at `path`, its base config with the `sets` overrides
+    /// (`--set key.path=value`) applied.
+    pub fn from_file(path: &Path, sets: &[String]) -> Result<SweepSpec> {
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|e| user(format!("{origin}: cannot read sweep config: {e}")))?;
@@ -57,7 +65,7 @@ impl SweepSpec {
                 bail_user!("{origin}: unknown key `{k}`; a sweep config has `base` and `grid`");
             }
         }
-        let base = match map.get("base") {
+        let mut base = match map.get("base") {
             Some(Value::String(p)) => {
                 let p = path.parent().unwrap_or(Path::new(".")).join(p);
                 let text = std::fs::read_to_string(&p).map_err(|e| {
@@ -70,6 +78,9 @@ impl SweepSpec {
             Some(_) => bail_user!("{origin}: base: expected a config path or a config mapping"),
             None => bail_user!("{origin}: base: required (a config path or a config mapping)"),
         };
+        for o in sets {
+            apply_override(&mut base, o)?;
+        }
         let grid_map = match map.get("grid") {
             Some(Value::Mapping(m)) if !m.is_empty() => m,
             _ => bail_user!("{origin}: grid: required, a mapping of key path -> list of values"),
@@ -83,7 +94,25 @@ impl SweepSpec {
             };
             grid.push((key, values));
         }
-        Ok(SweepSpec { base, grid, origin })
+        Ok(SweepSpec {
+            base,
+            grid,
+            origin,
+            sets: sets.to_vec(),
+        })
+    }
+
+    /// `--set` overrides of keys that the grid sets too, which they do not
+    /// change.
+    pub fn shadowed_sets(&self) -> Vec<&str> {
+        self.sets
+            .iter()
+            .filter(|o| {
+                let key = o.split_once('=').map_or("", |(k, _)| k.trim());
+                self.grid.iter().any(|(k, _)| k == key)
+            })
+            .map(String::as_str)
+            .collect()
     }
 
     /// The cartesian product, first key slowest.
@@ -111,7 +140,11 @@ impl SweepSpec {
             set_path(&mut root, key, v.clone())
                 .map_err(|e| user(format!("{}: grid.{key}: {e}", self.origin)))?;
         }
-        let label = format!("{} point {}", self.origin, self.label(point));
+        let with = match self.sets.is_empty() {
+            true => String::new(),
+            false => format!(" with --set {}", self.sets.join(" --set ")),
+        };
+        let label = format!("{}{with} point {}", self.origin, self.label(point));
         Config::from_value(root, &label, &[])
     }
 
@@ -199,13 +232,15 @@ pub fn pca_fvu(spectrum: &[f64], k: f64) -> f64 {
 }
 
 /// How a sweep runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SweepOptions {
     /// Grid points trained at once. 1 trains them one after another in this
     /// process; more runs each point as a `sae train` child process.
     pub jobs: usize,
     /// Progress lines on stderr.
     pub progress: bool,
+    /// `--set key.path=value` overrides of the base config of every point.
+    pub sets: Vec<String>,
 }
 
 /// Runs (or resumes) the sweep into `out`.
@@ -217,15 +252,43 @@ pub fn run(path: &Path, out: &Path, opts: &SweepOptions) -> Result<Vec<Row>> {
              N points at once)"
         );
     }
-    let spec = SweepSpec::from_file(path)?;
+    let spec = SweepSpec::from_file(path, &opts.sets)?;
     let points = spec.points();
     // Validate every point before training any.
     let configs: Vec<Config> = points
         .iter()
         .map(|p| spec.config(p))
         .collect::<Result<_>>()?;
+    for o in spec.shadowed_sets() {
+        eprintln!(
+            "sae: warning: --set {o}: the grid sets this key for every point, so this \
+             value is not used"
+        );
+    }
     std::fs::create_dir_all(out)
         .map_err(|e| user(format!("--out {}: cannot create: {e}", out.display())))?;
+    // Points stopped before they finished resume from their checkpoints,
+    // with the thread count they started with (`auto` in the sweep, it
+    // may have been resolved for `--jobs N`): a resumed run keeps its config.
+    let resume: Vec<bool> = (0..points.len())
+        .map(|i| {
+            let dir = out.join(spec.run_name(i, &points[i]));
+            !dir.join("summary.json").is_file() && checkpoint::path(&dir).is_file()
+        })
+        .collect();
+    let configs: Vec<Config> = configs
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut cfg)| {
+            let saved = out.join(spec.run_name(i, &points[i])).join("config.yaml");
+            if resume[i] && cfg.train.threads == Auto::Auto {
+                if let Ok(saved) = Config::from_file(&saved, &[]) {
+                    cfg.train.threads = saved.train.threads;
+                }
+            }
+            cfg
+        })
+        .collect();
     let sources = train::Sources::together();
     let spectrum = pca_spectrum(&configs[0], &sources)?;
     let rows = if opts.jobs <= 1 && one_model_pass(&configs) {
@@ -233,15 +296,24 @@ pub fn run(path: &Path, out: &Path, opts: &SweepOptions) -> Result<Vec<Row>> {
             &spec,
             &points,
             &configs,
+            &resume,
             out,
             &spectrum,
             opts.progress,
             &sources,
         )?
     } else if opts.jobs <= 1 {
-        run_in_process(&spec, &points, &configs, out, &spectrum, opts.progress)?
+        run_in_process(
+            &spec,
+            &points,
+            &configs,
+            &resume,
+            out,
+            &spectrum,
+            opts.progress,
+        )?
     } else {
-        parallel::run(&spec, &points, &configs, out, &spectrum, opts)?
+        parallel::run(&spec, &points, &configs, &resume, out, &spectrum, opts)?
     };
     write_tables(&spec, &rows, out)?;
     write_plots(&spec, &rows, out)?;
@@ -258,10 +330,12 @@ fn one_model_pass(configs: &[Config]) -> bool {
 /// `--jobs 1` with one model source: the points train together, the model
 /// run once per window for all (`train::train_together`); finished points
 /// are kept, checkpointed ones resume.
+#[allow(clippy::too_many_arguments)]
 fn run_together(
     spec: &SweepSpec,
     points: &[Vec<Value>],
     configs: &[Config],
+    resume: &[bool],
     out: &Path,
     spectrum: &[f64],
     progress: bool,
@@ -270,23 +344,28 @@ fn run_together(
     let started = Instant::now();
     let n = points.len();
     let mut runs = Vec::new();
+    let mut trained = Vec::new();
     for (i, (point, cfg)) in points.iter().zip(configs).enumerate() {
         let dir = out.join(spec.run_name(i, point));
         if dir.join("summary.json").is_file() {
             continue;
         }
-        let resume = crate::checkpoint::path(&dir).is_file();
         if progress {
-            let how = if resume { "resuming" } else { "training" };
-            eprintln!("[{}/{n}] {}: {how}", i + 1, spec.label(point));
+            eprintln!(
+                "[{}/{n}] {}: {}",
+                i + 1,
+                spec.label(point),
+                how_it_starts(resume[i], &dir)
+            );
         }
         let opts = TrainOptions {
             out: dir,
-            force: !resume,
+            force: !resume[i],
             progress: false,
-            resume,
+            resume: resume[i],
         };
         runs.push((cfg.clone(), opts));
+        trained.push(i);
     }
     if !runs.is_empty() {
         if progress {
@@ -297,7 +376,13 @@ fn run_together(
             );
         }
         let before = sources.sequences_run();
-        train::train_together(&runs, sources)?;
+        if let Err(e) = train::train_together(&runs, sources) {
+            return Err(match signal_of(&e) {
+                // Every point training checkpointed.
+                Some(sig) => interrupted(sig, spec, points, out, &trained),
+                None => e,
+            });
+        }
         if progress {
             eprintln!(
                 "the model ran on {} sequences for {} point(s) in {:.1} s",
@@ -324,15 +409,20 @@ fn run_together(
     Ok(rows)
 }
 
-/// `--jobs 1`: every point in turn, trained in this process.
+/// `--jobs 1`: every point in turn, trained (or resumed) in this process.
+/// A signal checkpoints the point training and starts no other.
+#[allow(clippy::too_many_arguments)]
 fn run_in_process(
     spec: &SweepSpec,
     points: &[Vec<Value>],
     configs: &[Config],
+    resume: &[bool],
     out: &Path,
     spectrum: &[f64],
     progress: bool,
 ) -> Result<Vec<Row>> {
+    // Held for the whole sweep: a signal between points stops it too.
+    let interrupter = Interrupter::register()?;
     let mut rows = Vec::new();
     for (i, (point, cfg)) in points.iter().zip(configs).enumerate() {
         let name = spec.run_name(i, point);
@@ -341,18 +431,25 @@ fn run_in_process(
         let started = Instant::now();
         let resumed = dir.join("summary.json").is_file();
         if !resumed {
-            if progress {
-                eprintln!("[{}/{}] {label}: training", i + 1, points.len());
+            if let Some(sig) = interrupter.received() {
+                return Err(interrupted(sig, spec, points, out, &[]));
             }
-            train::train(
-                cfg,
-                &TrainOptions {
-                    out: dir.clone(),
-                    force: true,
-                    progress: false,
-                    resume: false,
-                },
-            )?;
+            if progress {
+                let how = how_it_starts(resume[i], &dir);
+                eprintln!("[{}/{}] {label}: {how}", i + 1, points.len());
+            }
+            let opts = TrainOptions {
+                out: dir.clone(),
+                force: !resume[i],
+                progress: false,
+                resume: resume[i],
+            };
+            if let Err(e) = train::train_interruptible(cfg, &opts, &interrupter) {
+                return Err(match signal_of(&e) {
+                    Some(sig) => interrupted(sig, spec, points, out, &[i]),
+                    None => e,
+                });
+            }
         }
         let row = finished_row(point, name, &dir, spectrum)?;
         if progress {
@@ -364,6 +461,63 @@ fn run_in_process(
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// `training`, or `resuming from step N` for a point with a checkpoint.
+fn how_it_starts(resume: bool, dir: &Path) -> String {
+    match (resume, checkpoint::read_position(dir)) {
+        (false, _) => "training".to_string(),
+        (true, Ok(pos)) => format!("resuming from step {}", pos.step),
+        (true, Err(_)) => "resuming".to_string(),
+    }
+}
+
+/// The signal that stopped a training, if `e` is its [`Interrupted`].
+fn signal_of(e: &anyhow::Error) -> Option<i32> {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<Interrupted>())
+        .map(|i| i.code - 128)
+}
+
+/// The end of a sweep stopped by signal `sig`: one line on stderr for each
+/// point it stopped (`stopped`, indices into `points`) saying where that
+/// point stands, then the error to exit with (128 + `sig`) saying that
+/// re-running the sweep goes on from there.
+fn interrupted(
+    sig: i32,
+    spec: &SweepSpec,
+    points: &[Vec<Value>],
+    out: &Path,
+    stopped: &[usize],
+) -> anyhow::Error {
+    let n = points.len();
+    let dir = |i: usize| out.join(spec.run_name(i, &points[i]));
+    for &i in stopped {
+        let state = match checkpoint::read_position(&dir(i)) {
+            Ok(pos) => format!(
+                "stopped at step {}, checkpoint in {}; re-running the same `sae sweep` \
+                 command resumes it from there",
+                pos.step,
+                checkpoint::path(&dir(i)).display()
+            ),
+            Err(_) => "stopped before its first checkpoint; re-running the same `sae sweep` \
+                       command trains it from the start"
+                .to_string(),
+        };
+        eprintln!("sae: [{}/{n}] {}: {state}", i + 1, spec.label(&points[i]));
+    }
+    let finished = (0..n)
+        .filter(|&i| dir(i).join("summary.json").is_file())
+        .count();
+    interrupt::stopped(sig, |name| {
+        format!(
+            "sweep interrupted by {name}: {finished} of {n} point(s) finished (kept in {}); \
+             re-run the same `sae sweep` command to train the other {} (stopped points \
+             resume from their checkpoints)",
+            out.display(),
+            n - finished
+        )
+    })
 }
 
 /// The row of a point whose run directory has its summary.json.
@@ -405,22 +559,29 @@ fn finished_line(
 }
 
 /// `--jobs N` (N > 1): N points at once, each a child process of this binary
-/// (`sae train -q --config <point config> --out <run dir> --force`).
+/// (`sae train -q --config <point config> --out <run dir> --force`, or
+/// `--resume <run dir>` for a point with a checkpoint).
 /// libtorch's thread count and random generator are process-wide, so
 /// trainings sharing one process would disturb each other; separate
 /// processes also keep one point's failure from taking down the others.
+/// SIGINT / SIGTERM to the sweep is forwarded to every child, which
+/// checkpoints and exits; no new point starts.
 mod parallel {
-    use super::{finished_line, finished_row, Row, SweepOptions, SweepSpec};
+    use super::{
+        finished_line, finished_row, how_it_starts, interrupted, Row, SweepOptions, SweepSpec,
+    };
     use crate::config::{Auto, Config};
     use crate::error::user;
+    use crate::train::interrupt::Interrupter;
     use crate::{fsutil, Result};
     use anyhow::Context;
     use serde_yaml::Value;
+    use std::io::Read;
     use std::path::{Path, PathBuf};
     use std::process::{Command, Stdio};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Mutex;
-    use std::time::Instant;
+    use std::sync::{Mutex, MutexGuard};
+    use std::time::{Duration, Instant};
 
     /// A point whose training did not finish.
     struct Failed {
@@ -428,18 +589,76 @@ mod parallel {
         code: Option<i32>,
         /// The child's last stderr line, or why it could not run.
         why: String,
+        /// Stopped by the signal the sweep forwarded to it.
+        interrupted: bool,
+    }
+
+    /// The `sae train` children running now, and the signal forwarded to
+    /// them.
+    #[derive(Default)]
+    struct Children(Mutex<(Option<i32>, Vec<u32>)>);
+
+    impl Children {
+        fn lock(&self) -> MutexGuard<'_, (Option<i32>, Vec<u32>)> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        /// A child started; one started after the signal gets it at once.
+        fn add(&self, pid: u32) {
+            let mut g = self.lock();
+            if let Some(sig) = g.0 {
+                send(pid, sig);
+            }
+            g.1.push(pid);
+        }
+
+        /// A child that has exited, not yet reaped (so its pid is not
+        /// someone else's yet).
+        fn remove(&self, pid: u32) {
+            self.lock().1.retain(|&p| p != pid);
+        }
+
+        /// Sends `sig` to every child running, once.
+        fn forward(&self, sig: i32) {
+            let mut g = self.lock();
+            if g.0.is_none() {
+                g.0 = Some(sig);
+                for &pid in &g.1 {
+                    send(pid, sig);
+                }
+            }
+        }
+
+        fn signalled(&self) -> Option<i32> {
+            self.lock().0
+        }
+    }
+
+    fn send(pid: u32, sig: i32) {
+        // SAFETY: kill(2) with a pid of our own unreaped child.
+        unsafe {
+            libc::kill(pid as libc::pid_t, sig);
+        }
     }
 
     /// Libtorch threads per job: `train.threads` where a point's config sets
-    /// it, else the cores split evenly between the jobs.
-    pub(super) fn with_threads(configs: &[Config], jobs: usize, cores: usize) -> Vec<Config> {
+    /// it, else the cores split evenly between the jobs. Points that resume
+    /// keep their own (`auto` included).
+    pub(super) fn with_threads(
+        configs: &[Config],
+        resume: &[bool],
+        jobs: usize,
+        cores: usize,
+    ) -> Vec<Config> {
         let share = (cores / jobs).max(1) as i64;
         let mut warned = false;
         configs
             .iter()
-            .map(|c| {
+            .zip(resume)
+            .map(|(c, &resume)| {
                 let mut c = c.clone();
                 match c.train.threads {
+                    _ if resume => {}
                     Auto::Auto => c.train.threads = Auto::Value(share),
                     Auto::Value(t) => {
                         if !warned && t as usize * jobs > cores {
@@ -461,75 +680,114 @@ mod parallel {
         spec: &SweepSpec,
         points: &[Vec<Value>],
         configs: &[Config],
+        resume: &[bool],
         out: &Path,
         spectrum: &[f64],
         opts: &SweepOptions,
     ) -> Result<Vec<Row>> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let configs = with_threads(configs, opts.jobs, cores);
+        let configs = with_threads(configs, resume, opts.jobs, cores);
         let exe = std::env::current_exe().context("finding this program to run `sae train`")?;
         let n = points.len();
         let next = AtomicUsize::new(0);
         let stop = AtomicBool::new(false);
+        let children = Children::default();
+        let interrupter = Interrupter::register()?;
         let results: Mutex<Vec<Option<std::result::Result<Row, Failed>>>> =
             Mutex::new((0..n).map(|_| None).collect());
+        let worker = || loop {
+            // After a failure or a signal no new point starts; running ones
+            // finish (or checkpoint and stop).
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let i = next.fetch_add(1, Ordering::SeqCst);
+            if i >= n {
+                break;
+            }
+            let point = &points[i];
+            let name = spec.run_name(i, point);
+            let label = spec.label(point);
+            let dir = out.join(&name);
+            let started = Instant::now();
+            let resumed = dir.join("summary.json").is_file();
+            let result = if resumed {
+                Ok(())
+            } else {
+                if opts.progress {
+                    eprintln!(
+                        "[{}/{n}] {label}: {}",
+                        i + 1,
+                        how_it_starts(resume[i], &dir)
+                    );
+                }
+                let child = Child {
+                    exe: &exe,
+                    cfg: &configs[i],
+                    out,
+                    name: &name,
+                    dir: &dir,
+                    resume: resume[i],
+                };
+                child.train(&children)
+            };
+            let result = result.and_then(|()| {
+                finished_row(point, name, &dir, spectrum).map_err(|e| Failed {
+                    code: Some(crate::error::exit_code(&e)),
+                    why: crate::error::one_line(&e),
+                    interrupted: false,
+                })
+            });
+            match &result {
+                Ok(row) if opts.progress => {
+                    eprintln!("{}", finished_line(i, n, &label, row, resumed, started))
+                }
+                Ok(_) => {}
+                // Said once every child has stopped.
+                Err(f) if f.interrupted => {}
+                Err(f) => {
+                    stop.store(true, Ordering::SeqCst);
+                    if opts.progress {
+                        eprintln!("[{}/{n}] {label}: failed: {}", i + 1, f.why);
+                    }
+                }
+            }
+            results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(result);
+        };
         std::thread::scope(|s| {
-            for _ in 0..opts.jobs.min(n) {
-                s.spawn(|| loop {
-                    // After a failure no new point starts; running ones finish.
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= n {
-                        break;
-                    }
-                    let point = &points[i];
-                    let name = spec.run_name(i, point);
-                    let label = spec.label(point);
-                    let dir = out.join(&name);
-                    let started = Instant::now();
-                    let resumed = dir.join("summary.json").is_file();
-                    let result = if resumed {
-                        Ok(())
-                    } else {
-                        if opts.progress {
-                            eprintln!("[{}/{n}] {label}: training", i + 1);
-                        }
-                        train_child(&exe, &configs[i], out, &name, &dir)
-                    };
-                    let result = result.and_then(|()| {
-                        finished_row(point, name, &dir, spectrum).map_err(|e| Failed {
-                            code: Some(crate::error::exit_code(&e)),
-                            why: crate::error::one_line(&e),
-                        })
-                    });
-                    match &result {
-                        Ok(row) if opts.progress => {
-                            eprintln!("{}", finished_line(i, n, &label, row, resumed, started))
-                        }
-                        Ok(_) => {}
-                        Err(f) => {
-                            stop.store(true, Ordering::SeqCst);
-                            if opts.progress {
-                                eprintln!("[{}/{n}] {label}: failed: {}", i + 1, f.why);
-                            }
-                        }
-                    }
-                    results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(result);
-                });
+            let workers: Vec<_> = (0..opts.jobs.min(n)).map(|_| s.spawn(worker)).collect();
+            // This thread passes a signal on to the children.
+            while !workers.iter().all(|w| w.is_finished()) {
+                if let Some(sig) = interrupter.received() {
+                    stop.store(true, Ordering::SeqCst);
+                    children.forward(sig);
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
         });
         let results = results.into_inner().unwrap_or_else(|e| e.into_inner());
         let mut rows = Vec::new();
+        let mut stopped = Vec::new();
         let mut failed = Vec::new();
         let mut not_started = 0;
         for (i, r) in results.into_iter().enumerate() {
             match r {
                 Some(Ok(row)) => rows.push(row),
+                Some(Err(f)) if f.interrupted => stopped.push(i),
                 Some(Err(f)) => failed.push((i, f)),
                 None => not_started += 1,
             }
+        }
+        if let Some(sig) = interrupter.received().filter(|_| rows.len() < n) {
+            for (i, f) in &failed {
+                eprintln!(
+                    "sae: [{}/{n}] {}: failed: {}",
+                    i + 1,
+                    spec.label(&points[*i]),
+                    f.why
+                );
+            }
+            return Err(interrupted(sig, spec, points, out, &stopped));
         }
         let Some((i, first)) = failed.first() else {
             return Ok(rows);
@@ -557,61 +815,95 @@ mod parallel {
         }
     }
 
-    /// Writes the point's config beside its run directory and trains it in a
-    /// child process; the config file is removed once the run has finished.
-    fn train_child(
-        exe: &Path,
-        cfg: &Config,
-        out: &Path,
-        name: &str,
-        dir: &Path,
-    ) -> std::result::Result<(), Failed> {
-        let internal = |why: String| Failed { code: None, why };
-        let config_path: PathBuf = out.join(format!(".{name}.config.yaml"));
-        let yaml = cfg.to_yaml().map_err(|e| internal(e.to_string()))?;
-        fsutil::write_bytes_atomic(&config_path, yaml.as_bytes()).map_err(|e| Failed {
-            code: Some(crate::error::exit_code(&e)),
-            why: crate::error::one_line(&e),
-        })?;
-        let mut cmd = Command::new(exe);
-        cmd.arg("train")
-            .arg("-q")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--out")
-            .arg(dir)
-            .arg("--force")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        stop_with_parent(&mut cmd);
-        let output = cmd
-            .output()
-            .map_err(|e| internal(format!("cannot start {}: {e}", exe.display())))?;
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        if output.status.success() {
-            let _ = std::fs::remove_file(&config_path);
-            // Warnings of a finished run, tagged with their run.
-            for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
-                eprintln!("[{name}] {line}");
-            }
-            return Ok(());
-        }
-        let last = stderr
-            .lines()
-            .rev()
-            .map(str::trim)
-            .find(|l| !l.is_empty())
-            .map(|l| l.strip_prefix("sae: error: ").unwrap_or(l).to_string())
-            .unwrap_or_else(|| format!("`sae train` exited with {}", output.status));
-        Err(Failed {
-            code: output.status.code(),
-            why: last,
-        })
+    /// One point trained by a child process.
+    struct Child<'a> {
+        exe: &'a Path,
+        cfg: &'a Config,
+        out: &'a Path,
+        name: &'a str,
+        dir: &'a Path,
+        /// Continue from the checkpoint in `dir`.
+        resume: bool,
     }
 
-    /// On Linux, a child gets SIGTERM (and so checkpoints and stops) when the
+    impl Child<'_> {
+        /// Writes the point's config beside its run directory and trains it
+        /// in a child process (known to `children` while it runs); the config
+        /// file is removed once the run has finished.
+        fn train(&self, children: &Children) -> std::result::Result<(), Failed> {
+            let internal = |why: String| Failed {
+                code: None,
+                why,
+                interrupted: false,
+            };
+            let config_path: PathBuf = self.out.join(format!(".{}.config.yaml", self.name));
+            let yaml = self.cfg.to_yaml().map_err(|e| internal(e.to_string()))?;
+            fsutil::write_bytes_atomic(&config_path, yaml.as_bytes()).map_err(|e| Failed {
+                code: Some(crate::error::exit_code(&e)),
+                why: crate::error::one_line(&e),
+                interrupted: false,
+            })?;
+            let mut cmd = Command::new(self.exe);
+            cmd.arg("train").arg("-q").arg("--config").arg(&config_path);
+            match self.resume {
+                true => cmd.arg("--resume").arg(self.dir),
+                false => cmd.arg("--out").arg(self.dir).arg("--force"),
+            };
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            own_signals(&mut cmd);
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| internal(format!("cannot start {}: {e}", self.exe.display())))?;
+            children.add(child.id());
+            let mut stderr = Vec::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                let _ = pipe.read_to_end(&mut stderr);
+            }
+            children.remove(child.id());
+            let status = child
+                .wait()
+                .map_err(|e| internal(format!("waiting for `sae train`: {e}")))?;
+            let stderr = String::from_utf8_lossy(&stderr);
+            if status.success() {
+                let _ = std::fs::remove_file(&config_path);
+                // Warnings of a finished run, tagged with their run.
+                for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+                    eprintln!("[{}] {line}", self.name);
+                }
+                return Ok(());
+            }
+            let last = stderr
+                .lines()
+                .rev()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .map(|l| l.strip_prefix("sae: error: ").unwrap_or(l).to_string())
+                .unwrap_or_else(|| format!("`sae train` exited with {status}"));
+            // Checkpointed and exited 130 / 143, or killed by the signal
+            // before it could.
+            let interrupted = children.signalled().is_some()
+                && matches!(status.code(), None | Some(130) | Some(143));
+            Err(Failed {
+                code: status.code(),
+                why: last,
+                interrupted,
+            })
+        }
+    }
+
+    /// The child gets signals from the sweep only: in its own process group
+    /// a Ctrl-C at the terminal reaches the sweep alone, which forwards it
+    /// once (a second signal would stop the child without its checkpoint).
+    /// On Linux it also gets SIGTERM (and so checkpoints and stops) when the
     /// sweep dies, instead of training on unattended.
+    fn own_signals(cmd: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        stop_with_parent(cmd);
+    }
+
     #[cfg(target_os = "linux")]
     fn stop_with_parent(cmd: &mut Command) {
         use std::os::unix::process::CommandExt;

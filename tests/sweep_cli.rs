@@ -375,3 +375,282 @@ fn sweep_jobs_failing_point_exits_2_naming_it_and_keeps_the_others() {
         "no table for a failed sweep"
     );
 }
+
+/// Every point's model.safetensors and metrics.jsonl in `b` are those in
+/// `a`, byte for byte.
+fn same_points(a: &Path, b: &Path, what: &str) {
+    let rows = csv_without_seconds(a);
+    let run_col = rows[0].iter().position(|h| h == "run").unwrap();
+    assert!(rows.len() > 1, "{what}: no points in {}", a.display());
+    for row in &rows[1..] {
+        let run = &row[run_col];
+        for file in ["model.safetensors", "metrics.jsonl"] {
+            let (x, y) = (a.join(run).join(file), b.join(run).join(file));
+            assert!(
+                std::fs::read(&x).unwrap() == std::fs::read(&y).unwrap(),
+                "{what}: {} and {} differ",
+                x.display(),
+                y.display()
+            );
+        }
+    }
+}
+
+/// Starts `sae sweep ARGS`, waits until a point directory of `out` whose
+/// name starts with `point` has a checkpoint, sends the sweep SIGINT
+/// (`kill -INT`) and returns how it ended.
+fn interrupt_sweep(args: &[&str], out: &Path, point: &str) -> std::process::Output {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(sae_bin())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning sae sweep");
+    let checkpointed = || {
+        std::fs::read_dir(out).ok().is_some_and(|dirs| {
+            dirs.flatten().any(|e| {
+                e.file_name().to_string_lossy().starts_with(point)
+                    && e.path().join("checkpoint/state.safetensors").exists()
+            })
+        })
+    };
+    let t0 = Instant::now();
+    while !checkpointed() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the sweep ended before point {point}* had a checkpoint"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no checkpoint of {point}* after 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    child.wait_with_output().unwrap()
+}
+
+/// The run directories of `out` that have a checkpoint but no summary.json.
+fn stopped_points(out: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let p = e.path();
+            p.join("checkpoint/state.safetensors").exists() && !p.join("summary.json").exists()
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Ctrl-C (SIGINT) stops a sweep, `--jobs 1` or `--jobs 2`: exit 130, one
+/// line per stopped point saying that re-running the sweep resumes it; the
+/// same command run again resumes those points from their checkpoints and
+/// trains the rest, every point ending byte-identical to an uninterrupted
+/// sweep.
+#[test]
+fn interrupted_sweep_resumes_bit_identical_jobs_1_and_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 2000, 8, 16, 2);
+    // 2000 steps a point, a checkpoint every 25.
+    let sweep = write_config(
+        d,
+        "sweep.yaml",
+        &format!(
+            "base:\n  device: cpu\n  seed: 3\n  data: {{train: {x}, valid_fraction: 0.2}}\n  \
+             model: {{d_hidden: 16}}\n  sparsity: {{penalty: l1}}\n  \
+             train: {{epochs: 10, batch_size: 8, log_every: 10, checkpoint_every: 25, threads: 1}}\n\
+             grid:\n  sparsity.weight: [0.001, 0.01, 0.1]\n"
+        ),
+    );
+    let reference = d.join("reference");
+    let t = std::time::Instant::now();
+    sae_ok(&[
+        "sweep",
+        "--config",
+        &sweep,
+        "--out",
+        reference.to_str().unwrap(),
+    ]);
+    println!("uninterrupted sweep: {:.1} s", t.elapsed().as_secs_f64());
+
+    for jobs in ["1", "2"] {
+        let out = d.join(format!("jobs{jobs}"));
+        let out_s = out.to_str().unwrap();
+        let args = ["sweep", "--config", &sweep, "--out", out_s, "--jobs", jobs];
+        // --jobs 1: stopped in the second point, the first finished;
+        // --jobs 2: in the first two, the third not started.
+        let point = if jobs == "1" { "001-" } else { "00" };
+        let t = std::time::Instant::now();
+        let o = interrupt_sweep(&args, &out, point);
+        let err = stderr(&o);
+        println!(
+            "--jobs {jobs}: SIGINT after {:.1} s ->\n{err}",
+            t.elapsed().as_secs_f64()
+        );
+        assert_eq!(o.status.code(), Some(130), "--jobs {jobs}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!err.contains("sae train --resume"), "{err}");
+        let lines: Vec<&str> = err.lines().collect();
+        let last = lines.last().unwrap();
+        assert!(
+            last.starts_with("sae: sweep interrupted by SIGINT")
+                && last.contains("re-run the same `sae sweep` command"),
+            "{err}"
+        );
+        // One line per point stopped with a checkpoint, naming it.
+        let stopped = stopped_points(&out);
+        let stopped_lines: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.starts_with("sae: [") && l.contains(": stopped "))
+            .collect();
+        assert!(!stopped.is_empty(), "--jobs {jobs}: no point checkpointed");
+        for run in &stopped {
+            let named: Vec<_> = stopped_lines.iter().filter(|l| l.contains(run)).collect();
+            assert_eq!(named.len(), 1, "{run}: {err}");
+            assert!(
+                named[0].contains("stopped at step")
+                    && named[0]
+                        .contains("re-running the same `sae sweep` command resumes it from there"),
+                "{err}"
+            );
+        }
+        // Points stopped before their first checkpoint (--jobs 2: a child
+        // still starting) say that they will train from the start.
+        for l in &stopped_lines {
+            assert!(
+                stopped.iter().any(|r| l.contains(r.as_str()))
+                    || l.contains("stopped before its first checkpoint"),
+                "{l}"
+            );
+        }
+        if jobs == "1" {
+            assert_eq!(stopped, ["001-sparsity.weight=0.01"], "{err}");
+            assert_eq!(stopped_lines.len(), 1, "{err}");
+            assert!(lines[lines.len() - 2]
+                .starts_with("sae: [2/3] sparsity.weight=0.01: stopped at step"));
+            assert!(last.contains("1 of 3 point(s) finished"), "{err}");
+            assert!(out.join("000-sparsity.weight=0.001/summary.json").is_file());
+            assert!(!out.join("002-sparsity.weight=0.1").exists(), "{err}");
+        } else {
+            assert!(!err.contains("failed"), "{err}");
+            assert!(!out.join("002-sparsity.weight=0.1").exists(), "{err}");
+        }
+
+        // The same command again: the stopped points resume, the others train.
+        let t = std::time::Instant::now();
+        let o = sae(&args);
+        let err = stderr(&o);
+        println!(
+            "--jobs {jobs}: re-run in {:.1} s ->\n{err}",
+            t.elapsed().as_secs_f64()
+        );
+        assert!(o.status.success(), "{err}");
+        assert_eq!(
+            err.matches(": resuming from step").count(),
+            stopped.len(),
+            "{err}"
+        );
+        same_points(
+            &reference,
+            &out,
+            &format!("--jobs {jobs} interrupted + resumed"),
+        );
+        assert_eq!(csv_without_seconds(&reference), csv_without_seconds(&out));
+    }
+    // The point configs written for the child processes are cleaned up.
+    let hidden: Vec<_> = std::fs::read_dir(d.join("jobs2"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "left behind: {hidden:?}");
+}
+
+/// `sae sweep --set key.path=value` changes the base config of every point
+/// (and lands in each point's config.yaml); the grid keeps its own keys; a
+/// bad --set is a one-line user error naming the key, before any training.
+#[test]
+fn sweep_set_overrides_the_base_config_of_every_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 300, 8, 10, 2);
+    let sweep = inline_sweep(d, "sweep.yaml", &x, "", "  sparsity.weight: [0.01, 0.1]\n");
+    let runs = ["000-sparsity.weight=0.01", "001-sparsity.weight=0.1"];
+    let (two, one) = (d.join("two"), d.join("one"));
+    sae_ok(&[
+        "sweep",
+        "-q",
+        "--config",
+        &sweep,
+        "--out",
+        two.to_str().unwrap(),
+    ]);
+    let o = sae(&[
+        "sweep",
+        "--config",
+        &sweep,
+        "--out",
+        one.to_str().unwrap(),
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "sparsity.weight=5",
+        "-q",
+        "--jobs",
+        "2",
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    // An override of a grid key has no effect, and says so.
+    assert_eq!(err.matches("warning").count(), 1, "{err}");
+    assert!(
+        err.contains("--set sparsity.weight=5: the grid sets"),
+        "{err}"
+    );
+    let config = |out: &Path, run: &str| -> serde_yaml::Value {
+        let text = std::fs::read_to_string(out.join(run).join("config.yaml")).unwrap();
+        serde_yaml::from_str(&text).unwrap()
+    };
+    for (run, weight) in runs.iter().zip([0.01, 0.1]) {
+        let (s2, s1) = (
+            summary(&two.join(run))["steps"].as_i64().unwrap(),
+            summary(&one.join(run))["steps"].as_i64().unwrap(),
+        );
+        assert!(
+            s2 > 0 && s2 == 2 * s1,
+            "{run}: {s2} steps for 2 epochs, {s1} for 1"
+        );
+        let cfg = config(&one, run);
+        assert_eq!(cfg["train"]["epochs"].as_i64(), Some(1), "{run}");
+        assert_eq!(cfg["sparsity"]["weight"].as_f64(), Some(weight), "{run}");
+    }
+    // A bad --set: exit 2, one line naming the key; nothing is written.
+    let bad = d.join("bad");
+    let bad_s = bad.to_str().unwrap();
+    for (set, needles) in [
+        ("train.epoks=1", ["--set train.epoks=1", "epoks"]),
+        ("train.epochs=0", ["--set train.epochs=0", "train.epochs"]),
+        ("train.epochs", ["--set train.epochs", "key.path=value"]),
+    ] {
+        expect_user_error(
+            &["sweep", "--config", &sweep, "--out", bad_s, "--set", set],
+            &needles,
+        );
+        assert!(!bad.exists(), "--set {set}: wrote {bad_s}");
+    }
+    let help = sae_ok(&["sweep", "--help"]);
+    assert!(
+        help.contains("--set <KEY.PATH=VALUE>") && help.contains("resumes"),
+        "{help}"
+    );
+}

@@ -148,6 +148,23 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
     session.finish()
 }
 
+/// [`train`] for a caller that holds the signal handlers itself (`sae
+/// sweep`, for all its points): a signal `interrupter` has received, before
+/// or during the run, checkpoints it and stops it at its next step with
+/// [`crate::error::Interrupted`]. The handlers stay in place while the run
+/// finishes, so a signal then leaves a finished run.
+pub fn train_interruptible(
+    cfg: &Config,
+    opts: &TrainOptions,
+    interrupter: &interrupt::Interrupter,
+) -> Result<Option<Summary>> {
+    let mut session = Session::open(cfg, opts, &Sources::default())?;
+    let _serial_blas = session.serial_blas().then(device::SerialBlas::new);
+    session.start_clock();
+    while session.step(agreed_signal(interrupter.received()))? {}
+    session.finish()
+}
+
 /// Trains several runs in this process, one step at a time each, the run
 /// that has seen the fewest rows going next: runs whose rows come from one
 /// language model (`data.model`) share its windows, so the model runs once
