@@ -938,6 +938,8 @@ impl std::fmt::Display for Stopped {
 
 impl std::error::Error for Stopped {}
 
+/// `sae encode`, `decode`, `reconstruct` and `score`: `--data` through the
+/// model batch by batch into `--out`.
 fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) -> Result<()> {
     if a.batch_size < 1 {
         bail_user!("--batch-size {}: must be at least 1", a.batch_size);
@@ -948,43 +950,12 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
         Some(p) => p.encode(&model, xb),
         None => model.encode(xb),
     };
-    // A whole .npz holding a scipy sparse matrix: codes for decode only.
-    let sparse_in = csr::open(&a.data)?;
-    let (want, what_name) = match what {
-        Transform::Decode => (model.spec.d_hidden, "d_hidden"),
-        _ => (model.spec.d_in, "d_in"),
-    };
-    // Headers only: check the width before writing anything.
-    let cols = match &sparse_in {
-        Some(m) if matches!(what, Transform::Decode) => m.cols,
-        Some(m) => bail_user!(
-            "{}: a sparse matrix of codes [{} x {}]; only `sae decode` reads it",
-            a.data,
-            m.rows,
-            m.cols
-        ),
-        None => npy::data_shape(&a.data)?.cols,
-    };
-    if cols as i64 != want {
-        bail_user!(
-            "{}: has {cols} columns but the model's {what_name} is {want}",
-            a.data
-        );
-    }
+    let sparse_in = open_transform_input(a, &model, what)?;
     let out_cols = match what {
         Transform::Encode => model.spec.d_hidden,
         Transform::Decode | Transform::Reconstruct => model.d_out(),
         Transform::Score => 1,
     };
-    if matches!(what, Transform::Score) && model.d_out() != model.spec.d_in {
-        bail_user!(
-            "{}: score compares each row with its reconstruction, but this model maps \
-             {} columns to {} (a transcoder)",
-            a.model,
-            model.spec.d_in,
-            model.d_out()
-        );
-    }
     let _guard = tch::no_grad_guard();
     let device = model.device();
     // Streamed: one batch of input and output in memory; the output goes to
@@ -1057,6 +1028,45 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
         }
     }
     Ok(())
+}
+
+/// Opens `--data` for `transform`: a whole .npz holding a scipy sparse
+/// matrix (returned; decode only) or a dense array (headers only), and
+/// refuses, before anything is written, a width the model does not take
+/// and `score` on a transcoder.
+fn open_transform_input(a: &IoArgs, model: &Sae, what: Transform) -> Result<Option<csr::CsrFile>> {
+    let sparse_in = csr::open(&a.data)?;
+    let (want, what_name) = match what {
+        Transform::Decode => (model.spec.d_hidden, "d_hidden"),
+        _ => (model.spec.d_in, "d_in"),
+    };
+    // Headers only: check the width before writing anything.
+    let cols = match &sparse_in {
+        Some(m) if matches!(what, Transform::Decode) => m.cols,
+        Some(m) => bail_user!(
+            "{}: a sparse matrix of codes [{} x {}]; only `sae decode` reads it",
+            a.data,
+            m.rows,
+            m.cols
+        ),
+        None => npy::data_shape(&a.data)?.cols,
+    };
+    if cols as i64 != want {
+        bail_user!(
+            "{}: has {cols} columns but the model's {what_name} is {want}",
+            a.data
+        );
+    }
+    if matches!(what, Transform::Score) && model.d_out() != model.spec.d_in {
+        bail_user!(
+            "{}: score compares each row with its reconstruction, but this model maps \
+             {} columns to {} (a transcoder)",
+            a.model,
+            model.spec.d_in,
+            model.d_out()
+        );
+    }
+    Ok(sparse_in)
 }
 
 fn export_cmd(a: &ExportArgs) -> Result<()> {

@@ -397,6 +397,18 @@ pub struct DecoderStats {
     pub nearest: Vec<i64>,
 }
 
+impl DecoderStats {
+    /// For `h` latents without decoder rows (deep models): NaN, and no
+    /// nearest latent.
+    fn unknown(h: usize) -> DecoderStats {
+        DecoderStats {
+            norm: vec![f64::NAN; h],
+            nearest_cosine: vec![f64::NAN; h],
+            nearest: vec![-1; h],
+        }
+    }
+}
+
 /// Norms and nearest cosines of decoder rows `w [h, d]`, `block` rows of the
 /// `[block, h]` cosine matrix at a time.
 pub fn decoder_stats(w: &Tensor, block: i64) -> DecoderStats {
@@ -660,6 +672,9 @@ fn token_of(label: &str) -> String {
         .collect()
 }
 
+/// A latent's top tokens and their counts.
+type TopTokens = Vec<(String, usize)>;
+
 /// Per latent, the distinct tokens of its top rows, most frequent first
 /// (ties: the one of the higher-ranked row first), at most [`TOP_TOKENS`],
 /// with their counts; rows without a label are skipped.
@@ -691,6 +706,73 @@ pub fn run(
     out: &Path,
     opts: &Options,
 ) -> Result<LatentStats> {
+    let text = check_inputs(model, data, out, opts)?;
+    // Rows of marked text are tokens: a square d_in is no image then.
+    let image = if text && !opts.image_given {
+        None
+    } else {
+        opts.image
+    };
+    let stats = scan(model, codes, data, opts.top, opts.chunk_rows, opts.progress)?;
+    let samples = (opts.samples > 0)
+        .then(|| {
+            sample(
+                model,
+                codes,
+                data,
+                &stats.scale,
+                opts.samples,
+                opts.chunk_rows,
+                opts.progress,
+            )
+        })
+        .transpose()?;
+    let dec_rows = decoder_rows(model);
+    let dec = match &dec_rows {
+        Some(w) => decoder_stats(w, ((16 << 20) / model.spec.d_hidden.max(1)).clamp(1, 4096)),
+        None => DecoderStats::unknown(model.spec.d_hidden as usize),
+    };
+
+    // The rows the cards show pictures or text for, within the budget.
+    let per_row = image.map_or(0, |(a, b)| a * b) + opts.labels.as_ref().map_or(0, |_| LABEL_CHARS);
+    let (tiles, shown) = rows_within_budget(&stats, samples.as_ref(), per_row);
+    let pixels = match image {
+        Some(_) if !shown.is_empty() => collect_rows(data, &shown, opts.chunk_rows)?,
+        _ => HashMap::new(),
+    };
+    let (labels, tokens) = match &opts.labels {
+        Some(path) => {
+            let (labels, tokens) = labels_and_tokens(path, &stats, &shown)?;
+            (labels, Some(tokens))
+        }
+        None => (HashMap::new(), None),
+    };
+
+    std::fs::create_dir_all(out)
+        .map_err(|e| crate::error::user(format!("--out {}: cannot create: {e}", out.display())))?;
+    write_tables(out, &stats, &dec, samples.as_ref())?;
+    let page = Page {
+        stats: &stats,
+        dec: &dec,
+        dec_rows: dec_rows.as_ref(),
+        samples: samples.as_ref(),
+        pixels: &pixels,
+        labels: &labels,
+        tokens: tokens.as_deref(),
+        text,
+        image,
+        tiles,
+    };
+    let data_json = page_data(model, &page, opts);
+    let html = crate::html::latents_page(&format!("Latents of {}", opts.model_name), &data_json);
+    crate::fsutil::write_bytes_atomic(&out.join("index.html"), html.as_bytes())?;
+    Ok(stats)
+}
+
+/// Refuses data whose columns are not the model's `d_in`, labels with a
+/// line count other than the data's rows, and an `out` that is a file;
+/// returns whether the labels are marked text.
+fn check_inputs(model: &Sae, data: &str, out: &Path, opts: &Options) -> Result<bool> {
     let shape = npy::data_shape(data)?;
     if shape.cols as i64 != model.spec.d_in {
         bail_user!(
@@ -714,72 +796,44 @@ pub fn run(
     if out.is_file() {
         bail_user!("--out {}: is a file; pass a directory", out.display());
     }
-    // Rows of marked text are tokens: a square d_in is no image then.
-    let image = if text && !opts.image_given {
-        None
-    } else {
-        opts.image
-    };
-    let stats = scan(model, codes, data, opts.top, opts.chunk_rows, opts.progress)?;
-    let samples = (opts.samples > 0)
-        .then(|| {
-            sample(
-                model,
-                codes,
-                data,
-                &stats.scale,
-                opts.samples,
-                opts.chunk_rows,
-                opts.progress,
-            )
-        })
-        .transpose()?;
-    let dec_rows = decoder_rows(model);
-    let h = model.spec.d_hidden;
-    let dec = match &dec_rows {
-        Some(w) => decoder_stats(w, ((16 << 20) / h.max(1)).clamp(1, 4096)),
-        None => DecoderStats {
-            norm: vec![f64::NAN; h as usize],
-            nearest_cosine: vec![f64::NAN; h as usize],
-            nearest: vec![-1; h as usize],
-        },
-    };
+    Ok(text)
+}
 
-    // The rows the cards show pictures or text for, within the budget.
-    let per_row = image.map_or(0, |(a, b)| a * b) + opts.labels.as_ref().map_or(0, |_| LABEL_CHARS);
-    let (tiles, shown) = rows_within_budget(&stats, samples.as_ref(), per_row);
-    let pixels = match image {
-        Some(_) if !shown.is_empty() => collect_rows(data, &shown, opts.chunk_rows)?,
-        _ => HashMap::new(),
-    };
-    // Labels of the shown rows, and the top tokens of every latent's top
-    // rows (all of them, shown or not).
-    let (labels, tokens) = match &opts.labels {
-        Some(path) => {
-            let all_top: BTreeSet<i64> =
-                stats.top_rows.iter().copied().filter(|&r| r >= 0).collect();
-            let mut want = shown.clone();
-            want.extend(&all_top);
-            let mut read = read_labels(path, &want)?;
-            let tokens: Vec<Vec<(String, usize)>> = (0..h as usize)
-                .map(|j| top_tokens(stats.top_rows_of(j), &read))
-                .collect();
-            read.retain(|r, _| shown.contains(r));
-            (read, Some(tokens))
-        }
-        None => (HashMap::new(), None),
-    };
+/// Labels of the shown rows, and the top tokens of every latent's top rows
+/// (all of them, shown or not).
+fn labels_and_tokens(
+    path: &Path,
+    stats: &LatentStats,
+    shown: &BTreeSet<i64>,
+) -> Result<(HashMap<i64, String>, Vec<TopTokens>)> {
+    let all_top: BTreeSet<i64> = stats.top_rows.iter().copied().filter(|&r| r >= 0).collect();
+    let mut want = shown.clone();
+    want.extend(&all_top);
+    let mut read = read_labels(path, &want)?;
+    let tokens: Vec<Vec<(String, usize)>> = (0..stats.d_hidden as usize)
+        .map(|j| top_tokens(stats.top_rows_of(j), &read))
+        .collect();
+    read.retain(|r, _| shown.contains(r));
+    Ok((read, tokens))
+}
 
-    std::fs::create_dir_all(out)
-        .map_err(|e| crate::error::user(format!("--out {}: cannot create: {e}", out.display())))?;
-    write_csv(&out.join("latents.csv"), &stats, &dec)?;
-    let (hh, n) = (h as usize, opts.top as usize);
+/// `latents.csv`, `top_rows.npy`, `top_values.npy` and, with samples,
+/// `sample_rows.npy` and `sample_values.npy` in `out`.
+fn write_tables(
+    out: &Path,
+    stats: &LatentStats,
+    dec: &DecoderStats,
+    samples: Option<&Samples>,
+) -> Result<()> {
+    write_csv(&out.join("latents.csv"), stats, dec)?;
+    let (h, top) = (stats.d_hidden, stats.top);
+    let (hh, n) = (h as usize, top as usize);
     npy::write_npy_i64(&out.join("top_rows.npy"), &[hh, n], &stats.top_rows)?;
     npy::write_npy(
         &out.join("top_values.npy"),
-        &Tensor::from_slice(&stats.top_values).reshape([h, opts.top]),
+        &Tensor::from_slice(&stats.top_values).reshape([h, top]),
     )?;
-    if let Some(s) = &samples {
+    if let Some(s) = samples {
         let shape = [hh, BANDS as usize, s.per as usize];
         npy::write_npy_i64(&out.join("sample_rows.npy"), &shape, &s.rows)?;
         npy::write_npy(
@@ -787,22 +841,7 @@ pub fn run(
             &Tensor::from_slice(&s.values).reshape([h, BANDS, s.per]),
         )?;
     }
-    let page = Page {
-        stats: &stats,
-        dec: &dec,
-        dec_rows: dec_rows.as_ref(),
-        samples: samples.as_ref(),
-        pixels: &pixels,
-        labels: &labels,
-        tokens: tokens.as_deref(),
-        text,
-        image,
-        tiles,
-    };
-    let data_json = page_data(model, &page, opts);
-    let html = crate::html::latents_page(&format!("Latents of {}", opts.model_name), &data_json);
-    crate::fsutil::write_bytes_atomic(&out.join("index.html"), html.as_bytes())?;
-    Ok(stats)
+    Ok(())
 }
 
 /// Lines of a text file (a last line without a newline counts), and whether
@@ -946,12 +985,58 @@ struct Page<'a> {
     tiles: usize,
 }
 
-/// The JSON the page draws from (see src/html/latents.js).
+/// The JSON the page draws from (see src/html/latents.js): each part built
+/// by one of the functions below, gathered under the keys latents.js reads.
 fn page_data(model: &Sae, p: &Page, opts: &Options) -> Value {
-    let (s, d, pixels, labels) = (p.stats, p.dec, p.pixels, p.labels);
+    let (s, d) = (p.stats, p.dec);
     let h = s.d_hidden as usize;
-    let nums = |v: &[f64]| Value::Array(v.iter().map(|&x| html::num(x)).collect());
     let max: Vec<f64> = s.max_activation.iter().map(|&x| x as f64).collect();
+    let (top, vals) = top_rows_json(s);
+    let labels_json = opts.labels.as_ref().map(|_| labels_json(p.labels));
+    let (sample_rows, sample_vals) = p.samples.map(|x| samples_json(x, h)).unzip();
+    let (tok, tt) = p.tokens.map(tokens_json).unzip();
+    let fh = metrics::firing_histogram(&s.frequency);
+    json!({
+        "title": format!("Latents of {}", opts.model_name),
+        "subtitle": format!("{} rows of {}, {} latents, encoder {}", s.rows, opts.data_name, h, opts.encoder_name),
+        "summary": summary_json(model, p, opts),
+        "freq_hist": {
+            "labels": fh.iter().map(|b| b.label.clone()).collect::<Vec<_>>(),
+            "counts": fh.iter().map(|b| b.count).collect::<Vec<_>>(),
+        },
+        "freq": nums(&s.frequency),
+        "mean": nums(&s.mean_activation),
+        "max": nums(&max),
+        "norm": nums(&d.norm),
+        "cos": nums(&d.nearest_cosine),
+        "near": d.nearest,
+        "top_n": s.top,
+        "top": top,
+        "vals": vals,
+        "hist": hist_json(s),
+        "hist_edges": (0..HIST_BINS).map(|b| html::num(hist_edge(b))).collect::<Vec<_>>(),
+        "image": p.image.map(|(a, b)| json!([a, b])),
+        "dec": decoder_json(p),
+        "pix": pixels_json(p.pixels),
+        "labels": labels_json,
+        "text": p.text,
+        "tok": tok,
+        "tt": tt,
+        "scale": s.scale.iter().map(|&x| html::num(x as f64)).collect::<Vec<_>>(),
+        "samples": sample_rows,
+        "svals": sample_vals,
+        "tiles": p.tiles,
+    })
+}
+
+/// A column of the per-latent table: numbers as the page writes them.
+fn nums(v: &[f64]) -> Value {
+    Value::Array(v.iter().map(|&x| html::num(x)).collect())
+}
+
+/// Per latent, its top rows and their values (the cards' top-row lists).
+fn top_rows_json(s: &LatentStats) -> (Vec<Value>, Vec<Value>) {
+    let h = s.d_hidden as usize;
     let top: Vec<Value> = (0..h).map(|j| json!(s.top_rows_of(j))).collect();
     let vals: Vec<Value> = (0..h)
         .map(|j| {
@@ -963,8 +1048,14 @@ fn page_data(model: &Sae, p: &Page, opts: &Options) -> Value {
             )
         })
         .collect();
+    (top, vals)
+}
+
+/// Per latent, its activation histogram: `[first non-empty bin, counts up
+/// to the last non-empty one...]`, `[]` when dead.
+fn hist_json(s: &LatentStats) -> Vec<Value> {
     let b = HIST_BINS as usize;
-    let hist: Vec<Value> = (0..h)
+    (0..s.d_hidden as usize)
         .map(|j| {
             let c = &s.hist[j * b..(j + 1) * b];
             match (
@@ -979,11 +1070,16 @@ fn page_data(model: &Sae, p: &Page, opts: &Options) -> Value {
                 _ => json!([]),
             }
         })
-        .collect();
-    // Input dimensions of a dense activation (text) mean nothing: the card
-    // shows the decoder norm and nearest latent only.
-    let dec_json = p
-        .dec_rows
+        .collect()
+}
+
+/// Per latent, its decoder row for the card: `[max |w|, base64 of w / max
+/// as i8]` for images, else its largest input dimensions `[[i, w_i], ...]`.
+/// None for deep models and for text (where input dimensions mean nothing:
+/// the card shows the decoder norm and nearest latent only).
+fn decoder_json(p: &Page) -> Option<Value> {
+    let h = p.stats.d_hidden as usize;
+    p.dec_rows
         .filter(|_| p.image.is_some() || !p.text)
         .map(|w| {
             let w = Vec::<f32>::try_from(w.flatten(0, -1)).unwrap_or_default();
@@ -1011,8 +1107,13 @@ fn page_data(model: &Sae, p: &Page, opts: &Options) -> Value {
                 }
             });
             Value::Array(rows.collect())
-        });
-    let pix = (!pixels.is_empty()).then(|| {
+        })
+}
+
+/// The shown rows as images: `{lo, hi, rows: {row: base64 of u8 pixels}}`,
+/// one scale for all of them (None when no row is shown as an image).
+fn pixels_json(pixels: &HashMap<i64, Vec<f32>>) -> Option<Value> {
+    (!pixels.is_empty()).then(|| {
         let (lo, hi) = pixels
             .values()
             .flatten()
@@ -1031,75 +1132,77 @@ fn page_data(model: &Sae, p: &Page, opts: &Options) -> Value {
             })
             .collect();
         json!({"lo": lo, "hi": hi, "rows": rows})
-    });
-    let labels_json = opts.labels.as_ref().map(|_| {
-        let m: serde_json::Map<String, Value> = labels
-            .iter()
-            .map(|(r, t)| (r.to_string(), Value::String(t.clone())))
-            .collect();
-        Value::Object(m)
-    });
-    // Band samples: per latent [rows of band 1, 2, 3] and their values
-    // ([] for a latent with none).
-    let (sample_rows, sample_vals) = match p.samples {
-        Some(x) => {
-            let per_latent = |j: usize, vals: bool| -> Value {
-                let bands: Vec<Value> = (0..BANDS as usize)
-                    .map(|b| {
-                        if vals {
-                            Value::Array(
-                                x.values_of(j, b)
-                                    .iter()
-                                    .map(|&v| html::num(v as f64))
-                                    .collect(),
-                            )
-                        } else {
-                            json!(x.rows_of(j, b))
-                        }
-                    })
-                    .collect();
-                if (0..BANDS as usize).all(|b| x.rows_of(j, b).is_empty()) {
-                    json!([])
+    })
+}
+
+/// The labels of the shown rows: `{row: text}`.
+fn labels_json(labels: &HashMap<i64, String>) -> Value {
+    let m: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(r, t)| (r.to_string(), Value::String(t.clone())))
+        .collect();
+    Value::Object(m)
+}
+
+/// Band samples: per latent `[rows of band 1, 2, 3]`, and likewise their
+/// values (`[]` for a latent with none).
+fn samples_json(x: &Samples, h: usize) -> (Vec<Value>, Vec<Value>) {
+    let per_latent = |j: usize, vals: bool| -> Value {
+        let bands: Vec<Value> = (0..BANDS as usize)
+            .map(|b| {
+                if vals {
+                    Value::Array(
+                        x.values_of(j, b)
+                            .iter()
+                            .map(|&v| html::num(v as f64))
+                            .collect(),
+                    )
                 } else {
-                    Value::Array(bands)
+                    json!(x.rows_of(j, b))
                 }
-            };
-            (
-                Some((0..h).map(|j| per_latent(j, false)).collect::<Vec<_>>()),
-                Some((0..h).map(|j| per_latent(j, true)).collect::<Vec<_>>()),
-            )
+            })
+            .collect();
+        if (0..BANDS as usize).all(|b| x.rows_of(j, b).is_empty()) {
+            json!([])
+        } else {
+            Value::Array(bands)
         }
-        None => (None, None),
     };
-    // Top tokens: each distinct string once in `tok`, per latent
-    // [index, count, index, count, ...].
-    let (tok, tt) = match p.tokens {
-        Some(all) => {
-            let mut table: Vec<String> = Vec::new();
-            let mut index: HashMap<&str, usize> = HashMap::new();
-            let per: Vec<Value> = all
-                .iter()
-                .map(|list| {
-                    let mut v = Vec::with_capacity(2 * list.len());
-                    for (t, c) in list {
-                        let i = *index.entry(t.as_str()).or_insert_with(|| {
-                            table.push(t.clone());
-                            table.len() - 1
-                        });
-                        v.push(i);
-                        v.push(*c);
-                    }
-                    json!(v)
-                })
-                .collect();
-            (Some(table), Some(per))
-        }
-        None => (None, None),
-    };
+    (
+        (0..h).map(|j| per_latent(j, false)).collect(),
+        (0..h).map(|j| per_latent(j, true)).collect(),
+    )
+}
+
+/// Top tokens: each distinct string once in the table, and per latent
+/// `[index, count, index, count, ...]`.
+fn tokens_json(all: &[Vec<(String, usize)>]) -> (Vec<String>, Vec<Value>) {
+    let mut table: Vec<String> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let per: Vec<Value> = all
+        .iter()
+        .map(|list| {
+            let mut v = Vec::with_capacity(2 * list.len());
+            for (t, c) in list {
+                let i = *index.entry(t.as_str()).or_insert_with(|| {
+                    table.push(t.clone());
+                    table.len() - 1
+                });
+                v.push(i);
+                v.push(*c);
+            }
+            json!(v)
+        })
+        .collect();
+    (table, per)
+}
+
+/// The summary box: `[key, value]` pairs in display order.
+fn summary_json(model: &Sae, p: &Page, opts: &Options) -> Vec<Value> {
+    let s = p.stats;
+    let h = s.d_hidden as usize;
     let dead = (0..h).filter(|&j| s.dead(j)).count();
-    let fh = metrics::firing_histogram(&s.frequency);
     let l0: f64 = s.frequency.iter().sum();
-    // Key-value pairs in display order.
     let activation = format!("{:?}", model.spec.activation)
         .to_lowercase()
         .replace(['{', '}'], "")
@@ -1141,38 +1244,7 @@ fn page_data(model: &Sae, p: &Page, opts: &Options) -> Value {
         ),
         ("rows shown as", json!(shown_as)),
     ];
-    let summary: Vec<Value> = summary.into_iter().map(|(k, v)| json!([k, v])).collect();
-    json!({
-        "title": format!("Latents of {}", opts.model_name),
-        "subtitle": format!("{} rows of {}, {} latents, encoder {}", s.rows, opts.data_name, h, opts.encoder_name),
-        "summary": summary,
-        "freq_hist": {
-            "labels": fh.iter().map(|b| b.label.clone()).collect::<Vec<_>>(),
-            "counts": fh.iter().map(|b| b.count).collect::<Vec<_>>(),
-        },
-        "freq": nums(&s.frequency),
-        "mean": nums(&s.mean_activation),
-        "max": nums(&max),
-        "norm": nums(&d.norm),
-        "cos": nums(&d.nearest_cosine),
-        "near": d.nearest,
-        "top_n": s.top,
-        "top": top,
-        "vals": vals,
-        "hist": hist,
-        "hist_edges": (0..HIST_BINS).map(|b| html::num(hist_edge(b))).collect::<Vec<_>>(),
-        "image": p.image.map(|(a, b)| json!([a, b])),
-        "dec": dec_json,
-        "pix": pix,
-        "labels": labels_json,
-        "text": p.text,
-        "tok": tok,
-        "tt": tt,
-        "scale": s.scale.iter().map(|&x| html::num(x as f64)).collect::<Vec<_>>(),
-        "samples": sample_rows,
-        "svals": sample_vals,
-        "tiles": p.tiles,
-    })
+    summary.into_iter().map(|(k, v)| json!([k, v])).collect()
 }
 
 #[cfg(test)]

@@ -305,6 +305,11 @@ impl PursuitEncoder {
     }
 
     /// OMP on residuals `r0 [b, d]` (float32): codes `[b, h]`.
+    // Kept whole (about 100 lines): the hot loop's steps (pick an atom,
+    // extend the Cholesky factor's inverse, refit) all update the same
+    // in-place batch state (idx, linv, y, gamma, active), and the comments
+    // derive one recipe; split, that state would be threaded through every
+    // helper on every iteration.
     fn omp(&self, r0: &Tensor, k: i64) -> Tensor {
         let b = r0.size()[0];
         let h = self.unit32.size()[0];

@@ -240,7 +240,30 @@ enum Floats<'a> {
     F64(&'a [f64]),
 }
 
-impl Floats<'_> {
+impl<'a> Floats<'a> {
+    /// The values of a float16/32/64 array (None for any other type).
+    fn of(values: &'a dyn Array) -> Option<Floats<'a>> {
+        let any = values.as_any();
+        Some(match values.data_type() {
+            DataType::Float32 => Floats::F32(
+                any.downcast_ref::<Float32Array>()
+                    .expect("float32")
+                    .values(),
+            ),
+            DataType::Float16 => Floats::F16(
+                any.downcast_ref::<Float16Array>()
+                    .expect("float16")
+                    .values(),
+            ),
+            DataType::Float64 => Floats::F64(
+                any.downcast_ref::<Float64Array>()
+                    .expect("float64")
+                    .values(),
+            ),
+            _ => return None,
+        })
+    }
+
     fn extend(&self, out: &mut Vec<f32>, start: usize, len: usize) {
         match self {
             Floats::F32(v) => out.extend_from_slice(&v[start..start + len]),
@@ -320,24 +343,12 @@ impl Cache {
     ) -> Result<()> {
         let origin = self.origin(file);
         let fd = file.display();
-        let schema = stream(file, None)?.schema();
-        let Ok(index) = schema.index_of(&self.column) else {
-            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-            bail_user!(
-                "{fd}: no column `{}` (it has: {})",
-                self.column,
-                names.join(", ")
-            );
-        };
-        let reader = stream(file, Some(vec![index]))?;
+        let reader = stream(file, Some(vec![self.column_index(file)?]))?;
         let mut want = want;
         let mut row = first_row;
         for rb in reader {
             let rb = rb.map_err(|e| user(format!("{fd}: cannot read a record batch: {e}")))?;
             let col = rb.column(0);
-            if col.null_count() > 0 {
-                bail_user!("{origin}: holds null values; every row needs its activations");
-            }
             let not_2d = || {
                 user(format!(
                     "{origin}: type {} is not a [context_size, d_in] float array \
@@ -345,38 +356,12 @@ impl Cache {
                     col.data_type()
                 ))
             };
+            no_nulls(col.as_ref(), &origin)?;
             let (inner, seqs) = list_slots(col.as_ref()).ok_or_else(not_2d)?;
-            if inner.null_count() > 0 {
-                bail_user!("{origin}: holds null values; every row needs its activations");
-            }
+            no_nulls(inner.as_ref(), &origin)?;
             let (values, tokens) = list_slots(inner.as_ref()).ok_or_else(not_2d)?;
-            if values.null_count() > 0 {
-                bail_user!("{origin}: holds null values; every row needs its activations");
-            }
-            let floats = match values.data_type() {
-                DataType::Float32 => Floats::F32(
-                    values
-                        .as_any()
-                        .downcast_ref::<Float32Array>()
-                        .expect("float32")
-                        .values(),
-                ),
-                DataType::Float16 => Floats::F16(
-                    values
-                        .as_any()
-                        .downcast_ref::<Float16Array>()
-                        .expect("float16")
-                        .values(),
-                ),
-                DataType::Float64 => Floats::F64(
-                    values
-                        .as_any()
-                        .downcast_ref::<Float64Array>()
-                        .expect("float64")
-                        .values(),
-                ),
-                _ => return Err(not_2d()),
-            };
+            no_nulls(values.as_ref(), &origin)?;
+            let floats = Floats::of(values.as_ref()).ok_or_else(not_2d)?;
             if seqs.is_empty() {
                 continue;
             }
@@ -394,24 +379,7 @@ impl Cache {
             if !go(ctx, d, None)? {
                 return Ok(());
             }
-            let mut slots = Vec::with_capacity(seqs.len() * ctx);
-            for &(start, len) in &seqs {
-                if len != ctx {
-                    bail_user!(
-                        "{origin}: a sequence of {len} tokens among ones of {ctx}; \
-                         every row must be [context_size, d_in]"
-                    );
-                }
-                for &(s, l) in &tokens[start..start + len] {
-                    if l != d {
-                        bail_user!(
-                            "{origin}: a token of {l} values among ones of {d}; \
-                             every row must be [context_size, d_in]"
-                        );
-                    }
-                    slots.push(s);
-                }
-            }
+            let slots = token_slots(&seqs, &tokens, ctx, d, &origin)?;
             for group in slots.chunks(batch.max(1)) {
                 let mut data = Vec::with_capacity(group.len() * d);
                 for &s in group {
@@ -429,4 +397,59 @@ impl Cache {
         }
         Ok(())
     }
+
+    /// The index of the cache's column in `file`'s schema.
+    fn column_index(&self, file: &Path) -> Result<usize> {
+        let schema = stream(file, None)?.schema();
+        match schema.index_of(&self.column) {
+            Ok(index) => Ok(index),
+            Err(_) => {
+                let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                bail_user!(
+                    "{}: no column `{}` (it has: {})",
+                    file.display(),
+                    self.column,
+                    names.join(", ")
+                );
+            }
+        }
+    }
+}
+
+/// Refuses an array with null values.
+fn no_nulls(a: &dyn Array, origin: &str) -> Result<()> {
+    if a.null_count() > 0 {
+        bail_user!("{origin}: holds null values; every row needs its activations");
+    }
+    Ok(())
+}
+
+/// Where each token's values start, in order, checking that every sequence
+/// (slot of `seqs` in `tokens`) has `ctx` tokens of `d` values.
+fn token_slots(
+    seqs: &[(usize, usize)],
+    tokens: &[(usize, usize)],
+    ctx: usize,
+    d: usize,
+    origin: &str,
+) -> Result<Vec<usize>> {
+    let mut slots = Vec::with_capacity(seqs.len() * ctx);
+    for &(start, len) in seqs {
+        if len != ctx {
+            bail_user!(
+                "{origin}: a sequence of {len} tokens among ones of {ctx}; \
+                 every row must be [context_size, d_in]"
+            );
+        }
+        for &(s, l) in &tokens[start..start + len] {
+            if l != d {
+                bail_user!(
+                    "{origin}: a token of {l} values among ones of {d}; \
+                     every row must be [context_size, d_in]"
+                );
+            }
+            slots.push(s);
+        }
+    }
+    Ok(slots)
 }

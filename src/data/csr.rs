@@ -218,24 +218,7 @@ impl CsrWriter {
             &npy_header(idx_descr, &[nnz]),
             nnz * idx_size,
         )?;
-        let mut src = BufReader::new(File::open(&self.idx_tmp).map_err(werr)?);
-        if int32 || self.wide_cols {
-            std::io::copy(&mut src, &mut zip).map_err(werr)?;
-        } else {
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = read_full(&mut src, &mut buf).map_err(werr)?;
-                if n == 0 {
-                    break;
-                }
-                let wide: Vec<u8> = buf[..n]
-                    .chunks_exact(4)
-                    .flat_map(|c| (i32::from_le_bytes(c.try_into().unwrap()) as i64).to_le_bytes())
-                    .collect();
-                zip.write_all(&wide).map_err(werr)?;
-            }
-        }
-        drop(src);
+        self.copy_indices(&mut zip, int32)?;
 
         // indptr, from memory.
         start(
@@ -244,18 +227,7 @@ impl CsrWriter {
             &npy_header(idx_descr, &[rows + 1]),
             (rows + 1) * idx_size,
         )?;
-        let mut buf = Vec::with_capacity(1 << 20);
-        for chunk in self.indptr.chunks(1 << 17) {
-            buf.clear();
-            for &p in chunk {
-                if int32 {
-                    buf.extend_from_slice(&(p as i32).to_le_bytes());
-                } else {
-                    buf.extend_from_slice(&p.to_le_bytes());
-                }
-            }
-            zip.write_all(&buf).map_err(werr)?;
-        }
+        self.write_indptr(&mut zip, int32)?;
 
         start(&mut zip, "format.npy", &npy_header("|S3", &[]), 3)?;
         zip.write_all(b"csr").map_err(werr)?;
@@ -277,6 +249,48 @@ impl CsrWriter {
         std::fs::rename(&self.tmp, &path).map_err(werr)?;
         Ok(())
         // Drop removes the data and indices temp files.
+    }
+
+    /// Copies the column indices from their temp file into `zip`, widened
+    /// from int32 when the archive needs int64.
+    fn copy_indices(&self, zip: &mut impl Write, int32: bool) -> Result<()> {
+        let werr = |e: std::io::Error| write_error(&self.path, e);
+        let mut src = BufReader::new(File::open(&self.idx_tmp).map_err(werr)?);
+        if int32 || self.wide_cols {
+            std::io::copy(&mut src, zip).map_err(werr)?;
+        } else {
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = read_full(&mut src, &mut buf).map_err(werr)?;
+                if n == 0 {
+                    break;
+                }
+                let wide: Vec<u8> = buf[..n]
+                    .chunks_exact(4)
+                    .flat_map(|c| (i32::from_le_bytes(c.try_into().unwrap()) as i64).to_le_bytes())
+                    .collect();
+                zip.write_all(&wide).map_err(werr)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `indptr` into `zip`, as int32 or int64.
+    fn write_indptr(&self, zip: &mut impl Write, int32: bool) -> Result<()> {
+        let werr = |e: std::io::Error| write_error(&self.path, e);
+        let mut buf = Vec::with_capacity(1 << 20);
+        for chunk in self.indptr.chunks(1 << 17) {
+            buf.clear();
+            for &p in chunk {
+                if int32 {
+                    buf.extend_from_slice(&(p as i32).to_le_bytes());
+                } else {
+                    buf.extend_from_slice(&p.to_le_bytes());
+                }
+            }
+            zip.write_all(&buf).map_err(werr)?;
+        }
+        Ok(())
     }
 }
 
@@ -458,34 +472,10 @@ fn open_member<'a>(
     Ok((m, member))
 }
 
-/// Whether `spec` names a whole `.npz` archive (no `:member`) that holds a
-/// scipy sparse matrix (a `format` member): then it is opened and checked.
-/// `None` for anything else (a `.npy`, a member, a dense archive).
-pub fn open(spec: &str) -> Result<Option<CsrFile>> {
-    let path = Path::new(spec);
-    if !spec.ends_with(".npz") || !path.is_file() {
-        return Ok(None);
-    }
-    let mut zip = open_zip(path, spec)?;
-    let names: Vec<String> = zip.file_names().map(str::to_owned).collect();
-    if !names.iter().any(|n| n == "format.npy") {
-        return Ok(None);
-    }
-    let mut small = |name: &str| -> Result<(Member, Vec<u8>)> {
-        let origin = format!("{spec}:{name}");
-        let (mut m, member) = open_member(&mut zip, spec, name, &names)?;
-        if member.len > 1 << 20 && name != "indptr" {
-            bail_user!("{origin}: {} elements; expected a few", member.len);
-        }
-        let mut bytes = Vec::new();
-        read_elems(&mut m, member.len, member.elem, &mut bytes, &origin)?;
-        Ok((member, bytes))
-    };
-
-    // format: b"csr" (|S3, or <U3 from old scipy versions).
-    let (fm, fbytes) = small("format")?;
-    let format = match (fm.elem.kind, fm.shape.is_empty()) {
-        (TypeChar::ByteStr, true) => String::from_utf8_lossy(&fbytes)
+/// The `format` member's string (`|S3`, or `<U3` from old scipy versions).
+fn format_name(fm: &Member, fbytes: &[u8], spec: &str) -> Result<String> {
+    Ok(match (fm.elem.kind, fm.shape.is_empty()) {
+        (TypeChar::ByteStr, true) => String::from_utf8_lossy(fbytes)
             .trim_end_matches('\0')
             .to_string(),
         (TypeChar::UnicodeStr, true) => fbytes
@@ -506,15 +496,11 @@ pub fn open(spec: &str) -> Result<Option<CsrFile>> {
             fm.descr,
             fm.shape
         ),
-    };
-    if format != "csr" {
-        bail_user!(
-            "{spec}: holds a sparse matrix in `{format}` format; decode reads CSR: \
-             convert it with `m.tocsr()` and save it again with scipy.sparse.save_npz"
-        );
-    }
+    })
+}
 
-    let (sm, sbytes) = small("shape")?;
+/// The `shape` member: (rows, cols).
+fn shape_of(sm: &Member, sbytes: &[u8], spec: &str) -> Result<(usize, usize)> {
     if !is_index(sm.elem) || sm.len != 2 {
         bail_user!(
             "{spec}:shape: expected 2 integers, got dtype {} shape {:?}",
@@ -523,13 +509,22 @@ pub fn open(spec: &str) -> Result<Option<CsrFile>> {
         );
     }
     let mut shape = Vec::new();
-    to_i64(&sbytes, sm.elem, &mut shape);
+    to_i64(sbytes, sm.elem, &mut shape);
     if shape.iter().any(|&d| d < 0) {
         bail_user!("{spec}:shape: {shape:?} is not a valid shape");
     }
-    let (rows, cols) = (shape[0] as usize, shape[1] as usize);
+    Ok((shape[0] as usize, shape[1] as usize))
+}
 
-    let (pm, pbytes) = small("indptr")?;
+/// The `indptr` member as i64, checked: `rows + 1` entries from 0, never
+/// decreasing.
+fn indptr_of(
+    pm: &Member,
+    pbytes: Vec<u8>,
+    rows: usize,
+    cols: usize,
+    spec: &str,
+) -> Result<Vec<i64>> {
     if !is_index(pm.elem) || pm.shape.len() != 1 {
         bail_user!(
             "{spec}:indptr: expected a 1-D integer array, got dtype {} shape {:?}",
@@ -557,6 +552,47 @@ pub fn open(spec: &str) -> Result<Option<CsrFile>> {
             indptr[r + 1]
         );
     }
+    Ok(indptr)
+}
+
+/// Whether `spec` names a whole `.npz` archive (no `:member`) that holds a
+/// scipy sparse matrix (a `format` member): then it is opened and checked.
+/// `None` for anything else (a `.npy`, a member, a dense archive).
+pub fn open(spec: &str) -> Result<Option<CsrFile>> {
+    let path = Path::new(spec);
+    if !spec.ends_with(".npz") || !path.is_file() {
+        return Ok(None);
+    }
+    let mut zip = open_zip(path, spec)?;
+    let names: Vec<String> = zip.file_names().map(str::to_owned).collect();
+    if !names.iter().any(|n| n == "format.npy") {
+        return Ok(None);
+    }
+    let mut small = |name: &str| -> Result<(Member, Vec<u8>)> {
+        let origin = format!("{spec}:{name}");
+        let (mut m, member) = open_member(&mut zip, spec, name, &names)?;
+        if member.len > 1 << 20 && name != "indptr" {
+            bail_user!("{origin}: {} elements; expected a few", member.len);
+        }
+        let mut bytes = Vec::new();
+        read_elems(&mut m, member.len, member.elem, &mut bytes, &origin)?;
+        Ok((member, bytes))
+    };
+
+    let (fm, fbytes) = small("format")?;
+    let format = format_name(&fm, &fbytes, spec)?;
+    if format != "csr" {
+        bail_user!(
+            "{spec}: holds a sparse matrix in `{format}` format; decode reads CSR: \
+             convert it with `m.tocsr()` and save it again with scipy.sparse.save_npz"
+        );
+    }
+
+    let (sm, sbytes) = small("shape")?;
+    let (rows, cols) = shape_of(&sm, &sbytes, spec)?;
+
+    let (pm, pbytes) = small("indptr")?;
+    let indptr = indptr_of(&pm, pbytes, rows, cols, spec)?;
     let nnz = *indptr.last().unwrap() as u64;
 
     // data and indices: headers only here.

@@ -105,6 +105,65 @@ pub fn fold_normalization(model: &Sae) -> (Tensor, Tensor, Tensor, Tensor) {
 
 /// Writes `model` as a SAELens directory `dir` (created if missing).
 pub fn save(model: &Sae, dir: &Path) -> Result<()> {
+    let (architecture, arch_fields) = saelens_architecture(model)?;
+    let (w_enc, b_enc, w_dec, b_dec) = fold_normalization(model);
+    let cfg = CfgOut {
+        d_in: model.spec.d_in,
+        d_sae: model.spec.d_hidden,
+        dtype: "float32",
+        device: "cpu",
+        apply_b_dec_to_input: model.spec.apply_b_dec_to_input,
+        normalize_activations: "none",
+        reshape_activations: "none",
+        metadata: export_metadata(model)?,
+        arch_fields,
+        architecture,
+    };
+    let cfg_json = serde_json::to_string(&cfg)?;
+    // sae_lens writes state_dict order with no safetensors metadata.
+    let mut tensors = match &model.gate {
+        // Gated: the gate's bias is `b_gate`; the fold shifts the magnitude
+        // bias by the same amount times exp(r_mag) (sae_lens's own rule).
+        Some(g) => {
+            let shift = model.b_enc.detach().to_kind(Kind::Float) - &b_enc;
+            let r_mag = g.r_mag.detach().to_kind(Kind::Float);
+            let b_mag = g.b_mag.detach().to_kind(Kind::Float) - shift * r_mag.exp();
+            vec![
+                ("W_enc", w_enc),
+                ("b_gate", b_enc),
+                ("r_mag", r_mag),
+                ("b_mag", b_mag),
+                ("W_dec", w_dec),
+                ("b_dec", b_dec),
+            ]
+        }
+        // Matching pursuit: SAELens's is tied, with W_dec and b_dec only.
+        None if is_pursuit(model) => vec![("W_dec", w_dec), ("b_dec", b_dec)],
+        None => vec![
+            ("W_enc", w_enc),
+            ("b_enc", b_enc),
+            ("W_dec", w_dec),
+            ("b_dec", b_dec),
+        ],
+    };
+    // Thresholds act on pre-activations, which the fold leaves unchanged.
+    if let Some(t) = model.threshold_for_saving() {
+        tensors.push(("threshold", t));
+    }
+    let weights = super::safetensors::to_bytes(&tensors, None)?;
+    write_dir(
+        dir,
+        &[(CFG_FILE, cfg_json.as_bytes()), (WEIGHTS_FILE, &weights)],
+    )
+}
+
+fn is_pursuit(model: &Sae) -> bool {
+    matches!(model.spec.activation, Activation::MatchingPursuit { .. })
+}
+
+/// The SAELens architecture of `model` and its extra config fields, or why
+/// SAELens cannot hold it.
+fn saelens_architecture(model: &Sae) -> Result<(&'static str, Map<String, Value>)> {
     let (architecture, arch_fields) = architecture_of(&model.spec.activation).map_err(|why| {
         user(format!(
             "cannot export to SAELens: {why}; export as torchscript or safetensors instead"
@@ -116,8 +175,7 @@ pub fn save(model: &Sae, dir: &Path) -> Result<()> {
              SAEs have one encoder and one decoder layer; export as torchscript or safetensors instead"
         );
     }
-    let transcoder = model.is_transcoder();
-    let (architecture, arch_fields) = if transcoder {
+    let (architecture, arch_fields) = if model.is_transcoder() {
         // SAELens's transcoders: ReLU (`transcoder`) or JumpReLU, with
         // d_out and no b_dec on the input.
         let name = match architecture {
@@ -143,15 +201,19 @@ pub fn save(model: &Sae, dir: &Path) -> Result<()> {
              decoders are linear; export as torchscript or safetensors instead"
         );
     }
-    let pursuit = matches!(model.spec.activation, Activation::MatchingPursuit { .. });
-    if pursuit && model.norm.shift.is_some() {
+    if is_pursuit(model) && model.norm.shift.is_some() {
         bail_user!(
             "cannot export to SAELens: a matching_pursuit model's codes depend on its \
              decoder rows' norms, which folding the input normalisation (data.normalize) \
              would change; export as torchscript or safetensors instead"
         );
     }
-    let (w_enc, b_enc, w_dec, b_dec) = fold_normalization(model);
+    Ok((architecture, arch_fields))
+}
+
+/// `cfg.json`'s `metadata`: the format version, who exported it and which
+/// normalisations were folded into the weights.
+fn export_metadata(model: &Sae) -> Result<Map<String, Value>> {
     let mut metadata = Map::new();
     metadata.insert("sae_lens_version".into(), json!(SAELENS_FORMAT_VERSION));
     metadata.insert("sae_lens_training_version".into(), Value::Null);
@@ -171,54 +233,7 @@ pub fn save(model: &Sae, dir: &Path) -> Result<()> {
             serde_json::to_value(n.kind)?,
         );
     }
-    let cfg = CfgOut {
-        d_in: model.spec.d_in,
-        d_sae: model.spec.d_hidden,
-        dtype: "float32",
-        device: "cpu",
-        apply_b_dec_to_input: model.spec.apply_b_dec_to_input,
-        normalize_activations: "none",
-        reshape_activations: "none",
-        metadata,
-        arch_fields,
-        architecture,
-    };
-    let cfg_json = serde_json::to_string(&cfg)?;
-    // sae_lens writes state_dict order with no safetensors metadata.
-    let mut tensors = match &model.gate {
-        // Gated: the gate's bias is `b_gate`; the fold shifts the magnitude
-        // bias by the same amount times exp(r_mag) (sae_lens's own rule).
-        Some(g) => {
-            let shift = model.b_enc.detach().to_kind(Kind::Float) - &b_enc;
-            let r_mag = g.r_mag.detach().to_kind(Kind::Float);
-            let b_mag = g.b_mag.detach().to_kind(Kind::Float) - shift * r_mag.exp();
-            vec![
-                ("W_enc", w_enc),
-                ("b_gate", b_enc),
-                ("r_mag", r_mag),
-                ("b_mag", b_mag),
-                ("W_dec", w_dec),
-                ("b_dec", b_dec),
-            ]
-        }
-        // Matching pursuit: SAELens's is tied, with W_dec and b_dec only.
-        None if pursuit => vec![("W_dec", w_dec), ("b_dec", b_dec)],
-        None => vec![
-            ("W_enc", w_enc),
-            ("b_enc", b_enc),
-            ("W_dec", w_dec),
-            ("b_dec", b_dec),
-        ],
-    };
-    // Thresholds act on pre-activations, which the fold leaves unchanged.
-    if let Some(t) = model.threshold_for_saving() {
-        tensors.push(("threshold", t));
-    }
-    let weights = super::safetensors::to_bytes(&tensors, None)?;
-    write_dir(
-        dir,
-        &[(CFG_FILE, cfg_json.as_bytes()), (WEIGHTS_FILE, &weights)],
-    )
+    Ok(metadata)
 }
 
 /// Writes files into `dir`. A new directory is built under a temporary name
@@ -338,62 +353,69 @@ fn activation_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
             threshold: Some("threshold"),
         }),
         // A training save (sae_lens saves batchtopk for inference as jumprelu).
-        "batchtopk" => {
-            let k = cfg.k.unwrap_or(100);
-            if k < 1 {
-                bail_user!("{origin}: k = {k} must be at least 1");
-            }
-            if cfg.rescale_acts_by_decoder_norm.unwrap_or(false) {
-                bail_user!(
-                    "{origin}: a batchtopk training save with rescale_acts_by_decoder_norm is not \
-                     supported; save it for inference in sae_lens first (it becomes jumprelu)"
-                );
-            }
-            Ok(Imported {
-                activation: Activation::BatchTopK { k },
-                fold_dec_norm: false,
-                threshold: Some("topk_threshold"),
-            })
-        }
+        "batchtopk" => batchtopk_from_cfg(cfg, origin),
         "gated" => Ok(Imported {
             activation: Activation::Gated,
             fold_dec_norm: false,
             threshold: None,
         }),
-        "matching_pursuit" => {
-            let k = cfg.max_iterations.unwrap_or(cfg.d_in);
-            if k < 1 {
-                bail_user!("{origin}: max_iterations = {k} must be at least 1");
-            }
-            if cfg.stop_on_duplicate_support == Some(false) {
-                bail_user!(
-                    "{origin}: stop_on_duplicate_support = false is not supported \
-                     (matching pursuit here always stops on a repeated support)"
-                );
-            }
-            if cfg.apply_b_dec_to_input == Some(false) {
-                bail_user!(
-                    "{origin}: a matching_pursuit SAE with apply_b_dec_to_input = false is \
-                     not supported (its decoder then leaves b_dec out)"
-                );
-            }
-            Ok(Imported {
-                activation: Activation::MatchingPursuit {
-                    k,
-                    residual_threshold: cfg
-                        .residual_threshold
-                        .unwrap_or(crate::activation::DEFAULT_RESIDUAL_THRESHOLD),
-                },
-                fold_dec_norm: false,
-                threshold: None,
-            })
-        }
+        "matching_pursuit" => matching_pursuit_from_cfg(cfg, origin),
         other => bail_user!(
             "{origin}: architecture `{other}` is not supported \
              (supported: standard, topk, jumprelu, batchtopk, gated, matching_pursuit, \
              transcoder, jumprelu_transcoder)"
         ),
     }
+}
+
+/// A sae_lens `batchtopk` training save: `k` and the scalar threshold it
+/// estimated (`topk_threshold`).
+fn batchtopk_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
+    let k = cfg.k.unwrap_or(100);
+    if k < 1 {
+        bail_user!("{origin}: k = {k} must be at least 1");
+    }
+    if cfg.rescale_acts_by_decoder_norm.unwrap_or(false) {
+        bail_user!(
+            "{origin}: a batchtopk training save with rescale_acts_by_decoder_norm is not \
+             supported; save it for inference in sae_lens first (it becomes jumprelu)"
+        );
+    }
+    Ok(Imported {
+        activation: Activation::BatchTopK { k },
+        fold_dec_norm: false,
+        threshold: Some("topk_threshold"),
+    })
+}
+
+/// A `matching_pursuit` SAE, refusing options whose behaviour ours lacks.
+fn matching_pursuit_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
+    let k = cfg.max_iterations.unwrap_or(cfg.d_in);
+    if k < 1 {
+        bail_user!("{origin}: max_iterations = {k} must be at least 1");
+    }
+    if cfg.stop_on_duplicate_support == Some(false) {
+        bail_user!(
+            "{origin}: stop_on_duplicate_support = false is not supported \
+             (matching pursuit here always stops on a repeated support)"
+        );
+    }
+    if cfg.apply_b_dec_to_input == Some(false) {
+        bail_user!(
+            "{origin}: a matching_pursuit SAE with apply_b_dec_to_input = false is \
+             not supported (its decoder then leaves b_dec out)"
+        );
+    }
+    Ok(Imported {
+        activation: Activation::MatchingPursuit {
+            k,
+            residual_threshold: cfg
+                .residual_threshold
+                .unwrap_or(crate::activation::DEFAULT_RESIDUAL_THRESHOLD),
+        },
+        fold_dec_norm: false,
+        threshold: None,
+    })
 }
 
 /// Loads a SAELens directory as a model on `device`.
@@ -407,30 +429,7 @@ pub fn load(dir: &Path, device: Device) -> Result<Sae> {
     let (mut t, _) = read_all(&weights)?;
     let (d, h) = (cfg.d_in, cfg.d_sae);
     if let Activation::MatchingPursuit { .. } = imported.activation {
-        // Tied: W_dec and b_dec only (W_enc is W_dec.T, no encoder bias).
-        let w_dec = take(&mut t, "W_dec", &[h, d], &weights)?;
-        let b_dec = take(&mut t, "b_dec", &[d], &weights)?;
-        check_no_other_tensors(t, &weights)?;
-        let model = Sae {
-            spec: ModelSpec {
-                d_in: d,
-                d_hidden: h,
-                activation: imported.activation,
-                decoder_activation: OutputActivation::None,
-                apply_b_dec_to_input: true,
-                tied: true,
-            },
-            w_enc: w_dec.tr().contiguous(),
-            b_enc: Tensor::zeros([h], (Kind::Float, Device::Cpu)),
-            w_dec: None,
-            b_dec,
-            threshold: None,
-            gate: None,
-            enc_layers: Vec::new(),
-            dec_layers: Vec::new(),
-            norm: Normalizer::identity(),
-            out_norm: None,
-        };
+        let model = tied_pursuit(t, imported.activation, d, h, &weights)?;
         return Ok(super::on_device(model, device));
     }
     let mut w_enc = take(&mut t, "W_enc", &[d, h], &weights)?;
@@ -453,12 +452,7 @@ pub fn load(dir: &Path, device: Device) -> Result<Sae> {
         .architecture
         .as_deref()
         .is_some_and(|a| a.ends_with("transcoder"));
-    let d_out = match cfg.d_out {
-        Some(o) if transcoder && o >= 1 => o,
-        Some(o) if transcoder => bail_user!("{origin}: d_out = {o} must be positive"),
-        None if transcoder => bail_user!("{origin}: a transcoder needs d_out"),
-        _ => d,
-    };
+    let d_out = d_out_of(&cfg, transcoder, &origin)?;
     let mut w_dec = take(&mut t, "W_dec", &[h, d_out], &weights)?;
     let b_dec = take(&mut t, "b_dec", &[d_out], &weights)?;
     let threshold = match imported.threshold {
@@ -498,6 +492,51 @@ pub fn load(dir: &Path, device: Device) -> Result<Sae> {
         out_norm: transcoder.then(Normalizer::identity),
     };
     Ok(super::on_device(model, device))
+}
+
+/// A SAELens matching-pursuit SAE from its tensors `t`: tied, with W_dec
+/// and b_dec only (W_enc is W_dec.T, no encoder bias).
+fn tied_pursuit(
+    mut t: HashMap<String, Tensor>,
+    activation: Activation,
+    d: i64,
+    h: i64,
+    weights: &Path,
+) -> Result<Sae> {
+    let w_dec = take(&mut t, "W_dec", &[h, d], weights)?;
+    let b_dec = take(&mut t, "b_dec", &[d], weights)?;
+    check_no_other_tensors(t, weights)?;
+    Ok(Sae {
+        spec: ModelSpec {
+            d_in: d,
+            d_hidden: h,
+            activation,
+            decoder_activation: OutputActivation::None,
+            apply_b_dec_to_input: true,
+            tied: true,
+        },
+        w_enc: w_dec.tr().contiguous(),
+        b_enc: Tensor::zeros([h], (Kind::Float, Device::Cpu)),
+        w_dec: None,
+        b_dec,
+        threshold: None,
+        gate: None,
+        enc_layers: Vec::new(),
+        dec_layers: Vec::new(),
+        norm: Normalizer::identity(),
+        out_norm: None,
+    })
+}
+
+/// The decoder's output width: `d_out` for a transcoder (required,
+/// positive), else `d_in`.
+fn d_out_of(cfg: &CfgIn, transcoder: bool, origin: &str) -> Result<i64> {
+    Ok(match cfg.d_out {
+        Some(o) if transcoder && o >= 1 => o,
+        Some(o) if transcoder => bail_user!("{origin}: d_out = {o} must be positive"),
+        None if transcoder => bail_user!("{origin}: a transcoder needs d_out"),
+        _ => cfg.d_in,
+    })
 }
 
 /// Reads `cfg.json`, refusing options whose effect is not in the files.
