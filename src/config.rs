@@ -670,6 +670,8 @@ fn faulty_key(path: &str, msg: &str) -> String {
         .map(|(f, _)| f);
     match (field, path) {
         (Some(f), "." | "") => f.to_string(),
+        // serde_path_to_error's path may already end in the field.
+        (Some(f), p) if p == f || p.ends_with(&format!(".{f}")) => p.to_string(),
         (Some(f), p) => format!("{p}.{f}"),
         (None, p) => p.to_string(),
     }

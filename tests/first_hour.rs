@@ -77,7 +77,10 @@ fn errors_blame_the_set_and_point_to_the_right_key() {
     );
     expect_user_error(
         &["train", "--config", &bad, "--out", &out],
-        &["bad.yaml: train: unknown field `lr`", "train.optimizer.lr"],
+        &[
+            "bad.yaml: train.lr: unknown field `lr`",
+            "train.optimizer.lr",
+        ],
     );
     // OMP with more atoms than the model has.
     let run = d.join("run").display().to_string();
