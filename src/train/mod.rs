@@ -550,7 +550,7 @@ fn start(
     total_steps: i64,
 ) -> Result<(Learner, State, Position)> {
     let d_hidden = model.spec.d_hidden;
-    let mut learner = Learner::new(model, cfg);
+    let mut learner = Learner::new(model, cfg)?;
     let window = cfg.train.dead_window;
     let mut dead = DeadTracker::new(d_hidden, window, learner.active_threshold(), device);
     let pos = match resume {
