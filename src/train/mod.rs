@@ -1,6 +1,7 @@
 //! A training run, in parts (docs/ARCHITECTURE.md shows how a batch flows):
-//! - [`plan`]: the config resolved and checked, data read, model initialised
-//!   ([`init`]), before anything is written;
+//! - [`plan`]: the config resolved and checked, the memory it needs
+//!   estimated ([`memory`]), data read, model initialised ([`init`]),
+//!   before anything is written;
 //! - [`batches`]: where batches come from (memory or streamed windows) and
 //!   each epoch's order;
 //! - [`step`]: one step, the loss terms then the update;
@@ -14,6 +15,7 @@ pub mod batches;
 pub mod calibrate;
 pub mod init;
 pub mod interrupt;
+pub mod memory;
 pub mod plan;
 pub mod progress;
 pub mod run_dir;
