@@ -311,7 +311,14 @@ const EVAL_BATCH: i64 = 4096;
 /// data-parallel launcher this process is one rank: it trains its part of
 /// each batch, and only rank 0 writes the run directory and gets the
 /// summary (the others get `None`).
+///
+/// `--resume` of a run that is finished does nothing: it says so (on
+/// stdout) and returns `None`.
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
+    if let Some(done) = run_dir::finished(opts, cfg) {
+        println!("{done}");
+        return Ok(None);
+    }
     let mut session = Session::open(cfg, opts, &Sources::default())?;
     let interrupter = interrupt::Interrupter::register()?;
     // Tiny models: MKL single-threaded (see device::SerialBlas).
@@ -432,6 +439,9 @@ pub struct Session {
     /// Time in this run's steps (trained together: its own share).
     busy: Duration,
     busy_before: f64,
+    /// Training rows seen when this process took the run up (resumed: the
+    /// checkpoint's), so the summary's rate is this process's own.
+    samples_before: i64,
 }
 
 impl Session {
@@ -483,6 +493,7 @@ impl Session {
             started: Instant::now(),
             busy: Duration::ZERO,
             busy_before: group.map_or(0.0, |g| g.busy_seconds()),
+            samples_before: pos.samples,
         })
     }
 
@@ -584,7 +595,7 @@ impl Session {
             backend: group.map(|_| "gloo".to_string()),
             collective_seconds: group.map(|g| g.busy_seconds() - self.busy_before),
             seconds,
-            samples_per_second: state.samples as f64 / seconds.max(1e-9),
+            samples_per_second: (state.samples - self.samples_before) as f64 / seconds.max(1e-9),
             sparse_steps: self.sparse_steps,
             final_loss: state.last_loss,
             model_sequences,
