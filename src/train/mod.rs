@@ -270,7 +270,12 @@ fn run_warnings(cfg: &Config, train: &Metrics, facts: &RunFacts) -> Vec<String> 
             likely_causes(cfg, train.rows, facts, false)
         ));
     }
-    if train.fvu > FVU_WARN_ABOVE {
+    let grew = facts.trend.as_ref().is_some_and(LossTrend::grew);
+    let dead = train.dead_fraction > DEAD_WARN_FRACTION;
+    // Most latents dead and a loss that fell: the dead latents are why the
+    // reconstruction is poor, and their warning says so (with the FVU).
+    let fvu_with_dead = train.fvu > FVU_WARN_ABOVE && dead && !grew;
+    if train.fvu > FVU_WARN_ABOVE && !fvu_with_dead {
         out.push(format!(
             "train fvu is {}, above {FVU_WARN_ABOVE}: the reconstruction is worse than the \
              rows' mean; {}",
@@ -278,7 +283,7 @@ fn run_warnings(cfg: &Config, train: &Metrics, facts: &RunFacts) -> Vec<String> 
             likely_causes(cfg, train.rows, facts, false)
         ));
     }
-    if train.dead_fraction > DEAD_WARN_FRACTION {
+    if dead {
         let mut remedies = Vec::new();
         if cfg.model.activation.uses_k()
             && cfg.sparsity.penalty != PenaltyKind::Auxk
@@ -293,8 +298,15 @@ fn run_warnings(cfg: &Config, train: &Metrics, facts: &RunFacts) -> Vec<String> 
             "a lower train.optimizer.lr (now {})",
             cfg.train.optimizer.lr
         ));
+        let fvu = match fvu_with_dead {
+            true => format!(
+                " (train fvu is {}, above {FVU_WARN_ABOVE}: worse than the rows' mean)",
+                num(train.fvu)
+            ),
+            false => String::new(),
+        };
         out.push(format!(
-            "{:.1}% of latents are dead (never active on the training rows, more than {:.0}%); \
+            "{:.1}% of latents are dead (never active on the training rows, more than {:.0}%){fvu}; \
              try {}",
             100.0 * train.dead_fraction,
             100.0 * DEAD_WARN_FRACTION,
