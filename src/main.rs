@@ -1,17 +1,29 @@
 use clap::Parser;
 use std::process::ExitCode;
 
+/// A panic's message (tch reports libtorch errors as panics).
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic")
+}
+
 fn main() -> ExitCode {
     // libtorch errors surface as Rust panics inside tch; report them as one
-    // line (exit 1), never a backtrace.
+    // line, never a backtrace: an allocation failure is the user's to fix
+    // (exit 2, what to change), anything else an internal error (exit 1).
     std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or("unknown panic");
+        let msg = panic_text(info.payload());
+        if let Some(oom) = sae::error::out_of_memory(msg) {
+            eprintln!("sae: error: {oom}");
+            return;
+        }
+        // tch's errors are Debug-formatted: their newlines (before the C++
+        // stack trace) are the two characters `\n`.
         let first = msg.lines().next().unwrap_or(msg);
+        let first = first.split("\\n").next().unwrap_or(first);
         eprintln!("sae: internal error: {first}");
     }));
     sae::device::tune_allocator();
@@ -32,6 +44,9 @@ fn main() -> ExitCode {
             eprintln!("{prefix}{}", sae::error::one_line(&e));
             ExitCode::from(sae::error::exit_code(&e) as u8)
         }
-        Err(_) => ExitCode::from(1),
+        Err(payload) => match sae::error::out_of_memory(panic_text(payload.as_ref())) {
+            Some(_) => ExitCode::from(2),
+            None => ExitCode::from(1),
+        },
     }
 }

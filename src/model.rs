@@ -18,7 +18,7 @@ use crate::arch::Threshold;
 use crate::config::{InitScheme, ModelConfig, OutputActivation};
 use crate::normalize::Normalizer;
 use crate::sparse_step::Entries;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 /// Code density at or below which [`Sae::decode_normalized_sparse`] sums
 /// decoder rows instead of a dense matmul (well below the ~16 % where the
@@ -94,22 +94,24 @@ pub struct Sae {
 }
 
 /// `nn.Linear(fan_in, fan_out)` weights, stored `[fan_in, fan_out]`, and bias.
-fn torch_linear(fan_in: i64, fan_out: i64, device: Device) -> Layer {
+fn torch_linear(fan_in: i64, fan_out: i64, device: Device) -> Result<Layer, TchError> {
     let bound = 1.0 / (fan_in as f64).sqrt();
     let opts = (Kind::Float, device);
-    let w = Tensor::empty([fan_out, fan_in], opts)
-        .uniform_(-bound, bound)
+    let w = Tensor::f_empty([fan_out, fan_in], opts)?
+        .f_uniform_(-bound, bound)?
         .tr()
-        .contiguous();
-    let b = Tensor::empty([fan_out], opts).uniform_(-bound, bound);
-    Layer { w, b }
+        .f_contiguous()?;
+    let b = Tensor::f_empty([fan_out], opts)?.f_uniform_(-bound, bound)?;
+    Ok(Layer { w, b })
 }
 
 impl Sae {
     /// Fresh weights on `device`, drawn from libtorch's global generator
     /// (seed it first for reproducible runs). `d_out` is the reconstruction's
     /// width (`d_in` except for transcoders); `m` gives the init scheme, deep
-    /// widths, decoder norm and jumprelu threshold.
+    /// widths, decoder norm and jumprelu threshold. The allocations are
+    /// the run's largest: a failed one is returned (libtorch's error), not
+    /// a panic.
     pub fn init(
         spec: ModelSpec,
         m: &ModelConfig,
@@ -117,7 +119,7 @@ impl Sae {
         norm: Normalizer,
         out_norm: Option<Normalizer>,
         device: Device,
-    ) -> Sae {
+    ) -> Result<Sae, TchError> {
         let opts = (Kind::Float, device);
         let d_h = spec.d_hidden;
         // Widths between the input and the code (deep models), mirrored after it.
@@ -134,13 +136,13 @@ impl Sae {
         let enc_layers: Vec<Layer> = chain_in
             .windows(2)
             .map(|w| torch_linear(w[0], w[1], device))
-            .collect();
+            .collect::<Result<_, _>>()?;
         let (w_enc, b_enc, w_dec, b_dec) = match m.init_scheme {
             InitScheme::TorchLinear => {
                 // Drawn in the order nn.Linear would: encoder weight, encoder
                 // bias, decoder weight, decoder bias (weights stored transposed).
-                let enc = torch_linear(code_in, d_h, device);
-                let dec = torch_linear(d_h, code_out, device);
+                let enc = torch_linear(code_in, d_h, device)?;
+                let dec = torch_linear(d_h, code_out, device)?;
                 (enc.w, enc.b, dec.w, dec.b)
             }
             InitScheme::Sae => {
@@ -148,44 +150,50 @@ impl Sae {
                 // starts as its transpose (when the shapes allow).
                 // In place: no [d_hidden, d] temporaries (same values as
                 // `t / norms * decoder_init_norm`).
-                let rows = |n: i64| {
-                    let mut t = Tensor::randn([d_h, n], opts);
-                    let norms = t.norm_scalaropt_dim(2, [1], true);
-                    let _ = t.g_div_(&norms);
-                    let _ = t.g_mul_scalar_(m.decoder_init_norm);
-                    t
+                let rows = |n: i64| -> Result<Tensor, TchError> {
+                    let mut t = Tensor::f_randn([d_h, n], opts)?;
+                    let norms = t.f_norm_scalaropt_dim(2, [1], true)?;
+                    let _ = t.f_div_(&norms)?;
+                    let _ = t.f_mul_scalar_(m.decoder_init_norm)?;
+                    Ok(t)
                 };
-                let w_dec = rows(code_out);
+                let w_dec = rows(code_out)?;
                 let w_enc = if code_in == code_out {
                     w_dec.tr()
                 } else {
-                    rows(code_in).tr()
+                    rows(code_in)?.tr()
                 };
                 (
                     w_enc,
-                    Tensor::zeros([d_h], opts),
+                    Tensor::f_zeros([d_h], opts)?,
                     w_dec,
-                    Tensor::zeros([code_out], opts),
+                    Tensor::f_zeros([code_out], opts)?,
                 )
             }
         };
         let dec_layers: Vec<Layer> = chain_out
             .windows(2)
             .map(|w| torch_linear(w[0], w[1], device))
-            .collect();
+            .collect::<Result<_, _>>()?;
         let arch = spec.activation.arch();
         let threshold = arch.init_threshold(d_h, m, device);
         // SAELens: r_mag and b_mag start at 0 (b_enc, the gate's bias, too).
-        let gate = arch.gated().then(|| Gate {
-            r_mag: Tensor::zeros([d_h], opts),
-            b_mag: Tensor::zeros([d_h], opts),
-        });
-        let w_dec = (!spec.tied).then_some(w_dec);
-        Sae {
+        let gate = match arch.gated() {
+            true => Some(Gate {
+                r_mag: Tensor::f_zeros([d_h], opts)?,
+                b_mag: Tensor::f_zeros([d_h], opts)?,
+            }),
+            false => None,
+        };
+        let w_dec = match spec.tied {
+            true => None,
+            false => Some(w_dec.f_contiguous()?),
+        };
+        Ok(Sae {
             spec,
-            w_enc: w_enc.contiguous(),
+            w_enc: w_enc.f_contiguous()?,
             b_enc,
-            w_dec: w_dec.map(|w| w.contiguous()),
+            w_dec,
             b_dec,
             threshold,
             gate,
@@ -193,7 +201,7 @@ impl Sae {
             dec_layers,
             norm: norm.to_device(device),
             out_norm: out_norm.map(|n| n.to_device(device)),
-        }
+        })
     }
 
     /// Whether the threshold is trained by gradient (jumprelu).
@@ -539,7 +547,7 @@ mod tests {
         let spec = ModelSpec::from_config(&cfg, 12);
         assert!(spec.apply_b_dec_to_input && matches!(spec.activation, Activation::Relu));
         let x = Tensor::randn([33, 12], (Kind::Float, Device::Cpu)) + 3.0;
-        let mut m = Sae::init(spec, &cfg, 12, Normalizer::identity(), None, Device::Cpu);
+        let mut m = Sae::init(spec, &cfg, 12, Normalizer::identity(), None, Device::Cpu).unwrap();
         let _ = m.b_dec.detach().uniform_(2.0, 4.0);
         let _ = m.b_enc.detach().uniform_(-0.1, 0.1);
         m.set_requires_grad(true);
@@ -585,7 +593,7 @@ mod tests {
             ..ModelConfig::default()
         };
         let spec = ModelSpec::from_config(&cfg, 12);
-        let m = Sae::init(spec, &cfg, 12, Normalizer::identity(), None, Device::Cpu);
+        let m = Sae::init(spec, &cfg, 12, Normalizer::identity(), None, Device::Cpu).unwrap();
         let _ = m.b_dec.detach().uniform_(-0.5, 0.5);
         let z = Tensor::randn([50, 200], (Kind::Float, Device::Cpu)) - 2.5;
         let z = z.relu();

@@ -14,7 +14,7 @@
 //! broken aliasing is rebuilt, or the per-tensor path is used for that step.
 
 use crate::config::{OptimizerConfig, OptimizerName};
-use tch::{Kind, Tensor};
+use tch::{Kind, TchError, Tensor};
 
 #[derive(Debug)]
 pub struct Adam {
@@ -175,25 +175,27 @@ impl Flat {
 
 /// One buffer for `ts` in order, zeros or a copy of their values, when
 /// they can share one (one floating kind and device).
-fn one_buffer(ts: &[&Tensor], zeros: bool) -> Option<Tensor> {
-    let first = ts.first()?;
+fn one_buffer(ts: &[&Tensor], zeros: bool) -> Result<Option<Tensor>, TchError> {
+    let Some(first) = ts.first() else {
+        return Ok(None);
+    };
     let (kind, device) = (first.kind(), first.device());
     if !matches!(kind, Kind::Float | Kind::Double)
         || !ts.iter().all(|t| t.kind() == kind && t.device() == device)
     {
-        return None;
+        return Ok(None);
     }
     let _guard = tch::no_grad_guard();
-    Some(match zeros {
-        true => Tensor::zeros(
+    Ok(Some(match zeros {
+        true => Tensor::f_zeros(
             [ts.iter().map(|t| t.numel() as i64).sum::<i64>()],
             (kind, device),
-        ),
+        )?,
         false => {
             let flat: Vec<Tensor> = ts.iter().map(|t| t.detach().reshape([-1])).collect();
-            Tensor::cat(&flat, 0)
+            Tensor::f_cat(&flat, 0)?
         }
-    })
+    }))
 }
 
 /// Views of `buf` shaped like each of `like`, one after the other.
@@ -213,33 +215,40 @@ impl Adam {
     /// Parameters and moments start in one buffer each (the parameters
     /// re-pointed there), before any step allocates: the flat path then
     /// copies only the gradients, once the first backward has made them.
-    pub fn new(cfg: &OptimizerConfig, params: &[&Tensor]) -> Adam {
-        let pending = one_buffer(params, false).map(|param| {
-            for (p, v) in params.iter().zip(views_of(&param, params)) {
-                // The parameter's own tensor (shared, as `p.grad()` is):
-                // its data re-pointed, as `Flat::build` does.
-                p.shallow_clone().set_data(&v);
+    /// Its buffers are three times the parameters: a failed allocation is
+    /// returned (libtorch's error), not a panic.
+    pub fn new(cfg: &OptimizerConfig, params: &[&Tensor]) -> Result<Adam, TchError> {
+        let pending = match one_buffer(params, false)? {
+            Some(param) => {
+                for (p, v) in params.iter().zip(views_of(&param, params)) {
+                    // The parameter's own tensor (shared, as `p.grad()` is):
+                    // its data re-pointed, as `Flat::build` does.
+                    p.shallow_clone().set_data(&v);
+                }
+                Some(Buffers {
+                    param: Some(param),
+                    grad: None,
+                    m: one_buffer(params, true)?,
+                    v: one_buffer(params, true)?,
+                })
             }
-            Buffers {
-                param: Some(param),
-                grad: None,
-                m: one_buffer(params, true),
-                v: one_buffer(params, true),
-            }
-        });
-        let moments = |buf: Option<&Tensor>| match buf {
-            Some(b) => views_of(b, params),
-            None => params.iter().map(|p| p.zeros_like()).collect(),
+            None => None,
         };
-        Adam {
+        let moments = |buf: Option<&Tensor>| -> Result<Vec<Tensor>, TchError> {
+            match buf {
+                Some(b) => Ok(views_of(b, params)),
+                None => params.iter().map(|p| p.f_zeros_like()).collect(),
+            }
+        };
+        Ok(Adam {
             cfg: cfg.clone(),
             step: 0,
-            exp_avg: moments(pending.as_ref().and_then(|b| b.m.as_ref())),
-            exp_avg_sq: moments(pending.as_ref().and_then(|b| b.v.as_ref())),
+            exp_avg: moments(pending.as_ref().and_then(|b| b.m.as_ref()))?,
+            exp_avg_sq: moments(pending.as_ref().and_then(|b| b.v.as_ref()))?,
             flat: None,
             pending,
             verified: false,
-        }
+        })
     }
 
     /// (Re)builds the flat buffers, reusing the moments' own where they
@@ -505,7 +514,7 @@ mod tests {
             let mut refs: Vec<Tensor> = init.iter().map(leaf).collect();
             let mut ref_m: Vec<Tensor> = init.iter().map(|t| t.zeros_like()).collect();
             let mut ref_v: Vec<Tensor> = init.iter().map(|t| t.zeros_like()).collect();
-            let mut adam = Adam::new(&cfg, &ours.iter().collect::<Vec<_>>());
+            let mut adam = Adam::new(&cfg, &ours.iter().collect::<Vec<_>>()).unwrap();
             for step in 1..=8i64 {
                 if step == 4 {
                     ours[2] = leaf(&ours[2]);

@@ -306,14 +306,15 @@ mod tests {
             Normalizer::identity(),
             None,
             Device::Cpu,
-        );
+        )
+        .unwrap();
         let _ = m.b_dec.detach().uniform_(-0.2, 0.2);
         let _ = m.b_enc.detach().uniform_(b_enc - 0.1, b_enc + 0.1);
         if let Some(t) = &m.threshold {
             // Some pre-activations in every part of the kernel's window.
             let _ = t.detach().uniform_(0.0, 0.3);
         }
-        let mut learner = Learner::new(m, &cfg);
+        let mut learner = Learner::new(m, &cfg).unwrap();
         // A first update at learning rate 0 (parameters unchanged): the
         // gradients then exist, as in every step after a run's first.
         let out = learner.forward(&x, &x, cfg.sparsity.weight, None);

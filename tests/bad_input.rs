@@ -362,3 +362,185 @@ fn unwritable_and_full_output_locations_are_user_errors() {
         "a half-written model on the full disk"
     );
 }
+
+/// `/proc/meminfo`'s `key` in bytes (0 when unreadable).
+fn meminfo(key: &str) -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb * 1024.0)
+}
+
+/// A model too large for memory is refused from the estimate, before any
+/// allocation and before the run directory exists: one line with the
+/// estimate, what is available and what to change.
+#[test]
+fn a_model_too_large_for_memory_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 256, 64, 16, 3);
+    let needles = [
+        "model.d_hidden",
+        "need about",
+        "with Adam and gradients",
+        "step temporaries",
+        "available (",
+        "train.batch_size",
+        "data.stream: true",
+    ];
+    // 1e9 latents x 64: 2.6 TB with Adam and gradients, refused anywhere.
+    let err = good(d, "absurd", &x)
+        .set("model.d_hidden=1000000000")
+        .fails(&needles);
+    assert!(err.contains("TB"), "{err}");
+    // The 1e7 latents x 64: about 88 GB, where less is available.
+    let estimate = 87e9;
+    if estimate > 0.9 * meminfo("MemAvailable:") {
+        good(d, "wide", &x)
+            .set("model.d_hidden=10000000")
+            .fails(&needles);
+    } else {
+        println!("wide: more than 97 GB available here; the 1e7-latent case NOT RUN");
+    }
+    // SAE_MEMORY_CHECK=off lets the same config reach libtorch: see
+    // an_allocation_failure_is_one_line_and_exit_2.
+}
+
+/// An allocation libtorch cannot make (the check forced off) is one line,
+/// exit 2, naming what to change: no panic, no C++ stack trace, no run
+/// directory (the model is allocated before the directory is made).
+#[test]
+fn an_allocation_failure_is_one_line_and_exit_2() {
+    // 4e9 latents x 64 float32: a 1 TB tensor. Linux refuses it at once
+    // unless it overcommits blindly (vm.overcommit_memory = 1), or has
+    // that much memory: then the run would really try, so it is not run.
+    let overcommit = std::fs::read_to_string("/proc/sys/vm/overcommit_memory").unwrap_or_default();
+    if overcommit.trim() == "1" || meminfo("MemTotal:") > 500e9 {
+        println!("allocation failure: this machine could allocate 1 TB; NOT RUN");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 64, 64, 16, 3);
+    let case = good(d, "alloc", &x).set("model.d_hidden=4000000000");
+    let o = std::process::Command::new(sae_bin())
+        .args(case.args())
+        .env("SAE_MEMORY_CHECK", "off")
+        .output()
+        .unwrap();
+    let err = assert_user_error(
+        &o,
+        "alloc",
+        &[
+            "initialising the model",
+            "out of memory",
+            "could not allocate 1.0 TB",
+            "model.d_hidden",
+        ],
+    );
+    assert!(
+        err.len() < 400 && !err.contains("frame #") && !err.contains("Exception raised"),
+        "{err}"
+    );
+    assert!(
+        !case.dir().exists(),
+        "a failed allocation left the run directory"
+    );
+}
+
+/// A directory given as data is one array cut in shards: one dtype, one
+/// width. It is listed on stderr; anything else is refused naming the odd
+/// shard against the first (`sae latents` outputs: int64 ids and float32
+/// values of one width).
+#[test]
+fn shard_directories_must_hold_one_dtype_and_width() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let shards = |name: &str, files: &[(&str, &str, usize, usize)]| -> String {
+        let sub = d.join(name);
+        std::fs::create_dir(&sub).unwrap();
+        for &(file, descr, rows, cols) in files {
+            let size: usize = descr[2..].parse().unwrap();
+            // Small integers (as floats or ints): any dtype reads them.
+            let payload: Vec<u8> = (0..rows * cols)
+                .flat_map(|i| {
+                    let v = (i % 7) as i64;
+                    match descr {
+                        "<f4" => (v as f32).to_le_bytes().to_vec(),
+                        "<f8" => (v as f64).to_le_bytes().to_vec(),
+                        _ => v.to_le_bytes()[..size].to_vec(),
+                    }
+                })
+                .collect();
+            raw_npy(
+                &sub.join(file),
+                &header(descr, &format!("({rows}, {cols})")),
+                &payload,
+            );
+        }
+        sub.display().to_string()
+    };
+    // One dtype and width: trains, and the directory is listed.
+    let ok = shards("ok", &[("a.npy", "<f4", 40, 4), ("b.npy", "<f4", 24, 4)]);
+    let run = good(d, "ok-run", &ok).train();
+    assert!(
+        run.stderr
+            .contains("2 .npy shards, 64 rows x 4 columns, float32"),
+        "{}",
+        run.stderr
+    );
+    // Integer shards of one type train, as a single integer file does.
+    let ints = shards("ints", &[("a.npy", "<i8", 40, 4), ("b.npy", "<i8", 24, 4)]);
+    let run = good(d, "ints-run", &ints).train();
+    assert!(
+        run.stderr.contains("64 rows x 4 columns, int64"),
+        "{}",
+        run.stderr
+    );
+    // Mixed dtypes, and mixed widths: refused naming both files.
+    let mixed = shards("mixed", &[("a.npy", "<f4", 40, 4), ("b.npy", "<i8", 40, 4)]);
+    good(d, "mixed-run", &mixed).fails(&["data.train", "b.npy", "int64", "a.npy", "float32"]);
+    let floats = shards(
+        "floats",
+        &[("a.npy", "<f4", 40, 4), ("b.npy", "<f8", 40, 4)],
+    );
+    good(d, "floats-run", &floats).fails(&["b.npy", "float64", "a.npy", "float32"]);
+    let widths = shards(
+        "widths",
+        &[("a.npy", "<f4", 40, 4), ("b.npy", "<f4", 40, 5)],
+    );
+    let err = good(d, "widths-run", &widths).fails(&["b.npy", "5 columns", "a.npy", "4 columns"]);
+    assert!(err.contains("one dtype and width"), "{err}");
+    // Other commands read data directories the same way.
+    let x = format!("{ok}/a.npy");
+    let model = good(d, "model", &x).train();
+    let codes = d.join("codes.npy").display().to_string();
+    expect_user_error(
+        &[
+            "encode",
+            "--model",
+            model.path(),
+            "--data",
+            &mixed,
+            "--out",
+            &codes,
+        ],
+        &["b.npy", "int64"],
+    );
+    // The case: training on a `sae latents` output directory.
+    let latents = d.join("latents").display().to_string();
+    sae_ok(&[
+        "latents",
+        "--model",
+        model.path(),
+        "--data",
+        &x,
+        "--out",
+        &latents,
+        "--samples",
+        "0",
+    ]);
+    good(d, "latents-run", &latents).fails(&["top_values.npy", "float32", "top_rows.npy", "int64"]);
+}

@@ -295,3 +295,73 @@ fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
     assert!(err.contains("last good checkpoint (step 1)"), "{err}");
     assert!(case.dir().join("checkpoint/state.safetensors").exists());
 }
+
+/// Every file under `dir` (recursively) with a hash of its bytes.
+fn hashes(dir: &Path) -> Vec<(String, u64)> {
+    use std::hash::{Hash, Hasher};
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+                continue;
+            }
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::fs::read(&p).unwrap().hash(&mut h);
+            let name = p.strip_prefix(dir).unwrap().display().to_string();
+            out.push((name, h.finish()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `--resume` of a finished run says so and leaves every file as it was;
+/// a larger `train.epochs` still extends it.
+#[test]
+fn resuming_a_finished_run_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 300, 8, 8, 2);
+    let yaml = "device: cpu\ndata: {train: X}\nmodel: {d_hidden: 8}\n\
+                train: {epochs: 2, batch_size: 50, checkpoint_every: 4}\n"
+        .replace('X', &x);
+    let cfg = write_config(d, "c.yaml", &yaml);
+    let case = Case::new(d, "run").config(&cfg);
+    let run = case.clone().train().dir;
+    let run_s = run.to_str().unwrap();
+    let before = hashes(&run);
+    assert!(
+        before.iter().any(|(f, _)| f == "summary.json"),
+        "{before:?}"
+    );
+    // --resume DIR alone, and --config with --out and --resume.
+    for out in [
+        sae_ok(&["train", "-q", "--resume", run_s]),
+        sae_ok(
+            &case
+                .clone()
+                .flag("--resume")
+                .args()
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        ),
+    ] {
+        assert!(
+            out.contains("finished")
+                && out.contains("12 of 12 steps")
+                && out.contains("train.epochs"),
+            "{out}"
+        );
+        assert!(!out.contains("samples/s"), "{out}");
+        assert_eq!(hashes(&run), before, "a finished run's files changed");
+    }
+    println!("{}", sae_ok(&["train", "-q", "--resume", run_s]).trim());
+    // More epochs: trained on, summary.json rewritten.
+    sae_ok(&["train", "-q", "--resume", run_s, "--set", "train.epochs=3"]);
+    assert_eq!(steps_of(&run), 18);
+    assert_ne!(hashes(&run), before);
+}

@@ -310,3 +310,59 @@ fn sparse_step_modes_train_alike() {
         }
     }
 }
+
+/// A run that diverged without a NaN (a learning rate of 1000, far more
+/// latents than rows) ends with exit 0 but says so: `sae: warning:` lines
+/// naming the likely causes, and the same in summary.json's `warnings`.
+#[test]
+fn a_diverged_run_warns_on_stderr_and_in_the_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, _) = synth(dir.path(), 1024, 16, 24, 3);
+    let run = case(dir.path(), "diverged", &x, "relu", "l1")
+        .sets([
+            "train.optimizer.lr=1000",
+            "model.d_hidden=4096",
+            "train.epochs=3",
+        ])
+        .train();
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("sae: warning:"))
+        .collect();
+    let find = |needle: &str| {
+        lines
+            .iter()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no warning with `{needle}`:\n{}", run.stderr))
+            .to_string()
+    };
+    let grew = find("the loss grew");
+    let fvu = find("train fvu is");
+    for w in [&grew, &fvu] {
+        for needle in [
+            "train.optimizer.lr: 1000",
+            "model.d_hidden: 4096 latents for 1024 training rows",
+        ] {
+            assert!(w.contains(needle), "`{needle}` missing: {w}");
+        }
+    }
+    let warnings: Vec<String> = run.summary()["warnings"]
+        .as_array()
+        .expect("summary.json warnings")
+        .iter()
+        .map(|w| format!("sae: warning: {}", w.as_str().unwrap()))
+        .collect();
+    assert!(
+        warnings.contains(&grew) && warnings.contains(&fvu),
+        "{warnings:?}"
+    );
+    println!("{grew}\n{fvu}");
+    // The same data at a sane rate: no warning of either kind.
+    let run = case(dir.path(), "sane", &x, "relu", "l1").train();
+    assert!(
+        !run.stderr.contains("loss grew") && !run.stderr.contains("fvu is"),
+        "{}",
+        run.stderr
+    );
+}

@@ -109,7 +109,7 @@ mod tests {
             ..ModelConfig::default()
         };
         let spec = ModelSpec::from_config(&cfg, d);
-        let m = Sae::init(spec, &cfg, d, Normalizer::identity(), None, Device::Cpu);
+        let m = Sae::init(spec, &cfg, d, Normalizer::identity(), None, Device::Cpu).unwrap();
         let _ = m.b_dec.detach().uniform_(-0.5, 0.5);
         m
     }

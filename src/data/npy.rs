@@ -4,7 +4,7 @@
 //! Accepted: float16/32/64 and integer dtypes (cast to float32), C or Fortran
 //! order, either endianness, 2-D arrays. A data spec is a `.npy` path, a
 //! `file.npz:key` member, or a directory of `.npy` shards read as one array
-//! (in file-name order). Safetensors shards and SAELens activation caches
+//! (in file-name order; the shards must share one dtype and width). Safetensors shards and SAELens activation caches
 //! are handed to [`crate::data::sources`] by [`data_shape`] and
 //! [`for_each_chunk`].
 //!
@@ -477,14 +477,87 @@ fn with_part<T>(part: &Part, go: PartFn<'_, T>) -> Result<T> {
     }
 }
 
+/// `float32`, `int64`, `uint8`: numpy's name of an element type.
+fn dtype_name(e: Elem) -> String {
+    let kind = match e.kind {
+        TypeChar::Float => "float",
+        TypeChar::Int => "int",
+        TypeChar::Uint => "uint",
+        _ => "?",
+    };
+    format!("{kind}{}", 8 * e.size)
+}
+
+/// The headers of a directory's shards, in order, after checking that they
+/// are one array cut in pieces: the same dtype (integer shards only with
+/// integer shards of the same type, as floats with floats) and the same
+/// width. A directory holding anything else (another command's outputs,
+/// e.g. `sae latents`'s int64 row ids beside float32 values) is refused
+/// naming the odd file against the first.
+fn shard_infos(parts: &[Part]) -> Result<Vec<ArrayInfo>> {
+    let mut infos: Vec<ArrayInfo> = Vec::with_capacity(parts.len());
+    for part in parts {
+        let info = with_part(part, &mut |r, _, origin| read_header(r, origin))?;
+        if let Some(first) = infos.first() {
+            let same_dtype = first.elem.kind == info.elem.kind && first.elem.size == info.elem.size;
+            if !same_dtype || first.cols != info.cols {
+                bail_user!(
+                    "{}: {} with {} columns, but {} (the directory's first shard) is {} with {} \
+                     columns; the .npy shards of a directory are read as one array and must share \
+                     one dtype and width: keep only the data's shards in it",
+                    part.origin(),
+                    dtype_name(info.elem),
+                    info.cols,
+                    parts[0].origin(),
+                    dtype_name(first.elem),
+                    first.cols
+                );
+            }
+        }
+        infos.push(info);
+    }
+    Ok(infos)
+}
+
+/// The parts of `spec` and, for a directory of shards, their headers
+/// (checked by [`shard_infos`]).
+fn checked_parts(spec: &str) -> Result<(Vec<Part>, Option<Vec<ArrayInfo>>)> {
+    let parts = parts(spec)?;
+    let infos = match Path::new(spec).is_dir() {
+        true => Some(shard_infos(&parts)?),
+        false => None,
+    };
+    Ok((parts, infos))
+}
+
+/// For a directory of `.npy` shards: a line telling what it holds (`12 .npy
+/// shards, 120000 rows x 64 columns, float32`), after the checks of
+/// [`shard_infos`]. None for any other spec.
+pub fn shards_summary(spec: &str) -> Result<Option<String>> {
+    if !Path::new(spec).is_dir() || crate::data::sources::detect(spec)?.is_some() {
+        return Ok(None);
+    }
+    let (parts, infos) = checked_parts(spec)?;
+    let infos = infos.expect("a directory");
+    let rows: usize = infos.iter().map(|i| i.rows).sum();
+    Ok(Some(format!(
+        "{} .npy shard{}, {rows} rows x {} columns, {}",
+        parts.len(),
+        if parts.len() == 1 { "" } else { "s" },
+        infos[0].cols,
+        dtype_name(infos[0].elem)
+    )))
+}
+
 /// The shape of a data spec, from its headers only (shards must agree on
-/// columns).
+/// dtype and columns).
 pub fn data_shape(spec: &str) -> Result<DataShape> {
     if let Some(other) = crate::data::sources::detect(spec)? {
         return other.shape();
     }
     let mut shape: Option<DataShape> = None;
-    for part in parts(spec)? {
+    let (parts, _) = checked_parts(spec)?;
+    for part in parts {
         let info = with_part(&part, &mut |r, _, origin| read_header(r, origin))?;
         shape = Some(accumulate(shape, &info, &part)?);
     }
@@ -526,7 +599,8 @@ pub fn for_each_chunk(
         return other.for_each_chunk(batch, &mut f);
     }
     let mut shape: Option<DataShape> = None;
-    for part in parts(spec)? {
+    let (parts, _) = checked_parts(spec)?;
+    for part in parts {
         let first_row = shape.map_or(0, |s| s.rows);
         let info = with_part(&part, &mut |r, seek, origin| {
             let info = read_header(r, origin)?;

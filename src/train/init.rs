@@ -22,7 +22,12 @@ pub fn model(cfg: &Config, data: &Data, device: Device) -> Result<Sae> {
         .map(|y| Normalizer::fit(cfg.data.normalize, &y.to_kind(Kind::Float)));
     let d_out = data.train_target.as_ref().unwrap_or(&data.train).size()[1];
     let spec = ModelSpec::from_config(&cfg.model, data.train.size()[1]);
-    let mut model = Sae::init(spec, &cfg.model, d_out, norm, out_norm, device);
+    let mut model = Sae::init(spec, &cfg.model, d_out, norm, out_norm, device).map_err(|e| {
+        anyhow::Error::new(e).context(format!(
+            "initialising the model ({} x {} latents)",
+            spec.d_in, spec.d_hidden
+        ))
+    })?;
     if let Some(init) = &cfg.model.init {
         if model.is_deep() {
             bail_user!("model.init: not supported for a deep model (model.hidden)");

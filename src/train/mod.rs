@@ -1,6 +1,7 @@
 //! A training run, in parts (docs/ARCHITECTURE.md shows how a batch flows):
-//! - [`plan`]: the config resolved and checked, data read, model initialised
-//!   ([`init`]), before anything is written;
+//! - [`plan`]: the config resolved and checked, the memory it needs
+//!   estimated ([`memory`]), data read, model initialised ([`init`]),
+//!   before anything is written;
 //! - [`batches`]: where batches come from (memory or streamed windows) and
 //!   each epoch's order;
 //! - [`step`]: one step, the loss terms then the update;
@@ -14,6 +15,7 @@ pub mod batches;
 pub mod calibrate;
 pub mod init;
 pub mod interrupt;
+pub mod memory;
 pub mod plan;
 pub mod progress;
 pub mod run_dir;
@@ -101,10 +103,187 @@ pub struct PursuitMetrics {
 /// Above this fraction of dead latents on the training rows, a run warns.
 pub const DEAD_WARN_FRACTION: f64 = 0.3;
 
-/// The warnings of a finished run, from its training-row metrics.
-fn run_warnings(cfg: &Config, train: &Metrics) -> Vec<String> {
+/// A run warns when its last logged epoch's mean loss is above this many
+/// times its first epoch's.
+pub const LOSS_GREW_FACTOR: f64 = 1.5;
+
+/// Above this FVU on the training rows a run warns: its reconstruction is
+/// worse than the rows' mean.
+pub const FVU_WARN_ABOVE: f64 = 1.0;
+
+/// Where a run's logged loss started and where it ended: the start is the
+/// first logged step's loss or the first epoch's mean, whichever is lower
+/// (a run can blow up in its first steps), the end the last epoch's mean.
+/// Losses are taken at the last step's sparsity weight
+/// (`sparsity.warmup_steps` raises the weight, and with it the loss, in a
+/// healthy run).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossTrend {
+    /// `step 1`, `epoch 1`: what `first` is.
+    pub first_what: String,
+    pub first: f64,
+    pub last_epoch: i64,
+    pub last: f64,
+}
+
+impl LossTrend {
+    /// From the lines of `metrics.jsonl` (None with fewer than two epochs).
+    pub fn of_log(text: &str) -> Option<LossTrend> {
+        // (step, epoch, loss, sparsity_loss, sparsity_weight) of each line.
+        let lines: Vec<(i64, i64, f64, f64, f64)> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| {
+                Some((
+                    v["step"].as_i64()?,
+                    v["epoch"].as_i64()?,
+                    // NaN is written as null: it counts as NaN.
+                    v["loss"].as_f64().unwrap_or(f64::NAN),
+                    v["sparsity_loss"].as_f64().unwrap_or(0.0),
+                    v["sparsity_weight"].as_f64().unwrap_or(0.0),
+                ))
+            })
+            .collect();
+        let (first, last) = (lines.first()?, lines.last()?);
+        if first.1 == last.1 {
+            return None;
+        }
+        let w_last = last.4;
+        let at_last_weight =
+            |&(_, _, loss, sparsity, w): &(i64, i64, f64, f64, f64)| loss + (w_last - w) * sparsity;
+        let mean = |e: i64| {
+            let of: Vec<f64> = lines
+                .iter()
+                .filter(|l| l.1 == e)
+                .map(at_last_weight)
+                .collect();
+            of.iter().sum::<f64>() / of.len() as f64
+        };
+        let (epoch_mean, step) = (mean(first.1), at_last_weight(first));
+        let (first_what, first_loss) = match step < epoch_mean {
+            true => (format!("step {}", first.0), step),
+            false => (format!("epoch {}", first.1), epoch_mean),
+        };
+        Some(LossTrend {
+            first_what,
+            first: first_loss,
+            last_epoch: last.1,
+            last: mean(last.1),
+        })
+    }
+
+    fn grew(&self) -> bool {
+        self.first.is_finite() && self.last > LOSS_GREW_FACTOR * self.first.max(0.0)
+    }
+}
+
+/// A metric for a message: 4 decimals, or 3 significant digits in
+/// scientific notation when far from 1.
+fn num(v: f64) -> String {
+    match v.abs() {
+        a if a >= 1e5 || (a > 0.0 && a < 1e-3) => format!("{v:.3e}"),
+        _ => format!("{v:.4}"),
+    }
+}
+
+/// Runs of fewer steps than this whose loss did not grow are called short
+/// rather than blamed on their learning rate.
+pub const SHORT_RUN_STEPS: i64 = 200;
+
+/// What a run's warnings are judged from besides its final metrics.
+#[derive(Debug, Clone, Default)]
+struct RunFacts {
+    /// The logged loss's start and end (two epochs or more).
+    trend: Option<LossTrend>,
+    /// Steps the run did.
+    steps: i64,
+}
+
+/// The likely causes of a run that went wrong, from what it shows: a loss
+/// that grew (or NaN) points at the learning rate; a model wider than its
+/// training rows at the width; a few steps with a falling loss at the run's
+/// length.
+fn likely_causes(cfg: &Config, rows: i64, facts: &RunFacts, nan: bool) -> String {
+    let grew = nan || facts.trend.as_ref().is_some_and(LossTrend::grew);
+    let mut causes = Vec::new();
+    let lr = format!(
+        "a learning rate too high (train.optimizer.lr: {}; try a tenth of it)",
+        cfg.train.optimizer.lr
+    );
+    if grew {
+        causes.push(lr.clone());
+    }
+    let h = cfg.model.d_hidden;
+    if h > rows {
+        causes.push(format!(
+            "a model far wider than its data (model.d_hidden: {h} latents for {rows} training \
+             rows; use fewer latents or more rows)"
+        ));
+    }
+    if !grew && facts.steps < SHORT_RUN_STEPS {
+        causes.push(format!(
+            "a run too short to train ({} steps; raise train.epochs)",
+            facts.steps
+        ));
+    }
+    if causes.is_empty() {
+        causes.push(lr);
+    }
+    let s = if causes.len() == 1 { "" } else { "s" };
+    format!("likely cause{s}: {}", causes.join(", or "))
+}
+
+/// The warnings of a finished run, from its training-row metrics, the trend
+/// of its logged loss and its length.
+fn run_warnings(cfg: &Config, train: &Metrics, facts: &RunFacts) -> Vec<String> {
     let mut out = Vec::new();
-    if train.dead_fraction > DEAD_WARN_FRACTION {
+    let nan: Vec<&str> = [
+        ("mse", train.mse),
+        ("fvu", train.fvu),
+        ("l0", train.l0),
+        ("l1", train.l1),
+    ]
+    .into_iter()
+    .filter(|(_, v)| v.is_nan())
+    .map(|(name, _)| name)
+    .collect();
+    if !nan.is_empty() {
+        let cause = match (nan.as_slice(), train.mse.is_finite()) {
+            // Σ(x − x̄)² is 0: FVU divides by it.
+            (["fvu"], true) => "the training rows do not vary (every row is the same)".to_string(),
+            _ => likely_causes(cfg, train.rows, facts, true),
+        };
+        out.push(format!(
+            "{} {} NaN on the training rows; {cause}",
+            nan.join(", "),
+            if nan.len() == 1 { "is" } else { "are" }
+        ));
+    }
+    if let Some(t) = facts.trend.as_ref().filter(|t| t.grew()) {
+        out.push(format!(
+            "the loss grew: epoch {}'s mean loss {} is {}x {}'s {}; {}",
+            t.last_epoch,
+            num(t.last),
+            num(t.last / t.first),
+            t.first_what,
+            num(t.first),
+            likely_causes(cfg, train.rows, facts, false)
+        ));
+    }
+    let grew = facts.trend.as_ref().is_some_and(LossTrend::grew);
+    let dead = train.dead_fraction > DEAD_WARN_FRACTION;
+    // Most latents dead and a loss that fell: the dead latents are why the
+    // reconstruction is poor, and their warning says so (with the FVU).
+    let fvu_with_dead = train.fvu > FVU_WARN_ABOVE && dead && !grew;
+    if train.fvu > FVU_WARN_ABOVE && !fvu_with_dead {
+        out.push(format!(
+            "train fvu is {}, above {FVU_WARN_ABOVE}: the reconstruction is worse than the \
+             rows' mean; {}",
+            num(train.fvu),
+            likely_causes(cfg, train.rows, facts, false)
+        ));
+    }
+    if dead {
         let mut remedies = Vec::new();
         if cfg.model.activation.uses_k()
             && cfg.sparsity.penalty != PenaltyKind::Auxk
@@ -119,8 +298,15 @@ fn run_warnings(cfg: &Config, train: &Metrics) -> Vec<String> {
             "a lower train.optimizer.lr (now {})",
             cfg.train.optimizer.lr
         ));
+        let fvu = match fvu_with_dead {
+            true => format!(
+                " (train fvu is {}, above {FVU_WARN_ABOVE}: worse than the rows' mean)",
+                num(train.fvu)
+            ),
+            false => String::new(),
+        };
         out.push(format!(
-            "{:.1}% of latents are dead (never active on the training rows, more than {:.0}%); \
+            "{:.1}% of latents are dead (never active on the training rows, more than {:.0}%){fvu}; \
              try {}",
             100.0 * train.dead_fraction,
             100.0 * DEAD_WARN_FRACTION,
@@ -137,7 +323,14 @@ const EVAL_BATCH: i64 = 4096;
 /// data-parallel launcher this process is one rank: it trains its part of
 /// each batch, and only rank 0 writes the run directory and gets the
 /// summary (the others get `None`).
+///
+/// `--resume` of a run that is finished does nothing: it says so (on
+/// stdout) and returns `None`.
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<Option<Summary>> {
+    if let Some(done) = run_dir::finished(opts, cfg) {
+        println!("{done}");
+        return Ok(None);
+    }
     let mut session = Session::open(cfg, opts, &Sources::default())?;
     let interrupter = interrupt::Interrupter::register()?;
     // Tiny models: MKL single-threaded (see device::SerialBlas).
@@ -275,6 +468,9 @@ pub struct Session {
     /// Time in this run's steps (trained together: its own share).
     busy: Duration,
     busy_before: f64,
+    /// Training rows seen when this process took the run up (resumed: the
+    /// checkpoint's), so the summary's rate is this process's own.
+    samples_before: i64,
 }
 
 impl Session {
@@ -326,6 +522,7 @@ impl Session {
             started: Instant::now(),
             busy: Duration::ZERO,
             busy_before: group.map_or(0.0, |g| g.busy_seconds()),
+            samples_before: pos.samples,
         })
     }
 
@@ -418,7 +615,7 @@ impl Session {
             valid,
             pursuit,
             warnings,
-        } = finish(&self.run, self.learner, cfg, &self.data)?;
+        } = finish(&self.run, self.learner, cfg, &self.data, state.step)?;
         let summary = Summary {
             steps: state.step,
             epochs: cfg.train.epochs,
@@ -427,7 +624,7 @@ impl Session {
             backend: group.map(|_| "gloo".to_string()),
             collective_seconds: group.map(|g| g.busy_seconds() - self.busy_before),
             seconds,
-            samples_per_second: state.samples as f64 / seconds.max(1e-9),
+            samples_per_second: (state.samples - self.samples_before) as f64 / seconds.max(1e-9),
             sparse_steps: self.sparse_steps,
             final_loss: state.last_loss,
             model_sequences,
@@ -455,7 +652,13 @@ struct Finished {
 /// config asks) saved, its metrics on the training and validation rows (and
 /// with `eval.encoder`'s pursuit), and the warnings they call for (also
 /// printed).
-fn finish(run: &RunDir, learner: Learner, cfg: &Config, data: &plan::Data) -> Result<Finished> {
+fn finish(
+    run: &RunDir,
+    learner: Learner,
+    cfg: &Config,
+    data: &plan::Data,
+    steps: i64,
+) -> Result<Finished> {
     let mut model = learner.into_model();
     device::release_memory();
     if cfg.model.calibrate_threshold {
@@ -477,7 +680,13 @@ fn finish(run: &RunDir, learner: Learner, cfg: &Config, data: &plan::Data) -> Re
         }
         None => None,
     };
-    let warnings = run_warnings(cfg, &train);
+    let facts = RunFacts {
+        trend: std::fs::read_to_string(run.path.join("metrics.jsonl"))
+            .ok()
+            .and_then(|t| LossTrend::of_log(&t)),
+        steps,
+    };
+    let warnings = run_warnings(cfg, &train, &facts);
     for w in &warnings {
         eprintln!("sae: warning: {w}");
     }
@@ -567,7 +776,7 @@ fn start(
     total_steps: i64,
 ) -> Result<(Learner, State, Position)> {
     let d_hidden = model.spec.d_hidden;
-    let mut learner = Learner::new(model, cfg);
+    let mut learner = Learner::new(model, cfg)?;
     let window = cfg.train.dead_window;
     let mut dead = DeadTracker::new(d_hidden, window, learner.active_threshold(), device);
     let pos = match resume {
@@ -748,4 +957,60 @@ pub fn summary_table(s: &Summary) -> String {
         s.steps, s.seconds, s.samples_per_second, s.device
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(lines: &[(i64, i64, f64, f64, f64)]) -> String {
+        lines
+            .iter()
+            .map(|(step, epoch, loss, sparsity, w)| {
+                format!(
+                    "{{\"step\":{step},\"epoch\":{epoch},\"loss\":{loss},\"mse\":0,\
+                     \"sparsity_loss\":{sparsity},\"sparsity_weight\":{w}}}\n"
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn loss_trend_starts_at_the_lower_of_first_step_and_first_epoch() {
+        // Blew up at step 2: the first epoch's mean is huge, step 1 is not.
+        let t = LossTrend::of_log(&log(&[
+            (1, 1, 0.25, 0.0, 0.0),
+            (2, 1, 1e25, 0.0, 0.0),
+            (3, 2, 1e19, 0.0, 0.0),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (t.first_what.as_str(), t.first, t.last),
+            ("step 1", 0.25, 1e19)
+        );
+        assert!(t.grew());
+        // A falling loss.
+        let t = LossTrend::of_log(&log(&[
+            (1, 1, 1.0, 0.0, 0.0),
+            (2, 1, 0.5, 0.0, 0.0),
+            (3, 2, 0.3, 0.0, 0.0),
+        ]))
+        .unwrap();
+        assert!(!t.grew(), "{t:?}");
+        // One epoch: no trend.
+        assert!(LossTrend::of_log(&log(&[(1, 1, 1.0, 0.0, 0.0), (2, 1, 9.0, 0.0, 0.0)])).is_none());
+    }
+
+    #[test]
+    fn loss_trend_compares_at_the_last_sparsity_weight() {
+        // sparsity.warmup_steps: the weight rises 0 -> 1, the loss with it,
+        // while mse (loss - w * sparsity) falls from 1.0 to 0.5.
+        let t = LossTrend::of_log(&log(&[
+            (1, 1, 1.0, 2.0, 0.0),
+            (2, 2, 0.5 + 1.0 * 1.5, 1.5, 1.0),
+        ]))
+        .unwrap();
+        assert_eq!(t.first, 3.0); // 1.0 + 1 * 2.0
+        assert!(!t.grew(), "{t:?}");
+    }
 }

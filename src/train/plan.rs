@@ -5,6 +5,7 @@
 
 use super::batches::Source;
 use super::init;
+use super::memory::{self, DataSize};
 use crate::config::{Auto, BatchSize, Config, DistBackend, PenaltyKind};
 use crate::data::dataset::{read_order, Dataset};
 use crate::data::mmap::Mapped;
@@ -64,7 +65,16 @@ impl Plan {
             Auto::Value(n) => Some(n),
         });
         tch::manual_seed(cfg.seed as i64);
+        // Before reading the data when its headers tell its size; a model
+        // source's rows are known once its sample is computed.
+        let planned = planned_size(&cfg);
+        if let Some(size) = &planned {
+            memory::check(&cfg, device, size)?;
+        }
         let data = load_data(&mut cfg, sources)?;
+        if planned.is_none() {
+            memory::check(&cfg, device, &loaded_size(&cfg, &data))?;
+        }
         let fixed_order = match &cfg.train.order {
             Some(p) => Some(read_order(
                 p,
@@ -210,6 +220,72 @@ fn load_data(cfg: &mut Config, sources: &super::Sources) -> Result<Data> {
     Ok(data)
 }
 
+/// The data's size from the headers of `data.train`, `data.valid` and
+/// `data.target` (None for a model source, or when a header cannot be
+/// read: reading the data then says why).
+fn planned_size(cfg: &Config) -> Option<DataSize> {
+    if cfg.data.from_model() {
+        return None;
+    }
+    let train_spec = cfg.data.train.as_deref()?;
+    let train = npy::data_shape(train_spec).ok()?;
+    if !believable(train_spec, train) {
+        return None;
+    }
+    let valid_rows = match &cfg.data.valid {
+        Some(p) => npy::data_shape(p).ok()?.rows,
+        None => 0,
+    };
+    let d_out = match &cfg.data.target {
+        Some(p) => npy::data_shape(p).ok()?.cols,
+        None => train.cols,
+    };
+    Some(DataSize {
+        d_in: train.cols as i64,
+        d_out: d_out as i64,
+        rows: train.rows as i64,
+        valid_rows: valid_rows as i64,
+        target: cfg.data.target.is_some(),
+        windowed: cfg.data.stream,
+    })
+}
+
+/// Whether a header's shape could be what the files on disk hold (at least
+/// a byte per value; an `.npz` member may be compressed). A header that
+/// claims more is a truncated or lying file, which reading reports: the
+/// memory check is not the place to judge it.
+fn believable(spec: &str, shape: npy::DataShape) -> bool {
+    let path = match std::path::Path::new(spec).exists() {
+        true => std::path::Path::new(spec),
+        false => std::path::Path::new(spec.rsplit_once(':').map_or(spec, |(p, _)| p)),
+    };
+    let bytes: u64 = match std::fs::read_dir(path) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .sum(),
+        Err(_) => std::fs::metadata(path).map_or(0, |m| m.len()),
+    };
+    let ratio = if path.extension().is_some_and(|e| e == "npz") {
+        1024
+    } else {
+        1
+    };
+    (shape.rows as u128) * (shape.cols as u128) <= bytes as u128 * ratio
+}
+
+/// The size of data already read (a model source's sample).
+fn loaded_size(cfg: &Config, data: &Data) -> DataSize {
+    DataSize {
+        d_in: data.train.size()[1],
+        d_out: d_out(data),
+        rows: data.train.size()[0],
+        valid_rows: data.valid.as_ref().map_or(0, |v| v.size()[0]),
+        target: data.train_target.is_some(),
+        windowed: cfg.data.stream || data.model_source.is_some(),
+    }
+}
+
 pub(super) fn train_path(cfg: &Config) -> &str {
     cfg.data.train.as_deref().expect("validated")
 }
@@ -239,6 +315,9 @@ fn read_arrays(cfg: &Config) -> Result<Data> {
         Some(m) => m.tensor.shallow_clone(),
         None => read(cfg, train_path).context("data.train")?,
     };
+    if let Some(shards) = npy::shards_summary(train_path).context("data.train")? {
+        eprintln!("data.train: {train_path}: {shards}");
+    }
     let d_in = train.size()[1];
     if let Auto::Value(d) = cfg.model.d_in {
         if d != d_in {

@@ -69,6 +69,51 @@ pub fn check_can_start(opts: &TrainOptions, writer: bool) -> Result<()> {
     Ok(())
 }
 
+/// `--resume` of a run that has done every step of `cfg.train.epochs` and
+/// written its outputs: what to tell the user, and nothing is to be done
+/// (not a file of the run touched). None for anything else: a run to go
+/// on with (a larger `train.epochs`), one to finish writing, or one the
+/// normal path refuses (a changed config, a lock held, fewer epochs).
+pub fn finished(opts: &TrainOptions, cfg: &Config) -> Option<String> {
+    let out = &opts.out;
+    if !opts.resume || RunLock::holder(out).is_some() {
+        return None;
+    }
+    let pos = checkpoint::read_position(out).ok()?;
+    let done = pos.batch == 0 && pos.epoch == cfg.train.epochs + 1;
+    // report.html is the last output a run writes.
+    if !done
+        || !["summary.json", "report.html"]
+            .iter()
+            .all(|f| out.join(f).is_file())
+    {
+        return None;
+    }
+    let saved = Config::from_file(&out.join("config.yaml"), &[]).ok()?;
+    let mut now = cfg.clone();
+    if let crate::config::Auto::Auto = now.model.d_in {
+        now.model.d_in = saved.model.d_in; // resolved from the data
+    }
+    let (a, b) = (
+        serde_yaml::to_value(&saved).ok()?,
+        serde_yaml::to_value(&now).ok()?,
+    );
+    if first_difference(&a, &b, "").is_some() {
+        return None;
+    }
+    let epochs = cfg.train.epochs;
+    Some(format!(
+        "--resume {}: the run is finished: {} of {} steps done ({epochs} of {epochs} epochs); \
+         nothing to do, nothing changed. To train on, raise train.epochs: sae train --resume {} \
+         --set train.epochs={}",
+        out.display(),
+        pos.step,
+        pos.step,
+        out.display(),
+        epochs + 1
+    ))
+}
+
 impl RunDir {
     /// The writer makes (or, resuming, reopens) the directory, locks it
     /// for the run and writes the resolved `config.yaml`. A resumed run must

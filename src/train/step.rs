@@ -64,18 +64,20 @@ pub struct Learner {
 }
 
 impl Learner {
-    /// Ready to train `model` (gradients on, a fresh optimizer).
-    pub fn new(mut model: Sae, cfg: &Config) -> Learner {
+    /// Ready to train `model` (gradients on, a fresh optimizer). Fails
+    /// (rather than panics) when the optimizer's buffers cannot be allocated.
+    pub fn new(mut model: Sae, cfg: &Config) -> crate::Result<Learner> {
         let penalty = Penalty::from_config(&cfg.sparsity, &cfg.model, model.d_out());
         model.set_requires_grad(true);
-        let adam = Adam::new(&cfg.train.optimizer, &model.parameters());
-        Learner {
+        let adam = Adam::new(&cfg.train.optimizer, &model.parameters())
+            .map_err(|e| anyhow::Error::new(e).context("allocating the optimizer's buffers"))?;
+        Ok(Learner {
             arch: model.spec.activation.arch(),
             model,
             adam,
             penalty,
             cfg: cfg.clone(),
-        }
+        })
     }
 
     /// Whether this model and penalty can take the sparse pass
