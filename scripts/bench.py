@@ -23,13 +23,19 @@ Cases (issue 6):
      first two), against the training state (parameters, gradients, Adam's two
      moments); the end-of-run phase against the training loop; and top-k
      selection over those latents against the encoder matmul that feeds it
+  LM  training rows from a language model (`data.model`): a GPT-2-shaped slice
+     (scripts/bench_lm.py, random init; 4 blocks at d_model 512, --quick 2 at 256)
+     on random token ids; the model forward alone (`sae activations`), the SAE
+     step alone (512 -> 4096 top-k on the dumped rows) and `sae train` from the
+     model, alternating; a 4-point `sae sweep` on one model pass against 4
+     separate runs; the forward of the .pt2 (AOTInductor) against the .pt
 
 Ours is timed by `sae train` itself (summary.json `seconds`: the training loop
 only, no data loading); PyTorch's loop is timed the same way. Each case runs
 ours and PyTorch alternately REPEATS times; the table takes the best of each.
 The matmul peak is torch.mm at the M shape, measured in this same run.
 
-Usage: bench.py SAE_BIN OUT_DIR [--quick] [--only S,M,MT,T,E,OOC,OMP,DP,SAELENS,SWITCH,MEM]
+Usage: bench.py SAE_BIN OUT_DIR [--quick] [--only S,M,MT,T,E,OOC,OMP,DP,SAELENS,SWITCH,MEM,LM]
   --only runs the named parts and prints their figures without writing the table.
 """
 import json, os, platform, subprocess, sys, time
@@ -709,6 +715,289 @@ def mem_lines(rows, topk):
     return lines
 
 
+# LM: rows made by a language model as training runs (`data.model`). The
+# model is scripts/bench_lm.py's GPT-2-shaped slice, random init (only its
+# cost matters); --quick takes a smaller one (the same code paths).
+LM_SHAPE = (dict(vocab=8192, ctx=128, d_model=256, heads=4, mlp=1024, layers=2, seed=0) if QUICK
+            else dict(vocab=8192, ctx=128, d_model=512, heads=8, mlp=2048, layers=4, seed=0))
+# Random ids with BOS (0) at position 0, which gives no row: 127 rows a
+# sequence. Full: 1,032 x 127 = 131,064 rows, two of training's windows of
+# 65,536 rows (src/train/batches.rs STREAM_WINDOW_ROWS): the run's set-up
+# computes the first, the training loop the second.
+LM_SEQS = 544 if QUICK else 1032
+LM_PT2_SEQS = 128 if QUICK else 256
+LM_GROUP = 8                   # data.model_batch / --batch-size
+LM_WINDOW_ROWS = 16 * 4096     # src/train/batches.rs STREAM_WINDOW_ROWS
+LM_SAMPLE_ROWS = 65_536        # src/train/plan.rs MODEL_SAMPLE_ROWS (data.norm_rows: auto)
+LM_SAE = dict(d_hidden=4096, k=32, batch=1024, lr=1e-3)
+LM_GRID = {"model.k": [16, 32], "train.optimizer.lr": [1e-3, 3e-4]}
+# The .pt2 is left out when its compile takes longer than this.
+LM_PT2_TIMEOUT = 180
+
+
+def lm_shape_text():
+    s = LM_SHAPE
+    return (f"token + position embeddings (vocab {s['vocab']:,}), {s['layers']} pre-LN blocks at d_model "
+            f"{s['d_model']}, {s['heads']} heads, MLP {s['mlp']}, ctx {s['ctx']}, random init (seed {s['seed']}), "
+            f"the residual stream after block {s['layers']}")
+
+
+def lm_models():
+    """The LM part's model files, made once per generating code (a hash of
+    scripts/bench_lm.py, the shape and the torch version names their folder):
+    {"pt": path, "pt2": path or None, "pt2_seconds": compile s or None,
+    "pt2_note": why there is none}."""
+    import hashlib
+    import signal
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_lm.py")
+    shape = json.dumps(LM_SHAPE, sort_keys=True)
+    key = hashlib.sha256(open(script, "rb").read() + shape.encode() + torch.__version__.encode()).hexdigest()[:12]
+    d = os.path.join(OUT, f"lm-{key}")
+    os.makedirs(d, exist_ok=True)
+    got = {"pt2_note": None}
+    for kind in ("pt", "pt2"):
+        path, meta = os.path.join(d, f"lm.{kind}"), os.path.join(d, f"lm.{kind}.json")
+        if not os.path.exists(path):
+            log(f"LM: exporting lm.{kind} into {d}")
+            # Its own process group, so a compile past the limit ends with
+            # the compiler processes it started.
+            p = subprocess.Popen([sys.executable, script, d, kind, shape], stdout=subprocess.PIPE,
+                                 text=True, start_new_session=True)
+            try:
+                out, _ = p.communicate(timeout=LM_PT2_TIMEOUT if kind == "pt2" else None)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+                got["pt2_note"] = f"its compile took longer than {LM_PT2_TIMEOUT} s here"
+                log(f"LM: lm.pt2 not compiled: {got['pt2_note']}")
+                got["pt2"], got["pt2_seconds"] = None, None
+                continue
+            if p.returncode != 0:
+                if kind == "pt":
+                    raise subprocess.CalledProcessError(p.returncode, script)
+                got["pt2_note"] = f"its export failed (exit {p.returncode}, above)"
+                got["pt2"], got["pt2_seconds"] = None, None
+                continue
+            with open(meta, "w") as f:
+                f.write(out.strip().splitlines()[-1])
+        got[kind] = path
+        got[f"{kind}_seconds"] = json.load(open(meta))["seconds"]
+        log(f"LM: lm.{kind} made in {got[f'{kind}_seconds']:.0f} s ({path})")
+    return got
+
+
+def lm_tokens(n):
+    """Random ids [n, ctx] (int64), BOS = 0 at position 0."""
+    path = os.path.join(OUT, f"lm-tokens-{n}.npy")
+    if not os.path.exists(path):
+        t = np.random.default_rng(0).integers(1, LM_SHAPE["vocab"], (n, LM_SHAPE["ctx"]), dtype=np.int64)
+        t[:, 0] = 0
+        np.save(path, t)
+    return path
+
+
+def lm_config(name, data, **sae):
+    """The LM part's SAE config on `data` (data.* keys), as OUT/name.yaml;
+    returns (path, the config)."""
+    s = dict(LM_SAE, **sae)
+    cfg = {"seed": 0, "device": "cpu", "data": data,
+           "model": {"d_hidden": s["d_hidden"], "activation": "topk", "k": s["k"], "init_scheme": "sae"},
+           "sparsity": {"penalty": "none"},
+           "train": {"epochs": 1, "batch_size": s["batch"], "shuffle": True, "log_every": 100000,
+                     "threads": THREADS, "optimizer": {"name": "adam", "lr": s["lr"]}}}
+    path = os.path.join(OUT, f"{name}.yaml")
+    with open(path, "w") as f:
+        json.dump(cfg, f)  # JSON is YAML
+    return path, cfg
+
+
+def lm_forward(model, tokens):
+    """`sae activations` of tokens through model into /dev/shm (dropped
+    after), THREADS threads: (rows, the seconds it prints: the model and
+    the write, not the loading, whole-command seconds)."""
+    import re
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else OUT
+    out = os.path.join(shm, f"sae-bench-lm-{os.getpid()}.npy")
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    t0 = time.perf_counter()
+    r = subprocess.run([SAE, "activations", "-q", "--model", model, "--tokens", tokens, "--out", out,
+                        "--exclude-positions", "0", "--batch-size", str(LM_GROUP), "--device", "cpu"],
+                       check=True, stdout=subprocess.PIPE, text=True, env=env)
+    wall = time.perf_counter() - t0
+    os.remove(out)
+    m = re.search(r"^(\d+) rows x \d+ from \d+ sequences in ([\d.]+) s", r.stdout, re.M)
+    if not m:
+        raise RuntimeError(f"sae activations printed no rate: {r.stdout!r}")
+    return int(m.group(1)), float(m.group(2)), wall
+
+
+def lm_train(name, cfg, extra=()):
+    """One `sae train`: dict(rate: summary samples_per_second, loop: its
+    seconds, wall: the whole command, end: from the last step to the exit,
+    setup: the rest (start, data, the first window))."""
+    run = os.path.join(OUT, f"run-{name}")
+    t0 = time.perf_counter()
+    subprocess.run([SAE, "train", "-q", "--config", cfg, "--out", run, "--force", *extra],
+                   check=True, stdout=subprocess.DEVNULL)
+    wall, ended = time.perf_counter() - t0, time.time()
+    s = json.load(open(os.path.join(run, "summary.json")))
+    end = ended - os.path.getmtime(os.path.join(run, "metrics.jsonl"))
+    return dict(rate=s["samples_per_second"], loop=s["seconds"], wall=wall, end=end,
+                setup=wall - s["seconds"] - end, samples=round(s["samples_per_second"] * s["seconds"]))
+
+
+def bench_lm():
+    """The LM part: the model forward alone, the SAE step alone (on the
+    dumped rows, in memory) and training from the model, alternating
+    REPEATS rounds (best of each); a 4-point sweep on one model pass against
+    4 separate runs (once); the forward of .pt2 against .pt (alternating)."""
+    import itertools
+    import re
+    import shutil
+    models = lm_models()
+    tokens = lm_tokens(LM_SEQS)
+    data = {"model": models["pt"], "tokens": tokens, "exclude_positions": [0], "model_batch": LM_GROUP}
+    model_cfg, model_dict = lm_config("LM-model", data)
+    # The rows training sees, once (also a warm-up of the files).
+    acts = os.path.join(OUT, "lm-acts.npy")
+    subprocess.run([SAE, "activations", "-q", "--config", model_cfg, "--out", acts],
+                   check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)})
+    rows = int(np.load(acts, mmap_mode="r").shape[0])
+    step_cfg, _ = lm_config("LM-step", {"train": acts})
+    res = {"rows": rows, "seqs": LM_SEQS, "models": models}
+    best = {"fwd": None, "step": None, "model": None}
+    for r in range(REPEATS):
+        n, secs, wall = lm_forward(models["pt"], tokens)
+        assert n == rows, (n, rows)
+        if best["fwd"] is None or n / secs > best["fwd"]["rate"]:
+            best["fwd"] = dict(rate=n / secs, seconds=secs, wall=wall)
+        seen = {}
+        for side, cfg in (("step", step_cfg), ("model", model_cfg)):
+            seen[side] = t = lm_train(f"LM-{side}", cfg)
+            if best[side] is None or t["rate"] > best[side]["rate"]:
+                best[side] = t
+        log(f"LM round {r + 1}: forward {n / secs:,.0f} rows/s, step {seen['step']['rate']:,.0f}/s, from the "
+            f"model {seen['model']['rate']:,.0f}/s (loop {seen['model']['loop']:.1f} s, whole command "
+            f"{seen['model']['wall']:.1f} s)")
+    res.update(best)
+    # Sweep of 4 points on one model pass against the 4 points as separate runs.
+    sweep_dir = os.path.join(OUT, "sweep-LM")
+    shutil.rmtree(sweep_dir, ignore_errors=True)
+    sweep_cfg = os.path.join(OUT, "LM-sweep.yaml")
+    with open(sweep_cfg, "w") as f:
+        json.dump({"base": model_dict, "grid": LM_GRID}, f)
+    t0 = time.perf_counter()
+    r = subprocess.run([SAE, "sweep", "--config", sweep_cfg, "--out", sweep_dir, "--jobs", "1"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sweep_wall = time.perf_counter() - t0
+    m = re.search(r"the model ran on (\d+) sequences for (\d+) point\(s\) in ([\d.]+) s", r.stderr)
+    if not m:
+        raise RuntimeError(f"sae sweep did not say how many sequences the model ran on:\n{r.stderr}")
+    points = [dict(zip(LM_GRID, v)) for v in itertools.product(*LM_GRID.values())]
+    separate = 0.0
+    for i, p in enumerate(points):
+        t = lm_train(f"LM-point{i}", model_cfg, [a for k, v in p.items() for a in ("--set", f"{k}={v}")])
+        separate += t["wall"]
+    res["sweep"] = dict(wall=sweep_wall, trained=float(m.group(3)), sequences=int(m.group(1)),
+                        points=int(m.group(2)), separate=separate)
+    log(f"LM sweep: {len(points)} points on one model pass {sweep_wall:.1f} s (the model ran on "
+        f"{m.group(1)} sequences; trained in {m.group(3)} s), as separate runs {separate:.1f} s")
+    # .pt2 against .pt: the forward alone on fewer sequences.
+    if models["pt2"]:
+        few = lm_tokens(LM_PT2_SEQS)
+        rates = {"pt": 0.0, "pt2": 0.0}
+        for r in range(REPEATS):
+            for kind in ("pt", "pt2"):
+                n, secs, _ = lm_forward(models[kind], few)
+                rates[kind] = max(rates[kind], n / secs)
+            log(f"LM .pt2 round {r + 1}: .pt {rates['pt']:,.0f} rows/s, .pt2 {rates['pt2']:,.0f} rows/s (best so far)")
+        res["pt2"] = rates
+    with open(os.path.join(OUT, "LM.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
+def lm_sample_sequences(rows, per_seq):
+    """Sequences the model runs on for a run's `data.norm_rows` sample (auto:
+    the first LM_SAMPLE_ROWS rows), in whole groups of LM_GROUP
+    (src/lm/source.rs `head`, `rows_of`)."""
+    seqs = (min(rows, LM_SAMPLE_ROWS) - 1) // per_seq + 1
+    return min(-(-seqs // LM_GROUP) * LM_GROUP, LM_SEQS)
+
+
+def lm_within(x):
+    return "yes" if 0.9 <= x <= 1.1 else ("no: overhead beyond the sum" if x < 0.9 else "no: below the sum")
+
+
+def lm_lines(res):
+    """The LM section of table.md."""
+    rows, seqs = res["rows"], res["seqs"]
+    fwd, step, model, sw = res["fwd"], res["step"], res["model"], res["sweep"]
+    per_seq = rows // seqs
+    # The aim as the summary counts it: the from-model loop against the sum.
+    aim = (1 / fwd["rate"] + 1 / step["rate"]) / (1 / model["rate"])
+    # The loop's clock starts after the set-up, which computed the first window.
+    w1 = min(rows, LM_WINDOW_ROWS)
+    in_loop = (rows / step["rate"] + (rows - w1) / fwd["rate"]) / model["loop"]
+    # The whole command: every sequence the model ran on (the windows, which
+    # the sweep counts, and the norm_rows sample), every step.
+    sample = lm_sample_sequences(rows, per_seq)
+    ran = sw["sequences"] + sample
+    work = ran * per_seq / fwd["rate"] + rows / step["rate"]
+    body = model["wall"] - model["end"]
+    dump_then_train = fwd["wall"] + step["wall"]
+    grid = " x ".join(f"{k} {v}" for k, v in LM_GRID.items())
+    lines = [f"Training from a language model (`data.model`): {lm_shape_text()}, as a TorchScript trace. "
+             f"{seqs:,} sequences of random ids with BOS at position 0, which gives no row "
+             f"(`data.exclude_positions: [0]`): {rows:,} rows; `data.model_batch` {LM_GROUP}. SAE "
+             f"{LM_SHAPE['d_model']} -> {LM_SAE['d_hidden']} top-k k={LM_SAE['k']}, batch {LM_SAE['batch']}, "
+             f"1 epoch, lr {LM_SAE['lr']:g}. {THREADS} threads everywhere; the three measurements alternate, "
+             f"best of {REPEATS} rounds each.",
+             "",
+             "| measurement | rows/s | seconds | whole command s |",
+             "|---|---|---|---|",
+             f"| model forward alone (`sae activations` to /dev/shm: the rate it prints, forward and write) "
+             f"| {fwd['rate']:,.0f} | {fwd['seconds']:.1f} | {fwd['wall']:.1f} |",
+             f"| SAE step alone (`sae train` on those rows in memory: summary.json, training loop) "
+             f"| {step['rate']:,.0f} | {step['loop']:.1f} | {step['wall']:.1f} |",
+             f"| from the model (`sae train` with `data.model`: summary.json, training loop) "
+             f"| {model['rate']:,.0f} | {model['loop']:.1f} | {model['wall']:.1f} |",
+             "",
+             f"Aim, from the model ≈ forward + step within 10 %: (1/r_fwd + 1/r_step) / (1/r_model) = "
+             f"{aim:.2f} as summary.json counts the loop, but the loop's clock starts after the set-up has "
+             f"run the model on the first window ({w1:,} of the {rows:,} rows). Counting only the forward "
+             f"done inside the loop, ({rows:,} / r_step + {rows - w1:,} / r_fwd) / loop = **{in_loop:.2f}** "
+             f"(1.0 = exactly the sum, < 0.9 = overhead beyond it): within 10 %: {lm_within(in_loop)}.",
+             "",
+             f"The whole from-model command, {model['wall']:.1f} s: set-up {model['setup']:.1f} s (start; "
+             f"the model on the first {min(rows, LM_SAMPLE_ROWS):,} rows, {sample:,} sequences, for the "
+             f"`data.norm_rows` sample; then on the first window), loop {model['loop']:.1f} s, end of run "
+             f"{model['end']:.1f} s. The model ran on {ran:,} sequences for the corpus's {seqs:,}: "
+             f"{sw['sequences']:,} for the windows (a group of {LM_GROUP} that two windows share runs in both) "
+             f"and the {sample:,} of the sample. That forward and every step take {work:.1f} s at the rates "
+             f"above, against the command less its end of run, {body:.1f} s: {work / body:.2f}. Dumping the "
+             f"rows and then training on the dump (whole commands) takes {fwd['wall']:.1f} + "
+             f"{step['wall']:.1f} = {dump_then_train:.1f} s, against {model['wall']:.1f} s from the model "
+             f"({dump_then_train / model['wall']:.2f}x).",
+             "",
+             f"Sweep of {sw['points']} points ({grid}) from the model, `sae sweep --jobs 1`: "
+             f"{sw['wall']:.1f} s whole command (the points train together: the model ran on "
+             f"{sw['sequences']:,} sequences for their windows, and on the sample once before; "
+             f"{sw['trained']:.1f} s from the first point's set-up to the last one's end) against the {sw['points']} points as separate `sae train` "
+             f"runs, {sw['separate']:.1f} s: **{sw['separate'] / sw['wall']:.2f}x** (one round)."]
+    m = res["models"]
+    if res.get("pt2"):
+        p = res["pt2"]
+        lines += ["", f"Model forward alone, the AOTInductor `.pt2` (`torch.export` with a dynamic batch, then "
+                  f"`aoti_compile_and_package`: {m['pt2_seconds']:.0f} s to compile here) against the "
+                  f"TorchScript `.pt`, {LM_PT2_SEQS} sequences, batch {LM_GROUP}: {p['pt2']:,.0f} vs "
+                  f"{p['pt']:,.0f} rows/s: **{p['pt2'] / p['pt']:.2f}x**."]
+    else:
+        lines += ["", f"`.pt2`: not measured ({m['pt2_note']})."]
+    return lines
+
+
 def main():
     # The peak is re-measured around every case and the best kept, so a
     # momentarily busy machine does not understate it.
@@ -772,6 +1061,9 @@ def main():
         if "MEM" in ONLY:
             for line in mem_lines(bench_mem(), bench_topk()):
                 log(line)
+        if "LM" in ONLY:
+            for line in lm_lines(bench_lm()):
+                log(line)
         return
     e_rows, e_rate, e_gf, e_io = bench_encode()
     # --quick: the 0.6 GB file's half is below what the process itself needs
@@ -784,6 +1076,7 @@ def main():
     if sl is None:
         log(saelens_lines(sl)[0])
     mem, topk = bench_mem(), bench_topk()
+    lm = bench_lm()
     cpu = platform.processor() or platform.machine()
     try:
         cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
@@ -831,6 +1124,7 @@ def main():
     lines += ["", l0_line()]
     lines += [""] + switch_lines(switch)
     lines += [""] + mem_lines(mem, topk)
+    lines += [""] + lm_lines(lm)
     lines += ["", "GFLOP/s counts the dense maths (12 * d_in * d_hidden per training sample; 10 for S),",
               "also where our path does less work, so there it is an effective rate: T and MT (the sparse",
               "step: the firing codes' rows and columns instead of five of the six dense matmuls) and M (b_dec's gradient as a vector",
