@@ -207,15 +207,20 @@ fn batchtopk_threshold_resume_is_bit_identical() {
     interrupted_runs_match_uninterrupted(BATCHTOPK, "batchtopk");
 }
 
-#[test]
-fn resume_checks_config_and_extends_epochs() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// A 2-epoch, 12-step config on small synthetic data in `d`.
+fn small_config(d: &Path) -> String {
     let (x, _) = synth(d, 300, 8, 8, 2);
     let yaml = "device: cpu\ndata: {train: X}\nmodel: {d_hidden: 8}\n\
                 train: {epochs: 2, batch_size: 50, checkpoint_every: 4}\n"
         .replace('X', &x);
-    let cfg = write_config(d, "c.yaml", &yaml);
+    write_config(d, "c.yaml", &yaml)
+}
+
+#[test]
+fn resume_checks_config_and_extends_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = small_config(d);
     let case = Case::new(d, "run").config(&cfg);
     let run = case.dir().to_path_buf();
     let run_s = run.to_str().unwrap();
@@ -324,11 +329,7 @@ fn hashes(dir: &Path) -> Vec<(String, u64)> {
 fn resuming_a_finished_run_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (x, _) = synth(d, 300, 8, 8, 2);
-    let yaml = "device: cpu\ndata: {train: X}\nmodel: {d_hidden: 8}\n\
-                train: {epochs: 2, batch_size: 50, checkpoint_every: 4}\n"
-        .replace('X', &x);
-    let cfg = write_config(d, "c.yaml", &yaml);
+    let cfg = small_config(d);
     let case = Case::new(d, "run").config(&cfg);
     let run = case.clone().train().dir;
     let run_s = run.to_str().unwrap();
