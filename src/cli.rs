@@ -609,6 +609,7 @@ fn info() -> Result<()> {
     println!("data-parallel backends: gloo (CPU); nccl not built in");
     println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
     println!("threads: {}", tch::get_num_threads());
+    println!("OpenMP wait: {}", device::omp_wait());
     println!("mkl: {}", tch::utils::has_mkl());
     println!(
         "default device: {}",

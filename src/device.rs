@@ -49,6 +49,16 @@ pub fn describe(dev: Device) -> String {
     }
 }
 
+/// Where a run computes, for its first progress line: the device, and on
+/// the CPU the threads and how idle ones wait.
+pub fn place(dev: Device) -> String {
+    let threads = tch::get_num_threads();
+    match dev {
+        Device::Cpu => format!("cpu, {threads} threads, OpenMP wait: {}", omp_wait()),
+        other => format!("{} (host threads: {threads})", describe(other)),
+    }
+}
+
 /// Sets libtorch's intra-op thread count (None = leave libtorch's default,
 /// which is the number of physical cores).
 pub fn set_threads(n: Option<i64>) {
@@ -96,6 +106,94 @@ pub fn flush_denormals() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// libgomp's spin count before a waiting OpenMP worker sleeps, where the
+/// user set neither `OMP_WAIT_POLICY` nor `GOMP_SPINCOUNT`. libgomp's own
+/// default (300,000) keeps idle workers spinning at every barrier, which on
+/// a busy machine takes the cores the work needs; passive waiting (0) costs
+/// tiny models a wake-up per op. Measured on 2 cores with two busy
+/// processes beside the run (training-loop seconds, best of 3; quiet ->
+/// loaded): 64->512 top-k 0.35 -> 1.69 (default), 0.44 -> 0.77 (passive),
+/// 0.36 -> 0.84 (10,000); 768->16384 top-k 1.28 -> 3.68, 1.27 -> 2.69,
+/// 1.28 -> 2.52 (`make bench` part LOADED reruns it).
+pub const GOMP_SPINCOUNT: &str = "10000";
+/// [`GOMP_SPINCOUNT`] as an environment entry.
+const GOMP_SPINCOUNT_ENTRY: &std::ffi::CStr = c"GOMP_SPINCOUNT=10000";
+
+/// The environment entry [`default_omp_wait`] lent its slot to, put back
+/// by [`restore_env`].
+static LENT_SLOT: std::sync::atomic::AtomicPtr<libc::c_char> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+/// Variables a library's constructor may read: never lent.
+const READ_AT_LOAD: [&[u8]; 12] = [
+    b"OMP_", b"GOMP_", b"KMP_", b"MKL_", b"LD_", b"GLIBC_", b"MALLOC_", b"TORCH", b"PYTORCH",
+    b"CUDA", b"NCCL", b"SAE_",
+];
+
+/// Puts `GOMP_SPINCOUNT=`[`GOMP_SPINCOUNT`] in the environment unless the
+/// user chose a wait policy. libgomp reads its environment once, in its
+/// library constructor, which runs before `main`; only `.preinit_array`
+/// (main.rs) runs earlier, and there `setenv` is undone: libc's own
+/// constructor then resets `environ` to the original array. So the entry
+/// takes the slot of a variable no library reads while loading (`_`,
+/// `PWD`, ...) in that array, and [`restore_env`] puts that one back first
+/// thing in `main`. Child processes inherit the setting.
+///
+/// # Safety
+/// Only from `.preinit_array`, with the `envp` the loader passes there.
+pub unsafe fn default_omp_wait(envp: *mut *mut libc::c_char) {
+    if envp.is_null() {
+        return;
+    }
+    let mut entries = Vec::new();
+    let mut p = envp;
+    while !(*p).is_null() {
+        entries.push((p, std::ffi::CStr::from_ptr(*p).to_bytes()));
+        p = p.add(1);
+    }
+    let named = |e: &[u8], n: &[u8]| e.starts_with(n) && e.get(n.len()) == Some(&b'=');
+    if entries
+        .iter()
+        .any(|(_, e)| named(e, b"OMP_WAIT_POLICY") || named(e, b"GOMP_SPINCOUNT"))
+    {
+        return;
+    }
+    let harmless = |e: &[u8]| !READ_AT_LOAD.iter().any(|p| e.starts_with(p));
+    let preferred = [&b"_"[..], b"OLDPWD", b"SHLVL", b"PWD", b"HOME"];
+    let slot = preferred
+        .iter()
+        .find_map(|n| entries.iter().find(|(_, e)| named(e, n)))
+        .or_else(|| entries.iter().find(|(_, e)| harmless(e)));
+    if let Some((slot, _)) = slot {
+        LENT_SLOT.store(**slot, std::sync::atomic::Ordering::SeqCst);
+        **slot = GOMP_SPINCOUNT_ENTRY.as_ptr() as *mut libc::c_char;
+    }
+}
+
+/// Puts back the variable whose slot [`default_omp_wait`] lent; call it
+/// first thing in `main`, before any thread starts.
+pub fn restore_env() {
+    let lent = LENT_SLOT.swap(std::ptr::null_mut(), std::sync::atomic::Ordering::SeqCst);
+    if !lent.is_null() {
+        // SAFETY: `lent` is the loader's original entry ("NAME=value", kept
+        // for the life of the process); putenv adds it to `environ` as it is.
+        unsafe { libc::putenv(lent) };
+    }
+}
+
+/// How libtorch's OpenMP workers wait, for `sae info`, the run's last line
+/// and `summary.json`.
+pub fn omp_wait() -> String {
+    let policy = std::env::var("OMP_WAIT_POLICY").ok();
+    let spin = std::env::var("GOMP_SPINCOUNT").ok();
+    match (policy, spin) {
+        (None, Some(s)) if s == GOMP_SPINCOUNT => format!("spin {s} then sleep (sae's default)"),
+        (None, Some(s)) => format!("spin {s} then sleep (GOMP_SPINCOUNT)"),
+        (Some(p), _) => format!("OMP_WAIT_POLICY={p}"),
+        (None, None) => "libgomp's default".into(),
     }
 }
 
@@ -197,6 +295,63 @@ pub fn libtorch_cuda_library() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A loader-style environment array of `entries`, whose strings live
+    /// for the process as the loader's do (`putenv` keeps the pointer).
+    fn envp(entries: &[&str]) -> Vec<*mut libc::c_char> {
+        let mut ptrs: Vec<_> = entries
+            .iter()
+            .map(|e| std::ffi::CString::new(*e).unwrap().into_raw())
+            .collect();
+        ptrs.push(std::ptr::null_mut());
+        ptrs
+    }
+
+    fn entry(p: *mut libc::c_char) -> String {
+        // SAFETY: a NUL-terminated string from `envp` or the static entry.
+        unsafe { std::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn omp_default_lends_a_harmless_slot_and_restore_puts_it_back() {
+        let value = "restored-by-sae-test";
+        let lent = format!("LENT_SLOT_TEST={value}");
+        let mut ptrs = envp(&["OMP_NUM_THREADS=2", "SAE_X=1", &lent, "PATH=/bin"]);
+        // SAFETY: a valid NULL-terminated array; no other test lends a slot.
+        unsafe { default_omp_wait(ptrs.as_mut_ptr()) };
+        // Not OMP_/SAE_ (read while loading): the first harmless one.
+        let got: Vec<String> = ptrs[..4].iter().map(|&p| entry(p)).collect();
+        assert_eq!(
+            got,
+            [
+                "OMP_NUM_THREADS=2",
+                "SAE_X=1",
+                "GOMP_SPINCOUNT=10000",
+                "PATH=/bin"
+            ]
+        );
+        restore_env();
+        assert_eq!(std::env::var("LENT_SLOT_TEST").as_deref(), Ok(value));
+    }
+
+    #[test]
+    fn omp_default_leaves_a_chosen_policy() {
+        for chosen in ["OMP_WAIT_POLICY=active", "GOMP_SPINCOUNT=5"] {
+            let mut ptrs = envp(&["HOME=/root", chosen]);
+            // SAFETY: as above.
+            unsafe { default_omp_wait(ptrs.as_mut_ptr()) };
+            assert_eq!(entry(ptrs[0]), "HOME=/root");
+            assert_eq!(entry(ptrs[1]), chosen);
+        }
+    }
+
+    #[test]
+    fn spin_entry_names_the_default() {
+        let entry = GOMP_SPINCOUNT_ENTRY.to_str().unwrap();
+        assert_eq!(entry, format!("GOMP_SPINCOUNT={GOMP_SPINCOUNT}"));
+    }
 
     /// The guard makes MKL single-threaded on this thread and gives back the
     /// count libtorch had set when it goes.

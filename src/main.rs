@@ -10,7 +10,20 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("unknown panic")
 }
 
+/// Runs before any library's constructor, so libgomp (loaded with libtorch)
+/// reads the wait policy chosen here; see `sae::device::default_omp_wait`.
+#[used]
+#[link_section = ".preinit_array"]
+static OMP_WAIT: extern "C" fn(i32, *mut *mut libc::c_char, *mut *mut libc::c_char) = {
+    extern "C" fn set(_argc: i32, _argv: *mut *mut libc::c_char, envp: *mut *mut libc::c_char) {
+        // SAFETY: called by the loader with its own environment array.
+        unsafe { sae::device::default_omp_wait(envp) }
+    }
+    set
+};
+
 fn main() -> ExitCode {
+    sae::device::restore_env();
     // libtorch errors surface as Rust panics inside tch; report them as one
     // line, never a backtrace: an allocation failure is the user's to fix
     // (exit 2, what to change), anything else an internal error (exit 1).

@@ -141,3 +141,52 @@ fn the_summary_table_keeps_large_values_apart() {
     let v: f64 = cells[1].parse().unwrap();
     assert!(v > 1e6, "{mse}");
 }
+
+/// A run says how libtorch's idle workers wait (issue 22: the busy-machine
+/// default) in its first line and `summary.json`; a user's own choice wins.
+#[test]
+fn a_run_says_how_its_threads_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 256, 8, 8, 1);
+    let cfg = write_config(
+        d,
+        "c.yaml",
+        &format!(
+            "data: {{train: {x}}}\nmodel: {{d_hidden: 8}}\ntrain: {{epochs: 1, threads: 2}}\n"
+        ),
+    );
+    let run = |env: &[(&str, &str)]| {
+        let out = d.join("r");
+        let mut cmd = std::process::Command::new(sae_bin());
+        cmd.args(["train", "--config", &cfg, "--force", "--out"])
+            .arg(&out)
+            .env_remove("OMP_WAIT_POLICY")
+            .env_remove("GOMP_SPINCOUNT")
+            .envs(env.iter().copied());
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let first = stderr(&o).lines().next().unwrap_or_default().to_string();
+        let s = summary(&out);
+        (
+            first,
+            s["omp_wait"].as_str().unwrap().to_string(),
+            s["threads"].as_i64(),
+        )
+    };
+    let (first, wait, threads) = run(&[]);
+    assert_eq!(wait, "spin 10000 then sleep (sae's default)");
+    assert_eq!(threads, Some(2));
+    assert!(
+        first.starts_with("training 1 step on cpu, 2 threads, OpenMP wait: spin 10000"),
+        "{first}"
+    );
+    let (first, wait, _) = run(&[("OMP_WAIT_POLICY", "PASSIVE")]);
+    assert_eq!(wait, "OMP_WAIT_POLICY=PASSIVE");
+    assert!(
+        first.ends_with("OpenMP wait: OMP_WAIT_POLICY=PASSIVE"),
+        "{first}"
+    );
+    let (_, wait, _) = run(&[("GOMP_SPINCOUNT", "300000")]);
+    assert_eq!(wait, "spin 300000 then sleep (GOMP_SPINCOUNT)");
+}

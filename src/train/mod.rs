@@ -58,6 +58,10 @@ pub struct Summary {
     pub steps: i64,
     pub epochs: i64,
     pub device: String,
+    /// libtorch's CPU threads, and how its OpenMP workers wait
+    /// (`device::omp_wait`): what decides speed on a shared machine.
+    pub threads: i64,
+    pub omp_wait: String,
     /// Data-parallel ranks (1: a single process) and their c10d backend.
     pub world_size: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -493,7 +497,12 @@ impl Session {
         let (learner, state, pos) = start(&run, model, &cfg, device, opts.resume, total_steps)?;
         let report = Reporter {
             log: run.metrics_log(opts.resume.then_some(pos.step))?,
-            progress: Progress::new(opts.progress && run.writer, total_steps, cfg.train.epochs),
+            progress: Progress::new(
+                opts.progress && run.writer,
+                total_steps,
+                cfg.train.epochs,
+                &device::place(device),
+            ),
             valid: plan.valid_joined,
         };
         let (order, per_epoch) = (plan.fixed_order, plan.per_epoch);
@@ -616,6 +625,8 @@ impl Session {
             steps: state.step,
             epochs: cfg.train.epochs,
             device: device::describe(self.device),
+            threads: tch::get_num_threads() as i64,
+            omp_wait: device::omp_wait(),
             world_size: self.shard.world,
             backend: group.map(|_| "gloo".to_string()),
             collective_seconds: group.map(|g| g.busy_seconds() - self.busy_before),
@@ -949,8 +960,8 @@ pub fn summary_table(s: &Summary) -> String {
         out += &format!("{name:<20}{}{}\n", fmt(f(&s.train)), fmt(v));
     }
     out += &format!(
-        "{} steps in {:.1} s ({:.0} samples/s) on {}\n",
-        s.steps, s.seconds, s.samples_per_second, s.device
+        "{} steps in {:.1} s ({:.0} samples/s) on {}, {} threads\n",
+        s.steps, s.seconds, s.samples_per_second, s.device, s.threads
     );
     out
 }

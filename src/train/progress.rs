@@ -14,8 +14,13 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(wanted: bool, total_steps: i64, epochs: i64) -> Progress {
+    /// `place`: where the steps run (device, threads), said once first.
+    pub fn new(wanted: bool, total_steps: i64, epochs: i64, place: &str) -> Progress {
         let tty = std::io::stderr().is_terminal();
+        if wanted {
+            let s = if total_steps == 1 { "" } else { "s" };
+            eprintln!("training {total_steps} step{s} on {place}");
+        }
         let bar = if wanted && tty {
             ProgressBar::with_draw_target(Some(total_steps as u64), ProgressDrawTarget::stderr())
         } else {
