@@ -23,6 +23,11 @@ Cases (issue 6):
      first two), against the training state (parameters, gradients, Adam's two
      moments); the end-of-run phase against the training loop; and top-k
      selection over those latents against the encoder matmul that feeds it
+  LOADED  S, M and T beside two busy processes (CPU spin loops the bench starts
+     and stops, each bounded to 15 minutes), ours against the PyTorch loop under
+     the same load, both with their defaults (ours: `train.threads: auto` and
+     its OpenMP wait; PyTorch: its threads and libgomp's); and our quiet figure
+     without the load, from the same defaults, in the same run
   LM  training rows from a language model (`data.model`): a GPT-2-shaped slice
      (scripts/bench_lm.py, random init; 4 blocks at d_model 512, --quick 2 at 256)
      on random token ids; the model forward alone (`sae activations`), the SAE
@@ -35,7 +40,7 @@ only, no data loading); PyTorch's loop is timed the same way. Each case runs
 ours and PyTorch alternately REPEATS times; the table takes the best of each.
 The matmul peak is torch.mm at the M shape, measured in this same run.
 
-Usage: bench.py SAE_BIN OUT_DIR [--quick] [--only S,M,MT,T,E,OOC,OMP,DP,SAELENS,SWITCH,MEM,LM]
+Usage: bench.py SAE_BIN OUT_DIR [--quick] [--only S,M,MT,T,E,OOC,OMP,DP,SAELENS,SWITCH,MEM,LOADED,LM]
   --only runs the named parts and prints their figures without writing the table.
 """
 import json, os, platform, subprocess, sys, time
@@ -405,6 +410,109 @@ def switch_lines(rows):
     lines += ["", f"The sparse step stops paying near {cross:.0%} density"
               if cross is not None else "The sparse step paid at every density measured",
               f"(`train.sparse_step: auto` switches at {SWITCH_DENSITY:.0%}, src/sparse_step.rs)."]
+    return lines
+
+
+# LOADED: how both loops fare on a shared machine (issue 22).
+LOADED_CASES = ("S", "M", "T")
+# The wait default's quiet cost is measured on these (issue 22: S, M, MT, T).
+QUIET_CASES = ("S", "M", "MT", "T")
+# libgomp's own spin count when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set.
+LIBGOMP_SPINCOUNT = "300000"
+# Aims: ours against PyTorch's loop under the load, and ours under the load
+# against ours quiet (a fair share of 2 cores beside two busy processes is
+# about two thirds of them).
+LOADED_AIM_RATIO, LOADED_AIM_SLOWDOWN = 3.0, 2.0
+# Variables that choose how OpenMP workers wait: unset for "defaults".
+OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def busy_processes(n, seconds=900):
+    """n CPU-bound processes that end by themselves after `seconds` (the bench
+    also stops them), so a killed bench leaves nothing spinning for long."""
+    code = f"import time\nt = time.time() + {seconds}\nwhile time.time() < t: pass\n"
+    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]
+
+
+def run_ours_default(name, c, data, env_extra=None):
+    """Ours with its defaults: no train.threads, no OpenMP variables (but
+    `env_extra`)."""
+    path = config(f"{name}-default", c, data)
+    cfg = json.load(open(path))
+    del cfg["train"]["threads"]
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    env = {k: v for k, v in os.environ.items() if k not in OMP_VARS}
+    env.update(env_extra or {})
+    run = os.path.join(OUT, f"run-{name}-default")
+    subprocess.run([SAE, "train", "-q", "--config", path, "--out", run, "--force"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    s = json.load(open(os.path.join(run, "summary.json")))
+    return s["samples_per_second"], s["omp_wait"]
+
+
+def bench_loaded():
+    """Per case: ours quiet, then ours and PyTorch alternately beside two busy
+    processes; best and worst of REPEATS each. PyTorch runs in this process,
+    whose OpenMP was started with libgomp's defaults."""
+    if any(k in os.environ for k in OMP_VARS):
+        log(f"LOADED: note: {', '.join(k for k in OMP_VARS if k in os.environ)} set in the "
+            "bench's environment: the PyTorch loop runs with it, ours without")
+    rows, wait, cost = [], None, []
+    quiet_best = {}
+    for name in QUIET_CASES:
+        # What the wait default costs where nothing else runs: against
+        # libgomp's own spin count, alternating.
+        c = CASES[name]
+        data = make_data(name, c)
+        ours, libgomp = [], []
+        for _ in range(REPEATS):
+            rate, wait = run_ours_default(name, c, data)
+            ours.append(rate)
+            libgomp.append(run_ours_default(name, c, data, {"GOMP_SPINCOUNT": LIBGOMP_SPINCOUNT})[0])
+        log(f"LOADED quiet {name}: ours {max(ours):.0f}/s, with libgomp's wait {max(libgomp):.0f}/s")
+        cost.append((name, max(ours), max(libgomp)))
+        quiet_best[name] = max(ours)
+    for name in LOADED_CASES:
+        c = CASES[name]
+        data = make_data(name, c)
+        busy = busy_processes(2)
+        try:
+            time.sleep(0.5)
+            ours, theirs = [], []
+            for r in range(REPEATS):
+                ours.append(run_ours_default(name, c, data)[0])
+                theirs.append(run_torch(c, data))
+                log(f"LOADED {name} round {r + 1}: ours {ours[-1]:.0f}/s, PyTorch {theirs[-1]:.0f}/s")
+        finally:
+            for p in busy:
+                p.kill()
+                p.wait()
+        rows.append((name, quiet_best[name], max(ours), min(ours), max(theirs), min(theirs)))
+    return rows, wait, cost
+
+
+def loaded_lines(res):
+    rows, wait, cost = res
+    lines = ["Loaded machine (LOADED): S, M and T beside two busy processes (Python spin loops, "
+             "started and stopped by the bench), both loops with their defaults: ours "
+             f"`train.threads: auto` ({THREADS} threads here), OpenMP wait: {wait}; PyTorch "
+             f"{THREADS} threads, libgomp's wait. Best (worst) of {REPEATS} alternating runs; "
+             "quiet: ours on the same machine without the load, in the same run.",
+             "",
+             "| case | ours quiet samples/s | ours loaded | PyTorch loaded | ours / PyTorch loaded "
+             f"(aim >= {LOADED_AIM_RATIO:.0f}x) | ours quiet / loaded (aim <= {LOADED_AIM_SLOWDOWN:.0f}x) |",
+             "|---|---|---|---|---|---|"]
+    for name, quiet, o, o_min, t, t_min in rows:
+        ratio, slow = o / t, quiet / o
+        met = lambda ok: "" if ok else " (missed)"
+        lines.append(f"| {name} | {quiet:,.0f} | {o:,.0f} ({o_min:,.0f}) | {t:,.0f} ({t_min:,.0f}) | "
+                     f"{ratio:.2f}x{met(ratio >= LOADED_AIM_RATIO)} | "
+                     f"{slow:.2f}x{met(slow <= LOADED_AIM_SLOWDOWN)} |")
+    lines += ["", "Quiet cost of that wait default: ours as shipped against ours with libgomp's own "
+              f"(GOMP_SPINCOUNT={LIBGOMP_SPINCOUNT}), nothing else running, best of {REPEATS} "
+              "alternating: " + ", ".join(f"{n} {o / g:.2f}x ({o:,.0f} vs {g:,.0f}/s)" for n, o, g in cost)
+              + " (aim: no more than a few percent below 1.00x)."]
     return lines
 
 
@@ -1062,6 +1170,9 @@ def main():
         if "MEM" in ONLY:
             for line in mem_lines(bench_mem(), bench_topk()):
                 log(line)
+        if "LOADED" in ONLY:
+            for line in loaded_lines(bench_loaded()):
+                log(line)
         if "LM" in ONLY:
             for line in lm_lines(bench_lm()):
                 log(line)
@@ -1077,6 +1188,7 @@ def main():
     if sl is None:
         log(saelens_lines(sl)[0])
     mem, topk = bench_mem(), bench_topk()
+    loaded = bench_loaded()
     lm = bench_lm()
     cpu = platform.processor() or platform.machine()
     try:
@@ -1125,6 +1237,7 @@ def main():
     lines += ["", l0_line()]
     lines += [""] + switch_lines(switch)
     lines += [""] + mem_lines(mem, topk)
+    lines += [""] + loaded_lines(loaded)
     lines += [""] + lm_lines(lm)
     lines += ["", "GFLOP/s counts the dense maths (12 * d_in * d_hidden per training sample; 10 for S),",
               "also where our path does less work, so there it is an effective rate: T and MT (the sparse",
