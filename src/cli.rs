@@ -33,7 +33,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// libtorch version, CUDA availability and device count, threads.
+    /// libtorch version, CUDA availability and device count, threads and how idle ones wait.
     Info,
     /// Generate data.
     #[command(subcommand)]
