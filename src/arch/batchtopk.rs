@@ -5,7 +5,7 @@
 
 use super::{jump, saved_threshold, Architecture, Threshold, JUMP_TS};
 use crate::config::ModelConfig;
-use crate::export::torchscript::{ActivationCode, AttrValue};
+use super::exports::{ActivationCode, AttrValue};
 use crate::model::Sae;
 use serde_json::{Map, Value};
 use tch::{Device, Kind, Tensor};

@@ -7,7 +7,7 @@
 //! `mean((decode(relu(pi_gate)) - x)^2)`.
 
 use super::Architecture;
-use crate::export::torchscript::ActivationCode;
+use super::exports::ActivationCode;
 use crate::model::Sae;
 use serde_json::{Map, Value};
 use tch::{Kind, Tensor};

@@ -6,7 +6,7 @@
 use super::{jump, saved_threshold, Architecture, Support, Threshold, JUMP_TS};
 use crate::activation::{rectangle, straight_through};
 use crate::config::ModelConfig;
-use crate::export::torchscript::{ActivationCode, AttrValue};
+use super::exports::{ActivationCode, AttrValue};
 use crate::model::Sae;
 use serde_json::{Map, Value};
 use tch::{Device, Kind, Tensor};

@@ -17,7 +17,7 @@
 //! with `model.decoder_init_norm: 1.0` (the defaults) is that start.
 
 use super::Architecture;
-use crate::export::torchscript::{ActivationCode, AttrValue};
+use super::exports::{ActivationCode, AttrValue};
 use crate::model::Sae;
 use serde_json::{json, Map, Value};
 use tch::Tensor;

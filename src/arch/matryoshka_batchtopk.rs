@@ -21,7 +21,7 @@ use super::batchtopk::BatchTopK;
 use super::Architecture;
 use super::Threshold;
 use crate::config::{ModelConfig, OutputActivation};
-use crate::export::torchscript::ActivationCode;
+use super::exports::ActivationCode;
 use crate::model::{Forward, Sae};
 use serde_json::{Map, Value};
 use tch::{Device, Reduction, Tensor};

@@ -11,6 +11,7 @@
 //! activation applied to the pre-activations.
 
 mod batchtopk;
+pub mod exports;
 mod gated;
 mod jumprelu;
 mod matching_pursuit;
@@ -24,7 +25,7 @@ pub use gated::gated;
 
 use crate::activation::Activation;
 use crate::config::ModelConfig;
-use crate::export::torchscript::ActivationCode;
+use exports::ActivationCode;
 use crate::model::{Forward, Sae};
 use serde_json::{Map, Value};
 use tch::{Device, Tensor};

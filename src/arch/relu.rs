@@ -1,7 +1,7 @@
 //! `relu(pre)`: SAELens's `standard` SAE.
 
 use super::{Architecture, Support};
-use crate::export::torchscript::ActivationCode;
+use super::exports::ActivationCode;
 use crate::model::Sae;
 use serde_json::{Map, Value};
 use tch::Tensor;

@@ -1,7 +1,7 @@
 //! `sigmoid(pre)`: the classic autoencoder of the seeds (with a KL penalty).
 
 use super::Architecture;
-use crate::export::torchscript::ActivationCode;
+use super::exports::ActivationCode;
 use crate::model::Sae;
 use serde_json::{Map, Value};
 use tch::Tensor;

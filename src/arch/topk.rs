@@ -1,7 +1,7 @@
 //! Top-k: the k largest pre-activations per row survive (then ReLU).
 
 use super::{Architecture, Support};
-use crate::export::torchscript::{ActivationCode, AttrValue};
+use super::exports::{ActivationCode, AttrValue};
 use crate::model::Sae;
 use serde_json::{json, Map, Value};
 use tch::Tensor;
