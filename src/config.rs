@@ -310,6 +310,15 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// The matryoshka levels as SAELens resolves them: `matryoshka_widths`,
     /// with `d_hidden` appended when the last width is not it.
+    /// What the architectures read of these settings (`crate::arch`).
+    pub fn arch_settings(&self) -> crate::arch::Settings {
+        crate::arch::Settings {
+            jumprelu_init_threshold: self.jumprelu_init_threshold,
+            topk_threshold_lr: self.topk_threshold_lr,
+            matryoshka_levels: self.matryoshka_levels(),
+        }
+    }
+
     pub fn matryoshka_levels(&self) -> Vec<i64> {
         let mut levels = self.matryoshka_widths.clone();
         if levels.last() != Some(&self.d_hidden) {

@@ -176,7 +176,7 @@ impl Sae {
             .map(|w| torch_linear(w[0], w[1], device))
             .collect::<Result<_, _>>()?;
         let arch = spec.activation.arch();
-        let threshold = arch.init_threshold(d_h, m, device);
+        let threshold = arch.init_threshold(d_h, &m.arch_settings(), device);
         // SAELens: r_mag and b_mag start at 0 (b_enc, the gate's bias, too).
         let gate = match arch.gated() {
             true => Some(Gate {
@@ -514,6 +514,44 @@ impl Sae {
                 .expand([self.spec.d_hidden], false)
                 .contiguous()
         })
+    }
+}
+
+/// The view architectures work on (`crate::arch::Params`).
+impl crate::arch::Params for Sae {
+    fn decoder_weight(&self) -> Tensor {
+        Sae::decoder_weight(self)
+    }
+
+    fn b_dec(&self) -> &Tensor {
+        &self.b_dec
+    }
+
+    fn threshold_mut(&mut self) -> Option<&mut Tensor> {
+        self.threshold.as_mut()
+    }
+
+    fn threshold_for_saving(&self) -> Option<Tensor> {
+        Sae::threshold_for_saving(self)
+    }
+
+    fn gate(&self) -> Option<(&Tensor, &Tensor)> {
+        self.gate.as_ref().map(|g| (&g.r_mag, &g.b_mag))
+    }
+
+    fn gate_codes(&self, xn: &Tensor) -> Option<Tensor> {
+        Sae::gate_codes(self, xn)
+    }
+
+    fn decode_normalized(&self, z: &Tensor) -> Tensor {
+        Sae::decode_normalized(self, z)
+    }
+
+    fn output_activation(&self, out: Tensor) -> Tensor {
+        match self.spec.decoder_activation {
+            OutputActivation::None => out,
+            OutputActivation::Sigmoid => out.sigmoid(),
+        }
     }
 }
 

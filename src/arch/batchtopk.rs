@@ -4,9 +4,8 @@
 //! SAELens saves a BatchTopK SAE for inference.
 
 use super::{jump, saved_threshold, Architecture, Threshold, JUMP_TS};
-use crate::config::ModelConfig;
+use super::{Params, Settings};
 use super::exports::{ActivationCode, AttrValue};
-use crate::model::Sae;
 use serde_json::{Map, Value};
 use tch::{Device, Kind, Tensor};
 
@@ -31,14 +30,14 @@ impl Architecture for BatchTopK {
     }
 
     /// SAELens keeps the running estimate in float64, a scalar while training.
-    fn init_threshold(&self, _d_hidden: i64, _m: &ModelConfig, device: Device) -> Option<Tensor> {
+    fn init_threshold(&self, _d_hidden: i64, _s: &Settings, device: Device) -> Option<Tensor> {
         Some(Tensor::zeros([], (Kind::Double, device)))
     }
 
     /// The inference threshold: an exponential moving average of the
     /// smallest positive training code (SAELens `update_topk_threshold`).
     /// With several ranks, the smallest over the global batch.
-    fn after_forward(&self, model: &mut Sae, z: &Tensor, m: &ModelConfig) {
+    fn after_forward(&self, model: &mut dyn Params, z: &Tensor, s: &Settings) {
         let _guard = tch::no_grad_guard();
         let z = z.detach();
         let positive = z.gt(0.0);
@@ -62,8 +61,8 @@ impl Architecture for BatchTopK {
                 z.masked_select(&positive).min().to_kind(Kind::Double)
             }
         };
-        let rate = m.topk_threshold_lr;
-        let t = model.threshold.as_mut().expect("batchtopk has a threshold");
+        let rate = s.topk_threshold_lr;
+        let t = model.threshold_mut().expect("batchtopk has a threshold");
         *t = &*t * (1.0 - rate) + min_positive * rate;
     }
 
@@ -74,7 +73,7 @@ impl Architecture for BatchTopK {
     }
 
     /// The threshold is a buffer (estimated, not trained).
-    fn torchscript(&self, model: &Sae) -> ActivationCode {
+    fn torchscript(&self, model: &dyn Params) -> ActivationCode {
         ActivationCode {
             body: JUMP_TS.into(),
             from_input: false,

@@ -7,8 +7,8 @@
 //! `mean((decode(relu(pi_gate)) - x)^2)`.
 
 use super::Architecture;
+use super::{Params};
 use super::exports::ActivationCode;
-use crate::model::Sae;
 use serde_json::{Map, Value};
 use tch::{Kind, Tensor};
 
@@ -23,12 +23,12 @@ impl Architecture for Gated {
         true
     }
 
-    fn penalty_codes(&self, model: &Sae, input: &Tensor) -> Option<Tensor> {
+    fn penalty_codes(&self, model: &dyn Params, input: &Tensor) -> Option<Tensor> {
         model.gate_codes(input)
     }
 
     /// The gate alone must reconstruct too (SAELens's auxiliary loss).
-    fn aux_loss(&self, model: &Sae, gate_codes: &Tensor, target: &Tensor) -> Option<Tensor> {
+    fn aux_loss(&self, model: &dyn Params, gate_codes: &Tensor, target: &Tensor) -> Option<Tensor> {
         Some(
             (model.decode_normalized(gate_codes) - target)
                 .square()
@@ -44,16 +44,16 @@ impl Architecture for Gated {
     /// Gate 1[pre > 0] times relu(x @ (W_enc * exp(r_mag)) + b_mag), the
     /// magnitude written from `pre` (x @ W_enc = pre - b_enc; equal up to
     /// float rounding).
-    fn torchscript(&self, model: &Sae) -> ActivationCode {
-        let g = model.gate.as_ref().expect("a gated model has r_mag, b_mag");
+    fn torchscript(&self, model: &dyn Params) -> ActivationCode {
+        let (r_mag, b_mag) = model.gate().expect("a gated model has r_mag, b_mag");
         ActivationCode {
             body: "    mag = (pre - self.b_enc) * torch.exp(self.r_mag) + self.b_mag\n    \
                    return (pre > 0).to(pre.dtype) * torch.relu(mag)\n"
                 .into(),
             from_input: false,
             tensors: vec![
-                ("r_mag".into(), g.r_mag.shallow_clone(), true),
-                ("b_mag".into(), g.b_mag.shallow_clone(), true),
+                ("r_mag".into(), r_mag.shallow_clone(), true),
+                ("b_mag".into(), b_mag.shallow_clone(), true),
             ],
             attrs: vec![],
         }

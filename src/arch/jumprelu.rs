@@ -5,9 +5,8 @@
 
 use super::{jump, saved_threshold, Architecture, Support, Threshold, JUMP_TS};
 use crate::activation::{rectangle, straight_through};
-use crate::config::ModelConfig;
+use super::{Params, Settings};
 use super::exports::{ActivationCode, AttrValue};
-use crate::model::Sae;
 use serde_json::{Map, Value};
 use tch::{Device, Kind, Tensor};
 
@@ -45,24 +44,24 @@ impl Architecture for JumpRelu {
         Support::Mask(((pre - t) / self.bandwidth).gt(-0.5))
     }
 
-    fn init_threshold(&self, d_hidden: i64, m: &ModelConfig, device: Device) -> Option<Tensor> {
+    fn init_threshold(&self, d_hidden: i64, s: &Settings, device: Device) -> Option<Tensor> {
         Some(Tensor::full(
             [d_hidden],
-            m.jumprelu_init_threshold,
+            s.jumprelu_init_threshold,
             (Kind::Float, device),
         ))
     }
 
     /// SAELens: thresholds stay >= 0 (projected before each forward pass).
-    fn before_forward(&self, model: &mut Sae) {
+    fn before_forward(&self, model: &mut dyn Params) {
         let _guard = tch::no_grad_guard();
-        let _ = model.threshold.as_mut().unwrap().clamp_min_(0.0);
+        let _ = model.threshold_mut().unwrap().clamp_min_(0.0);
     }
 
     /// The last step may leave a threshold below 0; at inference that acts
     /// as 0 (relu(pre) * (pre > t)), so it is saved projected.
-    fn finish_training(&self, model: &mut Sae) {
-        let _ = model.threshold.as_mut().unwrap().clamp_min_(0.0);
+    fn finish_training(&self, model: &mut dyn Params) {
+        let _ = model.threshold_mut().unwrap().clamp_min_(0.0);
     }
 
     fn saelens(&self) -> Result<(&'static str, Map<String, Value>), String> {
@@ -70,7 +69,7 @@ impl Architecture for JumpRelu {
     }
 
     /// The learned threshold is a parameter.
-    fn torchscript(&self, model: &Sae) -> ActivationCode {
+    fn torchscript(&self, model: &dyn Params) -> ActivationCode {
         ActivationCode {
             body: JUMP_TS.into(),
             from_input: false,

@@ -17,8 +17,8 @@
 //! with `model.decoder_init_norm: 1.0` (the defaults) is that start.
 
 use super::Architecture;
+use super::{Params};
 use super::exports::{ActivationCode, AttrValue};
-use crate::model::Sae;
 use serde_json::{json, Map, Value};
 use tch::Tensor;
 
@@ -32,7 +32,7 @@ impl Architecture for MatchingPursuit {
         panic!("matching pursuit codes need the input and the dictionary: see codes_from_input")
     }
 
-    fn codes_from_input(&self, model: &Sae, x: &Tensor) -> Option<Tensor> {
+    fn codes_from_input(&self, model: &dyn Params, x: &Tensor) -> Option<Tensor> {
         Some(crate::pursuit::matching_pursuit(
             x,
             &model.decoder_weight(),
@@ -53,7 +53,7 @@ impl Architecture for MatchingPursuit {
     /// `codes(self, x)`: the pursuit as a scripted loop over the rows of
     /// `W_enc.T` (the tied dictionary; the module's `W_dec` is its copy, read
     /// by `decode`), the same ops as [`crate::pursuit::matching_pursuit`].
-    fn torchscript(&self, _model: &Sae) -> ActivationCode {
+    fn torchscript(&self, _model: &dyn Params) -> ActivationCode {
         ActivationCode {
             body: MP_TS.into(),
             from_input: true,

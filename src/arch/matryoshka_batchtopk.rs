@@ -20,9 +20,8 @@
 use super::batchtopk::BatchTopK;
 use super::Architecture;
 use super::Threshold;
-use crate::config::{ModelConfig, OutputActivation};
+use super::{Params, Settings};
 use super::exports::ActivationCode;
-use crate::model::{Forward, Sae};
 use serde_json::{Map, Value};
 use tch::{Device, Reduction, Tensor};
 
@@ -49,38 +48,35 @@ impl Architecture for MatryoshkaBatchTopK {
         self.batchtopk().threshold()
     }
 
-    fn init_threshold(&self, d_hidden: i64, m: &ModelConfig, device: Device) -> Option<Tensor> {
-        self.batchtopk().init_threshold(d_hidden, m, device)
+    fn init_threshold(&self, d_hidden: i64, s: &Settings, device: Device) -> Option<Tensor> {
+        self.batchtopk().init_threshold(d_hidden, s, device)
     }
 
     /// The inner levels' reconstruction losses, narrowest first.
     fn extra_losses(
         &self,
-        model: &Sae,
-        forward: &Forward,
+        model: &dyn Params,
+        z: &Tensor,
         target: &Tensor,
-        m: &ModelConfig,
+        s: &Settings,
     ) -> Vec<Tensor> {
-        let levels = m.matryoshka_levels();
+        let levels = &s.matryoshka_levels;
         let w_dec = model.decoder_weight();
-        let mut decoded = model.b_dec.shallow_clone();
+        let mut decoded = model.b_dec().shallow_clone();
         let mut prev = 0;
         let mut losses = Vec::with_capacity(levels.len() - 1);
         for &width in &levels[..levels.len() - 1] {
             let n = width - prev;
-            decoded = forward.z.narrow(1, prev, n).mm(&w_dec.narrow(0, prev, n)) + &decoded;
-            let recon = match model.spec.decoder_activation {
-                OutputActivation::None => decoded.shallow_clone(),
-                OutputActivation::Sigmoid => decoded.sigmoid(),
-            };
+            decoded = z.narrow(1, prev, n).mm(&w_dec.narrow(0, prev, n)) + &decoded;
+            let recon = model.output_activation(decoded.shallow_clone());
             losses.push(recon.mse_loss(target, Reduction::Mean));
             prev = width;
         }
         losses
     }
 
-    fn after_forward(&self, model: &mut Sae, z: &Tensor, m: &ModelConfig) {
-        self.batchtopk().after_forward(model, z, m)
+    fn after_forward(&self, model: &mut dyn Params, z: &Tensor, s: &Settings) {
+        self.batchtopk().after_forward(model, z, s)
     }
 
     /// After training SAELens saves it as a JumpReLU (its config class
@@ -89,7 +85,7 @@ impl Architecture for MatryoshkaBatchTopK {
         self.batchtopk().saelens()
     }
 
-    fn torchscript(&self, model: &Sae) -> ActivationCode {
+    fn torchscript(&self, model: &dyn Params) -> ActivationCode {
         self.batchtopk().torchscript(model)
     }
 }

@@ -24,11 +24,40 @@ pub use batchtopk::batch_topk;
 pub use gated::gated;
 
 use crate::activation::Activation;
-use crate::config::ModelConfig;
 use exports::ActivationCode;
-use crate::model::{Forward, Sae};
 use serde_json::{Map, Value};
 use tch::{Device, Tensor};
+
+/// The narrow view of a model that architectures work on (`model::Sae`
+/// gives it): the decoder, the threshold and the gate, and the decode.
+pub trait Params {
+    /// `[d_hidden, d_out]` (`W_enc.T` when tied).
+    fn decoder_weight(&self) -> Tensor;
+    fn b_dec(&self) -> &Tensor;
+    /// jumprelu / batchtopk: the threshold, to update in place.
+    fn threshold_mut(&mut self) -> Option<&mut Tensor>;
+    /// The threshold as saved (`[d_hidden]` float32).
+    fn threshold_for_saving(&self) -> Option<Tensor>;
+    /// Gated models: `(r_mag, b_mag)`.
+    fn gate(&self) -> Option<(&Tensor, &Tensor)>;
+    /// Gated models: the gate's codes `relu(pi_gate)` of normalised input.
+    fn gate_codes(&self, xn: &Tensor) -> Option<Tensor>;
+    /// Codes to normalised output: decoder, deep layers, output activation.
+    fn decode_normalized(&self, z: &Tensor) -> Tensor;
+    /// The output activation alone (on `z @ W_dec + b_dec` of a shallow model).
+    fn output_activation(&self, out: Tensor) -> Tensor;
+}
+
+/// The training settings architectures read (from `model.*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// jumprelu: the threshold a fresh model starts with.
+    pub jumprelu_init_threshold: f64,
+    /// batchtopk: the rate of the inference threshold's moving average.
+    pub topk_threshold_lr: f64,
+    /// matryoshka: the nested widths, `d_hidden` last.
+    pub matryoshka_levels: Vec<i64>,
+}
 
 /// The registry: the code for each [`Activation`].
 pub fn of(a: &Activation) -> Box<dyn Architecture> {
@@ -85,7 +114,7 @@ pub trait Architecture {
     ///
     /// [`apply`]: Architecture::apply
     /// [`apply_train`]: Architecture::apply_train
-    fn codes_from_input(&self, _model: &Sae, _x: &Tensor) -> Option<Tensor> {
+    fn codes_from_input(&self, _model: &dyn Params, _x: &Tensor) -> Option<Tensor> {
         None
     }
 
@@ -135,7 +164,7 @@ pub trait Architecture {
     }
 
     /// The threshold a fresh model starts with (when it has one).
-    fn init_threshold(&self, _d_hidden: i64, _m: &ModelConfig, _device: Device) -> Option<Tensor> {
+    fn init_threshold(&self, _d_hidden: i64, _s: &Settings, _device: Device) -> Option<Tensor> {
         None
     }
 
@@ -147,40 +176,45 @@ pub trait Architecture {
     // --- training hooks, in the order a step calls them ---
 
     /// Before each training forward pass (a projection of parameters).
-    fn before_forward(&self, _model: &mut Sae) {}
+    fn before_forward(&self, _model: &mut dyn Params) {}
 
     /// The codes the sparsity penalty sees instead of the training codes,
     /// from the (possibly corrupted) normalised input.
-    fn penalty_codes(&self, _model: &Sae, _input: &Tensor) -> Option<Tensor> {
+    fn penalty_codes(&self, _model: &dyn Params, _input: &Tensor) -> Option<Tensor> {
         None
     }
 
     /// An extra loss term, added unweighted, from [`penalty_codes`]'s result.
     ///
     /// [`penalty_codes`]: Architecture::penalty_codes
-    fn aux_loss(&self, _model: &Sae, _penalty_codes: &Tensor, _target: &Tensor) -> Option<Tensor> {
+    fn aux_loss(
+        &self,
+        _model: &dyn Params,
+        _penalty_codes: &Tensor,
+        _target: &Tensor,
+    ) -> Option<Tensor> {
         None
     }
 
-    /// Extra loss terms from the training forward pass (its codes `z`),
+    /// Extra loss terms from the training forward pass's codes `z`,
     /// each added unweighted to the loss, in order, after everything else
     /// (matryoshka: each inner prefix's reconstruction). Empty by default,
     /// and then the loss is computed exactly as without this hook.
     fn extra_losses(
         &self,
-        _model: &Sae,
-        _forward: &Forward,
+        _model: &dyn Params,
+        _z: &Tensor,
         _target: &Tensor,
-        _m: &ModelConfig,
+        _s: &Settings,
     ) -> Vec<Tensor> {
         Vec::new()
     }
 
     /// After the forward pass, from the training codes (a running estimate).
-    fn after_forward(&self, _model: &mut Sae, _z: &Tensor, _m: &ModelConfig) {}
+    fn after_forward(&self, _model: &mut dyn Params, _z: &Tensor, _s: &Settings) {}
 
     /// Once training ends, before the model is saved.
-    fn finish_training(&self, _model: &mut Sae) {}
+    fn finish_training(&self, _model: &mut dyn Params) {}
 
     // --- export descriptions ---
 
@@ -193,7 +227,7 @@ pub trait Architecture {
     /// what it reads.
     ///
     /// [`codes_from_input`]: Architecture::codes_from_input
-    fn torchscript(&self, model: &Sae) -> ActivationCode;
+    fn torchscript(&self, model: &dyn Params) -> ActivationCode;
 }
 
 /// SAELens's JumpReLU inference, `relu(pre) * (pre > threshold)`, shared by
@@ -209,7 +243,7 @@ fn jump(pre: &Tensor, threshold: Option<&Tensor>) -> Tensor {
 const JUMP_TS: &str = "    return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)\n";
 
 /// The threshold as saved (`[d_hidden]` float32).
-fn saved_threshold(model: &Sae) -> Tensor {
+fn saved_threshold(model: &dyn Params) -> Tensor {
     model
         .threshold_for_saving()
         .expect("a jumprelu/batchtopk model has a threshold")

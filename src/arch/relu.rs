@@ -1,8 +1,8 @@
 //! `relu(pre)`: SAELens's `standard` SAE.
 
 use super::{Architecture, Support};
+use super::{Params};
 use super::exports::ActivationCode;
-use crate::model::Sae;
 use serde_json::{Map, Value};
 use tch::Tensor;
 
@@ -29,7 +29,7 @@ impl Architecture for Relu {
         Ok(("standard", Map::new()))
     }
 
-    fn torchscript(&self, _model: &Sae) -> ActivationCode {
+    fn torchscript(&self, _model: &dyn Params) -> ActivationCode {
         ActivationCode::simple("    return torch.relu(pre)\n")
     }
 }

@@ -1,8 +1,8 @@
 //! `sigmoid(pre)`: the classic autoencoder of the seeds (with a KL penalty).
 
 use super::Architecture;
+use super::{Params};
 use super::exports::ActivationCode;
-use crate::model::Sae;
 use serde_json::{Map, Value};
 use tch::Tensor;
 
@@ -24,7 +24,7 @@ impl Architecture for Sigmoid {
             .into())
     }
 
-    fn torchscript(&self, _model: &Sae) -> ActivationCode {
+    fn torchscript(&self, _model: &dyn Params) -> ActivationCode {
         ActivationCode::simple("    return torch.sigmoid(pre)\n")
     }
 }

@@ -1,8 +1,8 @@
 //! Top-k: the k largest pre-activations per row survive (then ReLU).
 
 use super::{Architecture, Support};
+use super::{Params};
 use super::exports::{ActivationCode, AttrValue};
-use crate::model::Sae;
 use serde_json::{json, Map, Value};
 use tch::Tensor;
 
@@ -39,7 +39,7 @@ impl Architecture for TopK {
         Ok(("topk", m))
     }
 
-    fn torchscript(&self, _model: &Sae) -> ActivationCode {
+    fn torchscript(&self, _model: &dyn Params) -> ActivationCode {
         ActivationCode {
             body: "    values, indices = torch.topk(pre, self.k, dim=-1)\n    \
                    return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))\n"

@@ -60,6 +60,8 @@ pub struct Learner {
     pub adam: Adam,
     penalty: Penalty,
     arch: Box<dyn Architecture>,
+    /// What `arch` reads of `cfg.model`.
+    settings: crate::arch::Settings,
     cfg: Config,
 }
 
@@ -73,6 +75,7 @@ impl Learner {
             .map_err(|e| anyhow::Error::new(e).context("allocating the optimizer's buffers"))?;
         Ok(Learner {
             arch: model.spec.activation.arch(),
+            settings: cfg.model.arch_settings(),
             model,
             adam,
             penalty,
@@ -123,7 +126,7 @@ impl Learner {
         out.share = share;
         dead.update(&out.forward.z);
         self.arch
-            .after_forward(&mut self.model, &out.forward.z, &self.cfg.model);
+            .after_forward(&mut self.model, &out.forward.z, &self.settings);
         self.update(&out, p.lr);
         if resample_every > 0 && p.step % resample_every == 0 {
             let d = dead.dead();
@@ -183,7 +186,7 @@ impl Learner {
         // Last: the architecture's extra terms (matryoshka's inner levels),
         // added one by one in order (out of place, `loss = loss + e`, as
         // SAELens does); logged as `aux_loss`, their sum.
-        let extra = self.arch.extra_losses(model, &f, target, &self.cfg.model);
+        let extra = self.arch.extra_losses(model, &f.z, target, &self.settings);
         let (loss, aux) = match extra.split_first() {
             None => (loss, aux),
             Some((first, rest)) => (
