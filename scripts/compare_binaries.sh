@@ -1,5 +1,5 @@
 #!/bin/bash
-# Behaviour unchanged? Trains 27 configs (every activation and penalty,
+# Behaviour unchanged? Trains 29 configs (every activation and penalty,
 # resampling, tied, deep, transcoder, noise, schedules, full batch, streamed
 # and in-memory data, valid splits) plus an extended resume with two `sae`
 # binaries and compares their outputs byte for byte: weights, TorchScript,
@@ -32,6 +32,8 @@ cases=(
  "jumprelu_l0|model.activation=jumprelu sparsity.penalty=l0 sparsity.weight=0.01"
  "jumprelu_l1|model.activation=jumprelu"
  "gated|model.activation=gated"
+ "matryoshka|model.activation=matryoshka_batchtopk model.k=4 model.matryoshka_widths=[8,16] sparsity.penalty=none"
+ "matching_pursuit|model.activation=matching_pursuit model.k=3 model.tied=true sparsity.penalty=none"
  "gated_resample|model.activation=gated train.resample_every=5 train.dead_window=2"
  "relu_resample|train.resample_every=4 train.dead_window=2 sparsity.weight=0.3"
  "tied|model.tied=true"
