@@ -216,33 +216,7 @@ impl DataConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ActivationKind {
-    Sigmoid,
-    Relu,
-    Topk,
-    Batchtopk,
-    Jumprelu,
-    Gated,
-    #[serde(rename = "matryoshka_batchtopk")]
-    MatryoshkaBatchtopk,
-    #[serde(rename = "matching_pursuit")]
-    MatchingPursuit,
-}
-
-impl ActivationKind {
-    /// Activations that keep k latents (per row, or k x batch over a batch).
-    pub fn uses_k(self) -> bool {
-        matches!(
-            self,
-            ActivationKind::Topk
-                | ActivationKind::Batchtopk
-                | ActivationKind::MatryoshkaBatchtopk
-                | ActivationKind::MatchingPursuit
-        )
-    }
-}
+pub use crate::arch::ActivationKind;
 
 /// Where `b_dec` starts (`null`: as `init_scheme` draws it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,6 +284,16 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// The matryoshka levels as SAELens resolves them: `matryoshka_widths`,
     /// with `d_hidden` appended when the last width is not it.
+    /// The architecture with its settings.
+    pub fn arch_activation(&self) -> crate::arch::Activation {
+        crate::arch::Activation::from_settings(
+            self.activation,
+            self.k,
+            self.jumprelu_bandwidth,
+            self.residual_threshold,
+        )
+    }
+
     /// What the architectures read of these settings (`crate::arch`).
     pub fn arch_settings(&self) -> crate::arch::Settings {
         crate::arch::Settings {
@@ -501,7 +485,7 @@ impl Default for ModelConfig {
             topk_threshold_lr: 0.01,
             calibrate_threshold: false,
             matryoshka_widths: Vec::new(),
-            residual_threshold: crate::activation::DEFAULT_RESIDUAL_THRESHOLD,
+            residual_threshold: crate::arch::DEFAULT_RESIDUAL_THRESHOLD,
         }
     }
 }
@@ -801,16 +785,7 @@ fn validate_dist(d: &DistConfig) -> std::result::Result<(), String> {
 }
 
 pub fn activation_name(a: ActivationKind) -> &'static str {
-    match a {
-        ActivationKind::Sigmoid => "sigmoid",
-        ActivationKind::Relu => "relu",
-        ActivationKind::Topk => "topk",
-        ActivationKind::Batchtopk => "batchtopk",
-        ActivationKind::Jumprelu => "jumprelu",
-        ActivationKind::Gated => "gated",
-        ActivationKind::MatryoshkaBatchtopk => "matryoshka_batchtopk",
-        ActivationKind::MatchingPursuit => "matching_pursuit",
-    }
+    a.name()
 }
 
 /// `model.hidden: [.., c]` names the code width `c`; when the config does not
@@ -1177,7 +1152,7 @@ impl Config {
             return Err(format!("model.residual_threshold: {t} must be >= 0"));
         }
         if m.activation != ActivationKind::MatchingPursuit {
-            if t != crate::activation::DEFAULT_RESIDUAL_THRESHOLD {
+            if t != crate::arch::DEFAULT_RESIDUAL_THRESHOLD {
                 return Err(format!(
                     "model.residual_threshold: only used by activation matching_pursuit, not {}",
                     activation_name(m.activation)

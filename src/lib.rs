@@ -1,13 +1,12 @@
 //! `sae`: train, evaluate and export sparse autoencoders on libtorch.
 //!
 //! Where things live: the model ([`model`]), what differs per architecture
-//! ([`arch`], named by [`activation::Activation`]) and sparsity penalties
+//! ([`arch`], named by [`arch::ActivationKind`]) and sparsity penalties
 //! ([`penalty`]); the data path ([`data`]); the training run in parts
 //! ([`train`]: see docs/ARCHITECTURE.md) and optimizer ([`optim`]); metric
 //! definitions ([`metrics`]); model files ([`export`]); what latents learned
 //! ([`latents`]) and the HTML pages ([`html`]); the CLI ([`cli`]).
 
-pub mod activation;
 pub mod arch;
 pub mod checkpoint;
 pub mod cli;
@@ -31,6 +30,7 @@ pub mod pursuit;
 pub mod report;
 pub mod schedule;
 mod shim;
+pub mod sparse_codes;
 pub mod sparse_step;
 pub mod sweep;
 pub mod train;

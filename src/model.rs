@@ -13,11 +13,10 @@
 //!   (`enc_layers`) and after `W_dec` (`dec_layers`); `W_enc`/`W_dec` are the
 //!   layers into and out of the code.
 
-use crate::activation::Activation;
-use crate::arch::Threshold;
+use crate::arch::{Activation, ActivationKind, Threshold};
 use crate::config::{InitScheme, ModelConfig, OutputActivation};
 use crate::normalize::Normalizer;
-use crate::sparse_step::Entries;
+use crate::sparse_codes::Entries;
 use tch::{Device, Kind, TchError, Tensor};
 
 /// Code density at or below which [`Sae::decode_normalized_sparse`] sums
@@ -42,7 +41,7 @@ impl ModelSpec {
         ModelSpec {
             d_in,
             d_hidden: m.d_hidden,
-            activation: Activation::from_model_config(m),
+            activation: m.arch_activation(),
             decoder_activation: m.decoder_activation,
             apply_b_dec_to_input: m.apply_b_dec_to_input,
             tied: m.tied,
@@ -421,7 +420,7 @@ impl Sae {
     /// could turn into a different choice.
     fn pre_relu_centred(&self, xn: &Tensor) -> Option<Tensor> {
         let plain = self.spec.apply_b_dec_to_input
-            && matches!(self.spec.activation, Activation::Relu)
+            && self.spec.activation.kind == ActivationKind::Relu
             && self.enc_layers.is_empty()
             && self.gate.is_none()
             && !xn.requires_grad()
@@ -562,7 +561,7 @@ pub struct Forward {
     pub recon: Tensor,
     /// The leaf of a ReLU-like pass ([`crate::sparse_step`]): after
     /// backward, the encoder's gradients come from it.
-    pub leaf: Option<crate::sparse_step::LeafCodes>,
+    pub leaf: Option<crate::sparse_codes::LeafCodes>,
 }
 
 #[cfg(test)]
@@ -583,7 +582,7 @@ mod tests {
             ..ModelConfig::default()
         };
         let spec = ModelSpec::from_config(&cfg, 12);
-        assert!(spec.apply_b_dec_to_input && matches!(spec.activation, Activation::Relu));
+        assert!(spec.apply_b_dec_to_input && spec.activation.kind == ActivationKind::Relu);
         let x = Tensor::randn([33, 12], (Kind::Float, Device::Cpu)) + 3.0;
         let mut m = Sae::init(spec, &cfg, 12, Normalizer::identity(), None, Device::Cpu).unwrap();
         let _ = m.b_dec.detach().uniform_(2.0, 4.0);

@@ -2,9 +2,9 @@
 //! To add one: a variant here, its name in `config::PenaltyKind`, a line in
 //! `from_config` and one in `value`.
 
-use crate::activation::step_with_ste;
+use crate::arch::step_with_ste;
 use crate::config::{Auto, ModelConfig, PenaltyKind, SparsityConfig};
-use crate::sparse_step::LeafCodes;
+use crate::sparse_codes::LeafCodes;
 use tch::{Kind, Tensor};
 
 /// Keeps the KL finite when a unit's mean activation saturates at 0 or 1.

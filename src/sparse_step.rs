@@ -28,10 +28,11 @@
 //! per step from that step's measured density ([`SparseStep`],
 //! [`SWITCH_DENSITY`]), so a run (and a resumed one) is deterministic.
 
-use crate::activation::Activation;
+use crate::arch::ActivationKind;
 use crate::arch::{Architecture, Support};
 use crate::config::SparseStep;
 use crate::model::{Forward, Sae};
+use crate::sparse_codes::{Entries, LeafCodes};
 use tch::{Device, Kind, Tensor};
 
 /// Code density (entries in the support / `batch x d_hidden`) at or below
@@ -43,51 +44,6 @@ use tch::{Device, Kind, Tensor};
 /// work scales with d_in alike, and the dense side's with d_hidden as the
 /// sparse side's with the firing count, so the crossing is a density.
 pub const SWITCH_DENSITY: f64 = 0.15;
-
-/// The entries of a `[rows, d_hidden]` batch of codes that a sparse pass
-/// works on.
-pub struct Entries {
-    /// Row and latent of each entry, grouped by row (`[nnz]` int64).
-    pub rows: Tensor,
-    pub cols: Tensor,
-    /// Where each row's entries start (`[rows]`), for `embedding_bag`.
-    pub offsets: Tensor,
-}
-
-impl Entries {
-    /// From flat indices into a `[rows, h]` matrix, grouped by row.
-    pub fn from_flat(flat: &Tensor, rows: i64, h: i64) -> Entries {
-        let r = flat.floor_divide_scalar(h);
-        let counts = r.bincount::<Tensor>(None, rows);
-        Entries {
-            cols: flat.remainder(h),
-            offsets: counts.cumsum(0, Kind::Int64) - counts,
-            rows: r,
-        }
-    }
-}
-
-/// The leaf of a ReLU-like training pass: what the loss differentiates
-/// instead of the encoder's weights, and how to turn its gradient into the
-/// encoder's.
-pub struct LeafCodes {
-    /// The code layer's input (normalised, minus `b_dec` when applied); no
-    /// gradient.
-    x: Tensor,
-    /// Pre-activations, requiring gradient: `[batch, d_hidden]`, or `[nnz]`
-    /// at `support`.
-    pub pre: Tensor,
-    /// The codes from `pre` (gradients to `pre` and the threshold), same
-    /// shape as `pre`.
-    pub codes: Tensor,
-    /// The thresholds at the support's latents (jumprelu; `[nnz]`, with
-    /// gradient to the model's threshold); the model's own when dense.
-    pub threshold: Option<Tensor>,
-    /// `None`: dense.
-    pub support: Option<Entries>,
-    /// Rows in the batch.
-    pub batch: i64,
-}
 
 /// Whether `model` (of architecture `arch`) can be trained through a leaf: codes with a support
 /// (`Architecture::support`: relu, jumprelu, topk) straight from `W_enc` (no
@@ -238,8 +194,8 @@ impl LeafCodes {
             // batch sum), since a selection can turn a rounding difference
             // into a different choice and parity with PyTorch is bitwise
             // there.
-            let gd = match (model.spec.activation, &self.support) {
-                (Activation::Relu, _) | (_, Some(_)) => {
+            let gd = match (model.spec.activation.kind, &self.support) {
+                (ActivationKind::Relu, _) | (_, Some(_)) => {
                     gb.unsqueeze(0).mm(&model.w_enc.tr()).squeeze_dim(0)
                 }
                 (_, None) => g
@@ -431,7 +387,7 @@ mod tests {
     fn jumprelu_support_includes_the_kernel_window() {
         let pre = Tensor::from_slice(&[0.0f32, 0.08, 0.1, 0.12, 0.2]).view([1, 5]);
         let t = Tensor::from_slice(&[0.1f32; 5]);
-        let Support::Mask(mask) = Activation::JumpRelu { bandwidth: 0.05 }
+        let Support::Mask(mask) = crate::arch::Activation::jumprelu(0.05)
             .arch()
             .support(&pre, Some(&t))
         else {

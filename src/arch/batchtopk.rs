@@ -3,9 +3,9 @@
 //! tracks a threshold; inference is a JumpReLU with that threshold, as
 //! SAELens saves a BatchTopK SAE for inference.
 
+use super::exports::{ActivationCode, AttrValue};
 use super::{jump, saved_threshold, Architecture, Threshold, JUMP_TS};
 use super::{Params, Settings};
-use super::exports::{ActivationCode, AttrValue};
 use serde_json::{Map, Value};
 use tch::{Device, Kind, Tensor};
 

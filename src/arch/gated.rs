@@ -6,9 +6,9 @@
 //! penalty on the gate, `relu(pi_gate)`, and adds the auxiliary loss
 //! `mean((decode(relu(pi_gate)) - x)^2)`.
 
-use super::Architecture;
-use super::{Params};
 use super::exports::ActivationCode;
+use super::Architecture;
+use super::Params;
 use serde_json::{Map, Value};
 use tch::{Kind, Tensor};
 

@@ -3,10 +3,10 @@
 //! thresholds through a straight-through estimator, a rectangle kernel of
 //! width `bandwidth`.
 
-use super::{jump, saved_threshold, Architecture, Support, Threshold, JUMP_TS};
-use crate::activation::{rectangle, straight_through};
-use super::{Params, Settings};
 use super::exports::{ActivationCode, AttrValue};
+use super::{jump, saved_threshold, Architecture, Support, Threshold, JUMP_TS};
+use super::{rectangle, straight_through};
+use super::{Params, Settings};
 use serde_json::{Map, Value};
 use tch::{Device, Kind, Tensor};
 

@@ -16,9 +16,9 @@
 //! SAELens forces `decoder_init_norm: 1.0`; here `model.init_scheme: sae`
 //! with `model.decoder_init_norm: 1.0` (the defaults) is that start.
 
-use super::Architecture;
-use super::{Params};
 use super::exports::{ActivationCode, AttrValue};
+use super::Architecture;
+use super::Params;
 use serde_json::{json, Map, Value};
 use tch::Tensor;
 
@@ -125,7 +125,7 @@ mod tests {
         let mut m = model(d, h, k);
         let x = Tensor::randn([30, d], (Kind::Float, Device::Cpu));
         let z = m.encode(&x);
-        let threshold = crate::activation::DEFAULT_RESIDUAL_THRESHOLD;
+        let threshold = crate::arch::DEFAULT_RESIDUAL_THRESHOLD;
         let mp = PursuitEncoder::new(
             &m,
             Pursuit::Mp {

@@ -18,10 +18,10 @@
 //! threshold, as batchtopk.
 
 use super::batchtopk::BatchTopK;
+use super::exports::ActivationCode;
 use super::Architecture;
 use super::Threshold;
 use super::{Params, Settings};
-use super::exports::ActivationCode;
 use serde_json::{Map, Value};
 use tch::{Device, Reduction, Tensor};
 

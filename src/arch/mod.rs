@@ -1,15 +1,22 @@
 //! What differs per architecture, one file each, behind one trait.
 //!
-//! The [`Activation`] value names an architecture and carries its settings
-//! (`k`, the JumpReLU bandwidth); [`of`] is the registry that maps it to the
-//! code in this folder. The model, the training step and the exporters ask
-//! the architecture instead of matching on the activation themselves.
+//! [`ActivationKind`] is the one name of each architecture (config, model
+//! files, exports); an [`Activation`] is a kind with its settings (`k`, the
+//! JumpReLU bandwidth); [`of`] is the registry that maps it to the code in
+//! this folder. The model, the training step and the exporters ask the
+//! architecture instead of matching on the activation themselves.
 //!
-//! To add an architecture: a variant in [`Activation`] (and its config name
-//! in `config::ActivationKind`), a file here implementing [`Architecture`],
-//! and its line in [`of`]. Everything else has a default that fits a plain
-//! activation applied to the pre-activations.
+//! This layer stands below the model, the config and the exporters: it
+//! works on tensors, a narrow view of the model ([`Params`]) and its own
+//! [`Settings`], and what it says about exports is data
+//! ([`exports::ActivationCode`], [`Architecture::saelens`]) that the
+//! exporters consume. It imports none of them.
+//!
+//! To add an architecture: its name in [`ActivationKind`], a file here
+//! implementing [`Architecture`], and its line in [`of`]. Everything else
+//! has a default that fits a plain activation applied to the pre-activations.
 
+mod activation;
 mod batchtopk;
 pub mod exports;
 mod gated;
@@ -23,7 +30,10 @@ mod topk;
 pub use batchtopk::batch_topk;
 pub use gated::gated;
 
-use crate::activation::Activation;
+pub use activation::{
+    rectangle, step_with_ste, straight_through, Activation, ActivationKind, DEFAULT_BANDWIDTH,
+    DEFAULT_RESIDUAL_THRESHOLD,
+};
 use exports::ActivationCode;
 use serde_json::{Map, Value};
 use tch::{Device, Tensor};
@@ -61,22 +71,22 @@ pub struct Settings {
 
 /// The registry: the code for each [`Activation`].
 pub fn of(a: &Activation) -> Box<dyn Architecture> {
-    match *a {
-        Activation::Sigmoid => Box::new(sigmoid::Sigmoid),
-        Activation::Relu => Box::new(relu::Relu),
-        Activation::TopK { k } => Box::new(topk::TopK { k }),
-        Activation::BatchTopK { k } => Box::new(batchtopk::BatchTopK { k }),
-        Activation::JumpRelu { bandwidth } => Box::new(jumprelu::JumpRelu { bandwidth }),
-        Activation::Gated => Box::new(gated::Gated),
-        Activation::MatryoshkaBatchTopK { k } => {
-            Box::new(matryoshka_batchtopk::MatryoshkaBatchTopK { k })
+    use ActivationKind as A;
+    match a.kind {
+        A::Sigmoid => Box::new(sigmoid::Sigmoid),
+        A::Relu => Box::new(relu::Relu),
+        A::Topk => Box::new(topk::TopK { k: a.k_set() }),
+        A::Batchtopk => Box::new(batchtopk::BatchTopK { k: a.k_set() }),
+        A::Jumprelu => Box::new(jumprelu::JumpRelu {
+            bandwidth: a.bandwidth().expect("jumprelu"),
+        }),
+        A::Gated => Box::new(gated::Gated),
+        A::MatryoshkaBatchtopk => {
+            Box::new(matryoshka_batchtopk::MatryoshkaBatchTopK { k: a.k_set() })
         }
-        Activation::MatchingPursuit {
-            k,
-            residual_threshold,
-        } => Box::new(matching_pursuit::MatchingPursuit {
-            k,
-            residual_threshold,
+        A::MatchingPursuit => Box::new(matching_pursuit::MatchingPursuit {
+            k: a.k_set(),
+            residual_threshold: a.residual_threshold().expect("matching_pursuit"),
         }),
     }
 }

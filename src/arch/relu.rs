@@ -1,8 +1,8 @@
 //! `relu(pre)`: SAELens's `standard` SAE.
 
-use super::{Architecture, Support};
-use super::{Params};
 use super::exports::ActivationCode;
+use super::Params;
+use super::{Architecture, Support};
 use serde_json::{Map, Value};
 use tch::Tensor;
 

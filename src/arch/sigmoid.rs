@@ -1,8 +1,8 @@
 //! `sigmoid(pre)`: the classic autoencoder of the seeds (with a KL penalty).
 
-use super::Architecture;
-use super::{Params};
 use super::exports::ActivationCode;
+use super::Architecture;
+use super::Params;
 use serde_json::{Map, Value};
 use tch::Tensor;
 

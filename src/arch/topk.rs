@@ -1,8 +1,8 @@
 //! Top-k: the k largest pre-activations per row survive (then ReLU).
 
-use super::{Architecture, Support};
-use super::{Params};
 use super::exports::{ActivationCode, AttrValue};
+use super::Params;
+use super::{Architecture, Support};
 use serde_json::{json, Map, Value};
 use tch::Tensor;
 

@@ -19,7 +19,7 @@
 //! `src/arch/`) and an arm in `activation_from_cfg` (import).
 
 use super::safetensors::{read_all, take};
-use crate::activation::Activation;
+use crate::arch::{Activation, ActivationKind};
 use crate::config::OutputActivation;
 use crate::error::user;
 use crate::model::{Gate, ModelSpec, Sae};
@@ -158,7 +158,7 @@ pub fn save(model: &Sae, dir: &Path) -> Result<()> {
 }
 
 fn is_pursuit(model: &Sae) -> bool {
-    matches!(model.spec.activation, Activation::MatchingPursuit { .. })
+    model.spec.activation.kind == ActivationKind::MatchingPursuit
 }
 
 /// The SAELens architecture of `model` and its extra config fields, or why
@@ -323,7 +323,7 @@ fn activation_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
                 );
             }
             Ok(Imported {
-                activation: Activation::Relu,
+                activation: Activation::plain(ActivationKind::Relu),
                 fold_dec_norm: false,
                 threshold: None,
             })
@@ -334,28 +334,26 @@ fn activation_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
                 bail_user!("{origin}: k = {k} must be in 1..=d_sae ({})", cfg.d_sae);
             }
             Ok(Imported {
-                activation: Activation::TopK { k },
+                activation: Activation::with_k(ActivationKind::Topk, k),
                 fold_dec_norm: cfg.rescale_acts_by_decoder_norm.unwrap_or(false),
                 threshold: None,
             })
         }
         // Transcoders: the same encoders, decoding into d_out columns.
         "transcoder" => Ok(Imported {
-            activation: Activation::Relu,
+            activation: Activation::plain(ActivationKind::Relu),
             fold_dec_norm: false,
             threshold: None,
         }),
         "jumprelu" | "jumprelu_transcoder" => Ok(Imported {
-            activation: Activation::JumpRelu {
-                bandwidth: crate::activation::DEFAULT_BANDWIDTH,
-            },
+            activation: Activation::plain(ActivationKind::Jumprelu),
             fold_dec_norm: false,
             threshold: Some("threshold"),
         }),
         // A training save (sae_lens saves batchtopk for inference as jumprelu).
         "batchtopk" => batchtopk_from_cfg(cfg, origin),
         "gated" => Ok(Imported {
-            activation: Activation::Gated,
+            activation: Activation::plain(ActivationKind::Gated),
             fold_dec_norm: false,
             threshold: None,
         }),
@@ -382,7 +380,7 @@ fn batchtopk_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
         );
     }
     Ok(Imported {
-        activation: Activation::BatchTopK { k },
+        activation: Activation::with_k(ActivationKind::Batchtopk, k),
         fold_dec_norm: false,
         threshold: Some("topk_threshold"),
     })
@@ -407,12 +405,11 @@ fn matching_pursuit_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
         );
     }
     Ok(Imported {
-        activation: Activation::MatchingPursuit {
+        activation: Activation::matching_pursuit(
             k,
-            residual_threshold: cfg
-                .residual_threshold
-                .unwrap_or(crate::activation::DEFAULT_RESIDUAL_THRESHOLD),
-        },
+            cfg.residual_threshold
+                .unwrap_or(crate::arch::DEFAULT_RESIDUAL_THRESHOLD),
+        ),
         fold_dec_norm: false,
         threshold: None,
     })
@@ -428,12 +425,12 @@ pub fn load(dir: &Path, device: Device) -> Result<Sae> {
     let weights = dir.join(WEIGHTS_FILE);
     let (mut t, _) = read_all(&weights)?;
     let (d, h) = (cfg.d_in, cfg.d_sae);
-    if let Activation::MatchingPursuit { .. } = imported.activation {
+    if imported.activation.kind == ActivationKind::MatchingPursuit {
         let model = tied_pursuit(t, imported.activation, d, h, &weights)?;
         return Ok(super::on_device(model, device));
     }
     let mut w_enc = take(&mut t, "W_enc", &[d, h], &weights)?;
-    let gated = imported.activation == Activation::Gated;
+    let gated = imported.activation.kind == ActivationKind::Gated;
     let mut b_enc = take(
         &mut t,
         if gated { "b_gate" } else { "b_enc" },

@@ -3,7 +3,7 @@
 //! and `norm_scale`, and the architecture as JSON in the header metadata
 //! (key `sae`), so the file alone is a complete model.
 
-use crate::activation::Activation;
+use crate::arch::Activation;
 use crate::config::{ActivationKind, NormalizeKind, OutputActivation};
 use crate::error::user;
 use crate::model::{Gate, Layer, ModelSpec, Sae};
@@ -234,7 +234,7 @@ pub fn load(path: &Path, device: Device) -> Result<Sae> {
     } else {
         None
     };
-    let gate = if spec.activation == Activation::Gated {
+    let gate = if spec.activation.kind == ActivationKind::Gated {
         Some(Gate {
             r_mag: f.take("r_mag", &[h])?,
             b_mag: f.take("b_mag", &[h])?,

@@ -23,8 +23,8 @@
 //! TorchScript and any extra parameters/attributes) and, when a Python
 //! module without attributes should be recognised, to `probe_candidates`.
 
-use crate::activation::Activation;
 use crate::arch::exports::{ActivationCode, AttrValue};
+use crate::arch::Activation;
 use crate::config::{ActivationKind, NormalizeKind, OutputActivation};
 use crate::data::dataset::SplitMix64;
 use crate::error::user;
@@ -576,9 +576,9 @@ fn activation_from_attrs(c: &ModuleContents, path: &Path) -> Result<Option<Activ
         Activation::from_config(kind, k),
         c.attrs.get("jumprelu_bandwidth"),
     ) {
-        (Activation::JumpRelu { .. }, Some(AttrValue::Float(bandwidth))) => Activation::JumpRelu {
-            bandwidth: *bandwidth,
-        },
+        (a, Some(AttrValue::Float(bandwidth))) if a.kind == ActivationKind::Jumprelu => {
+            Activation::jumprelu(*bandwidth)
+        }
         (a, _) => a,
     };
     let act = act.with_residual_threshold(match c.attrs.get("residual_threshold") {
@@ -620,20 +620,18 @@ fn close(a: &Tensor, b: &Tensor) -> bool {
 /// whether it has a `threshold`.
 fn probe_candidates(codes: &Tensor, d_hidden: i64, has_threshold: bool) -> Vec<Activation> {
     if has_threshold {
-        return vec![Activation::JumpRelu {
-            bandwidth: crate::activation::DEFAULT_BANDWIDTH,
-        }];
+        return vec![Activation::plain(ActivationKind::Jumprelu)];
     }
     let max_active = codes
         .ne(0.0)
         .sum_dim_intlist(-1, false, Kind::Int64)
         .max()
         .int64_value(&[]);
-    let mut c = vec![Activation::Relu];
+    let mut c = vec![Activation::plain(ActivationKind::Relu)];
     if max_active >= 1 && max_active < d_hidden {
-        c.push(Activation::TopK { k: max_active });
+        c.push(Activation::with_k(ActivationKind::Topk, max_active));
     }
-    c.push(Activation::Sigmoid);
+    c.push(Activation::plain(ActivationKind::Sigmoid));
     c
 }
 
@@ -858,7 +856,7 @@ impl Parts {
                 r_mag: take_tensor(c, "r_mag", Some(&[d_hidden]), path)?,
                 b_mag: take_tensor(c, "b_mag", Some(&[d_hidden]), path)?,
             }),
-            _ if declared.activation == Some(Activation::Gated) => bail_user!(
+            _ if declared.activation.map(|a| a.kind) == Some(ActivationKind::Gated) => bail_user!(
                 "{}: activation gated needs `r_mag` and `b_mag` tensors [{d_hidden}]",
                 path.display()
             ),
@@ -919,7 +917,7 @@ impl Parts {
             gate: self
                 .gate
                 .as_ref()
-                .filter(|_| activation == Activation::Gated)
+                .filter(|_| activation.kind == ActivationKind::Gated)
                 .map(|g| Gate {
                     r_mag: g.r_mag.shallow_clone(),
                     b_mag: g.b_mag.shallow_clone(),
@@ -943,7 +941,7 @@ impl Parts {
     ) -> Result<(Activation, bool)> {
         let acts = match declared.activation {
             Some(a) => vec![a],
-            None if self.gate.is_some() => vec![Activation::Gated],
+            None if self.gate.is_some() => vec![Activation::plain(ActivationKind::Gated)],
             None => probe_candidates(codes, self.w.d_hidden, self.w.threshold.is_some()),
         };
         // b_dec can be subtracted from the input only when the widths agree.
