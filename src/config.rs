@@ -279,6 +279,11 @@ pub struct ModelConfig {
     /// matching_pursuit: a row stops selecting atoms once its residual norm
     /// falls below this (0: never; SAELens's `residual_threshold`).
     pub residual_threshold: f64,
+    /// topk: SAELens's `rescale_acts_by_decoder_norm` (its training
+    /// default for top-k): select on pre-activations times the decoder
+    /// rows' norms, decode the codes over them; folded into the saved
+    /// weights at the end of training.
+    pub rescale_acts_by_decoder_norm: bool,
 }
 
 impl ModelConfig {
@@ -486,6 +491,7 @@ impl Default for ModelConfig {
             calibrate_threshold: false,
             matryoshka_widths: Vec::new(),
             residual_threshold: crate::arch::DEFAULT_RESIDUAL_THRESHOLD,
+            rescale_acts_by_decoder_norm: false,
         }
     }
 }
@@ -1040,6 +1046,7 @@ impl Config {
     fn validate_recipe(&self) -> Check {
         self.validate_activation_knobs()?;
         self.validate_matryoshka()?;
+        self.validate_rescale()?;
         self.validate_matching_pursuit()?;
         self.validate_penalty_pairing()?;
         self.validate_sparsity_schedule()?;
@@ -1089,6 +1096,28 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `model.rescale_acts_by_decoder_norm`: top-k models with their own
+    /// decoder, one layer each way.
+    fn validate_rescale(&self) -> Check {
+        let m = &self.model;
+        if !m.rescale_acts_by_decoder_norm {
+            return Ok(());
+        }
+        let why = match () {
+            _ if m.activation != ActivationKind::Topk => Some(format!(
+                "only for activation topk, not {}",
+                activation_name(m.activation)
+            )),
+            _ if m.tied => Some("not with model.tied (its decoder is W_enc.T)".into()),
+            _ if m.hidden.len() > 1 => Some("not with model.hidden (deep models)".into()),
+            _ => None,
+        };
+        match why {
+            Some(w) => Err(format!("model.rescale_acts_by_decoder_norm: {w}")),
+            None => Ok(()),
+        }
     }
 
     /// `model.matryoshka_widths`, as SAELens's `_validate_matryoshka_config`

@@ -34,6 +34,12 @@ pub struct ModelSpec {
     pub decoder_activation: OutputActivation,
     pub apply_b_dec_to_input: bool,
     pub tied: bool,
+    /// SAELens's `rescale_acts_by_decoder_norm` (top-k): pre-activations
+    /// are scaled by each latent's decoder-row norm before the selection,
+    /// and codes by its inverse before decoding, so the selection does not
+    /// depend on the decoder's scale. Training only: the saved model has the
+    /// norms folded into its weights ([`Sae::fold_decoder_norm`]).
+    pub rescale_acts_by_decoder_norm: bool,
 }
 
 impl ModelSpec {
@@ -45,6 +51,7 @@ impl ModelSpec {
             decoder_activation: m.decoder_activation,
             apply_b_dec_to_input: m.apply_b_dec_to_input,
             tied: m.tied,
+            rescale_acts_by_decoder_norm: m.rescale_acts_by_decoder_norm,
         }
     }
 }
@@ -354,7 +361,51 @@ impl Sae {
 
     /// Pre-activations of already-normalised input (gated: the gate's).
     pub fn pre_activations(&self, xn: &Tensor) -> Tensor {
-        self.code_input(xn).matmul(&self.w_enc) + &self.b_enc
+        self.rescaled_pre(self.code_input(xn).matmul(&self.w_enc) + &self.b_enc)
+    }
+
+    /// The decoder rows' norms `[d_hidden]` when the model rescales by them
+    /// (`rescale_acts_by_decoder_norm`, SAELens's `W_dec.norm(dim=-1)`).
+    pub fn decoder_norms(&self) -> Option<Tensor> {
+        self.spec
+            .rescale_acts_by_decoder_norm
+            .then(|| self.decoder_weight().norm_scalaropt_dim(2, [-1], false))
+    }
+
+    /// Pre-activations as the selection sees them: times the decoder norms
+    /// when the model rescales.
+    fn rescaled_pre(&self, pre: Tensor) -> Tensor {
+        match self.decoder_norms() {
+            Some(n) => pre * n,
+            None => pre,
+        }
+    }
+
+    /// Codes as the decoder takes them: over the decoder norms when the
+    /// model rescales (SAELens: `feature_acts * (1 / W_dec.norm(dim=-1))`).
+    pub fn rescaled_codes(&self, z: &Tensor) -> Tensor {
+        match self.decoder_norms() {
+            Some(n) => z * n.reciprocal(),
+            None => z.shallow_clone(),
+        }
+    }
+
+    /// Folds the decoder norms into the weights (SAELens `_fold_norm_topk`):
+    /// `W_enc` and `b_enc` times the norms, `W_dec` over them; the model then
+    /// computes the same codes and reconstructions without rescaling.
+    pub fn fold_decoder_norm(&mut self) {
+        let Some(n) = self.decoder_norms() else {
+            return;
+        };
+        let _guard = tch::no_grad_guard();
+        // SAELens `get_W_dec_norm`'s floor.
+        let n = n.clamp_min(1e-8);
+        let _ = self.w_enc.g_mul_(&n);
+        let _ = self.b_enc.g_mul_(&n);
+        if let Some(w) = self.w_dec.as_mut() {
+            let _ = w.g_div_(&n.unsqueeze(1));
+        }
+        self.spec.rescale_acts_by_decoder_norm = false;
     }
 
     /// Codes from the code layer's input `x` and pre-activations `pre`
@@ -378,7 +429,7 @@ impl Sae {
     /// Codes of already-normalised input (inference).
     pub fn encode_normalized(&self, xn: &Tensor) -> Tensor {
         let x = self.code_input(xn);
-        let pre = x.matmul(&self.w_enc) + &self.b_enc;
+        let pre = self.rescaled_pre(x.matmul(&self.w_enc) + &self.b_enc);
         self.codes(&x, &pre, false)
     }
 
@@ -399,7 +450,7 @@ impl Sae {
         let x = self.code_input(xn);
         // `mm`, not `matmul`: batches are 2-D, and matmul's shape dispatch
         // is a measurable share of a tiny model's step.
-        let pre = x.mm(&self.w_enc) + &self.b_enc;
+        let pre = self.rescaled_pre(x.mm(&self.w_enc) + &self.b_enc);
         let z = self.codes(&x, &pre, true);
         let recon = self.decode_normalized(&z);
         Forward {
@@ -461,6 +512,14 @@ impl Sae {
     /// plus `b_dec`, then the output activation. Untied, shallow models.
     pub fn decode_entries(&self, entries: &Entries, vals: &Tensor) -> Tensor {
         let w_dec = self.w_dec.as_ref().expect("an untied decoder");
+        let scaled;
+        let vals = match self.decoder_norms() {
+            Some(n) => {
+                scaled = vals * n.reciprocal().index_select(0, &entries.cols);
+                &scaled
+            }
+            None => vals,
+        };
         let (sum, _, _, _) = Tensor::embedding_bag(
             w_dec,
             &entries.cols,
@@ -480,6 +539,14 @@ impl Sae {
 
     /// Reconstruction in the normalised space.
     pub fn decode_normalized(&self, z: &Tensor) -> Tensor {
+        let scaled;
+        let z = match self.spec.rescale_acts_by_decoder_norm {
+            true => {
+                scaled = self.rescaled_codes(z);
+                &scaled
+            }
+            false => z,
+        };
         let mut out = match z.dim() {
             2 => z.mm(&self.decoder_weight()),
             _ => z.matmul(&self.decoder_weight()),

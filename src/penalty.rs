@@ -61,6 +61,9 @@ pub struct PenaltyInput<'a> {
     /// The leaf of a ReLU-like pass; when sparse, the penalty is taken over
     /// its support (`z` and `pre` then carry no gradient).
     pub leaf: Option<&'a LeafCodes>,
+    /// The decoder rows' norms when the model rescales codes by them
+    /// (`model.rescale_acts_by_decoder_norm`).
+    pub decoder_norms: Option<&'a Tensor>,
 }
 
 impl<'a> PenaltyInput<'a> {
@@ -76,6 +79,7 @@ impl<'a> PenaltyInput<'a> {
             dead: None,
             relu_codes: false,
             leaf: None,
+            decoder_norms: None,
         }
     }
 }
@@ -208,6 +212,11 @@ fn auxk(p: &PenaltyInput, k_aux: i64) -> Tensor {
         .where_scalarother(&dead.unsqueeze(0), f64::NEG_INFINITY);
     let (values, indices) = candidates.topk(k, -1, true, false);
     let acts = p.pre.zeros_like().scatter(-1, &indices, &values);
+    // SAELens decodes them as the codes are (`act_times_W_dec`).
+    let acts = match p.decoder_norms {
+        Some(n) => acts * n.reciprocal(),
+        None => acts,
+    };
     let recons = acts.matmul(p.w_dec);
     (recons - residual).square().mean(Kind::Float) * scale
 }

@@ -54,6 +54,9 @@ pub fn applies(model: &Sae, arch: &dyn Architecture) -> bool {
         && model.enc_layers.is_empty()
         && model.dec_layers.is_empty()
         && model.w_dec.is_some()
+        // The norms' gradients (to W_dec, through the selection's scale)
+        // are autograd's to take: the dense pass.
+        && !model.spec.rescale_acts_by_decoder_norm
 }
 
 /// Whether `mode` takes the sparse pass on `device` for a batch whose

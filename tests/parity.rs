@@ -524,6 +524,26 @@ fn topk_auxk(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
     }
 }
 
+/// Top-k + AuxK with SAELens's `rescale_acts_by_decoder_norm` (its top-k
+/// training default): selection on pre-activations times the decoder
+/// norms, codes decoded over them, the norms folded into the saved weights.
+/// From `nn.Linear` weights, whose decoder rows have unequal norms, so the
+/// rescaling changes the selection from the first step.
+fn topk_rescale(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        seed: 7,
+        init_kind: "linear",
+        knobs: &[
+            ("train.dead_window=3", &["--dead-window", "3"]),
+            (
+                "model.rescale_acts_by_decoder_norm=true",
+                &["--rescale-acts-by-decoder-norm"],
+            ),
+        ],
+        ..topk_auxk(name, epochs, batch)
+    }
+}
+
 /// JumpReLU + the step-function L0 penalty, straight-through to the
 /// thresholds (SAELens's own autograd Functions on the reference side).
 fn jumprelu_l0(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
@@ -690,6 +710,8 @@ parity_tests! {
     gated_minibatch: gated("gated_minibatch", 10, Some(48));
     topk_auxk_full_batch: topk_auxk("topk_auxk_full", 100, None);
     topk_auxk_minibatch: topk_auxk("topk_auxk_minibatch", 10, Some(48));
+    topk_rescale_full_batch: topk_rescale("topk_rescale_full", 100, None);
+    topk_rescale_minibatch: topk_rescale("topk_rescale_minibatch", 10, Some(48));
     jumprelu_full_batch: jumprelu_l0("jumprelu_full", 200, None);
     jumprelu_minibatch: jumprelu_l0("jumprelu_minibatch", 10, Some(48));
     batchtopk_recipe_minibatch: batchtopk_recipe("batchtopk_recipe", 10, Some(48));

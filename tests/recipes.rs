@@ -665,6 +665,10 @@ fn new_keys_are_validated() {
         ("model.hidden=[32, 8]", "model.d_hidden"),
         ("data.target=y.npy", "model.apply_b_dec_to_input"),
         ("train.lr_warmup_steps=100000", "train.lr_warmup_steps"),
+        (
+            "model.rescale_acts_by_decoder_norm=true",
+            "model.rescale_acts_by_decoder_norm: only for activation topk, not relu",
+        ),
     ] {
         let mut case = base.clone().set(set);
         if set.starts_with("train.input_noise") {

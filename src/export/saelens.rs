@@ -472,6 +472,7 @@ pub fn load(dir: &Path, device: Device) -> Result<Sae> {
         // SAELens transcoders never subtract b_dec (it has d_out entries).
         apply_b_dec_to_input: !transcoder && cfg.apply_b_dec_to_input.unwrap_or(true),
         tied: false,
+        rescale_acts_by_decoder_norm: false,
     };
     let model = Sae {
         spec,
@@ -511,6 +512,7 @@ fn tied_pursuit(
             decoder_activation: OutputActivation::None,
             apply_b_dec_to_input: true,
             tied: true,
+            rescale_acts_by_decoder_norm: false,
         },
         w_enc: w_dec.tr().contiguous(),
         b_enc: Tensor::zeros([h], (Kind::Float, Device::Cpu)),

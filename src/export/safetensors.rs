@@ -217,6 +217,7 @@ pub fn load(path: &Path, device: Device) -> Result<Sae> {
         decoder_activation: arch.decoder_activation,
         apply_b_dec_to_input: arch.apply_b_dec_to_input,
         tied: arch.tied,
+        rescale_acts_by_decoder_norm: false,
     };
     let (d, h) = (spec.d_in, spec.d_hidden);
     let d_out = arch.d_out.unwrap_or(d);

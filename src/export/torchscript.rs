@@ -904,6 +904,7 @@ impl Parts {
                 decoder_activation,
                 apply_b_dec_to_input,
                 tied: self.tied,
+                rescale_acts_by_decoder_norm: false,
             },
             w_enc: w.w_enc.shallow_clone(),
             b_enc: w.b_enc.shallow_clone(),

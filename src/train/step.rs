@@ -165,6 +165,12 @@ impl Learner {
         let mse = f.recon.mse_loss(target, Reduction::Mean);
         let penalty_codes = self.arch.penalty_codes(model, input);
         let w_dec = model.decoder_weight();
+        // Rescaling models: auxk decodes over the norms as SAELens does
+        // (a third use of the norms, in its order).
+        let decoder_norms = match self.penalty.needs_dead_mask() {
+            true => model.decoder_norms(),
+            false => None,
+        };
         let sparsity = self.penalty.value(&PenaltyInput {
             z: penalty_codes.as_ref().unwrap_or(&f.z),
             pre: &f.pre,
@@ -175,6 +181,7 @@ impl Learner {
             dead,
             relu_codes: penalty_codes.is_none() && self.arch.relu_codes(),
             leaf: f.leaf.as_ref(),
+            decoder_norms: decoder_norms.as_ref(),
         });
         let aux = penalty_codes
             .as_ref()
@@ -244,6 +251,7 @@ impl Learner {
         self.adam.unflatten(&mut self.model.parameters_mut());
         self.model.set_requires_grad(false);
         self.arch.finish_training(&mut self.model);
+        self.model.fold_decoder_norm();
         self.model
     }
 }

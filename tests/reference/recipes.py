@@ -26,6 +26,12 @@ project; the autograd Functions below are SAELens's own, copied.
                mean_batch(sum_j relu(pi_gate_j) ||W_dec[j]||), and it adds the auxiliary
                loss mean over elements of (relu(pi_gate) @ W_dec + b_dec - x)^2
     sae_out    = feature_acts @ W_dec + b_dec
+    --rescale-acts-by-decoder-norm (top-k, SAELens TopKTrainingSAE's default):
+               hidden_pre = hidden_pre * ||W_dec_j|| before the selection; every
+               decode (sae_out, AuxK) takes feature_acts * (1 / ||W_dec_j||)
+               (act_times_W_dec); the saved weights fold the norms in
+               (_fold_norm_topk: b_enc, W_enc times them, W_dec over them, the
+               norms floored at 1e-8 as get_W_dec_norm does)
     mse        = F.mse_loss(sae_out, x)             (mean over elements: this
                                                      project's convention;
                                                      SAELens sums over d_in)
@@ -137,7 +143,13 @@ def calculate_topk_aux_acts(k_aux, hidden_pre, dead_neuron_mask):
     return auxk_acts
 
 
-def topk_aux_loss(sae_in, sae_out, hidden_pre, W_dec, dead_neuron_mask):
+def act_times_W_dec(feature_acts, W_dec, rescale):
+    if rescale:
+        feature_acts = feature_acts * (1 / W_dec.norm(dim=-1))
+    return feature_acts @ W_dec
+
+
+def topk_aux_loss(sae_in, sae_out, hidden_pre, W_dec, dead_neuron_mask, rescale=False):
     """SAELens calculate_topk_aux_loss, without its coefficient, with the
     squared error averaged over elements (this project's mse convention)."""
     if dead_neuron_mask is None or (num_dead := int(dead_neuron_mask.sum())) == 0:
@@ -147,7 +159,7 @@ def topk_aux_loss(sae_in, sae_out, hidden_pre, W_dec, dead_neuron_mask):
     scale = min(num_dead / k_aux, 1.0)
     k_aux = min(k_aux, num_dead)
     auxk_acts = calculate_topk_aux_acts(k_aux, hidden_pre, dead_neuron_mask)
-    recons = auxk_acts @ W_dec
+    recons = act_times_W_dec(auxk_acts, W_dec, rescale)
     return (recons - residual).pow(2).mean() * scale
 
 
@@ -322,6 +334,8 @@ class SAE(nn.Module):
                                             max_iterations=a.k, stop_on_duplicate_support=True)
             return acts, torch.zeros_like(acts)
         hidden_pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        if a.rescale_acts_by_decoder_norm:
+            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
         if a.architecture == "topk":
             acts = topk_acts(hidden_pre, a.k)
         elif a.architecture in BATCHTOPK:
@@ -363,6 +377,7 @@ def main():
     p.add_argument("--unit-norm-decoder", action="store_true")
     p.add_argument("--grad-clip", type=float, default=None)
     p.add_argument("--b-dec-mean", action="store_true", help="b_dec = mean of the data rows")
+    p.add_argument("--rescale-acts-by-decoder-norm", action="store_true")
     args = p.parse_args()
     common.setup(args)
 
@@ -395,10 +410,12 @@ def main():
                 sae.threshold.data.clamp_(min=0.0)
         dead = since_fired > args.dead_window
         feature_acts, hidden_pre = sae.encode_with_hidden_pre(sae_in)
-        sae_out = feature_acts @ sae.W_dec + sae.b_dec
+        sae_out = act_times_W_dec(feature_acts, sae.W_dec,
+                                  args.rescale_acts_by_decoder_norm) + sae.b_dec
         mse_loss = F.mse_loss(sae_out, sae_in)
         if args.penalty == "auxk":
-            penalty = topk_aux_loss(sae_in, sae_out, hidden_pre, sae.W_dec, dead)
+            penalty = topk_aux_loss(sae_in, sae_out, hidden_pre, sae.W_dec, dead,
+                                    args.rescale_acts_by_decoder_norm)
         elif args.penalty == "l0":
             l0 = torch.sum(Step.apply(hidden_pre, sae.threshold, args.bandwidth, False), dim=-1)
             penalty = l0.mean()
@@ -449,7 +466,14 @@ def main():
     else:
         W_enc = sae.W_enc
         b_enc = sae.b_gate if args.architecture == "gated" else sae.b_enc
-    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    W_dec = sae.W_dec
+    if args.rescale_acts_by_decoder_norm:
+        with torch.no_grad():
+            n = sae.W_dec.norm(dim=-1).clamp(min=1e-8)
+            b_enc = b_enc * n
+            W_dec = W_dec / n.unsqueeze(1)
+            W_enc = W_enc * n.unsqueeze(1).T
+    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": sae.b_dec}
     if args.architecture == "gated":
         tensors["r_mag"] = sae.r_mag
         tensors["b_mag"] = sae.b_mag
