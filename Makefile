@@ -4,7 +4,7 @@ VENV     := third_party/venv
 PY       := $(VENV)/bin/python
 TORCH    := 2.11.0
 STAMP    := $(VENV)/.installed-torch-$(TORCH)
-# sae_lens 6.x, for the SAELens interop tests (tests/interop.rs): ~35 s, ~0.9 GB.
+# sae_lens 6.x, for the SAELens interop tests (tests/interop.rs): ~50 s, ~0.9 GB.
 SAELENS  := sae-lens>=6,<7
 SAELENS_STAMP := $(VENV)/.installed-sae-lens-6
 # scikit-learn, the OMP reference of the pursuit tests (tests/pursuit.rs).
@@ -28,7 +28,7 @@ export SAE_PYTHON := $(CURDIR)/$(PY)
 setup: $(STAMP)
 
 $(STAMP):
-	@echo "==> creating $(VENV) with torch==$(TORCH) (one-time, ~1-2 min)"
+	@echo "==> creating $(VENV) with torch==$(TORCH) (one-time, ~1 min)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==$(TORCH)" numpy safetensors
