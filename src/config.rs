@@ -945,8 +945,8 @@ impl Config {
                 m.d_hidden
             )),
             (a, Some(_)) if !a.uses_k() => Err(format!(
-                "model.k: only used by activations topk, batchtopk, matryoshka_batchtopk and \
-                 matching_pursuit, not {}",
+                "model.k: only used by activations {}, not {}",
+                ActivationKind::names_with_k(),
                 activation_name(a)
             )),
             _ => Ok(()),
@@ -1245,7 +1245,8 @@ impl Config {
                     .into())
             }
             PenaltyKind::Auxk if !m.activation.uses_k() => Err(format!(
-                "sparsity.penalty: auxk needs activation topk or batchtopk, not {}",
+                "sparsity.penalty: auxk needs an activation with k ({}), not {}",
+                ActivationKind::names_with_k(),
                 activation_name(m.activation)
             )),
             _ => Ok(()),

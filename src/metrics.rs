@@ -108,7 +108,7 @@ pub trait CodeSource {
     /// Which codes count as active (for l0, firing frequencies, dead and
     /// dense units): above the activation's threshold by default.
     fn active(&self, model: &Sae, z: &Tensor) -> Tensor {
-        z.gt(model.spec.activation.active_threshold())
+        model.spec.activation.active(z)
     }
 }
 

@@ -64,6 +64,9 @@ pub struct PenaltyInput<'a> {
     /// The decoder rows' norms when the model rescales codes by them
     /// (`model.rescale_acts_by_decoder_norm`).
     pub decoder_norms: Option<&'a Tensor>,
+    /// Codes may be negative (abstopk): AuxK ranks dead latents by
+    /// magnitude and keeps their signed pre-activations.
+    pub signed_codes: bool,
 }
 
 impl<'a> PenaltyInput<'a> {
@@ -80,6 +83,7 @@ impl<'a> PenaltyInput<'a> {
             relu_codes: false,
             leaf: None,
             decoder_norms: None,
+            signed_codes: false,
         }
     }
 }
@@ -207,10 +211,16 @@ fn auxk(p: &PenaltyInput, k_aux: i64) -> Tensor {
     let scale = (n_dead as f64 / k_aux as f64).min(1.0);
     let k = k_aux.min(n_dead);
     let residual = (p.target - p.recon).detach();
-    let candidates = p
-        .pre
-        .where_scalarother(&dead.unsqueeze(0), f64::NEG_INFINITY);
+    let ranked = match p.signed_codes {
+        true => p.pre.abs(),
+        false => p.pre.shallow_clone(),
+    };
+    let candidates = ranked.where_scalarother(&dead.unsqueeze(0), f64::NEG_INFINITY);
     let (values, indices) = candidates.topk(k, -1, true, false);
+    let values = match p.signed_codes {
+        true => p.pre.gather(-1, &indices, false),
+        false => values,
+    };
     let acts = p.pre.zeros_like().scatter(-1, &indices, &values);
     // SAELens decodes them as the codes are (`act_times_W_dec`).
     let acts = match p.decoder_norms {

@@ -152,9 +152,7 @@ pub fn run_report(
     let idx_map = spread(n, m);
     let z = model.encode(&pick(x, &idx_map));
     let scores = crate::latents::pca_2d(&z);
-    let active = z
-        .gt(model.spec.activation.active_threshold())
-        .any_dim(1, false);
+    let active = model.spec.activation.active(&z).any_dim(1, false);
     let strongest = z
         .argmax(1, false)
         .where_self(&active, &z.argmax(1, false).full_like(-1));

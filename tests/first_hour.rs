@@ -67,7 +67,7 @@ fn errors_blame_the_set_and_point_to_the_right_key() {
     );
     train(
         "model.k=4",
-        &["model.k: only used by activations topk, batchtopk, matryoshka_batchtopk and matching_pursuit"],
+        &["model.k: only used by activations topk, abstopk, batchtopk, matryoshka_batchtopk, matching_pursuit"],
     );
     // In the file, the file is blamed.
     let bad = write_config(

@@ -134,6 +134,16 @@ const VARIANTS: &[Variant] = &[
         buffers: &[],
     },
     Variant {
+        name: "abstopk",
+        sets: &[
+            "model.activation=abstopk",
+            "model.k=3",
+            "sparsity.penalty=none",
+        ],
+        extra_params: &[],
+        buffers: &[],
+    },
+    Variant {
         name: "sigmoid",
         sets: &[
             "model.activation=sigmoid",
@@ -496,6 +506,15 @@ fn saelens_export_loads_in_sae_lens_and_matches() {
                 "sparsity.penalty=none",
             ],
             "TopKSAE",
+        ),
+        (
+            "abstopk",
+            &[
+                "model.activation=abstopk",
+                "model.k=3",
+                "sparsity.penalty=none",
+            ],
+            "AbsTopKSAE",
         ),
         (
             "relu_standardize_tied",

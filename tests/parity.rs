@@ -544,6 +544,16 @@ fn topk_rescale(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity
     }
 }
 
+/// AbsTopK (SAELens `abstopk`) + AuxK: the k largest |pre-activations|
+/// keep their sign; dead latents ranked by magnitude.
+fn abstopk(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        activation: "abstopk",
+        seed: 8,
+        ..topk_auxk(name, epochs, batch)
+    }
+}
+
 /// JumpReLU + the step-function L0 penalty, straight-through to the
 /// thresholds (SAELens's own autograd Functions on the reference side).
 fn jumprelu_l0(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
@@ -712,6 +722,8 @@ parity_tests! {
     topk_auxk_minibatch: topk_auxk("topk_auxk_minibatch", 10, Some(48));
     topk_rescale_full_batch: topk_rescale("topk_rescale_full", 100, None);
     topk_rescale_minibatch: topk_rescale("topk_rescale_minibatch", 10, Some(48));
+    abstopk_full_batch: abstopk("abstopk_full", 100, None);
+    abstopk_minibatch: abstopk("abstopk_minibatch", 10, Some(48));
     jumprelu_full_batch: jumprelu_l0("jumprelu_full", 200, None);
     jumprelu_minibatch: jumprelu_l0("jumprelu_minibatch", 10, Some(48));
     batchtopk_recipe_minibatch: batchtopk_recipe("batchtopk_recipe", 10, Some(48));

@@ -58,6 +58,34 @@ fn topk_l0_is_exactly_k() {
     assert_eq!(per_row.min().int64_value(&[]), 4);
 }
 
+/// AbsTopK keeps k codes of either sign per row: L0 (codes that are not
+/// 0) is k on every batch, and some kept codes are negative.
+#[test]
+fn abstopk_keeps_k_signed_codes_per_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, _) = data(dir.path());
+    let run = recipe(dir.path(), "abstopk", &x)
+        .sets([
+            "model.activation=abstopk",
+            "model.k=4",
+            "sparsity.penalty=auxk",
+            "train.dead_window=5",
+        ])
+        .train();
+    for l0 in run.metric("l0") {
+        assert_eq!(l0, 4.0, "training-batch l0");
+    }
+    assert_eq!(run.stat("train", "l0"), 4.0);
+    let z = dir.path().join("z.npy");
+    run.apply("encode", &x, &z, &[]);
+    let z = Tensor::read_npy(&z).unwrap();
+    let per_row = z.ne(0.0).sum_dim_intlist(1, false, Kind::Int64);
+    assert_eq!(per_row.max().int64_value(&[]), 4);
+    assert_eq!(per_row.min().int64_value(&[]), 4);
+    let negative = z.lt(0.0).sum(Kind::Int64).int64_value(&[]);
+    assert!(negative > 0, "no negative code kept");
+}
+
 #[test]
 fn batchtopk_mean_l0_is_k_on_every_training_batch() {
     let dir = tempfile::tempdir().unwrap();

@@ -182,7 +182,7 @@ fn replay(case: &Case) {
     let mut dead = DeadTracker::new(
         case.d_hidden,
         plan.cfg.train.dead_window,
-        learner.active_threshold(),
+        learner.model.spec.activation,
         plan.device,
     );
     let mut ours = Vec::new();

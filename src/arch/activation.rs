@@ -22,6 +22,8 @@ pub enum ActivationKind {
     Sigmoid,
     Relu,
     Topk,
+    /// Top-k by magnitude, signs kept.
+    Abstopk,
     Batchtopk,
     Jumprelu,
     Gated,
@@ -36,11 +38,34 @@ pub enum ActivationKind {
 }
 
 impl ActivationKind {
+    pub const ALL: [ActivationKind; 9] = [
+        ActivationKind::Sigmoid,
+        ActivationKind::Relu,
+        ActivationKind::Topk,
+        ActivationKind::Abstopk,
+        ActivationKind::Batchtopk,
+        ActivationKind::Jumprelu,
+        ActivationKind::Gated,
+        ActivationKind::MatryoshkaBatchtopk,
+        ActivationKind::MatchingPursuit,
+    ];
+
+    /// The names of the activations that take `model.k`, for messages.
+    pub fn names_with_k() -> String {
+        let names: Vec<_> = Self::ALL
+            .iter()
+            .filter(|a| a.uses_k())
+            .map(|a| a.name())
+            .collect();
+        names.join(", ")
+    }
+
     /// Activations that keep k latents (per row, or k x batch over a batch).
     pub fn uses_k(self) -> bool {
         matches!(
             self,
             ActivationKind::Topk
+                | ActivationKind::Abstopk
                 | ActivationKind::Batchtopk
                 | ActivationKind::MatryoshkaBatchtopk
                 | ActivationKind::MatchingPursuit
@@ -53,6 +78,7 @@ impl ActivationKind {
             ActivationKind::Sigmoid => "sigmoid",
             ActivationKind::Relu => "relu",
             ActivationKind::Topk => "topk",
+            ActivationKind::Abstopk => "abstopk",
             ActivationKind::Batchtopk => "batchtopk",
             ActivationKind::Jumprelu => "jumprelu",
             ActivationKind::Gated => "gated",
@@ -193,8 +219,23 @@ impl Activation {
 
     /// The value above which a unit counts as active, for L0 and firing
     /// statistics: 0 for ReLU-like codes; 0.5 for sigmoid, which is never 0.
+    /// Of the codes' magnitudes where they are signed ([`Activation::magnitude`]).
     pub fn active_threshold(&self) -> f64 {
         self.arch().active_threshold()
+    }
+
+    /// What activity is judged on: the codes, or their magnitudes where
+    /// they may be negative (abstopk).
+    pub fn magnitude(&self, z: &Tensor) -> Tensor {
+        match self.arch().signed_codes() {
+            true => z.abs(),
+            false => z.shallow_clone(),
+        }
+    }
+
+    /// Which codes are active (bool, the shape of `z`).
+    pub fn active(&self, z: &Tensor) -> Tensor {
+        self.magnitude(z).gt(self.active_threshold())
     }
 }
 

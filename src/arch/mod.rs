@@ -16,6 +16,7 @@
 //! implementing [`Architecture`], and its line in [`of`]. Everything else
 //! has a default that fits a plain activation applied to the pre-activations.
 
+mod abstopk;
 mod activation;
 mod batchtopk;
 pub mod exports;
@@ -76,6 +77,7 @@ pub fn of(a: &Activation) -> Box<dyn Architecture> {
         A::Sigmoid => Box::new(sigmoid::Sigmoid),
         A::Relu => Box::new(relu::Relu),
         A::Topk => Box::new(topk::TopK { k: a.k_set() }),
+        A::Abstopk => Box::new(abstopk::AbsTopK { k: a.k_set() }),
         A::Batchtopk => Box::new(batchtopk::BatchTopK { k: a.k_set() }),
         A::Jumprelu => Box::new(jumprelu::JumpRelu {
             bandwidth: a.bandwidth().expect("jumprelu"),
@@ -136,6 +138,12 @@ pub trait Architecture {
     /// The value above which a latent counts as active (L0, firing).
     fn active_threshold(&self) -> f64 {
         0.0
+    }
+
+    /// Whether codes may be negative (abstopk): a latent is then active
+    /// where its code is not 0, and AuxK ranks dead latents by magnitude.
+    fn signed_codes(&self) -> bool {
+        false
     }
 
     /// Whether codes are `relu(pre)`: then `|z| = z` and the l1 penalty can

@@ -339,6 +339,17 @@ fn activation_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
                 threshold: None,
             })
         }
+        "abstopk" => {
+            let k = cfg.k.unwrap_or(100); // sae_lens's default
+            if k < 1 || k > cfg.d_sae {
+                bail_user!("{origin}: k = {k} must be in 1..=d_sae ({})", cfg.d_sae);
+            }
+            Ok(Imported {
+                activation: Activation::with_k(ActivationKind::Abstopk, k),
+                fold_dec_norm: cfg.rescale_acts_by_decoder_norm.unwrap_or(false),
+                threshold: None,
+            })
+        }
         // Transcoders: the same encoders, decoding into d_out columns.
         "transcoder" => Ok(Imported {
             activation: Activation::plain(ActivationKind::Relu),
@@ -360,7 +371,7 @@ fn activation_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
         "matching_pursuit" => matching_pursuit_from_cfg(cfg, origin),
         other => bail_user!(
             "{origin}: architecture `{other}` is not supported \
-             (supported: standard, topk, jumprelu, batchtopk, gated, matching_pursuit, \
+             (supported: standard, topk, abstopk, jumprelu, batchtopk, gated, matching_pursuit, \
              transcoder, jumprelu_transcoder)"
         ),
     }

@@ -785,7 +785,7 @@ fn start(
     let d_hidden = model.spec.d_hidden;
     let mut learner = Learner::new(model, cfg)?;
     let window = cfg.train.dead_window;
-    let mut dead = DeadTracker::new(d_hidden, window, learner.active_threshold(), device);
+    let mut dead = DeadTracker::new(d_hidden, window, learner.model.spec.activation, device);
     let pos = match resume {
         true => {
             let pos = run.load_checkpoint(&mut learner, &mut dead.since_fired)?;
@@ -845,11 +845,9 @@ fn step_log(
     valid: &Option<Tensor>,
     writer: bool,
 ) -> StepLog {
-    let thr = learner.active_threshold();
     let l0 = tch::no_grad(|| {
-        out.forward
-            .z
-            .gt(thr)
+        (learner.model.spec.activation)
+            .active(&out.forward.z)
             .sum_dim_intlist(-1, false, Kind::Float)
             .mean(Kind::Float)
             .double_value(&[])

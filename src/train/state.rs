@@ -3,6 +3,7 @@
 //! checkpoint's [`Position`] is built here alone.
 
 use super::batches::Batch;
+use crate::arch::Activation;
 pub use crate::checkpoint::Position;
 use tch::{Device, Kind, Tensor};
 
@@ -78,16 +79,16 @@ pub fn start() -> Position {
 pub struct DeadTracker {
     pub since_fired: Tensor,
     window: i64,
-    /// The value above which a code counts as firing.
-    active_threshold: f64,
+    /// Says which codes count as firing.
+    activation: Activation,
 }
 
 impl DeadTracker {
-    pub fn new(d_hidden: i64, window: i64, active_threshold: f64, device: Device) -> DeadTracker {
+    pub fn new(d_hidden: i64, window: i64, activation: Activation, device: Device) -> DeadTracker {
         DeadTracker {
             since_fired: Tensor::zeros([d_hidden], (Kind::Int64, device)),
             window,
-            active_threshold,
+            activation,
         }
     }
 
@@ -101,6 +102,7 @@ impl DeadTracker {
     pub fn update(&mut self, z: &Tensor) {
         let _guard = tch::no_grad_guard();
         // max > t, not (z > t).any(0): no [batch, d_hidden] temporary.
+        let z = self.activation.magnitude(z);
         let mut top = match z.size()[0] {
             0 => z.new_full([z.size()[1]], f64::NEG_INFINITY, (z.kind(), z.device())),
             _ => z.amax(0, false),
@@ -108,7 +110,7 @@ impl DeadTracker {
         if let Some(g) = crate::dist::group() {
             g.allreduce(&mut top, crate::dist::Op::Max);
         }
-        let fired = top.gt(self.active_threshold);
+        let fired = top.gt(self.activation.active_threshold());
         let _ = self.since_fired.g_add_scalar_(1);
         let _ = self.since_fired.masked_fill_(&fired, 0);
     }

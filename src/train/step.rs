@@ -90,11 +90,6 @@ impl Learner {
             && sparse_step::applies(&self.model, self.arch.as_ref())
     }
 
-    /// The value above which a code counts as firing (dead-latent tracking).
-    pub fn active_threshold(&self) -> f64 {
-        self.arch.active_threshold()
-    }
-
     /// One step on `batch` (normalised input, then the target for
     /// transcoders): forward, statistics, update, and dead-latent
     /// resampling when due. With several ranks each holds its part of the
@@ -182,6 +177,7 @@ impl Learner {
             relu_codes: penalty_codes.is_none() && self.arch.relu_codes(),
             leaf: f.leaf.as_ref(),
             decoder_norms: decoder_norms.as_ref(),
+            signed_codes: self.arch.signed_codes(),
         });
         let aux = penalty_codes
             .as_ref()

@@ -7,6 +7,10 @@ project; the autograd Functions below are SAELens's own, copied.
     sae_in     = x - b_dec                          (apply_b_dec_to_input)
     hidden_pre = sae_in @ W_enc + b_enc
     topk:      feature_acts = scatter(topk(hidden_pre, k)) of relu(values)
+    abstopk:   feature_acts = scatter(topk(|hidden_pre|, k).indices) of the signed
+               hidden_pre there (no ReLU; saes/abstopk_sae.py); AuxK ranks dead
+               latents by |hidden_pre| and keeps the signed values
+               (calculate_abstopk_aux_acts); a latent fires where its code is not 0
     batchtopk: feature_acts = the k*batch largest of relu(hidden_pre) over the batch;
                topk_threshold <- (1 - lr) topk_threshold + lr min(positive acts)  (float64)
     matryoshka_batchtopk: batchtopk's codes and threshold; levels = the
@@ -135,6 +139,21 @@ def batch_topk_acts(x, k):
     )
 
 
+def abs_topk_acts(x, k):
+    topk_indices = torch.topk(x.abs(), k=k, dim=-1, sorted=False).indices
+    result = torch.zeros_like(x)
+    result.scatter_(-1, topk_indices, x.gather(-1, topk_indices))
+    return result
+
+
+def calculate_abstopk_aux_acts(k_aux, hidden_pre, dead_neuron_mask):
+    auxk_latents = torch.where(dead_neuron_mask[None], hidden_pre.abs(), -torch.inf)
+    auxk_topk = auxk_latents.topk(k_aux, sorted=False)
+    auxk_acts = torch.zeros_like(hidden_pre)
+    auxk_acts.scatter_(-1, auxk_topk.indices, hidden_pre.gather(-1, auxk_topk.indices))
+    return auxk_acts
+
+
 def calculate_topk_aux_acts(k_aux, hidden_pre, dead_neuron_mask):
     auxk_latents = torch.where(dead_neuron_mask[None], hidden_pre, -torch.inf)
     auxk_topk = auxk_latents.topk(k_aux, sorted=False)
@@ -149,7 +168,8 @@ def act_times_W_dec(feature_acts, W_dec, rescale):
     return feature_acts @ W_dec
 
 
-def topk_aux_loss(sae_in, sae_out, hidden_pre, W_dec, dead_neuron_mask, rescale=False):
+def topk_aux_loss(sae_in, sae_out, hidden_pre, W_dec, dead_neuron_mask, rescale=False,
+                  signed=False):
     """SAELens calculate_topk_aux_loss, without its coefficient, with the
     squared error averaged over elements (this project's mse convention)."""
     if dead_neuron_mask is None or (num_dead := int(dead_neuron_mask.sum())) == 0:
@@ -158,7 +178,8 @@ def topk_aux_loss(sae_in, sae_out, hidden_pre, W_dec, dead_neuron_mask, rescale=
     k_aux = sae_in.shape[-1] // 2
     scale = min(num_dead / k_aux, 1.0)
     k_aux = min(k_aux, num_dead)
-    auxk_acts = calculate_topk_aux_acts(k_aux, hidden_pre, dead_neuron_mask)
+    aux_acts = calculate_abstopk_aux_acts if signed else calculate_topk_aux_acts
+    auxk_acts = aux_acts(k_aux, hidden_pre, dead_neuron_mask)
     recons = act_times_W_dec(auxk_acts, W_dec, rescale)
     return (recons - residual).pow(2).mean() * scale
 
@@ -338,6 +359,8 @@ class SAE(nn.Module):
             hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
         if a.architecture == "topk":
             acts = topk_acts(hidden_pre, a.k)
+        elif a.architecture == "abstopk":
+            acts = abs_topk_acts(hidden_pre, a.k)
         elif a.architecture in BATCHTOPK:
             acts = batch_topk_acts(hidden_pre, a.k)
         else:
@@ -356,7 +379,7 @@ class SAE(nn.Module):
 def main():
     p = common.base_parser(__doc__)
     p.add_argument("--architecture",
-                   choices=["topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk",
+                   choices=["topk", "abstopk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk",
                             "matching_pursuit"],
                    required=True)
     p.add_argument("--matryoshka-widths", type=lambda v: [int(w) for w in v.split(",")],
@@ -415,7 +438,8 @@ def main():
         mse_loss = F.mse_loss(sae_out, sae_in)
         if args.penalty == "auxk":
             penalty = topk_aux_loss(sae_in, sae_out, hidden_pre, sae.W_dec, dead,
-                                    args.rescale_acts_by_decoder_norm)
+                                    args.rescale_acts_by_decoder_norm,
+                                    signed=args.architecture == "abstopk")
         elif args.penalty == "l0":
             l0 = torch.sum(Step.apply(hidden_pre, sae.threshold, args.bandwidth, False), dim=-1)
             penalty = l0.mean()
