@@ -266,6 +266,10 @@ pub struct ModelConfig {
     pub jumprelu_init_threshold: f64,
     /// jumprelu (and the l0 penalty): width of the straight-through window.
     pub jumprelu_bandwidth: f64,
+    /// jumprelu: the straight-through estimate also reaches the
+    /// pre-activations (and so the encoder), not only the thresholds
+    /// (SAELens `jumprelu_ste_to_input`; Anthropic's setup).
+    pub jumprelu_ste_to_input: bool,
     /// batchtopk: rate of the running estimate of the inference threshold.
     pub topk_threshold_lr: f64,
     /// batchtopk, matryoshka_batchtopk: after training, set the inference
@@ -295,6 +299,7 @@ impl ModelConfig {
             self.activation,
             self.k,
             self.jumprelu_bandwidth,
+            self.jumprelu_ste_to_input,
             self.residual_threshold,
         )
     }
@@ -325,6 +330,8 @@ pub enum PenaltyKind {
     MeanAbs,
     /// Step-function L0 with straight-through gradients to the thresholds (jumprelu).
     L0,
+    /// Anthropic's sparsity loss (jumprelu): `sum_j tanh(tanh_scale * z_j * ||W_dec[j]||)`.
+    Tanh,
     /// The top-k auxiliary loss: dead latents reconstruct the residual.
     Auxk,
     None,
@@ -345,6 +352,12 @@ pub struct SparsityConfig {
     pub warmup_steps: i64,
     /// auxk: how many dead latents reconstruct the residual; `auto` = d_out / 2.
     pub auxk_k: Auto<i64>,
+    /// tanh: the scale inside the tanh (SAELens `jumprelu_tanh_scale`).
+    pub tanh_scale: f64,
+    /// jumprelu: Anthropic's pre-activation loss on dead latents,
+    /// `pre_act_weight * mean_batch(sum_j relu(threshold_j - pre_j) * dead_j
+    /// * ||W_dec[j]||)` (SAELens `pre_act_loss_coefficient`); 0: off.
+    pub pre_act_weight: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -487,6 +500,7 @@ impl Default for ModelConfig {
             b_dec_init: None,
             jumprelu_init_threshold: 0.01,
             jumprelu_bandwidth: 0.05,
+            jumprelu_ste_to_input: false,
             topk_threshold_lr: 0.01,
             calibrate_threshold: false,
             matryoshka_widths: Vec::new(),
@@ -506,6 +520,8 @@ impl Default for SparsityConfig {
             allow_unbounded_kl: false,
             warmup_steps: 0,
             auxk_k: Auto::Auto,
+            tanh_scale: 4.0,
+            pre_act_weight: 0.0,
         }
     }
 }
@@ -1236,6 +1252,29 @@ impl Config {
                  not {}",
                 activation_name(m.activation)
             )),
+            PenaltyKind::Tanh if m.activation != ActivationKind::Jumprelu => Err(format!(
+                "sparsity.penalty: tanh needs activation jumprelu, not {}",
+                activation_name(m.activation)
+            )),
+            _ if !(s.tanh_scale > 0.0 && s.tanh_scale.is_finite()) => {
+                Err(format!("sparsity.tanh_scale: {} must be > 0", s.tanh_scale))
+            }
+            _ if !(s.pre_act_weight >= 0.0 && s.pre_act_weight.is_finite()) => Err(format!(
+                "sparsity.pre_act_weight: {} must be >= 0",
+                s.pre_act_weight
+            )),
+            _ if s.pre_act_weight > 0.0 && m.activation != ActivationKind::Jumprelu => {
+                Err(format!(
+                    "sparsity.pre_act_weight: only for activation jumprelu, not {}",
+                    activation_name(m.activation)
+                ))
+            }
+            _ if m.jumprelu_ste_to_input && m.activation != ActivationKind::Jumprelu => {
+                Err(format!(
+                    "model.jumprelu_ste_to_input: only for activation jumprelu, not {}",
+                    activation_name(m.activation)
+                ))
+            }
             _ if m.activation == ActivationKind::Gated && m.tied => {
                 Err("model.tied: not supported with activation gated".into())
             }

@@ -29,6 +29,12 @@ pub enum Penalty {
     /// kernel of width `bandwidth`) to the jumprelu thresholds.
     L0 {
         bandwidth: f64,
+        ste_to_input: bool,
+    },
+    /// Anthropic's sparsity loss (SAELens jumprelu `tanh` mode):
+    /// `mean_over_batch(sum_j tanh(scale * z_j * ||W_dec[j]||))`.
+    Tanh {
+        scale: f64,
     },
     /// Top-k auxiliary loss (OpenAI, SAELens): the `k_aux` largest
     /// pre-activations among dead latents reconstruct the detached residual
@@ -99,6 +105,10 @@ impl Penalty {
             PenaltyKind::MeanAbs => Penalty::MeanAbs { target: s.target },
             PenaltyKind::L0 => Penalty::L0 {
                 bandwidth: m.jumprelu_bandwidth,
+                ste_to_input: m.jumprelu_ste_to_input,
+            },
+            PenaltyKind::Tanh => Penalty::Tanh {
+                scale: s.tanh_scale,
             },
             PenaltyKind::Auxk => Penalty::AuxK {
                 k_aux: match s.auxk_k {
@@ -154,9 +164,19 @@ impl Penalty {
             Penalty::MeanAbs { target } => (z.mean_dim(0, false, Kind::Float) - target)
                 .abs()
                 .sum(Kind::Float),
-            Penalty::L0 { bandwidth } => {
+            Penalty::L0 {
+                bandwidth,
+                ste_to_input,
+            } => {
                 let t = p.threshold.expect("validated: l0 goes with jumprelu");
-                step_with_ste(p.pre, t, bandwidth)
+                step_with_ste(p.pre, t, bandwidth, ste_to_input)
+                    .sum_dim_intlist(-1, false, Kind::Float)
+                    .mean(Kind::Float)
+            }
+            Penalty::Tanh { scale } => {
+                let norms = p.w_dec.norm_scalaropt_dim(2, [1], false);
+                ((z * scale) * norms)
+                    .tanh()
                     .sum_dim_intlist(-1, false, Kind::Float)
                     .mean(Kind::Float)
             }
@@ -185,12 +205,15 @@ impl Penalty {
                     false => z.sum(Kind::Float),
                 }
             }
-            Penalty::L0 { bandwidth } => {
+            Penalty::L0 {
+                bandwidth,
+                ste_to_input,
+            } => {
                 let t = leaf
                     .threshold
                     .as_ref()
                     .expect("validated: l0 goes with jumprelu");
-                step_with_ste(&leaf.pre, t, bandwidth).sum(Kind::Float)
+                step_with_ste(&leaf.pre, t, bandwidth, ste_to_input).sum(Kind::Float)
             }
             Penalty::None => return Tensor::zeros([], (Kind::Float, p.z.device())),
             _ => unreachable!("checked: supports_sparse_codes"),

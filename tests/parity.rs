@@ -544,6 +544,47 @@ fn topk_rescale(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity
     }
 }
 
+/// Anthropic's JumpReLU recipe (SAELens jumprelu, `tanh` sparsity mode):
+/// the tanh sparsity loss, the pre-activation loss on dead latents, and the
+/// straight-through estimate reaching the pre-activations.
+fn jumprelu_tanh(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        penalty: "tanh",
+        weight: 0.01,
+        seed: 10,
+        knobs: &[
+            (
+                "model.jumprelu_init_threshold=0.1",
+                &["--init-threshold", "0.1"],
+            ),
+            ("sparsity.tanh_scale=3.0", &["--tanh-scale", "3.0"]),
+            (
+                "sparsity.pre_act_weight=0.003",
+                &["--pre-act-coefficient", "0.003"],
+            ),
+            ("train.dead_window=3", &["--dead-window", "3"]),
+            ("model.jumprelu_ste_to_input=true", &["--ste-to-input"]),
+        ],
+        ..jumprelu_l0(name, epochs, batch)
+    }
+}
+
+/// JumpReLU + L0 with the straight-through estimate reaching the
+/// pre-activations (SAELens `jumprelu_ste_to_input`).
+fn jumprelu_l0_ste_input(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        seed: 11,
+        knobs: &[
+            (
+                "model.jumprelu_init_threshold=0.1",
+                &["--init-threshold", "0.1"],
+            ),
+            ("model.jumprelu_ste_to_input=true", &["--ste-to-input"]),
+        ],
+        ..jumprelu_l0(name, epochs, batch)
+    }
+}
+
 /// AbsTopK (SAELens `abstopk`) + AuxK: the k largest |pre-activations|
 /// keep their sign; dead latents ranked by magnitude.
 fn abstopk(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
@@ -724,6 +765,9 @@ parity_tests! {
     topk_rescale_minibatch: topk_rescale("topk_rescale_minibatch", 10, Some(48));
     abstopk_full_batch: abstopk("abstopk_full", 100, None);
     abstopk_minibatch: abstopk("abstopk_minibatch", 10, Some(48));
+    jumprelu_tanh_full_batch: jumprelu_tanh("jumprelu_tanh_full", 100, None);
+    jumprelu_tanh_minibatch: jumprelu_tanh("jumprelu_tanh_minibatch", 10, Some(48));
+    jumprelu_l0_ste_input_minibatch: jumprelu_l0_ste_input("jumprelu_l0_ste_input", 10, Some(48));
     jumprelu_full_batch: jumprelu_l0("jumprelu_full", 200, None);
     jumprelu_minibatch: jumprelu_l0("jumprelu_minibatch", 10, Some(48));
     batchtopk_recipe_minibatch: batchtopk_recipe("batchtopk_recipe", 10, Some(48));

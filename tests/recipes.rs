@@ -697,6 +697,22 @@ fn new_keys_are_validated() {
             "model.rescale_acts_by_decoder_norm=true",
             "model.rescale_acts_by_decoder_norm: only for activation topk, not relu",
         ),
+        (
+            "sparsity.penalty=tanh",
+            "sparsity.penalty: tanh needs activation jumprelu",
+        ),
+        (
+            "sparsity.pre_act_weight=0.1",
+            "sparsity.pre_act_weight: only for activation jumprelu",
+        ),
+        (
+            "model.jumprelu_ste_to_input=true",
+            "model.jumprelu_ste_to_input: only for activation jumprelu",
+        ),
+        (
+            "sparsity.tanh_scale=0",
+            "sparsity.tanh_scale: 0 must be > 0",
+        ),
     ] {
         let mut case = base.clone().set(set);
         if set.starts_with("train.input_noise") {

@@ -98,6 +98,9 @@ pub struct Activation {
     k: Option<i64>,
     bandwidth: f64,
     residual_threshold: f64,
+    /// jumprelu, training: the straight-through estimate reaches the
+    /// pre-activations too (`model.jumprelu_ste_to_input`).
+    ste_to_input: bool,
 }
 
 impl Activation {
@@ -109,6 +112,7 @@ impl Activation {
             k: None,
             bandwidth: DEFAULT_BANDWIDTH,
             residual_threshold: DEFAULT_RESIDUAL_THRESHOLD,
+            ste_to_input: false,
         }
     }
 
@@ -145,15 +149,20 @@ impl Activation {
     }
 
     /// From a training config's `model.activation`, `model.k`,
-    /// `model.jumprelu_bandwidth` and `model.residual_threshold`.
+    /// `model.jumprelu_bandwidth`, `model.jumprelu_ste_to_input` and
+    /// `model.residual_threshold`.
     pub fn from_settings(
         kind: ActivationKind,
         k: Option<i64>,
         bandwidth: f64,
+        ste_to_input: bool,
         residual_threshold: f64,
     ) -> Activation {
         match kind {
-            ActivationKind::Jumprelu => Activation::jumprelu(bandwidth),
+            ActivationKind::Jumprelu => Activation {
+                ste_to_input,
+                ..Activation::jumprelu(bandwidth)
+            },
             _ => Activation::from_config(kind, k).with_residual_threshold(Some(residual_threshold)),
         }
     }
@@ -173,6 +182,12 @@ impl Activation {
     /// matching_pursuit's residual threshold.
     pub fn residual_threshold(&self) -> Option<f64> {
         (self.kind == ActivationKind::MatchingPursuit).then_some(self.residual_threshold)
+    }
+
+    /// jumprelu: whether training's straight-through estimate reaches the
+    /// pre-activations.
+    pub fn ste_to_input(&self) -> bool {
+        self.ste_to_input
     }
 
     /// jumprelu's bandwidth.
@@ -257,9 +272,19 @@ pub fn straight_through(threshold: &Tensor, coeff: &Tensor) -> Tensor {
 
 /// The step function `H(pre - threshold)` (1 where a latent fires), with
 /// SAELens's `Step` pseudo-gradient for the threshold,
-/// `-(1/bw) K((pre - threshold)/bw)`, and none for `pre`.
-pub fn step_with_ste(pre: &Tensor, threshold: &Tensor, bandwidth: f64) -> Tensor {
+/// `-(1/bw) K((pre - threshold)/bw)`, and none for `pre` unless
+/// `ste_to_input` (then its negation, as the step depends on pre - threshold).
+pub fn step_with_ste(
+    pre: &Tensor,
+    threshold: &Tensor,
+    bandwidth: f64,
+    ste_to_input: bool,
+) -> Tensor {
     let value = pre.detach().gt_tensor(threshold).to_kind(pre.kind());
-    let coeff = (rectangle(pre, threshold, bandwidth) * (1.0 / bandwidth)).neg();
-    value + straight_through(threshold, &coeff)
+    let kernel = rectangle(pre, threshold, bandwidth) * (1.0 / bandwidth);
+    let out = value + straight_through(threshold, &kernel.neg());
+    match ste_to_input {
+        true => out + straight_through(pre, &kernel),
+        false => out,
+    }
 }

@@ -12,6 +12,9 @@ use tch::{Device, Kind, Tensor};
 
 pub struct JumpRelu {
     pub bandwidth: f64,
+    /// The straight-through estimate reaches `pre` too (SAELens
+    /// `jumprelu_ste_to_input`): its gradient adds `(t/bw) K(...)`.
+    pub ste_to_input: bool,
 }
 
 impl Architecture for JumpRelu {
@@ -24,8 +27,12 @@ impl Architecture for JumpRelu {
     fn apply_train(&self, pre: &Tensor, threshold: Option<&Tensor>) -> Tensor {
         let t = threshold.expect("a jumprelu model has a threshold");
         let value = pre * pre.gt_tensor(t).to_kind(pre.kind());
-        let coeff = (t.detach() / self.bandwidth * rectangle(pre, t, self.bandwidth)).neg();
-        value + straight_through(t, &coeff)
+        let kernel = t.detach() / self.bandwidth * rectangle(pre, t, self.bandwidth);
+        let out = value + straight_through(t, &kernel.neg());
+        match self.ste_to_input {
+            true => out + straight_through(pre, &kernel),
+            false => out,
+        }
     }
 
     fn threshold(&self) -> Threshold {

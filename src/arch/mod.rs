@@ -81,6 +81,7 @@ pub fn of(a: &Activation) -> Box<dyn Architecture> {
         A::Batchtopk => Box::new(batchtopk::BatchTopK { k: a.k_set() }),
         A::Jumprelu => Box::new(jumprelu::JumpRelu {
             bandwidth: a.bandwidth().expect("jumprelu"),
+            ste_to_input: a.ste_to_input(),
         }),
         A::Gated => Box::new(gated::Gated),
         A::MatryoshkaBatchtopk => {

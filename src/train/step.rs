@@ -87,7 +87,13 @@ impl Learner {
     /// (`crate::sparse_step`; `train.sparse_step` decides whether they do).
     pub fn can_step_sparse(&self) -> bool {
         self.penalty.supports_sparse_codes()
+            && self.cfg.sparsity.pre_act_weight == 0.0
             && sparse_step::applies(&self.model, self.arch.as_ref())
+    }
+
+    /// Whether a step needs the dead latents (auxk, the pre-activation loss).
+    fn needs_dead_mask(&self) -> bool {
+        self.penalty.needs_dead_mask() || self.cfg.sparsity.pre_act_weight > 0.0
     }
 
     /// One step on `batch` (normalised input, then the target for
@@ -116,7 +122,7 @@ impl Learner {
         };
         self.arch.before_forward(&mut self.model);
         let input = corrupt(&xb, &self.cfg.train, rows);
-        let dead_mask = self.penalty.needs_dead_mask().then(|| dead.dead());
+        let dead_mask = self.needs_dead_mask().then(|| dead.dead());
         let mut out = self.forward(&input, &target, p.sparsity_weight, dead_mask.as_ref());
         out.share = share;
         dead.update(&out.forward.z);
@@ -181,7 +187,8 @@ impl Learner {
         });
         let aux = penalty_codes
             .as_ref()
-            .and_then(|c| self.arch.aux_loss(model, c, target));
+            .and_then(|c| self.arch.aux_loss(model, c, target))
+            .or_else(|| self.pre_act_loss(&f.pre, dead));
         let loss = match &aux {
             Some(a) => &mse + &sparsity * sparsity_weight + a,
             None => &mse + &sparsity * sparsity_weight,
@@ -207,6 +214,28 @@ impl Learner {
             forward: f,
             share: 1.0,
         }
+    }
+
+    /// Anthropic's pre-activation loss (SAELens `calculate_pre_act_loss`):
+    /// dead latents' pre-activations pulled up to their thresholds,
+    /// weighted by their decoder norms; `None` when off, 0 with no dead latent.
+    fn pre_act_loss(&self, pre: &Tensor, dead: Option<&Tensor>) -> Option<Tensor> {
+        let weight = self.cfg.sparsity.pre_act_weight;
+        if weight == 0.0 {
+            return None;
+        }
+        let model = &self.model;
+        let dead = dead.filter(|d| d.any().int64_value(&[]) != 0);
+        let (Some(dead), Some(t)) = (dead, model.threshold.as_ref()) else {
+            return Some(Tensor::zeros([], (Kind::Float, pre.device())));
+        };
+        let norms = model.decoder_weight().norm_scalaropt_dim(2, [1], false);
+        let per_row = ((t - pre).relu() * dead.to_kind(Kind::Float) * norms).sum_dim_intlist(
+            -1,
+            false,
+            Kind::Float,
+        );
+        Some(per_row.mean(Kind::Float) * weight)
     }
 
     /// The update half: gradients of the step's loss (the encoder's by

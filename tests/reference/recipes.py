@@ -40,6 +40,12 @@ project; the autograd Functions below are SAELens's own, copied.
                                                      project's convention;
                                                      SAELens sums over d_in)
     l0 penalty = mean_batch(sum_j Step.apply(hidden_pre, threshold, bandwidth))
+    tanh penalty (jumprelu, Anthropic's; SAELens jumprelu_sparsity_loss_mode "tanh"):
+                 mean_batch(sum_j tanh(tanh_scale * feature_acts_j * ||W_dec_j||))
+    --pre-act-coefficient c: + c * mean_batch(sum_j relu(threshold_j - hidden_pre_j)
+                 * dead_j * ||W_dec_j||) (calculate_pre_act_loss), 0 with no dead latent
+    --ste-to-input: JumpReLU's and Step's straight-through estimate reaches
+                 hidden_pre too (jumprelu_ste_to_input)
     auxk       = dead latents (not fired for more than --dead-window steps)
                  reconstruct the detached residual: mean over elements of
                  (topk_aux(where(dead, hidden_pre, -inf)) @ W_dec - residual)^2
@@ -364,7 +370,7 @@ class SAE(nn.Module):
         elif a.architecture in BATCHTOPK:
             acts = batch_topk_acts(hidden_pre, a.k)
         else:
-            acts = JumpReLU.apply(hidden_pre, self.threshold, a.bandwidth, False)
+            acts = JumpReLU.apply(hidden_pre, self.threshold, a.bandwidth, a.ste_to_input)
         return acts, hidden_pre
 
     @torch.no_grad()
@@ -386,7 +392,10 @@ def main():
                    default=[])
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--residual-threshold", type=float, default=1e-2)
-    p.add_argument("--penalty", choices=["none", "auxk", "l0", "l1"], default="none")
+    p.add_argument("--penalty", choices=["none", "auxk", "l0", "l1", "tanh"], default="none")
+    p.add_argument("--tanh-scale", type=float, default=4.0)
+    p.add_argument("--pre-act-coefficient", type=float, default=0.0)
+    p.add_argument("--ste-to-input", action="store_true")
     p.add_argument("--coefficient", type=float, default=0.0)
     p.add_argument("--dead-window", type=int, default=1000)
     p.add_argument("--bandwidth", type=float, default=0.05)
@@ -441,8 +450,12 @@ def main():
                                     args.rescale_acts_by_decoder_norm,
                                     signed=args.architecture == "abstopk")
         elif args.penalty == "l0":
-            l0 = torch.sum(Step.apply(hidden_pre, sae.threshold, args.bandwidth, False), dim=-1)
+            l0 = torch.sum(Step.apply(hidden_pre, sae.threshold, args.bandwidth,
+                                      args.ste_to_input), dim=-1)
             penalty = l0.mean()
+        elif args.penalty == "tanh":
+            W_dec_norm = sae.W_dec.norm(dim=1)
+            penalty = torch.tanh(args.tanh_scale * feature_acts * W_dec_norm).sum(dim=-1).mean()
         elif args.penalty == "l1":
             # SAELens GatedTrainingSAE.calculate_aux_loss (gate L1 only here).
             sae_in_centered = sae_in - sae.b_dec * True
@@ -451,6 +464,14 @@ def main():
         else:
             penalty = torch.zeros((), dtype=sae_out.dtype)
         loss = mse_loss + penalty * coefficient.value
+        if args.pre_act_coefficient > 0:
+            # calculate_pre_act_loss, in this project's term order (after the penalty).
+            if dead.any():
+                per_item = ((sae.threshold - hidden_pre).relu() * dead
+                            * sae.W_dec.norm(dim=1)).sum(dim=-1)
+                loss = loss + per_item.mean() * args.pre_act_coefficient
+            else:
+                loss = loss + torch.zeros(())
         if args.architecture == "gated":
             via_gate_reconstruction = pi_gate_act @ sae.W_dec + sae.b_dec
             loss = loss + (via_gate_reconstruction - sae_in).pow(2).mean()
