@@ -332,6 +332,10 @@ pub enum PenaltyKind {
     L0,
     /// Anthropic's sparsity loss (jumprelu): `sum_j tanh(tanh_scale * z_j * ||W_dec[j]||)`.
     Tanh,
+    /// Gemma Scope 2's (jumprelu): `2 / target_l0 * (L0 - target_l0)^2` per row,
+    /// L0 the step function's count as for `l0`.
+    #[serde(rename = "quadratic_l0")]
+    QuadraticL0,
     /// The top-k auxiliary loss: dead latents reconstruct the residual.
     Auxk,
     None,
@@ -354,6 +358,8 @@ pub struct SparsityConfig {
     pub auxk_k: Auto<i64>,
     /// tanh: the scale inside the tanh (SAELens `jumprelu_tanh_scale`).
     pub tanh_scale: f64,
+    /// quadratic_l0: the L0 each row is pulled towards (SAELens `target_l0`).
+    pub target_l0: Option<f64>,
     /// jumprelu: Anthropic's pre-activation loss on dead latents,
     /// `pre_act_weight * mean_batch(sum_j relu(threshold_j - pre_j) * dead_j
     /// * ||W_dec[j]||)` (SAELens `pre_act_loss_coefficient`); 0: off.
@@ -521,6 +527,7 @@ impl Default for SparsityConfig {
             warmup_steps: 0,
             auxk_k: Auto::Auto,
             tanh_scale: 4.0,
+            target_l0: None,
             pre_act_weight: 0.0,
         }
     }
@@ -804,6 +811,14 @@ fn validate_dist(d: &DistConfig) -> std::result::Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A penalty's name as written in `sparsity.penalty`.
+pub fn penalty_name(p: PenaltyKind) -> String {
+    serde_json::to_value(p)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 pub fn activation_name(a: ActivationKind) -> &'static str {
@@ -1255,6 +1270,24 @@ impl Config {
             PenaltyKind::Tanh if m.activation != ActivationKind::Jumprelu => Err(format!(
                 "sparsity.penalty: tanh needs activation jumprelu, not {}",
                 activation_name(m.activation)
+            )),
+            PenaltyKind::QuadraticL0 if m.activation != ActivationKind::Jumprelu => Err(format!(
+                "sparsity.penalty: quadratic_l0 needs activation jumprelu, not {}",
+                activation_name(m.activation)
+            )),
+            PenaltyKind::QuadraticL0 => match s.target_l0 {
+                None => Err("sparsity.target_l0: required for penalty quadratic_l0 \
+                             (the L0 to pull each row towards, e.g. 50)"
+                    .into()),
+                Some(t) if !(t > 0.0 && t <= m.d_hidden as f64) => Err(format!(
+                    "sparsity.target_l0: {t} must be in (0, model.d_hidden = {}]",
+                    m.d_hidden
+                )),
+                Some(_) => Ok(()),
+            },
+            _ if s.target_l0.is_some() => Err(format!(
+                "sparsity.target_l0: only used by penalty quadratic_l0, not {}",
+                penalty_name(s.penalty)
             )),
             _ if !(s.tanh_scale > 0.0 && s.tanh_scale.is_finite()) => {
                 Err(format!("sparsity.tanh_scale: {} must be > 0", s.tanh_scale))

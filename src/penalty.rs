@@ -31,6 +31,13 @@ pub enum Penalty {
         bandwidth: f64,
         ste_to_input: bool,
     },
+    /// Gemma Scope 2's (SAELens jumprelu `quadratic` mode):
+    /// `mean_over_batch(2 / target * (L0 - target)^2)`, `L0` as for [`Penalty::L0`].
+    QuadraticL0 {
+        bandwidth: f64,
+        ste_to_input: bool,
+        target: f64,
+    },
     /// Anthropic's sparsity loss (SAELens jumprelu `tanh` mode):
     /// `mean_over_batch(sum_j tanh(scale * z_j * ||W_dec[j]||))`.
     Tanh {
@@ -107,6 +114,11 @@ impl Penalty {
                 bandwidth: m.jumprelu_bandwidth,
                 ste_to_input: m.jumprelu_ste_to_input,
             },
+            PenaltyKind::QuadraticL0 => Penalty::QuadraticL0 {
+                bandwidth: m.jumprelu_bandwidth,
+                ste_to_input: m.jumprelu_ste_to_input,
+                target: s.target_l0.expect("validated: quadratic_l0 has target_l0"),
+            },
             PenaltyKind::Tanh => Penalty::Tanh {
                 scale: s.tanh_scale,
             },
@@ -172,6 +184,21 @@ impl Penalty {
                 step_with_ste(p.pre, t, bandwidth, ste_to_input)
                     .sum_dim_intlist(-1, false, Kind::Float)
                     .mean(Kind::Float)
+            }
+            Penalty::QuadraticL0 {
+                bandwidth,
+                ste_to_input,
+                target,
+            } => {
+                let t = p
+                    .threshold
+                    .expect("validated: quadratic_l0 goes with jumprelu");
+                let l0 = step_with_ste(p.pre, t, bandwidth, ste_to_input).sum_dim_intlist(
+                    -1,
+                    false,
+                    Kind::Float,
+                );
+                ((l0 - target).square() * (2.0 / target)).mean(Kind::Float)
             }
             Penalty::Tanh { scale } => {
                 let norms = p.w_dec.norm_scalaropt_dim(2, [1], false);

@@ -569,6 +569,24 @@ fn jumprelu_tanh(name: &'static str, epochs: i64, batch: Option<usize>) -> Parit
     }
 }
 
+/// Gemma Scope 2's JumpReLU loss (SAELens `quadratic` mode): each row's L0
+/// pulled to a target, quadratically.
+fn jumprelu_quadratic(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        penalty: "quadratic_l0",
+        weight: 0.001,
+        seed: 12,
+        knobs: &[
+            (
+                "model.jumprelu_init_threshold=0.1",
+                &["--init-threshold", "0.1"],
+            ),
+            ("sparsity.target_l0=6", &["--target-l0", "6"]),
+        ],
+        ..jumprelu_l0(name, epochs, batch)
+    }
+}
+
 /// JumpReLU + L0 with the straight-through estimate reaching the
 /// pre-activations (SAELens `jumprelu_ste_to_input`).
 fn jumprelu_l0_ste_input(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
@@ -767,6 +785,8 @@ parity_tests! {
     abstopk_minibatch: abstopk("abstopk_minibatch", 10, Some(48));
     jumprelu_tanh_full_batch: jumprelu_tanh("jumprelu_tanh_full", 100, None);
     jumprelu_tanh_minibatch: jumprelu_tanh("jumprelu_tanh_minibatch", 10, Some(48));
+    jumprelu_quadratic_full_batch: jumprelu_quadratic("jumprelu_quadratic_full", 100, None);
+    jumprelu_quadratic_minibatch: jumprelu_quadratic("jumprelu_quadratic_minibatch", 10, Some(48));
     jumprelu_l0_ste_input_minibatch: jumprelu_l0_ste_input("jumprelu_l0_ste_input", 10, Some(48));
     jumprelu_full_batch: jumprelu_l0("jumprelu_full", 200, None);
     jumprelu_minibatch: jumprelu_l0("jumprelu_minibatch", 10, Some(48));

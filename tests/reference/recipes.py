@@ -42,6 +42,8 @@ project; the autograd Functions below are SAELens's own, copied.
     l0 penalty = mean_batch(sum_j Step.apply(hidden_pre, threshold, bandwidth))
     tanh penalty (jumprelu, Anthropic's; SAELens jumprelu_sparsity_loss_mode "tanh"):
                  mean_batch(sum_j tanh(tanh_scale * feature_acts_j * ||W_dec_j||))
+    quadratic_l0 penalty (jumprelu, Gemma Scope 2; SAELens "quadratic" mode):
+                 mean_batch(2 / target_l0 * (l0 - target_l0) ** 2), l0 = sum_j Step(...)
     --pre-act-coefficient c: + c * mean_batch(sum_j relu(threshold_j - hidden_pre_j)
                  * dead_j * ||W_dec_j||) (calculate_pre_act_loss), 0 with no dead latent
     --ste-to-input: JumpReLU's and Step's straight-through estimate reaches
@@ -392,7 +394,9 @@ def main():
                    default=[])
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--residual-threshold", type=float, default=1e-2)
-    p.add_argument("--penalty", choices=["none", "auxk", "l0", "l1", "tanh"], default="none")
+    p.add_argument("--penalty", choices=["none", "auxk", "l0", "l1", "tanh", "quadratic_l0"],
+                   default="none")
+    p.add_argument("--target-l0", type=float, default=None)
     p.add_argument("--tanh-scale", type=float, default=4.0)
     p.add_argument("--pre-act-coefficient", type=float, default=0.0)
     p.add_argument("--ste-to-input", action="store_true")
@@ -453,6 +457,10 @@ def main():
             l0 = torch.sum(Step.apply(hidden_pre, sae.threshold, args.bandwidth,
                                       args.ste_to_input), dim=-1)
             penalty = l0.mean()
+        elif args.penalty == "quadratic_l0":
+            l0 = torch.sum(Step.apply(hidden_pre, sae.threshold, args.bandwidth,
+                                      args.ste_to_input), dim=-1)
+            penalty = (2 / args.target_l0 * (l0 - args.target_l0) ** 2).mean()
         elif args.penalty == "tanh":
             W_dec_norm = sae.W_dec.norm(dim=1)
             penalty = torch.tanh(args.tanh_scale * feature_acts * W_dec_norm).sum(dim=-1).mean()
