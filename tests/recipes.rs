@@ -713,6 +713,14 @@ fn new_keys_are_validated() {
             "sparsity.tanh_scale=0",
             "sparsity.tanh_scale: 0 must be > 0",
         ),
+        (
+            "sparsity.penalty=quadratic_l0",
+            "sparsity.penalty: quadratic_l0 needs activation jumprelu",
+        ),
+        (
+            "sparsity.target_l0=5",
+            "sparsity.target_l0: only used by penalty quadratic_l0, not l1",
+        ),
     ] {
         let mut case = base.clone().set(set);
         if set.starts_with("train.input_noise") {
