@@ -287,6 +287,7 @@ impl Adam {
         let _guard = tch::no_grad_guard();
         self.step += 1;
         match &mut self.flat {
+            Some(f) if self.cfg.fused => fused_update(&self.cfg, self.step, f),
             Some(f) => Self::update_chunked(&self.cfg, self.step, f, UPDATE_CHUNK),
             None => {
                 for (i, p) in params.iter_mut().enumerate() {
@@ -335,7 +336,8 @@ impl Adam {
         }
     }
 
-    /// torch's single-tensor Adam, op for op.
+    /// torch's single-tensor Adam, op for op (also where `optimizer.fused`
+    /// is set but the parameters are not in one flat buffer).
     fn update_one(
         cfg: &OptimizerConfig,
         step: i64,
@@ -419,6 +421,51 @@ impl Adam {
         for t in self.exp_avg.iter_mut().chain(self.exp_avg_sq.iter_mut()) {
             *t = t.copy();
         }
+    }
+}
+
+extern "C" {
+    fn sae_fused_adam(
+        param: *mut torch_sys::C_tensor,
+        grad: *mut torch_sys::C_tensor,
+        exp_avg: *mut torch_sys::C_tensor,
+        exp_avg_sq: *mut torch_sys::C_tensor,
+        step: *mut torch_sys::C_tensor,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        decoupled: i32,
+    ) -> *mut std::ffi::c_char;
+}
+
+/// The flat buffers' update by torch's fused kernel (src/optim_shim.cpp),
+/// `step` already counted, as torch passes its state step.
+fn fused_update(cfg: &OptimizerConfig, step: i64, f: &mut Flat) {
+    let mut step = Tensor::from(step as f32).to_device(f.param.device());
+    let [beta1, beta2] = cfg.betas;
+    let decoupled = i32::from(cfg.name == OptimizerName::Adamw);
+    // SAFETY: five live tensors of this process; the kernel updates the
+    // parameter and moments in place and keeps no reference to them.
+    let err = unsafe {
+        sae_fused_adam(
+            f.param.as_mut_ptr(),
+            f.grad.as_mut_ptr(),
+            f.m.as_mut_ptr(),
+            f.v.as_mut_ptr(),
+            step.as_mut_ptr(),
+            cfg.lr,
+            beta1,
+            beta2,
+            cfg.weight_decay,
+            cfg.eps,
+            decoupled,
+        )
+    };
+    if let Some(e) = crate::shim::take_error(err) {
+        // Shapes and kinds are ours to get right: a failure is a bug.
+        panic!("fused Adam: {e}");
     }
 }
 

@@ -603,6 +603,19 @@ fn jumprelu_l0_ste_input(name: &'static str, epochs: i64, batch: Option<usize>) 
     }
 }
 
+/// Top-k + AuxK updated by torch's fused Adam kernel on both sides
+/// (`train.optimizer.fused`, `torch.optim.Adam(fused=True)`).
+fn topk_fused_adam(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        seed: 13,
+        knobs: &[
+            ("train.dead_window=3", &["--dead-window", "3"]),
+            ("train.optimizer.fused=true", &["--fused"]),
+        ],
+        ..topk_auxk(name, epochs, batch)
+    }
+}
+
 /// AbsTopK (SAELens `abstopk`) + AuxK: the k largest |pre-activations|
 /// keep their sign; dead latents ranked by magnitude.
 fn abstopk(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
@@ -783,6 +796,7 @@ parity_tests! {
     topk_rescale_minibatch: topk_rescale("topk_rescale_minibatch", 10, Some(48));
     abstopk_full_batch: abstopk("abstopk_full", 100, None);
     abstopk_minibatch: abstopk("abstopk_minibatch", 10, Some(48));
+    topk_fused_adam_minibatch: topk_fused_adam("topk_fused_adam", 10, Some(48));
     jumprelu_tanh_full_batch: jumprelu_tanh("jumprelu_tanh_full", 100, None);
     jumprelu_tanh_minibatch: jumprelu_tanh("jumprelu_tanh_minibatch", 10, Some(48));
     jumprelu_quadratic_full_batch: jumprelu_quadratic("jumprelu_quadratic_full", 100, None);

@@ -54,6 +54,8 @@ project; the autograd Functions below are SAELens's own, copied.
                  times min(n_dead / k_aux, 1), k_aux = d_in // 2
     loss       = mse + coefficient(step) * penalty
 
+--fused: torch.optim.Adam(fused=True) (`train.optimizer.fused`).
+
 Recipe options: LR warm-up / cosine / linear decay with torch's schedulers
 (SAELens get_lr_scheduler), sparsity-coefficient warm-up (SAELens
 CoefficientScheduler), unit-norm decoder rows (remove the gradient component
@@ -400,6 +402,7 @@ def main():
     p.add_argument("--tanh-scale", type=float, default=4.0)
     p.add_argument("--pre-act-coefficient", type=float, default=0.0)
     p.add_argument("--ste-to-input", action="store_true")
+    p.add_argument("--fused", action="store_true", help="torch.optim.Adam(fused=True)")
     p.add_argument("--coefficient", type=float, default=0.0)
     p.add_argument("--dead-window", type=int, default=1000)
     p.add_argument("--bandwidth", type=float, default=0.05)
@@ -430,7 +433,10 @@ def main():
     if args.unit_norm_decoder:
         normalize_rows(sae.W_dec)
     params = list(sae.parameters())
-    optimizer = torch.optim.Adam(params, lr=args.lr, foreach=False)
+    if args.fused:
+        optimizer = torch.optim.Adam(params, lr=args.lr, fused=True)
+    else:
+        optimizer = torch.optim.Adam(params, lr=args.lr, foreach=False)
 
     batches = list(common.epoch_batches(len(X), args.epochs, args.batch_size, args.order))
     scheduler = get_lr_scheduler(args.lr_schedule, optimizer, len(batches), args.lr,
