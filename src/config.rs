@@ -288,6 +288,9 @@ pub struct ModelConfig {
     /// rows' norms, decode the codes over them; folded into the saved
     /// weights at the end of training.
     pub rescale_acts_by_decoder_norm: bool,
+    /// topk: sparsify's Multi-TopK loss, the reconstruction from the 4k
+    /// largest pre-activations added with weight 1/8.
+    pub multi_topk: bool,
 }
 
 impl ModelConfig {
@@ -310,6 +313,7 @@ impl ModelConfig {
             jumprelu_init_threshold: self.jumprelu_init_threshold,
             topk_threshold_lr: self.topk_threshold_lr,
             matryoshka_levels: self.matryoshka_levels(),
+            multi_topk: self.multi_topk,
         }
     }
 
@@ -415,6 +419,9 @@ pub struct TrainConfig {
     pub unit_norm_decoder: bool,
     /// Steps without firing after which a latent counts as dead.
     pub dead_window: i64,
+    /// topk: k falls linearly from min(d_hidden, 10 d_in) to `model.k` over
+    /// this many steps (sparsify's `k_decay_steps`); 0: off.
+    pub k_decay_steps: i64,
     /// Every this many steps, re-initialise dead latents (0: never).
     pub resample_every: i64,
     pub input_noise: InputNoise,
@@ -517,6 +524,7 @@ impl Default for ModelConfig {
             matryoshka_widths: Vec::new(),
             residual_threshold: crate::arch::DEFAULT_RESIDUAL_THRESHOLD,
             rescale_acts_by_decoder_norm: false,
+            multi_topk: false,
         }
     }
 }
@@ -569,6 +577,7 @@ impl Default for TrainConfig {
             grad_clip: None,
             unit_norm_decoder: false,
             dead_window: 1000,
+            k_decay_steps: 0,
             resample_every: 0,
             input_noise: InputNoise::None,
             noise_level: 0.1,
@@ -1084,6 +1093,7 @@ impl Config {
         self.validate_activation_knobs()?;
         self.validate_matryoshka()?;
         self.validate_rescale()?;
+        self.validate_topk_schedules()?;
         self.validate_matching_pursuit()?;
         self.validate_penalty_pairing()?;
         self.validate_sparsity_schedule()?;
@@ -1155,6 +1165,40 @@ impl Config {
             Some(w) => Err(format!("model.rescale_acts_by_decoder_norm: {w}")),
             None => Ok(()),
         }
+    }
+
+    /// `model.multi_topk` and `train.k_decay_steps`: top-k only.
+    fn validate_topk_schedules(&self) -> Check {
+        let (m, t) = (&self.model, &self.train);
+        let topk = m.activation == ActivationKind::Topk;
+        if m.multi_topk && !topk {
+            return Err(format!(
+                "model.multi_topk: only for activation topk, not {}",
+                activation_name(m.activation)
+            ));
+        }
+        if let (true, Some(k)) = (m.multi_topk, m.k) {
+            if 4 * k > m.d_hidden {
+                return Err(format!(
+                    "model.multi_topk: 4 x model.k = {} exceeds model.d_hidden ({})",
+                    4 * k,
+                    m.d_hidden
+                ));
+            }
+        }
+        if t.k_decay_steps < 0 {
+            return Err(format!(
+                "train.k_decay_steps: {} must be >= 0",
+                t.k_decay_steps
+            ));
+        }
+        if t.k_decay_steps > 0 && !topk {
+            return Err(format!(
+                "train.k_decay_steps: only for activation topk, not {}",
+                activation_name(m.activation)
+            ));
+        }
+        Ok(())
     }
 
     /// `model.matryoshka_widths`, as SAELens's `_validate_matryoshka_config`

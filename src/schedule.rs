@@ -46,6 +46,28 @@ pub fn lr_at(t: &TrainConfig, step: i64, total: i64) -> f64 {
     }
 }
 
+/// Top-k's k at step `step` (1-based) under `train.k_decay_steps`
+/// (sparsify's `get_current_k`): from `min(d_hidden, 10 d_in)` down to
+/// `model.k` linearly over the first `k_decay_steps` steps, rounded half to
+/// even as Python's `round`; `None` when there is no decay.
+pub fn k_at(cfg: &crate::config::Config, step: i64) -> Option<i64> {
+    let steps = cfg.train.k_decay_steps;
+    let k = cfg.model.k?;
+    if steps == 0 {
+        return None;
+    }
+    let crate::config::Auto::Value(d_in) = cfg.model.d_in else {
+        unreachable!("the plan resolves model.d_in before training");
+    };
+    let done = step - 1;
+    if done >= steps {
+        return Some(k);
+    }
+    let initial = cfg.model.d_hidden.min(d_in * 10) as f64;
+    let progress = done as f64 / steps as f64;
+    Some((initial * (1.0 - progress) + k as f64 * progress).round_ties_even() as i64)
+}
+
 /// The sparsity weight of step `step` (1-based).
 pub fn sparsity_weight_at(weight: f64, warmup_steps: i64, step: i64) -> f64 {
     if warmup_steps <= 0 {

@@ -616,6 +616,20 @@ fn topk_fused_adam(name: &'static str, epochs: i64, batch: Option<usize>) -> Par
     }
 }
 
+/// sparsify's Multi-TopK loss (the 4k reconstruction, weight 1/8) with
+/// its k decay (from min(d_hidden, 10 d_in) down to k over 30 steps), AuxK.
+fn topk_multi_decay(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        seed: 14,
+        knobs: &[
+            ("train.dead_window=3", &["--dead-window", "3"]),
+            ("model.multi_topk=true", &["--multi-topk"]),
+            ("train.k_decay_steps=30", &["--k-decay-steps", "30"]),
+        ],
+        ..topk_auxk(name, epochs, batch)
+    }
+}
+
 /// AbsTopK (SAELens `abstopk`) + AuxK: the k largest |pre-activations|
 /// keep their sign; dead latents ranked by magnitude.
 fn abstopk(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
@@ -797,6 +811,8 @@ parity_tests! {
     abstopk_full_batch: abstopk("abstopk_full", 100, None);
     abstopk_minibatch: abstopk("abstopk_minibatch", 10, Some(48));
     topk_fused_adam_minibatch: topk_fused_adam("topk_fused_adam", 10, Some(48));
+    topk_multi_decay_full_batch: topk_multi_decay("topk_multi_decay_full", 60, None);
+    topk_multi_decay_minibatch: topk_multi_decay("topk_multi_decay_minibatch", 10, Some(48));
     jumprelu_tanh_full_batch: jumprelu_tanh("jumprelu_tanh_full", 100, None);
     jumprelu_tanh_minibatch: jumprelu_tanh("jumprelu_tanh_minibatch", 10, Some(48));
     jumprelu_quadratic_full_batch: jumprelu_quadratic("jumprelu_quadratic_full", 100, None);

@@ -714,6 +714,14 @@ fn new_keys_are_validated() {
             "sparsity.tanh_scale: 0 must be > 0",
         ),
         (
+            "model.multi_topk=true",
+            "model.multi_topk: only for activation topk",
+        ),
+        (
+            "train.k_decay_steps=10",
+            "train.k_decay_steps: only for activation topk",
+        ),
+        (
             "sparsity.penalty=quadratic_l0",
             "sparsity.penalty: quadratic_l0 needs activation jumprelu",
         ),

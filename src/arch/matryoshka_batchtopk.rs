@@ -56,6 +56,7 @@ impl Architecture for MatryoshkaBatchTopK {
     fn extra_losses(
         &self,
         model: &dyn Params,
+        _pre: &Tensor,
         z: &Tensor,
         target: &Tensor,
         s: &Settings,

@@ -68,6 +68,8 @@ pub struct Settings {
     pub topk_threshold_lr: f64,
     /// matryoshka: the nested widths, `d_hidden` last.
     pub matryoshka_levels: Vec<i64>,
+    /// topk: sparsify's Multi-TopK loss.
+    pub multi_topk: bool,
 }
 
 /// The registry: the code for each [`Activation`].
@@ -215,13 +217,15 @@ pub trait Architecture {
         None
     }
 
-    /// Extra loss terms from the training forward pass's codes `z`,
+    /// Extra loss terms from the training forward pass's pre-activations
+    /// `pre` and codes `z`,
     /// each added unweighted to the loss, in order, after everything else
     /// (matryoshka: each inner prefix's reconstruction). Empty by default,
     /// and then the loss is computed exactly as without this hook.
     fn extra_losses(
         &self,
         _model: &dyn Params,
+        _pre: &Tensor,
         _z: &Tensor,
         _target: &Tensor,
         _s: &Settings,

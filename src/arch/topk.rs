@@ -1,8 +1,8 @@
 //! Top-k: the k largest pre-activations per row survive (then ReLU).
 
 use super::exports::{ActivationCode, AttrValue};
-use super::Params;
 use super::{Architecture, Support};
+use super::{Params, Settings};
 use serde_json::{json, Map, Value};
 use tch::Tensor;
 
@@ -30,6 +30,28 @@ impl Architecture for TopK {
     /// ReLU on the kept values.
     fn support_codes(&self, pre: &Tensor, _threshold: Option<&Tensor>) -> Tensor {
         pre.relu()
+    }
+
+    /// sparsify's Multi-TopK: the reconstruction from the 4k largest
+    /// pre-activations, its mse weighted 1/8.
+    fn extra_losses(
+        &self,
+        model: &dyn Params,
+        pre: &Tensor,
+        _z: &Tensor,
+        target: &Tensor,
+        s: &Settings,
+    ) -> Vec<Tensor> {
+        if !s.multi_topk {
+            return Vec::new();
+        }
+        // 4k, capped at the width (k decays from up to d_hidden).
+        let wide = TopK {
+            k: (4 * self.k).min(pre.size()[1]),
+        }
+        .apply(pre, None);
+        let recon = model.decode_normalized(&wide);
+        vec![recon.mse_loss(target, tch::Reduction::Mean) / 8.0]
     }
 
     fn saelens(&self) -> Result<(&'static str, Map<String, Value>), String> {

@@ -22,12 +22,15 @@ pub struct StepParams {
     pub step: i64,
     pub lr: f64,
     pub sparsity_weight: f64,
+    /// Top-k's k this step when it decays (`train.k_decay_steps`).
+    pub k: Option<i64>,
 }
 
 impl StepParams {
     pub fn at(cfg: &Config, step: i64, total_steps: i64) -> StepParams {
         StepParams {
             step,
+            k: schedule::k_at(cfg, step),
             lr: schedule::lr_at(&cfg.train, step, total_steps),
             sparsity_weight: schedule::sparsity_weight_at(
                 cfg.sparsity.weight,
@@ -88,6 +91,7 @@ impl Learner {
     pub fn can_step_sparse(&self) -> bool {
         self.penalty.supports_sparse_codes()
             && self.cfg.sparsity.pre_act_weight == 0.0
+            && !self.settings.multi_topk
             && sparse_step::applies(&self.model, self.arch.as_ref())
     }
 
@@ -120,6 +124,11 @@ impl Learner {
             true => (batch.narrow(1, 0, d_in), batch.narrow(1, d_in, d_out)),
             false => (batch.shallow_clone(), batch.shallow_clone()),
         };
+        if let Some(k) = p.k.filter(|&k| Some(k) != self.model.spec.activation.k()) {
+            let kind = self.model.spec.activation.kind;
+            self.model.spec.activation = crate::arch::Activation::with_k(kind, k);
+            self.arch = self.model.spec.activation.arch();
+        }
         self.arch.before_forward(&mut self.model);
         let input = corrupt(&xb, &self.cfg.train, rows);
         let dead_mask = self.needs_dead_mask().then(|| dead.dead());
@@ -196,7 +205,9 @@ impl Learner {
         // Last: the architecture's extra terms (matryoshka's inner levels),
         // added one by one in order (out of place, `loss = loss + e`, as
         // SAELens does); logged as `aux_loss`, their sum.
-        let extra = self.arch.extra_losses(model, &f.z, target, &self.settings);
+        let extra = self
+            .arch
+            .extra_losses(model, &f.pre, &f.z, target, &self.settings);
         let (loss, aux) = match extra.split_first() {
             None => (loss, aux),
             Some((first, rest)) => (

@@ -55,6 +55,9 @@ project; the autograd Functions below are SAELens's own, copied.
     loss       = mse + coefficient(step) * penalty
 
 --fused: torch.optim.Adam(fused=True) (`train.optimizer.fused`).
+--multi-topk (sparsify): loss += mse(decode(topk_acts(hidden_pre, 4k)), x) / 8, after the
+    other terms. --k-decay-steps N (sparsify get_current_k): batch i (0-based) uses
+    k_i = round(k0 (1 - i/N) + k i/N) while i < N, k0 = min(d_sae, 10 d_in), Python's round.
 
 Recipe options: LR warm-up / cosine / linear decay with torch's schedulers
 (SAELens get_lr_scheduler), sparsity-coefficient warm-up (SAELens
@@ -335,6 +338,7 @@ class SAE(nn.Module):
         if args.architecture == "jumprelu":
             self.threshold = nn.Parameter(
                 torch.full((self.W_enc.shape[1],), args.init_threshold, dtype=torch.float32))
+        self.k = args.k
         if args.architecture in BATCHTOPK:
             self.register_buffer("topk_threshold", torch.tensor(0.0, dtype=torch.double))
         if args.architecture == "matching_pursuit":
@@ -368,7 +372,7 @@ class SAE(nn.Module):
         if a.rescale_acts_by_decoder_norm:
             hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
         if a.architecture == "topk":
-            acts = topk_acts(hidden_pre, a.k)
+            acts = topk_acts(hidden_pre, self.k)
         elif a.architecture == "abstopk":
             acts = abs_topk_acts(hidden_pre, a.k)
         elif a.architecture in BATCHTOPK:
@@ -403,6 +407,8 @@ def main():
     p.add_argument("--pre-act-coefficient", type=float, default=0.0)
     p.add_argument("--ste-to-input", action="store_true")
     p.add_argument("--fused", action="store_true", help="torch.optim.Adam(fused=True)")
+    p.add_argument("--multi-topk", action="store_true")
+    p.add_argument("--k-decay-steps", type=int, default=0)
     p.add_argument("--coefficient", type=float, default=0.0)
     p.add_argument("--dead-window", type=int, default=1000)
     p.add_argument("--bandwidth", type=float, default=0.05)
@@ -445,8 +451,15 @@ def main():
     since_fired = torch.zeros(sae.W_dec.shape[0])
 
     log = common.LossLog(args.out)
-    for epoch, idx in batches:
+    initial_k = min(sae.W_dec.shape[0], round(X.shape[1] * 10))
+    for global_step, (epoch, idx) in enumerate(batches):
         sae_in = X[idx]
+        if args.k_decay_steps > 0:
+            if global_step >= args.k_decay_steps:
+                sae.k = args.k
+            else:
+                progress = global_step / args.k_decay_steps
+                sae.k = round(initial_k * (1 - progress) + args.k * progress)
         if args.architecture == "jumprelu":
             with torch.no_grad():
                 sae.threshold.data.clamp_(min=0.0)
@@ -493,6 +506,10 @@ def main():
             did_fire = feature_acts.bool().float().sum(-2).bool()
             since_fired += 1
             since_fired[did_fire] = 0
+        if args.multi_topk:
+            wide = topk_acts(hidden_pre, min(4 * sae.k, hidden_pre.shape[1]))
+            loss = loss + F.mse_loss(act_times_W_dec(wide, sae.W_dec, False) + sae.b_dec,
+                                     sae_in) / 8
         if args.architecture == "matryoshka_batchtopk":
             # SAELens MatryoshkaBatchTopKTrainingSAE.training_forward_pass
             # (the outer level is the base loss above).
