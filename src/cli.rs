@@ -193,6 +193,10 @@ pub struct SynthArgs {
     /// Also write the true features, float32 [features, d_in] (for MMCS).
     #[arg(long)]
     pub truth: Option<PathBuf>,
+    /// Also write each row's true feature activations, float32 [n, features]
+    /// (for `sae eval --truth-acts`: SynthSAEBench's detection metrics).
+    #[arg(long)]
+    pub truth_acts: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -269,6 +273,12 @@ pub struct EvalArgs {
     /// Ground-truth features [features, d_in]: adds MMCS.
     #[arg(long)]
     pub truth: Option<String>,
+    /// Each row's true feature activations [rows, features] (with --truth;
+    /// `sae data synth --truth-acts` writes them): adds SynthSAEBench's
+    /// scores as sae_lens.synthetic defines them (MCC, uniqueness,
+    /// precision/recall/F1, shrinkage; src/ground_truth.rs).
+    #[arg(long, requires = "truth")]
+    pub truth_acts: Option<String>,
     /// For a transcoder (trained with data.target): the rows it should
     /// reconstruct, row-aligned with --data.
     #[arg(long)]
@@ -647,6 +657,10 @@ fn data_synth(a: &SynthArgs) -> Result<()> {
     if let Some(t) = &a.truth {
         npy::write_npy(t, &s.truth)?;
     }
+    if let Some(t) = &a.truth_acts {
+        npy::write_npy(t, &s.acts)?;
+        eprintln!("wrote {} [{} x {}]", t.display(), a.n, a.features);
+    }
     eprintln!(
         "wrote {} [{} x {}]{}",
         a.out.display(),
@@ -810,15 +824,58 @@ fn eval(a: &EvalArgs) -> Result<()> {
         truth.as_ref(),
         codes,
     );
+    let ground = match (&a.truth_acts, &truth) {
+        (Some(p), Some(t)) => {
+            let acts = npy::read_tensor(p)?;
+            if acts.size() != [x.size()[0], t.size()[0]] {
+                bail_user!(
+                    "--truth-acts {p}: shape {:?}, expected [{} rows of --data, {} features of --truth]",
+                    acts.size(),
+                    x.size()[0],
+                    t.size()[0]
+                );
+            }
+            Some(crate::ground_truth::score(&model, codes, &x, &acts, t))
+        }
+        _ => None,
+    };
     if a.json {
         let mut v = serde_json::to_value(&m)?;
         v["mean_activation"] = serde_json::json!(m.mean_activation);
         v["firing_frequency"] = serde_json::json!(m.firing_frequency);
+        if let Some(g) = &ground {
+            v["ground_truth"] = serde_json::to_value(g)?;
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", metrics_table(&m));
+        if let Some(g) = &ground {
+            print!("{}", ground_truth_table(g));
+        }
     }
     Ok(())
+}
+
+/// SynthSAEBench's scores, one per line (`sae eval --truth-acts`).
+fn ground_truth_table(g: &crate::ground_truth::GroundTruthScores) -> String {
+    let rows = [
+        ("mcc", g.mcc),
+        ("uniqueness", g.uniqueness),
+        ("precision", g.precision),
+        ("recall", g.recall),
+        ("f1_score", g.f1_score),
+        ("accuracy", g.accuracy),
+        ("shrinkage", g.shrinkage),
+        ("explained_variance", g.explained_variance),
+        ("sae_l0", g.sae_l0),
+        ("true_l0", g.true_l0),
+        ("dead_latents", g.dead_latents as f64),
+    ];
+    let mut out = String::from("ground truth (SynthSAEBench definitions)\n");
+    for (name, v) in rows {
+        out += &format!("{name:<20}{v:>12.6}\n");
+    }
+    out
 }
 
 fn metrics_table(m: &Metrics) -> String {

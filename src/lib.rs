@@ -17,6 +17,7 @@ pub mod dist;
 pub mod error;
 pub mod export;
 pub mod fsutil;
+pub mod ground_truth;
 pub mod html;
 pub mod latents;
 pub mod lm;

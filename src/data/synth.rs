@@ -21,6 +21,8 @@ pub struct Synth {
     pub x: Tensor,
     /// Ground-truth directions `[features, d_in]`, unit norm.
     pub truth: Tensor,
+    /// Each row's feature activations `[n, features]` (`x = acts @ truth + noise`).
+    pub acts: Tensor,
 }
 
 /// Generates the data on the CPU from `seed` (libtorch's CPU generator).
@@ -35,5 +37,9 @@ pub fn generate(p: &SynthParams) -> Synth {
     let mags = Tensor::rand([p.n, p.active], opts) + 0.5;
     let coeffs = Tensor::zeros([p.n, p.features], opts).scatter(1, &idx, &mags);
     let x = coeffs.mm(&truth) + Tensor::randn([p.n, p.d_in], opts) * p.noise;
-    Synth { x, truth }
+    Synth {
+        x,
+        truth,
+        acts: coeffs,
+    }
 }
