@@ -23,7 +23,7 @@ endif
 # Tests call Python references through this interpreter.
 export SAE_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup saelens sklearn browser build demo digits digits-table test parity bench fuzz clean fmt lint
+.PHONY: setup saelens sklearn browser build demo digits digits-table synth-table test parity bench fuzz clean fmt lint
 
 setup: $(STAMP)
 
@@ -84,6 +84,13 @@ digits-table: build $(SKLEARN_STAMP)
 	$(PY) scripts/digits_table.py $(BIN) digits runs/digits-table
 	$(PY) scripts/bench_report.py runs/digits-table/table.md BENCHMARKS.md digits \
 	    "Reconstruction at L0 = 10 on real data (digits)"
+
+# Each architecture on SynthSAEBench-style data (scaled down), scored with
+# SynthSAEBench's metrics; writes the table into BENCHMARKS.md.
+synth-table: build
+	$(PY) scripts/synth_table.py $(BIN) runs/synth-table
+	$(PY) scripts/bench_report.py runs/synth-table/table.md BENCHMARKS.md synth \
+	    "Ground truth: SynthSAEBench-style data (issue 23)"
 
 # SAE_REQUIRE_SAELENS: the SAELens interop tests fail (not skip) without
 # sae_lens, and the pursuit tests without scikit-learn; SAE_REQUIRE_BROWSER:

@@ -182,9 +182,31 @@ pub struct SynthArgs {
     /// Ground-truth features.
     #[arg(long, default_value_t = 64)]
     pub features: i64,
-    /// Active features per row.
+    /// Active features per row (--kind fixed).
     #[arg(long, default_value_t = 3)]
     pub active: i64,
+    /// fixed: exactly --active features per row, magnitudes uniform in
+    /// [0.5, 1.5). synthbench: SynthSAEBench's kinds of structure (Zipfian
+    /// firing probabilities, noisy magnitudes, parents and children; see
+    /// src/data/synth.rs).
+    #[arg(long, value_enum, default_value_t = SynthKindArg::Fixed)]
+    pub kind: SynthKindArg,
+    /// synthbench: the Zipf exponent of the firing probabilities.
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf_exponent: f64,
+    /// synthbench: the most frequent feature's firing probability.
+    #[arg(long, default_value_t = 0.3)]
+    pub max_prob: f64,
+    /// synthbench: the least frequent feature's firing probability.
+    #[arg(long, default_value_t = 0.01)]
+    pub min_prob: f64,
+    /// synthbench: magnitudes are relu(1 + this x N(0, 1)).
+    #[arg(long, default_value_t = 0.2)]
+    pub magnitude_std: f64,
+    /// synthbench: children per parent feature (0: no hierarchy); a child
+    /// fires only where its parent does.
+    #[arg(long, default_value_t = 0)]
+    pub children: i64,
     /// Noise standard deviation.
     #[arg(long, default_value_t = 0.01)]
     pub noise: f64,
@@ -260,6 +282,13 @@ fn parse_jobs(s: &str) -> std::result::Result<usize, String> {
         Ok(n) if n >= 1 => Ok(n),
         _ => Err("expected the number of points to train at once, at least 1".into()),
     }
+}
+
+/// `sae data synth --kind`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SynthKindArg {
+    Fixed,
+    Synthbench,
 }
 
 #[derive(Args, Debug)]
@@ -645,11 +674,43 @@ fn data_synth(a: &SynthArgs) -> Result<()> {
     if !(a.noise >= 0.0 && a.noise.is_finite()) {
         bail_user!("--noise {}: must be >= 0", a.noise);
     }
+    let kind = match a.kind {
+        SynthKindArg::Fixed => synth::SynthKind::Fixed { active: a.active },
+        SynthKindArg::Synthbench => {
+            if !(0.0 < a.min_prob && a.min_prob < a.max_prob && a.max_prob <= 1.0) {
+                bail_user!(
+                    "--min-prob {} --max-prob {}: need 0 < min-prob < max-prob <= 1",
+                    a.min_prob,
+                    a.max_prob
+                );
+            }
+            if !(a.zipf_exponent > 0.0 && a.zipf_exponent.is_finite()) {
+                bail_user!("--zipf-exponent {}: must be > 0", a.zipf_exponent);
+            }
+            if !(a.magnitude_std >= 0.0 && a.magnitude_std.is_finite()) {
+                bail_user!("--magnitude-std {}: must be >= 0", a.magnitude_std);
+            }
+            if a.children < 0 || (a.children > 0 && a.features / (1 + a.children) < 1) {
+                bail_user!(
+                    "--children {}: needs 0 <= children and at least one parent among --features {}",
+                    a.children,
+                    a.features
+                );
+            }
+            synth::SynthKind::SynthBench {
+                zipf_exponent: a.zipf_exponent,
+                max_prob: a.max_prob,
+                min_prob: a.min_prob,
+                magnitude_std: a.magnitude_std,
+                children: a.children,
+            }
+        }
+    };
     let s = synth::generate(&synth::SynthParams {
         n: a.n,
         d_in: a.d_in,
         features: a.features,
-        active: a.active,
+        kind,
         noise: a.noise,
         seed: a.seed,
     });
