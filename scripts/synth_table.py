@@ -10,8 +10,10 @@ The benchmark's standard size (16,384 features in d 768, an SAE of width
 keeping its ratios where they matter: 1,024 features in d 64 (16 features per
 dimension, as 16,384 / 768 ~ 21), an SAE of width 256 (a quarter of the
 features, as 4,096 / 16,384), Zipfian firing probabilities from 0.3 to 0.01
-(`sae data synth --kind synthbench`), magnitudes relu(1 + 0.2 N(0, 1)), 3
-children per parent feature (a child fires only with its parent), noise 0.01;
+(`sae data synth --kind synthbench`), correlated through a rank-16 Gaussian
+copula of scale 0.075 (sae_lens's default scale), magnitudes
+relu(1 + 0.2 N(0, 1)), 3 children per parent feature (a child fires only with
+its parent), noise 0.01;
 200,000 rows (180,000 to train, the last 20,000 held out for the scores).
 Every SAE trains 3 epochs at batch 1024, lr 1e-3, seed 0; k = 4 for the top-k
 family (near the held-out rows' true mean L0 of 4.4, printed in the table);
@@ -82,6 +84,7 @@ def data():
         os.makedirs(d, exist_ok=True)
         subprocess.run([SAE, "data", "synth", "--kind", "synthbench", "--n", str(ROWS),
                         "--d-in", "64", "--features", "1024", "--children", "3",
+                        "--correlation-rank", "16", "--correlation-scale", "0.075",
                         "--magnitude-std", "0.2", "--noise", "0.01", "--seed", "0",
                         "--out", names["x"], "--truth", names["truth"],
                         "--truth-acts", names["acts"]], check=True)
@@ -120,8 +123,8 @@ def main():
         rows.append((name, what, g, seconds))
     lines = [
         f"SynthSAEBench-style data, scaled down (`make synth-table`, {time.strftime('%Y-%m-%d')}): "
-        "1,024 features in d 64, Zipfian firing probabilities 0.3 to 0.01, 3 children per "
-        "parent, magnitudes relu(1 + 0.2 N(0,1)), noise 0.01; SAEs of width 256 trained 3 epochs "
+        "1,024 features in d 64, Zipfian firing probabilities 0.3 to 0.01 correlated through a "
+        "rank-16 Gaussian copula (scale 0.075), 3 children per parent, magnitudes relu(1 + 0.2 N(0,1)), noise 0.01; SAEs of width 256 trained 3 epochs "
         f"on 180,000 rows; scores on the 20,000 held-out rows (true mean L0 {true_l0:.2f}), "
         "with sae_lens.synthetic's definitions (src/ground_truth.rs). scripts/synth_table.py "
         "says how the benchmark's standard size was scaled.",

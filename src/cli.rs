@@ -207,6 +207,14 @@ pub struct SynthArgs {
     /// fires only where its parent does.
     #[arg(long, default_value_t = 0)]
     pub children: i64,
+    /// synthbench: rank of the low-rank Gaussian copula correlating which
+    /// features fire (0: independent).
+    #[arg(long, default_value_t = 0)]
+    pub correlation_rank: i64,
+    /// synthbench: scale of the copula factor's entries (sae_lens's
+    /// correlation_scale; keep rank x scale^2 below 1).
+    #[arg(long, default_value_t = 0.075)]
+    pub correlation_scale: f64,
     /// Noise standard deviation.
     #[arg(long, default_value_t = 0.01)]
     pub noise: f64,
@@ -697,12 +705,23 @@ fn data_synth(a: &SynthArgs) -> Result<()> {
                     a.features
                 );
             }
+            if a.correlation_rank < 0
+                || !(a.correlation_scale >= 0.0 && a.correlation_scale.is_finite())
+            {
+                bail_user!(
+                    "--correlation-rank {} --correlation-scale {}: need rank >= 0 and scale >= 0",
+                    a.correlation_rank,
+                    a.correlation_scale
+                );
+            }
             synth::SynthKind::SynthBench {
                 zipf_exponent: a.zipf_exponent,
                 max_prob: a.max_prob,
                 min_prob: a.min_prob,
                 magnitude_std: a.magnitude_std,
                 children: a.children,
+                correlation_rank: a.correlation_rank,
+                correlation_scale: a.correlation_scale,
             }
         }
     };

@@ -9,10 +9,15 @@
 //! `sae_lens.synthetic`; this one is not bit-equal to it): features fire
 //! independently with Zipfian probabilities (sae_lens's
 //! `zipfian_firing_probabilities`: `1/rank^exponent` rescaled into
-//! [min_prob, max_prob]), magnitudes `relu(1 + magnitude_std * N(0, 1))`, and
-//! a two-level hierarchy: the first `features / (1 + children)` features are
-//! parents, each with `children` children after them, and a child is zeroed
-//! wherever its parent does not fire (sae_lens's parent deactivation).
+//! [min_prob, max_prob]), optionally correlated through a low-rank Gaussian
+//! copula (sae_lens's `generate_random_low_rank_correlation_matrix` and
+//! low-rank sampling: feature i fires where `g @ F_i + e_i sqrt(1 - |F_i|^2)
+//! > sqrt(2) erfinv(1 - 2 p_i)`, `F` `[features, rank]` of N(0, scale^2)
+//! entries, rows capped so that 1 - |F_i|^2 >= 0.01; the marginal rates stay
+//! `p_i`), magnitudes `relu(1 + magnitude_std * N(0, 1))`, and a two-level
+//! hierarchy: the first `features / (1 + children)` features are parents,
+//! each with `children` children after them, and a child is zeroed wherever
+//! its parent does not fire (sae_lens's parent deactivation).
 
 use tch::{Device, Kind, Tensor};
 
@@ -29,6 +34,10 @@ pub enum SynthKind {
         magnitude_std: f64,
         /// Children per parent; 0: no hierarchy.
         children: i64,
+        /// Rank of the firing correlations' factor; 0: independent firing.
+        correlation_rank: i64,
+        /// Scale of the factor's entries.
+        correlation_scale: f64,
     },
 }
 
@@ -72,12 +81,17 @@ pub fn generate(p: &SynthParams) -> Synth {
             min_prob,
             magnitude_std,
             children,
+            correlation_rank,
+            correlation_scale,
         } => {
             let probs = zipf_probabilities(p.features, zipf_exponent, max_prob, min_prob);
-            let fires = probs
-                .unsqueeze(0)
-                .expand([p.n, p.features], false)
-                .bernoulli();
+            let fires = match correlation_rank {
+                0 => probs
+                    .unsqueeze(0)
+                    .expand([p.n, p.features], false)
+                    .bernoulli(),
+                r => correlated_firing(&probs, p.n, r, correlation_scale),
+            };
             let mags = (Tensor::randn([p.n, p.features], opts) * magnitude_std + 1.0).relu();
             let acts = fires * mags;
             match children {
@@ -100,6 +114,29 @@ pub fn zipf_probabilities(features: i64, exponent: f64, max_prob: f64, min_prob:
     let probs = ranks.pow_tensor_scalar(exponent).reciprocal();
     let (lo, hi) = (probs.min(), probs.max());
     (&probs - &lo) / (&hi - &lo) * (max_prob - min_prob) + min_prob
+}
+
+/// Firing indicators `[n, features]` (float) with marginal rates `probs`,
+/// correlated through a low-rank Gaussian copula (see the module).
+fn correlated_firing(probs: &Tensor, n: i64, rank: i64, scale: f64) -> Tensor {
+    const MIN_DIAG: f64 = 0.01;
+    let features = probs.size()[0];
+    let opts = (Kind::Float, Device::Cpu);
+    let factor = Tensor::randn([features, rank], opts) * scale;
+    let sq = factor.square().sum_dim_intlist(1, true, Kind::Float);
+    // Rows whose factor would leave less than MIN_DIAG of own variance are
+    // scaled down to leave exactly that (sae_lens's cap).
+    let cap = sq.gt(1.0 - MIN_DIAG);
+    let shrink = (sq.reciprocal() * (1.0 - MIN_DIAG))
+        .sqrt()
+        .where_self(&cap, &sq.ones_like());
+    let factor = factor * shrink;
+    let diag_sqrt = (-factor.square().sum_dim_intlist(1, false, Kind::Float) + 1.0).sqrt();
+    let thresholds = (-probs * 2.0 + 1.0).erfinv() * std::f64::consts::SQRT_2;
+    let g = Tensor::randn([n, rank], opts);
+    let e = Tensor::randn([n, features], opts);
+    let z = g.mm(&factor.tr()) + e * diag_sqrt;
+    z.gt_tensor(&thresholds).to_kind(Kind::Float)
 }
 
 /// Zeroes each child where its parent is 0: parents are the first
@@ -135,6 +172,8 @@ mod tests {
                 min_prob: 0.01,
                 magnitude_std: 0.2,
                 children,
+                correlation_rank: 0,
+                correlation_scale: 0.0,
             },
             noise: 0.0,
             seed: 3,
@@ -161,6 +200,51 @@ mod tests {
         assert!((want.get(29).double_value(&[]) - 0.01).abs() < 1e-6);
         let back = (s.acts.mm(&s.truth) - &s.x).abs().max().double_value(&[]);
         assert!(back < 1e-5, "x = acts @ truth: {back}");
+    }
+
+    /// Correlated firing keeps each feature's rate and correlates the
+    /// features: the mean |correlation| between firing indicators rises
+    /// well above independent firing's.
+    #[test]
+    fn synthbench_correlations_keep_rates_and_correlate() {
+        let run = |rank: i64| {
+            generate(&SynthParams {
+                n: 20000,
+                d_in: 8,
+                features: 20,
+                kind: SynthKind::SynthBench {
+                    zipf_exponent: 0.5,
+                    max_prob: 0.5,
+                    min_prob: 0.2,
+                    magnitude_std: 0.0,
+                    children: 0,
+                    correlation_rank: rank,
+                    correlation_scale: 0.4,
+                },
+                noise: 0.0,
+                seed: 5,
+            })
+        };
+        let corr = |s: &Synth| {
+            let f = s.acts.gt(0.0).to_kind(Kind::Float);
+            let c = (&f - f.mean_dim(0, true, Kind::Float)) / f.std_dim(0, false, true);
+            let m = c.tr().mm(&c) / 20000.0;
+            (m.abs().sum(Kind::Float) - 20.0).double_value(&[]) / (20.0 * 19.0)
+        };
+        let (plain, correlated) = (run(0), run(4));
+        let want = zipf_probabilities(20, 0.5, 0.5, 0.2);
+        let rate = correlated
+            .acts
+            .gt(0.0)
+            .to_kind(Kind::Float)
+            .mean_dim(0, false, Kind::Float);
+        let dev = (rate - want).abs().max().double_value(&[]);
+        assert!(dev < 0.02, "correlated firing rates off by {dev}");
+        let (a, b) = (corr(&plain), corr(&correlated));
+        assert!(
+            b > 3.0 * a && b > 0.05,
+            "mean |corr| independent {a}, correlated {b}"
+        );
     }
 
     /// A child never fires where its parent does not.
