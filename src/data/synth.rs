@@ -11,8 +11,8 @@
 //! `zipfian_firing_probabilities`: `1/rank^exponent` rescaled into
 //! [min_prob, max_prob]), optionally correlated through a low-rank Gaussian
 //! copula (sae_lens's `generate_random_low_rank_correlation_matrix` and
-//! low-rank sampling: feature i fires where `g @ F_i + e_i sqrt(1 - |F_i|^2)
-//! > sqrt(2) erfinv(1 - 2 p_i)`, `F` `[features, rank]` of N(0, scale^2)
+//! low-rank sampling: feature i fires where
+//! `g @ F_i + e_i sqrt(1 - |F_i|^2) > sqrt(2) erfinv(1 - 2 p_i)`, `F` `[features, rank]` of N(0, scale^2)
 //! entries, rows capped so that 1 - |F_i|^2 >= 0.01; the marginal rates stay
 //! `p_i`), magnitudes `relu(1 + magnitude_std * N(0, 1))`, and a two-level
 //! hierarchy: the first `features / (1 + children)` features are parents,
