@@ -19,7 +19,7 @@
 //! - `sae_l0` / `true_l0`: non-zero codes / activations per row; `dead_latents`:
 //!   latents whose code is 0 on every row.
 
-use crate::metrics::{chunk_rows, CodeSource};
+use crate::metrics::{chunk_rows, unit_rows, CodeSource};
 use crate::model::Sae;
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -42,8 +42,7 @@ pub struct GroundTruthScores {
 /// `|cos|` between the rows of `a` `[n, d]` and `b` `[m, d]`, as
 /// `sae_lens.util.cosine_similarities`.
 fn abs_cosines(a: &Tensor, b: &Tensor) -> Tensor {
-    let unit = |t: &Tensor| t / t.norm_scalaropt_dim(2, [1], true).clamp_min(1e-8);
-    unit(a).matmul(&unit(b).tr()).abs()
+    unit_rows(a, 1e-8).matmul(&unit_rows(b, 1e-8).tr()).abs()
 }
 
 /// Scores `model` (its codes from `codes`) on rows `x` `[n, d]` whose true

@@ -295,15 +295,18 @@ pub fn decoder_rows_in_data_space(model: &Sae) -> Tensor {
     }
 }
 
+/// The rows of `t` scaled to unit L2 norm, norms floored at `floor` (a zero
+/// row stays zero).
+pub fn unit_rows(t: &Tensor, floor: f64) -> Tensor {
+    t / t.norm_scalaropt_dim(2, [1], true).clamp_min(floor)
+}
+
 /// Mean max cosine similarity: for each true feature (row of `truth`), the
 /// best cosine with any row of `rows`, averaged over true features.
 pub fn mmcs(truth: &Tensor, rows: &Tensor) -> f64 {
     let _guard = tch::no_grad_guard();
     let device = rows.device();
-    let unit = |t: &Tensor| {
-        let t = t.to_device(device).to_kind(Kind::Double);
-        &t / t.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12)
-    };
+    let unit = |t: &Tensor| unit_rows(&t.to_device(device).to_kind(Kind::Double), 1e-12);
     let cos = unit(truth).matmul(&unit(rows).tr());
     cos.amax(1, false).mean(Kind::Double).double_value(&[])
 }

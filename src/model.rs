@@ -25,6 +25,12 @@ use tch::{Device, Kind, TchError, Tensor};
 /// work to save).
 pub const SPARSE_DECODE_DENSITY: f64 = 0.05;
 
+/// The L2 norm of each row of `w` (`[rows]`): decoder rows' norms, as
+/// SAELens's `W_dec.norm(dim=-1)`, for the penalties and rescaling.
+pub fn row_norms(w: &Tensor) -> Tensor {
+    w.norm_scalaropt_dim(2, [-1], false)
+}
+
 /// Everything about a model that is not a weight.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelSpec {
@@ -369,7 +375,7 @@ impl Sae {
     pub fn decoder_norms(&self) -> Option<Tensor> {
         self.spec
             .rescale_acts_by_decoder_norm
-            .then(|| self.decoder_weight().norm_scalaropt_dim(2, [-1], false))
+            .then(|| row_norms(&self.decoder_weight()))
     }
 
     /// Pre-activations as the selection sees them: times the decoder norms

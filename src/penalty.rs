@@ -4,6 +4,7 @@
 
 use crate::arch::step_with_ste;
 use crate::config::{Auto, ModelConfig, PenaltyKind, SparsityConfig};
+use crate::model::row_norms;
 use crate::sparse_codes::LeafCodes;
 use tch::{Kind, Tensor};
 
@@ -141,6 +142,11 @@ impl Penalty {
         )
     }
 
+    /// Whether this is the top-k auxiliary loss.
+    pub fn is_auxk(&self) -> bool {
+        matches!(self, Penalty::AuxK { .. })
+    }
+
     /// Whether training must track which latents are dead for this penalty.
     pub fn needs_dead_mask(&self) -> bool {
         matches!(self, Penalty::AuxK { .. })
@@ -160,7 +166,7 @@ impl Penalty {
                 kl_divergence(target, &rho_hat).sum(Kind::Float)
             }
             Penalty::L1 { decoder_norm } => {
-                let norms = decoder_norm.then(|| p.w_dec.norm_scalaropt_dim(2, [1], false));
+                let norms = decoder_norm.then(|| row_norms(p.w_dec));
                 let per_row = match (p.relu_codes, &norms) {
                     // ReLU codes: Σ_j z_j·‖d_j‖ as one matrix-vector product,
                     // not three [batch, d_hidden] passes (abs, scale, sum) and
@@ -201,7 +207,7 @@ impl Penalty {
                 ((l0 - target).square() * (2.0 / target)).mean(Kind::Float)
             }
             Penalty::Tanh { scale } => {
-                let norms = p.w_dec.norm_scalaropt_dim(2, [1], false);
+                let norms = row_norms(p.w_dec);
                 ((z * scale) * norms)
                     .tanh()
                     .sum_dim_intlist(-1, false, Kind::Float)
@@ -226,7 +232,7 @@ impl Penalty {
                 };
                 match decoder_norm {
                     true => {
-                        let norms = p.w_dec.norm_scalaropt_dim(2, [1], false);
+                        let norms = row_norms(p.w_dec);
                         (z * norms.index_select(0, &s.cols)).sum(Kind::Float)
                     }
                     false => z.sum(Kind::Float),

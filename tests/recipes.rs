@@ -44,18 +44,23 @@ fn topk_l0_is_exactly_k() {
             "sparsity.penalty=none",
         ])
         .train();
-    // Every training batch, and the whole data set after training.
+    let _codes = assert_k_codes_per_row(&run, dir.path(), &x, 4);
+}
+
+/// L0 is `k` on every training batch and on the whole data after training,
+/// and each row's encoding has exactly `k` non-zero codes; returns the codes.
+fn assert_k_codes_per_row(run: &Run, dir: &Path, x: &str, k: i64) -> Tensor {
     for l0 in run.metric("l0") {
-        assert_eq!(l0, 4.0, "training-batch l0");
+        assert_eq!(l0, k as f64, "training-batch l0");
     }
-    assert_eq!(run.stat("train", "l0"), 4.0);
-    // Per row: never more than k codes, k on (nearly) every row.
-    let z = dir.path().join("z.npy");
-    run.apply("encode", &x, &z, &[]);
+    assert_eq!(run.stat("train", "l0"), k as f64);
+    let z = dir.join("z.npy");
+    run.apply("encode", x, &z, &[]);
     let z = Tensor::read_npy(&z).unwrap();
-    let per_row = z.gt(0.0).sum_dim_intlist(1, false, Kind::Int64);
-    assert_eq!(per_row.max().int64_value(&[]), 4);
-    assert_eq!(per_row.min().int64_value(&[]), 4);
+    let per_row = z.ne(0.0).sum_dim_intlist(1, false, Kind::Int64);
+    assert_eq!(per_row.max().int64_value(&[]), k);
+    assert_eq!(per_row.min().int64_value(&[]), k);
+    z
 }
 
 /// AbsTopK keeps k codes of either sign per row: L0 (codes that are not
@@ -72,16 +77,7 @@ fn abstopk_keeps_k_signed_codes_per_row() {
             "train.dead_window=5",
         ])
         .train();
-    for l0 in run.metric("l0") {
-        assert_eq!(l0, 4.0, "training-batch l0");
-    }
-    assert_eq!(run.stat("train", "l0"), 4.0);
-    let z = dir.path().join("z.npy");
-    run.apply("encode", &x, &z, &[]);
-    let z = Tensor::read_npy(&z).unwrap();
-    let per_row = z.ne(0.0).sum_dim_intlist(1, false, Kind::Int64);
-    assert_eq!(per_row.max().int64_value(&[]), 4);
-    assert_eq!(per_row.min().int64_value(&[]), 4);
+    let z = assert_k_codes_per_row(&run, dir.path(), &x, 4);
     let negative = z.lt(0.0).sum(Kind::Int64).int64_value(&[]);
     assert!(negative > 0, "no negative code kept");
 }

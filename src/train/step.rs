@@ -177,7 +177,7 @@ impl Learner {
         let w_dec = model.decoder_weight();
         // Rescaling models: auxk decodes over the norms as SAELens does
         // (a third use of the norms, in its order).
-        let decoder_norms = match self.penalty.needs_dead_mask() {
+        let decoder_norms = match self.penalty.is_auxk() {
             true => model.decoder_norms(),
             false => None,
         };
@@ -240,7 +240,7 @@ impl Learner {
         let (Some(dead), Some(t)) = (dead, model.threshold.as_ref()) else {
             return Some(Tensor::zeros([], (Kind::Float, pre.device())));
         };
-        let norms = model.decoder_weight().norm_scalaropt_dim(2, [1], false);
+        let norms = crate::model::row_norms(&model.decoder_weight());
         let per_row = ((t - pre).relu() * dead.to_kind(Kind::Float) * norms).sum_dim_intlist(
             -1,
             false,
