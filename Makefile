@@ -85,9 +85,10 @@ digits-table: build $(SKLEARN_STAMP)
 	$(PY) scripts/bench_report.py runs/digits-table/table.md BENCHMARKS.md digits \
 	    "Reconstruction at L0 = 10 on real data (digits)"
 
-# Each architecture on SynthSAEBench-style data (scaled down), scored with
-# SynthSAEBench's metrics; writes the table into BENCHMARKS.md.
-synth-table: build
+# Each architecture, ours against SAELens's own trainer, on SynthSAEBench data
+# from sae_lens.synthetic's generator (scaled down), scored with SynthSAEBench's
+# metrics; writes the table into BENCHMARKS.md (a few minutes on 2 quiet cores).
+synth-table: $(SAELENS_STAMP) build
 	$(PY) scripts/synth_table.py $(BIN) runs/synth-table
 	$(PY) scripts/bench_report.py runs/synth-table/table.md BENCHMARKS.md synth \
 	    "Ground truth: SynthSAEBench-style data (issue 23)"
