@@ -1109,11 +1109,11 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
         let y = match what {
             Transform::Encode => encode(&xb),
             Transform::Decode => model.decode(&xb),
-            Transform::Reconstruct => model.decode(&encode(&xb)),
+            Transform::Reconstruct => model.reconstruct(&xb, &encode(&xb)),
             Transform::Score => {
                 // Per-row MSE in the model's (normalised) space, like `mse`.
                 let xn = model.norm.apply(&xb);
-                let xh = model.decode_normalized(&model.encode_normalized(&xn));
+                let xh = model.reconstruct_normalized(&xn, &model.encode_normalized(&xn));
                 (xh - xn).square().mean_dim(-1, true, Kind::Float)
             }
         };
