@@ -49,9 +49,10 @@ pub enum Command {
     /// scipy CSR .npz.
     Encode(EncodeArgs),
     /// Decoder output of codes [rows, d_hidden] (.npy, or a scipy CSR .npz as
-    /// `encode --sparse` writes): float32 [rows, d_in].
+    /// `encode --sparse` writes): float32 [rows, d_in]. A skip model's
+    /// skip term needs the input, so it is not in here (see reconstruct).
     Decode(IoArgs),
-    /// Encode then decode: float32 [rows, d_in].
+    /// Encode then decode (plus a skip model's skip term): float32 [rows, d_in].
     Reconstruct(CodeArgs),
     /// Per-row reconstruction MSE (an anomaly score): float32 [rows, 1].
     Score(IoArgs),
