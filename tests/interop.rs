@@ -755,10 +755,19 @@ fn saelens_skip_transcoder_export() {
         ),
         (
             "jumprelu_tc",
-            &[&target, tc, "model.activation=jumprelu", "sparsity.penalty=l0"],
+            &[
+                &target,
+                tc,
+                "model.activation=jumprelu",
+                "sparsity.penalty=l0",
+            ],
             "JumpReLUSkipTranscoder",
         ),
-        ("relu_sae", &["data.normalize=standardize"], "SkipTranscoder"),
+        (
+            "relu_sae",
+            &["data.normalize=standardize"],
+            "SkipTranscoder",
+        ),
         (
             "batchtopk_sae",
             &[

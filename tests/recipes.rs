@@ -779,7 +779,11 @@ fn skip_connection_is_validated_and_trains() {
         ])
         .train();
     let w = Tensor::read_safetensors(run.dir.join("model.safetensors")).unwrap();
-    let w_skip = &w.iter().find(|(n, _)| n == "W_skip").expect("W_skip saved").1;
+    let w_skip = &w
+        .iter()
+        .find(|(n, _)| n == "W_skip")
+        .expect("W_skip saved")
+        .1;
     assert_eq!(w_skip.size(), [16, 16]);
     let moved = w_skip.abs().max().double_value(&[]);
     assert!(moved > 0.0, "W_skip stayed at zero");
@@ -787,8 +791,24 @@ fn skip_connection_is_validated_and_trains() {
     let (z, xh, dec) = (d.join("z.npy"), d.join("xh.npy"), d.join("dec.npy"));
     let s = |p: &Path| p.to_str().unwrap().to_string();
     sae_ok(&["encode", "--model", run_s, "--data", &x, "--out", &s(&z)]);
-    sae_ok(&["reconstruct", "--model", run_s, "--data", &x, "--out", &s(&xh)]);
-    sae_ok(&["decode", "--model", run_s, "--data", &s(&z), "--out", &s(&dec)]);
+    sae_ok(&[
+        "reconstruct",
+        "--model",
+        run_s,
+        "--data",
+        &x,
+        "--out",
+        &s(&xh),
+    ]);
+    sae_ok(&[
+        "decode",
+        "--model",
+        run_s,
+        "--data",
+        &s(&z),
+        "--out",
+        &s(&dec),
+    ]);
     // reconstruct = decode + x @ W_skip.T (no normalisation here).
     let xt = Tensor::read_npy(&x).unwrap();
     let want = Tensor::read_npy(&dec).unwrap() + xt.mm(&w_skip.tr());
@@ -799,11 +819,39 @@ fn skip_connection_is_validated_and_trains() {
     assert!(dev < 1e-5, "reconstruct is not decode + skip term: {dev}");
     expect_user_error(
         &[
-            "encode", "--model", run_s, "--data", &x, "--out", &s(&z), "--encoder", "omp",
-            "--k", "3",
+            "encode",
+            "--model",
+            run_s,
+            "--data",
+            &x,
+            "--out",
+            &s(&z),
+            "--encoder",
+            "omp",
+            "--k",
+            "3",
         ],
         &["--encoder omp: not for skip models"],
     );
+    // model.init carries W_skip over to a skip model, and says when the
+    // file's W_skip has no place in the configured model.
+    let init = |name: &str, skip: bool| {
+        recipe(d, name, &x)
+            .sets([
+                "model.activation=topk",
+                "model.k=4",
+                "sparsity.penalty=none",
+                "train.epochs=1",
+            ])
+            .set(format!("model.skip_connection={skip}"))
+            .set(format!("model.init={run_s}"))
+            .train()
+            .stderr
+    };
+    let err = init("init_skip", true);
+    assert!(err.contains("b_dec, W_skip from"), "{err}");
+    let err = init("init_plain", false);
+    assert!(err.contains("W_skip in the file not used"), "{err}");
 }
 
 #[test]
