@@ -49,9 +49,10 @@ pub enum Command {
     /// scipy CSR .npz.
     Encode(EncodeArgs),
     /// Decoder output of codes [rows, d_hidden] (.npy, or a scipy CSR .npz as
-    /// `encode --sparse` writes): float32 [rows, d_in].
+    /// `encode --sparse` writes): float32 [rows, d_in]. A skip model's
+    /// skip term needs the input, so it is not in here (see reconstruct).
     Decode(IoArgs),
-    /// Encode then decode: float32 [rows, d_in].
+    /// Encode then decode (plus a skip model's skip term): float32 [rows, d_in].
     Reconstruct(CodeArgs),
     /// Per-row reconstruction MSE (an anomaly score): float32 [rows, 1].
     Score(IoArgs),
@@ -1109,11 +1110,11 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
         let y = match what {
             Transform::Encode => encode(&xb),
             Transform::Decode => model.decode(&xb),
-            Transform::Reconstruct => model.decode(&encode(&xb)),
+            Transform::Reconstruct => model.reconstruct(&xb, &encode(&xb)),
             Transform::Score => {
                 // Per-row MSE in the model's (normalised) space, like `mse`.
                 let xn = model.norm.apply(&xb);
-                let xh = model.decode_normalized(&model.encode_normalized(&xn));
+                let xh = model.reconstruct_normalized(&xn, &model.encode_normalized(&xn));
                 (xh - xn).square().mean_dim(-1, true, Kind::Float)
             }
         };

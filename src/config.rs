@@ -291,6 +291,10 @@ pub struct ModelConfig {
     /// topk: sparsify's Multi-TopK loss, the reconstruction from the 4k
     /// largest pre-activations added with weight 1/8.
     pub multi_topk: bool,
+    /// sparsify's `skip_connection`: an affine skip term `x @ W_skip.T`
+    /// (`W_skip [d_out, d_in]`, zeros at the start) added to the
+    /// reconstruction, reading the (normalised) input.
+    pub skip_connection: bool,
 }
 
 impl ModelConfig {
@@ -525,6 +529,7 @@ impl Default for ModelConfig {
             residual_threshold: crate::arch::DEFAULT_RESIDUAL_THRESHOLD,
             rescale_acts_by_decoder_norm: false,
             multi_topk: false,
+            skip_connection: false,
         }
     }
 }
@@ -805,6 +810,8 @@ impl Config {
             Some("it has hidden layers (model.hidden)")
         } else if self.data.target.is_some() {
             Some("it is a transcoder (data.target)")
+        } else if self.model.skip_connection {
+            Some("it adds a skip term (model.skip_connection)")
         } else {
             None
         };
@@ -1094,6 +1101,7 @@ impl Config {
         self.validate_matryoshka()?;
         self.validate_rescale()?;
         self.validate_topk_schedules()?;
+        self.validate_skip()?;
         self.validate_matching_pursuit()?;
         self.validate_penalty_pairing()?;
         self.validate_sparsity_schedule()?;
@@ -1163,6 +1171,33 @@ impl Config {
         };
         match why {
             Some(w) => Err(format!("model.rescale_acts_by_decoder_norm: {w}")),
+            None => Ok(()),
+        }
+    }
+
+    /// `model.skip_connection`: one linear layer each way, a linear decoder,
+    /// and an activation whose training step and exports know the skip term.
+    fn validate_skip(&self) -> Check {
+        let m = &self.model;
+        if !m.skip_connection {
+            return Ok(());
+        }
+        use ActivationKind as A;
+        let why = match () {
+            _ if !matches!(m.activation, A::Relu | A::Topk | A::Batchtopk | A::Jumprelu) => {
+                Some(format!(
+                    "supported for activations relu, topk, batchtopk and jumprelu, not {}",
+                    activation_name(m.activation)
+                ))
+            }
+            _ if m.hidden.len() > 1 => Some("not with model.hidden (deep models)".into()),
+            _ if m.decoder_activation != OutputActivation::None => {
+                Some("needs model.decoder_activation: none (the skip term is linear)".into())
+            }
+            _ => None,
+        };
+        match why {
+            Some(w) => Err(format!("model.skip_connection: {w}")),
             None => Ok(()),
         }
     }

@@ -79,7 +79,7 @@ pub fn score(
             .to_kind(Kind::Float);
         let xn = model.norm.apply(&xb);
         let z = codes.codes(model, &xn);
-        let xhat = model.decode(&z);
+        let xhat = model.reconstruct(&xb, &z);
         let sae_fires = z.ne(0.0);
         let gt_fires = ab.index_select(1, &best).gt(0.0);
         let (s, g) = (&sae_fires, &gt_fires);

@@ -210,7 +210,7 @@ impl Sums {
     fn add(&mut self, model: &Sae, codes: &dyn CodeSource, xb: &Tensor, yb: Option<Tensor>) {
         let xn = model.norm.apply(xb);
         let z = codes.codes(model, &xn);
-        let xh = model.decode_normalized_sparse(&z);
+        let xh = model.add_skip(&xn, model.decode_normalized_sparse(&z));
         let xn = match yb {
             Some(yb) => model.output_norm().apply(&yb),
             None => xn,

@@ -11,7 +11,11 @@
 //!   `[d_hidden, d_out]` and the output has its own normalisation (`out_norm`);
 //! - a deep model (`model.hidden`) has extra ReLU layers before `W_enc`
 //!   (`enc_layers`) and after `W_dec` (`dec_layers`); `W_enc`/`W_dec` are the
-//!   layers into and out of the code.
+//!   layers into and out of the code;
+//! - a skip model (`model.skip_connection`, sparsify's) adds `xn @ W_skip.T`
+//!   (`W_skip [d_out, d_in]`, SAELens's shape) to the reconstruction, `xn`
+//!   the normalised input (not minus `b_dec`); `decode` of codes alone has
+//!   no input and leaves it out, as SAELens's `SkipTranscoder.decode` does.
 
 use crate::arch::{Activation, ActivationKind, Threshold};
 use crate::config::{InitScheme, ModelConfig, OutputActivation};
@@ -103,6 +107,9 @@ pub struct Sae {
     pub norm: Normalizer,
     /// Output normalisation when it differs from the input's (transcoders).
     pub out_norm: Option<Normalizer>,
+    /// Skip models: `[d_out, d_in]`, the affine skip connection's weight
+    /// (it adds `xn @ W_skip.T`; its bias is `b_dec`).
+    pub w_skip: Option<Tensor>,
 }
 
 /// `nn.Linear(fan_in, fan_out)` weights, stored `[fan_in, fan_out]`, and bias.
@@ -201,6 +208,11 @@ impl Sae {
             true => None,
             false => Some(w_dec.f_contiguous()?),
         };
+        // sparsify: zeros, so training starts from the plain model.
+        let w_skip = match m.skip_connection {
+            true => Some(Tensor::f_zeros([d_out, spec.d_in], opts)?),
+            false => None,
+        };
         Ok(Sae {
             spec,
             w_enc: w_enc.f_contiguous()?,
@@ -213,6 +225,7 @@ impl Sae {
             dec_layers,
             norm: norm.to_device(device),
             out_norm: out_norm.map(|n| n.to_device(device)),
+            w_skip,
         })
     }
 
@@ -253,6 +266,10 @@ impl Sae {
                 p.push((format!("{side}.{i}.b"), &l.b));
             }
         }
+        // Last, so the positions of the others (checkpoints) do not move.
+        if let Some(w) = &self.w_skip {
+            p.push(("W_skip".into(), w));
+        }
         p
     }
 
@@ -279,6 +296,9 @@ impl Sae {
         for l in self.enc_layers.iter_mut().chain(self.dec_layers.iter_mut()) {
             p.push(&mut l.w);
             p.push(&mut l.b);
+        }
+        if let Some(w) = &mut self.w_skip {
+            p.push(w);
         }
         p
     }
@@ -445,7 +465,7 @@ impl Sae {
     pub fn forward_train(&self, xn: &Tensor) -> Forward {
         if let Some(pre) = self.pre_relu_centred(xn) {
             let z = pre.relu();
-            let recon = self.decode_normalized(&z);
+            let recon = self.add_skip(xn, self.decode_normalized(&z));
             return Forward {
                 pre,
                 z,
@@ -458,7 +478,7 @@ impl Sae {
         // is a measurable share of a tiny model's step.
         let pre = self.rescaled_pre(x.mm(&self.w_enc) + &self.b_enc);
         let z = self.codes(&x, &pre, true);
-        let recon = self.decode_normalized(&z);
+        let recon = self.add_skip(xn, self.decode_normalized(&z));
         Forward {
             pre,
             z,
@@ -566,16 +586,47 @@ impl Sae {
         }
     }
 
+    /// `out` (a decoder output in the normalised space) plus the skip term
+    /// of the normalised input `xn`, `xn @ W_skip.T`, for skip models
+    /// (sparsify: `sae_out += x @ W_skip.mT`, after `b_dec`).
+    pub fn add_skip(&self, xn: &Tensor, out: Tensor) -> Tensor {
+        match &self.w_skip {
+            None => out,
+            Some(w) if xn.dim() == 2 => out + xn.mm(&w.tr()),
+            Some(w) => out + xn.matmul(&w.tr()),
+        }
+    }
+
+    /// The reconstruction (normalised space) of normalised input `xn` from
+    /// its codes `z`: the decoder's output plus the skip term.
+    pub fn reconstruct_normalized(&self, xn: &Tensor, z: &Tensor) -> Tensor {
+        self.add_skip(xn, self.decode_normalized(z))
+    }
+
     pub fn encode(&self, x: &Tensor) -> Tensor {
         self.encode_normalized(&self.norm.apply(x))
     }
 
+    /// The decoder's output (data space). Skip models: without the skip
+    /// term, which needs the input (see [`Sae::reconstruct`]).
     pub fn decode(&self, z: &Tensor) -> Tensor {
         self.output_norm().invert(&self.decode_normalized(z))
     }
 
+    /// The reconstruction (data space) of raw input `x` from codes `z`
+    /// (any encoder's): the decoder's output plus the skip term.
+    pub fn reconstruct(&self, x: &Tensor, z: &Tensor) -> Tensor {
+        let out = match &self.w_skip {
+            None => self.decode_normalized(z),
+            Some(_) => self.reconstruct_normalized(&self.norm.apply(x), z),
+        };
+        self.output_norm().invert(&out)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.decode(&self.encode(x))
+        let xn = self.norm.apply(x);
+        let out = self.reconstruct_normalized(&xn, &self.encode_normalized(&xn));
+        self.output_norm().invert(&out)
     }
 
     /// The threshold as saved: `[d_hidden]` float32 (a batchtopk scalar expanded).

@@ -140,6 +140,13 @@ impl PursuitEncoder {
                  has hidden layers (model.hidden); use --encoder model"
             );
         }
+        if model.w_skip.is_some() {
+            bail_user!(
+                "--encoder {name}: not for skip models (model.skip_connection: the \
+                 reconstruction adds x @ W_skip.T, which a pursuit over the decoder rows \
+                 ignores); use --encoder model"
+            );
+        }
         if model.is_transcoder() {
             bail_user!(
                 "--encoder {name}: not for transcoders (this model reconstructs another \

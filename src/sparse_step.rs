@@ -57,6 +57,9 @@ pub fn applies(model: &Sae, arch: &dyn Architecture) -> bool {
         // The norms' gradients (to W_dec, through the selection's scale)
         // are autograd's to take: the dense pass.
         && !model.spec.rescale_acts_by_decoder_norm
+        // The skip term's gradient (to W_skip) is a dense matmul the
+        // leaf's hand-written gradients do not take: the dense pass.
+        && model.w_skip.is_none()
 }
 
 /// Whether `mode` takes the sparse pass on `device` for a batch whose

@@ -245,6 +245,36 @@ const VARIANTS: &[Variant] = &[
             "out_norm_scale",
         ],
     },
+    Variant {
+        name: "topk_skip_transcoder",
+        sets: &[
+            "data.target=TARGET",
+            "data.normalize=standardize",
+            "model.apply_b_dec_to_input=false",
+            "model.activation=topk",
+            "model.k=3",
+            "sparsity.penalty=none",
+            "model.skip_connection=true",
+        ],
+        extra_params: &["W_skip"],
+        buffers: &[
+            "norm_shift",
+            "norm_scale",
+            "out_norm_shift",
+            "out_norm_scale",
+        ],
+    },
+    Variant {
+        name: "jumprelu_skip",
+        sets: &[
+            "model.activation=jumprelu",
+            "sparsity.penalty=l0",
+            "data.normalize=standardize",
+            "model.skip_connection=true",
+        ],
+        extra_params: &["threshold", "W_skip"],
+        buffers: NORM,
+    },
 ];
 
 /// Every activation and model variant: `model.pt` from `sae train` and
@@ -689,6 +719,118 @@ fn saelens_transcoder_export() {
             "export", "--model", &run, "--format", "saelens", "--out", &out,
         ],
         &["SAELens transcoders are ReLU", "topk"],
+    );
+    assert!(!Path::new(&out).exists());
+}
+
+/// Skip models (`model.skip_connection`) export as SAELens's
+/// `skip_transcoder` (ReLU) and `jumprelu_skip_transcoder` (JumpReLU,
+/// batchtopk), transcoders or plain SAEs (b_dec on the input folded into
+/// b_enc), normalisations folded into W_skip and b_dec too: sae_lens
+/// encodes and its forward (with `x @ W_skip.T`) reconstructs as `sae`
+/// does, and `sae` reads the export back to the same codes and
+/// reconstructions. Top-k is refused (SAELens has no top-k transcoder).
+#[test]
+fn saelens_skip_transcoder_export() {
+    if !saelens_available("saelens_skip_transcoder_export") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 300, 10, 16, 2);
+    let y = p(d, "y.npy");
+    py(
+        "import sys, numpy as np\nx = np.load(sys.argv[1]); r = np.random.default_rng(0)\n\
+         np.save(sys.argv[2], (x @ r.standard_normal((10, 7)) + 3.0).astype(np.float32))",
+        &[&x, &y],
+    );
+    let target = format!("data.target={y}");
+    let skip = "model.skip_connection=true";
+    let tc = "model.apply_b_dec_to_input=false";
+    let cases: &[(&str, &[&str], &str)] = &[
+        (
+            "relu_tc",
+            &[&target, tc, "data.normalize=standardize"],
+            "SkipTranscoder",
+        ),
+        (
+            "jumprelu_tc",
+            &[
+                &target,
+                tc,
+                "model.activation=jumprelu",
+                "sparsity.penalty=l0",
+            ],
+            "JumpReLUSkipTranscoder",
+        ),
+        (
+            "relu_sae",
+            &["data.normalize=standardize"],
+            "SkipTranscoder",
+        ),
+        (
+            "batchtopk_sae",
+            &[
+                "data.normalize=standardize",
+                "model.activation=batchtopk",
+                "model.k=3",
+                "sparsity.penalty=none",
+            ],
+            "JumpReLUSkipTranscoder",
+        ),
+    ];
+    let mut args = Vec::new();
+    for (name, sets, class) in cases {
+        let mut all = vec![skip, "train.epochs=4"];
+        all.extend_from_slice(sets);
+        let run = train(d, &format!("skip_{name}"), &x, &all);
+        let (z, yh) = (
+            p(d, &format!("{name}_z.npy")),
+            p(d, &format!("{name}_yh.npy")),
+        );
+        apply("encode", &run, &x, &z, &[]);
+        apply("reconstruct", &run, &x, &yh, &[]);
+        // The skip term is trained: reconstruct differs from decode(encode).
+        let dec = p(d, &format!("{name}_dec.npy"));
+        apply("decode", &run, &z, &dec, &[]);
+        assert!(max_dev(&yh, &dec) > 1e-3, "{name}: W_skip stayed at zero");
+        let out = p(d, &format!("{name}_saelens"));
+        sae_ok(&[
+            "export", "--model", &run, "--format", "saelens", "--out", &out,
+        ]);
+        // Read back by sae: the same codes and reconstructions.
+        let (z2, yh2) = (
+            p(d, &format!("{name}_z2.npy")),
+            p(d, &format!("{name}_yh2.npy")),
+        );
+        apply("encode", &out, &x, &z2, &[]);
+        apply("reconstruct", &out, &x, &yh2, &[]);
+        let (dz, dy) = (max_dev(&z, &z2), max_dev(&yh, &yh2));
+        assert!(
+            dz <= TOL && dy <= 1e-4,
+            "{name}: read back deviates by {dz} (codes), {dy} (reconstructions)"
+        );
+        args.extend([out, z, yh, class.to_string()]);
+    }
+    let names: Vec<&str> = cases.iter().map(|c| c.0).collect();
+    assert_saelens_matches(&x, &args, &names, "saelens-export skip transcoder");
+    let run = train(
+        d,
+        "skip_topk",
+        &x,
+        &[
+            skip,
+            "model.activation=topk",
+            "model.k=3",
+            "sparsity.penalty=none",
+        ],
+    );
+    let out = p(d, "skip_topk_saelens");
+    expect_user_error(
+        &[
+            "export", "--model", &run, "--format", "saelens", "--out", &out,
+        ],
+        &["SAELens skip transcoders are ReLU", "topk"],
     );
     assert!(!Path::new(&out).exists());
 }

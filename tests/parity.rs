@@ -74,6 +74,9 @@ struct Parity {
     /// Recipe knobs (`Recipes` cases): each an extra `--set key=value` for
     /// `sae train` with the matching reference arguments.
     knobs: &'static [(&'static str, &'static [&'static str])],
+    /// A transcoder: make_inputs.py `--target` writes `y.npy` (as wide as
+    /// x), `data.target` on our side, `--target` on the reference's.
+    transcoder: bool,
 }
 
 impl Parity {
@@ -86,11 +89,15 @@ impl Parity {
                 format!("\n  order: {:?}", input.join("order.npy")),
             ),
         };
+        let data_target = match self.transcoder {
+            true => format!("\n  target: {:?}", input.join("y.npy")),
+            false => String::new(),
+        };
         format!(
             "seed: 0
 device: cpu
 data:
-  train: {train:?}
+  train: {train:?}{data_target}
   normalize: {normalize}
 model:
   init: {init:?}
@@ -276,6 +283,9 @@ fn check(case: &Parity) {
     if case.batch.is_some() {
         make.args(["--order-epochs", &case.epochs.to_string()]);
     }
+    if case.transcoder {
+        make.arg("--target");
+    }
     run_ok(&mut make, &format!("{}: make_inputs.py", case.name));
 
     // Ours.
@@ -300,6 +310,9 @@ fn check(case: &Parity) {
         .args(["--lr", &case.lr.to_string()])
         .args(["--threads", "1"])
         .args(extra);
+    if case.transcoder {
+        reference.arg("--target").arg(input.join("y.npy"));
+    }
     match case.batch {
         None => {
             reference.args(["--batch-size", "full"]);
@@ -351,9 +364,9 @@ fn check(case: &Parity) {
     let wb = read_weights(&ref_dir.join("weights.safetensors"));
     let mut dweight = 0.0f64;
     let mut per_tensor = Vec::new();
-    // jumprelu / batchtopk thresholds and gated magnitudes too, when the
-    // reference has them.
-    let extra = ["threshold", "r_mag", "b_mag"]
+    // jumprelu / batchtopk thresholds, gated magnitudes and W_skip too,
+    // when the reference has them.
+    let extra = ["threshold", "r_mag", "b_mag", "W_skip"]
         .into_iter()
         .filter(|n| wb.contains_key(*n));
     for name in WEIGHTS.into_iter().chain(extra) {
@@ -440,6 +453,7 @@ fn sparse(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
         batch,
         seed: 0,
         knobs: &[],
+        transcoder: false,
     }
 }
 
@@ -630,6 +644,37 @@ fn topk_multi_decay(name: &'static str, epochs: i64, batch: Option<usize>) -> Pa
     }
 }
 
+/// sparsify's skip transcoder: top-k + AuxK reconstructing another array
+/// (`data.target`, the encoder reading x itself) plus `x @ W_skip.T`,
+/// W_skip from zeros.
+fn topk_skip_transcoder(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        seed: 15,
+        apply_b_dec_to_input: false,
+        transcoder: true,
+        knobs: &[
+            ("train.dead_window=3", &["--dead-window", "3"]),
+            ("model.skip_connection=true", &["--skip-connection"]),
+        ],
+        ..topk_auxk(name, epochs, batch)
+    }
+}
+
+/// A skip connection on a plain SAE (b_dec subtracted from the encoder's
+/// input, not from the skip term's) with Multi-TopK, whose 4k
+/// reconstruction leaves the skip term out as sparsify's does.
+fn topk_skip_multi(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        seed: 16,
+        knobs: &[
+            ("train.dead_window=3", &["--dead-window", "3"]),
+            ("model.skip_connection=true", &["--skip-connection"]),
+            ("model.multi_topk=true", &["--multi-topk"]),
+        ],
+        ..topk_auxk(name, epochs, batch)
+    }
+}
+
 /// AbsTopK (SAELens `abstopk`) + AuxK: the k largest |pre-activations|
 /// keep their sign; dead latents ranked by magnitude.
 fn abstopk(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
@@ -813,6 +858,9 @@ parity_tests! {
     topk_fused_adam_minibatch: topk_fused_adam("topk_fused_adam", 10, Some(48));
     topk_multi_decay_full_batch: topk_multi_decay("topk_multi_decay_full", 60, None);
     topk_multi_decay_minibatch: topk_multi_decay("topk_multi_decay_minibatch", 10, Some(48));
+    topk_skip_transcoder_full_batch: topk_skip_transcoder("topk_skip_transcoder_full", 100, None);
+    topk_skip_transcoder_minibatch: topk_skip_transcoder("topk_skip_transcoder_minibatch", 10, Some(48));
+    topk_skip_multi_minibatch: topk_skip_multi("topk_skip_multi_minibatch", 10, Some(48));
     jumprelu_tanh_full_batch: jumprelu_tanh("jumprelu_tanh_full", 100, None);
     jumprelu_tanh_minibatch: jumprelu_tanh("jumprelu_tanh_minibatch", 10, Some(48));
     jumprelu_quadratic_full_batch: jumprelu_quadratic("jumprelu_quadratic_full", 100, None);

@@ -737,6 +737,123 @@ fn new_keys_are_validated() {
     }
 }
 
+/// `model.skip_connection`: refused where the training step or the exports
+/// have no skip term (other activations, deep models, a sigmoid output,
+/// pursuit encoders); a skip model trains with W_skip moving off zero and
+/// the skip term in `reconstruct` but not in `decode`.
+#[test]
+fn skip_connection_is_validated_and_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = data(d);
+    let base = recipe(d, "never", &x).sets(["model.skip_connection=true"]);
+    for (sets, needle) in [
+        (
+            &["model.activation=gated"][..],
+            "model.skip_connection: supported for activations relu, topk, batchtopk and \
+             jumprelu, not gated",
+        ),
+        (
+            &["model.hidden=[32, 8]", "model.d_hidden=16"][..],
+            "model.skip_connection: not with model.hidden",
+        ),
+        (
+            &["model.decoder_activation=sigmoid"][..],
+            "model.skip_connection: needs model.decoder_activation: none",
+        ),
+        (
+            &["eval.encoder=omp", "eval.k=3"][..],
+            "model.skip_connection",
+        ),
+    ] {
+        base.clone().sets(sets).fails(&[needle]);
+    }
+    let run = recipe(d, "skip", &x)
+        .sets([
+            "model.skip_connection=true",
+            "model.activation=topk",
+            "model.k=4",
+            "sparsity.penalty=auxk",
+            "train.epochs=2",
+            "train.dead_window=8",
+        ])
+        .train();
+    let w = Tensor::read_safetensors(run.dir.join("model.safetensors")).unwrap();
+    let w_skip = &w
+        .iter()
+        .find(|(n, _)| n == "W_skip")
+        .expect("W_skip saved")
+        .1;
+    assert_eq!(w_skip.size(), [16, 16]);
+    let moved = w_skip.abs().max().double_value(&[]);
+    assert!(moved > 0.0, "W_skip stayed at zero");
+    let run_s = run.dir.to_str().unwrap();
+    let (z, xh, dec) = (d.join("z.npy"), d.join("xh.npy"), d.join("dec.npy"));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    sae_ok(&["encode", "--model", run_s, "--data", &x, "--out", &s(&z)]);
+    sae_ok(&[
+        "reconstruct",
+        "--model",
+        run_s,
+        "--data",
+        &x,
+        "--out",
+        &s(&xh),
+    ]);
+    sae_ok(&[
+        "decode",
+        "--model",
+        run_s,
+        "--data",
+        &s(&z),
+        "--out",
+        &s(&dec),
+    ]);
+    // reconstruct = decode + x @ W_skip.T (no normalisation here).
+    let xt = Tensor::read_npy(&x).unwrap();
+    let want = Tensor::read_npy(&dec).unwrap() + xt.mm(&w_skip.tr());
+    let dev = (Tensor::read_npy(&xh).unwrap() - want)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(dev < 1e-5, "reconstruct is not decode + skip term: {dev}");
+    expect_user_error(
+        &[
+            "encode",
+            "--model",
+            run_s,
+            "--data",
+            &x,
+            "--out",
+            &s(&z),
+            "--encoder",
+            "omp",
+            "--k",
+            "3",
+        ],
+        &["--encoder omp: not for skip models"],
+    );
+    // model.init carries W_skip over to a skip model, and says when the
+    // file's W_skip has no place in the configured model.
+    let init = |name: &str, skip: bool| {
+        recipe(d, name, &x)
+            .sets([
+                "model.activation=topk",
+                "model.k=4",
+                "sparsity.penalty=none",
+                "train.epochs=1",
+            ])
+            .set(format!("model.skip_connection={skip}"))
+            .set(format!("model.init={run_s}"))
+            .train()
+            .stderr
+    };
+    let err = init("init_skip", true);
+    assert!(err.contains("b_dec, W_skip from"), "{err}");
+    let err = init("init_plain", false);
+    assert!(err.contains("W_skip in the file not used"), "{err}");
+}
+
 #[test]
 fn dead_window_longer_than_the_run_is_an_error() {
     let dir = tempfile::tempdir().unwrap();

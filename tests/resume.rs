@@ -100,6 +100,22 @@ fn steps_of(run: &Path) -> i64 {
     summary(run)["steps"].as_i64().unwrap()
 }
 
+/// JumpReLU with a skip connection (W_skip and its Adam moments), input
+/// normalisation and noise.
+const JUMPRELU_SKIP: &str = "device: cpu
+seed: 5
+data: {train: X, normalize: standardize}
+model: {d_hidden: 24, activation: jumprelu, skip_connection: true}
+sparsity: {penalty: l0, weight: 0.002}
+train:
+  epochs: 8
+  batch_size: 64
+  checkpoint_every: 5
+  threads: 1
+  input_noise: gaussian
+  noise_level: 0.05
+";
+
 /// Reference run, then a SIGKILLed + resumed run, a SIGINT and a SIGTERM run:
 /// all must end with the reference's model.safetensors and metrics.jsonl.
 fn interrupted_runs_match_uninterrupted(yaml: &str, name: &str) {
@@ -205,6 +221,11 @@ fn topk_auxk_noise_resampling_resume_is_bit_identical() {
 #[test]
 fn batchtopk_threshold_resume_is_bit_identical() {
     interrupted_runs_match_uninterrupted(BATCHTOPK, "batchtopk");
+}
+
+#[test]
+fn skip_connection_resume_is_bit_identical() {
+    interrupted_runs_match_uninterrupted(JUMPRELU_SKIP, "jumprelu skip");
 }
 
 /// A 2-epoch, 12-step config on small synthetic data in `d`.

@@ -113,6 +113,7 @@ fn on_device(m: Sae, device: Device) -> Sae {
         dec_layers: layers(m.dec_layers),
         norm: m.norm.to_device(device),
         out_norm: m.out_norm.map(|n| n.to_device(device)),
+        w_skip: m.w_skip.map(to),
     }
 }
 
@@ -126,6 +127,8 @@ pub struct Weights {
     /// The architecture's other tensors by their saved names (`threshold`
     /// `[d_hidden]`, gated's `r_mag` and `b_mag`), where the source has them.
     pub extra: Vec<(String, Tensor)>,
+    /// A skip model's `W_skip [d_out, d_in]`, where the source has one.
+    pub w_skip: Option<Tensor>,
 }
 
 /// Tensors besides the four that `model.init` carries over.
@@ -155,7 +158,11 @@ pub fn load_weights(spec: &str) -> Result<Weights> {
                 w_dec: safetensors::take(&mut t, "W_dec", &[d_h, d_in], &f)?,
                 b_dec: safetensors::take(&mut t, "b_dec", &[d_in], &f)?,
                 extra: Vec::new(),
+                w_skip: None,
             };
+            if t.contains_key("W_skip") {
+                w.w_skip = Some(safetensors::take(&mut t, "W_skip", &[d_in, d_in], &f)?);
+            }
             for name in EXTRA_INIT_TENSORS {
                 if t.contains_key(name) {
                     let v = safetensors::take(&mut t, name, &[d_h], &f)?;
@@ -181,5 +188,6 @@ pub fn load_weights(spec: &str) -> Result<Weights> {
         w_dec: f(&m.decoder_weight()).contiguous(),
         b_dec: f(&m.b_dec),
         extra,
+        w_skip: m.w_skip.as_ref().map(f),
     })
 }

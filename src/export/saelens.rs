@@ -9,7 +9,11 @@
 //! as our batchtopk. SAELens has no sigmoid activation or decoder output, no
 //! deep (`model.hidden`) SAEs: those are refused with the reason.
 //! Transcoders (`data.target`) are written and read as SAELens's
-//! `transcoder` (ReLU) and `jumprelu_transcoder` (JumpReLU or batchtopk). SAELens has no per-feature input
+//! `transcoder` (ReLU) and `jumprelu_transcoder` (JumpReLU or batchtopk). Skip models
+//! (`model.skip_connection`), transcoders or not, are written and read as
+//! `skip_transcoder` and `jumprelu_skip_transcoder` (`W_skip [d_out, d_in]`;
+//! a plain SAE's `b_dec` on the input is folded into `b_enc`, since SAELens
+//! transcoders never subtract it). SAELens has no per-feature input
 //! normalisation either; ours is affine, so it is folded into the weights
 //! exactly (see [`fold_normalization`]). Reading a `topk` SAE trained with
 //! `rescale_acts_by_decoder_norm` folds the decoder norms into the weights
@@ -103,16 +107,57 @@ pub fn fold_normalization(model: &Sae) -> (Tensor, Tensor, Tensor, Tensor) {
     (w_enc, b_enc, w_dec, b_dec)
 }
 
+/// A skip model's `W_skip` on raw input and the shift of `b_dec` that
+/// goes with it, folded as in [`fold_normalization`]: the term
+/// `x_n @ W_skip.T` in the output's normalised space is, on raw x,
+/// `x @ W_skip'.T - s @ W_skip'.T` with `W_skip' = diag(c') W_skip diag(1/c)`.
+/// Returns (W_skip', s @ W_skip'.T), the second to subtract from `b_dec`.
+fn fold_skip(model: &Sae, w_skip: &Tensor) -> (Tensor, Option<Tensor>) {
+    let mut w = w_skip.detach().to_kind(Kind::Float);
+    let stats = |n: &Normalizer, d: i64| {
+        let (Some(s), Some(c)) = (&n.shift, &n.scale) else {
+            return None;
+        };
+        let full = |t: &Tensor| t.to_kind(Kind::Float).broadcast_to([d]).contiguous();
+        Some((full(s), full(c)))
+    };
+    if let Some((_, c)) = stats(model.output_norm(), model.d_out()) {
+        w = &w * c.unsqueeze(1);
+    }
+    match stats(&model.norm, model.spec.d_in) {
+        Some((s, c)) => {
+            let w = &w / c.unsqueeze(0);
+            let shift = s.matmul(&w.tr());
+            (w, Some(shift))
+        }
+        None => (w, None),
+    }
+}
+
 /// Writes `model` as a SAELens directory `dir` (created if missing).
 pub fn save(model: &Sae, dir: &Path) -> Result<()> {
     let (architecture, arch_fields) = saelens_architecture(model)?;
-    let (w_enc, b_enc, w_dec, b_dec) = fold_normalization(model);
+    let (w_enc, mut b_enc, w_dec, mut b_dec) = fold_normalization(model);
+    let mut apply_b_dec_to_input = model.spec.apply_b_dec_to_input;
+    let w_skip = model.w_skip.as_ref().map(|w| {
+        // SAELens transcoders read x itself: `(x - b_dec) @ W_enc + b_enc`
+        // is `x @ W_enc + (b_enc - b_dec @ W_enc)`.
+        if apply_b_dec_to_input {
+            b_enc = &b_enc - b_dec.matmul(&w_enc);
+            apply_b_dec_to_input = false;
+        }
+        let (w, shift) = fold_skip(model, w);
+        if let Some(shift) = shift {
+            b_dec = &b_dec - shift;
+        }
+        w
+    });
     let cfg = CfgOut {
         d_in: model.spec.d_in,
         d_sae: model.spec.d_hidden,
         dtype: "float32",
         device: "cpu",
-        apply_b_dec_to_input: model.spec.apply_b_dec_to_input,
+        apply_b_dec_to_input,
         normalize_activations: "none",
         reshape_activations: "none",
         metadata: export_metadata(model)?,
@@ -150,6 +195,9 @@ pub fn save(model: &Sae, dir: &Path) -> Result<()> {
     if let Some(t) = model.threshold_for_saving() {
         tensors.push(("threshold", t));
     }
+    if let Some(w) = w_skip {
+        tensors.push(("W_skip", w));
+    }
     let weights = super::safetensors::to_bytes(&tensors, None)?;
     write_dir(
         dir,
@@ -175,7 +223,24 @@ fn saelens_architecture(model: &Sae) -> Result<(&'static str, Map<String, Value>
              SAEs have one encoder and one decoder layer; export as torchscript or safetensors instead"
         );
     }
-    let (architecture, arch_fields) = if model.is_transcoder() {
+    let (architecture, arch_fields) = if model.w_skip.is_some() {
+        // SAELens's skip transcoders: ReLU or JumpReLU; a plain SAE with a
+        // skip term is one whose d_out is d_in.
+        let name = match architecture {
+            "standard" => "skip_transcoder",
+            "jumprelu" => "jumprelu_skip_transcoder",
+            _ => bail_user!(
+                "cannot export to SAELens: SAELens skip transcoders are ReLU \
+                 (`skip_transcoder`) or JumpReLU (`jumprelu_skip_transcoder`, also for \
+                 batchtopk), and this one is {}; export as torchscript or safetensors instead",
+                crate::config::activation_name(model.spec.activation.kind())
+            ),
+        };
+        let mut fields = Map::new();
+        fields.insert("d_out".into(), json!(model.d_out()));
+        fields.extend(arch_fields);
+        (name, fields)
+    } else if model.is_transcoder() {
         // SAELens's transcoders: ReLU (`transcoder`) or JumpReLU, with
         // d_out and no b_dec on the input.
         let name = match architecture {
@@ -351,12 +416,12 @@ fn activation_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
             })
         }
         // Transcoders: the same encoders, decoding into d_out columns.
-        "transcoder" => Ok(Imported {
+        "transcoder" | "skip_transcoder" => Ok(Imported {
             activation: Activation::plain(ActivationKind::Relu),
             fold_dec_norm: false,
             threshold: None,
         }),
-        "jumprelu" | "jumprelu_transcoder" => Ok(Imported {
+        "jumprelu" | "jumprelu_transcoder" | "jumprelu_skip_transcoder" => Ok(Imported {
             activation: Activation::plain(ActivationKind::Jumprelu),
             fold_dec_norm: false,
             threshold: Some("threshold"),
@@ -372,7 +437,7 @@ fn activation_from_cfg(cfg: &CfgIn, origin: &str) -> Result<Imported> {
         other => bail_user!(
             "{origin}: architecture `{other}` is not supported \
              (supported: standard, topk, abstopk, jumprelu, batchtopk, gated, matching_pursuit, \
-             transcoder, jumprelu_transcoder)"
+             transcoder, jumprelu_transcoder, skip_transcoder, jumprelu_skip_transcoder)"
         ),
     }
 }
@@ -467,6 +532,14 @@ pub fn load(dir: &Path, device: Device) -> Result<Sae> {
         Some(name) => Some(take_threshold(&mut t, name, h, &weights)?),
         None => None,
     };
+    let skip = cfg
+        .architecture
+        .as_deref()
+        .is_some_and(|a| a.ends_with("skip_transcoder"));
+    let w_skip = match skip {
+        true => Some(take(&mut t, "W_skip", &[d_out, d], &weights)?),
+        false => None,
+    };
     check_no_other_tensors(t, &weights)?;
     if imported.fold_dec_norm {
         // sae_lens: codes = topk(pre * |W_dec_j|), decode (codes / |W_dec_j|) @ W_dec.
@@ -499,6 +572,7 @@ pub fn load(dir: &Path, device: Device) -> Result<Sae> {
         // An identity output normalisation marks a transcoder whose d_out
         // happens to equal d_in (it reconstructs another array).
         out_norm: transcoder.then(Normalizer::identity),
+        w_skip,
     };
     Ok(super::on_device(model, device))
 }
@@ -535,6 +609,7 @@ fn tied_pursuit(
         dec_layers: Vec::new(),
         norm: Normalizer::identity(),
         out_norm: None,
+        w_skip: None,
     })
 }
 

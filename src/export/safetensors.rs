@@ -1,7 +1,8 @@
 //! `model.safetensors`: weights under SAELens names (`W_enc [d_in, d_hidden]`,
 //! `b_enc`, `W_dec [d_hidden, d_in]`, `b_dec`), normalisation as `norm_shift`
 //! and `norm_scale`, and the architecture as JSON in the header metadata
-//! (key `sae`), so the file alone is a complete model.
+//! (key `sae`), so the file alone is a complete model. Skip models
+//! (`model.skip_connection`) add `W_skip [d_out, d_in]`.
 
 use crate::arch::Activation;
 use crate::config::{ActivationKind, NormalizeKind, OutputActivation};
@@ -46,6 +47,9 @@ pub struct Architecture {
     /// matching_pursuit: its residual threshold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub residual_threshold: Option<f64>,
+    /// Skip models: tensor `W_skip [d_out, d_in]` (absent: none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_connection: bool,
 }
 
 impl Architecture {
@@ -71,6 +75,7 @@ impl Architecture {
                 Vec::new()
             },
             residual_threshold: s.activation.residual_threshold(),
+            skip_connection: model.w_skip.is_some(),
         }
     }
 }
@@ -132,6 +137,9 @@ pub fn named_tensors(model: &Sae) -> Vec<(String, Tensor)> {
             out.push((format!("{side}_layers.{i}.W"), l.w.detach()));
             out.push((format!("{side}_layers.{i}.b"), l.b.detach()));
         }
+    }
+    if let Some(w) = &model.w_skip {
+        out.push(("W_skip".into(), w.detach()));
     }
     out
 }
@@ -243,6 +251,10 @@ pub fn load(path: &Path, device: Device) -> Result<Sae> {
     } else {
         None
     };
+    let w_skip = match arch.skip_connection {
+        true => Some(f.take("W_skip", &[d_out, d])?),
+        false => None,
+    };
     let norm = f.norm(arch.normalize, "norm_", d)?;
     let out_norm = match arch.out_normalize {
         Some(kind) => Some(f.norm(kind, "out_norm_", d_out)?),
@@ -260,6 +272,7 @@ pub fn load(path: &Path, device: Device) -> Result<Sae> {
         dec_layers,
         norm,
         out_norm,
+        w_skip,
     };
     Ok(super::on_device(model, device))
 }

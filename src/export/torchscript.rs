@@ -2,7 +2,9 @@
 //! libtorch's C++ `torch::jit::Module` through a small C++ shim
 //! (`torchscript_shim.cpp`): named parameters `W_enc`, `b_enc`, `W_dec`,
 //! `b_dec` (plus `threshold` for jumprelu, `enc_layers_{i}_W/_b` and
-//! `dec_layers_{i}_W/_b` for deep models), buffers `norm_shift`/`norm_scale`
+//! `dec_layers_{i}_W/_b` for deep models, `W_skip [d_out, d_in]` for skip
+//! models, whose `forward` adds `x_n @ W_skip.T` and whose `decode(z)`,
+//! having no input, leaves it out), buffers `norm_shift`/`norm_scale`
 //! when the model normalises its input (`out_norm_*` for a transcoder's
 //! output, `threshold` for batchtopk), attributes describing the
 //! architecture, and methods `encode(x)`, `decode(z)`, `forward(x)` and
@@ -326,6 +328,9 @@ pub fn module_def(model: &Sae) -> ModuleDef {
     ];
     tensors.extend(act.tensors);
     tensors.extend(layer_and_norm_tensors(model));
+    if let Some(w) = &model.w_skip {
+        tensors.push(("W_skip".to_string(), w.shallow_clone(), true));
+    }
     let mut attrs = architecture_attrs(model);
     attrs.extend(act.attrs);
     ModuleDef {
@@ -348,9 +353,40 @@ fn module_source(model: &Sae, act: &ActivationCode) -> String {
     src.push_str(&act.body);
     src.push('\n');
     src.push_str(&decode_source(model));
-    src.push_str("def forward(self, x: Tensor) -> Tensor:\n");
-    src.push_str("    return self.decode(self.encode(x))\n");
+    src.push_str(&forward_source(model));
     src
+}
+
+/// `forward(x)`: `decode(encode(x))`; skip models add `x_n @ W_skip.T` to
+/// the decoder's output before it is un-normalised (their validation
+/// rules out deep layers and an output activation).
+fn forward_source(model: &Sae) -> String {
+    let mut src = String::from("def forward(self, x: Tensor) -> Tensor:\n");
+    if model.w_skip.is_none() {
+        src.push_str("    return self.decode(self.encode(x))\n");
+        return src;
+    }
+    src.push_str("    z = self.encode(x)\n");
+    if has_norm(&model.norm) {
+        src.push_str("    x = (x - self.norm_shift) / self.norm_scale\n");
+    }
+    src.push_str(
+        "    out = torch.matmul(z, self.W_dec) + self.b_dec + torch.matmul(x, self.W_skip.t())\n",
+    );
+    if let Some(p) = out_norm_prefix(model) {
+        src.push_str(&format!("    out = out * self.{p}scale + self.{p}shift\n"));
+    }
+    src.push_str("    return out\n");
+    src
+}
+
+/// The prefix of the buffers that un-normalise the output: the input's
+/// (`norm_`), a transcoder's own (`out_norm_`), or none.
+fn out_norm_prefix(model: &Sae) -> Option<&'static str> {
+    match &model.out_norm {
+        None => has_norm(&model.norm).then_some("norm_"),
+        Some(n) => has_norm(n).then_some("out_norm_"),
+    }
 }
 
 fn has_norm(n: &Normalizer) -> bool {
@@ -384,10 +420,7 @@ fn encode_source(model: &Sae, from_input: bool) -> String {
 fn decode_source(model: &Sae) -> String {
     // The output is un-normalised with the input's statistics, or with its
     // own (transcoders: out_norm_*), or not at all.
-    let out_norm_prefix = match &model.out_norm {
-        None => has_norm(&model.norm).then_some("norm_"),
-        Some(n) => has_norm(n).then_some("out_norm_"),
-    };
+    let out_norm_prefix = out_norm_prefix(model);
     let mut src = String::new();
     src.push_str("def decode(self, z: Tensor) -> Tensor:\n");
     src.push_str("    out = torch.matmul(z, self.W_dec) + self.b_dec\n");
@@ -461,6 +494,9 @@ fn architecture_attrs(model: &Sae) -> Vec<(String, AttrValue)> {
     ];
     if let Some(n) = &model.out_norm {
         attrs.push(("out_normalize".into(), AttrValue::Str(kind_name(&n.kind))));
+    }
+    if model.w_skip.is_some() {
+        attrs.push(("skip_connection".into(), AttrValue::Bool(true)));
     }
     attrs
 }
@@ -705,6 +741,17 @@ pub fn load(path: &Path, device: Device) -> Result<Sae> {
     let out_act =
         parts.match_decode(&module, &declared, (activation, apply_b_dec), &codes, path)?;
     let m = parts.sae(activation, apply_b_dec, out_act);
+    if m.w_skip.is_some() {
+        // decode(z) leaves the skip term out: check it through forward.
+        let got = run_method(&module, "forward", &x, path)?.to_kind(Kind::Float);
+        if !close(&m.forward(&x), &got) {
+            bail_user!(
+                "{}: the module's forward(x) does not match decode(encode(x)) + x @ W_skip.T \
+                 (x normalised by norm_shift/norm_scale when present)",
+                path.display()
+            );
+        }
+    }
     Ok(super::on_device(m, device))
 }
 
@@ -736,6 +783,8 @@ struct ModuleWeights {
     b_dec: Tensor,
     dec_layers: Vec<Layer>,
     threshold: Option<Tensor>,
+    /// Skip models: `[d_out, d_in]`.
+    w_skip: Option<Tensor>,
 }
 
 impl ModuleWeights {
@@ -777,6 +826,10 @@ impl ModuleWeights {
             true => Some(take_tensor(c, "threshold", Some(&[d_hidden]), path)?),
             false => None,
         };
+        let w_skip = match c.tensors.contains_key("W_skip") {
+            true => Some(take_tensor(c, "W_skip", Some(&[d_out, d_in]), path)?),
+            false => None,
+        };
         Ok(ModuleWeights {
             d_in,
             width,
@@ -789,6 +842,7 @@ impl ModuleWeights {
             b_dec,
             dec_layers,
             threshold,
+            w_skip,
         })
     }
 }
@@ -927,6 +981,7 @@ impl Parts {
             dec_layers: copy_layers(&w.dec_layers),
             norm: self.norm.clone(),
             out_norm: self.out_norm.clone(),
+            w_skip: w.w_skip.as_ref().map(|t| t.shallow_clone()),
         }
     }
 

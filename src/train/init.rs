@@ -140,7 +140,8 @@ pub fn normalize_decoder_rows(model: &mut Sae) {
 }
 
 /// `model.init`: copies `W_enc`, `b_enc`, `W_dec`, `b_dec` and the
-/// architecture's other tensors (`threshold`, gated's `r_mag` and `b_mag`)
+/// architecture's other tensors (`threshold`, gated's `r_mag` and `b_mag`,
+/// a skip model's `W_skip`)
 /// into a fresh model from any format `--model` takes (run directory,
 /// `.safetensors`, TorchScript file, SAELens directory) or a bare
 /// safetensors file with those SAELens-named tensors. The architecture comes
@@ -176,6 +177,16 @@ fn load_init_weights(model: &mut Sae, path: &Path) -> Result<()> {
         copied.insert(2, "W_dec");
     }
     let mut unused = Vec::new();
+    let mut fresh = Vec::new();
+    match (w.w_skip, model.w_skip.is_some()) {
+        (Some(t), true) => {
+            model.w_skip = Some(fit(t, "W_skip", &[model.d_out(), d])?);
+            copied.push("W_skip");
+        }
+        (Some(_), false) => unused.push("W_skip".to_string()),
+        (None, true) => fresh.push("W_skip"),
+        (None, false) => {}
+    }
     for (name, t) in w.extra {
         let t = fit(t, &name, &[h])?;
         let slot = match name.as_str() {
@@ -199,10 +210,11 @@ fn load_init_weights(model: &mut Sae, path: &Path) -> Result<()> {
         "threshold" => model.threshold.is_some(),
         _ => model.gate.is_some(),
     };
-    let fresh: Vec<&str> = export::EXTRA_INIT_TENSORS
-        .into_iter()
-        .filter(|n| has(n) && !copied.contains(n))
-        .collect();
+    fresh.extend(
+        export::EXTRA_INIT_TENSORS
+            .into_iter()
+            .filter(|n| has(n) && !copied.contains(n)),
+    );
     let mut line = format!("model.init: {} from {}", copied.join(", "), path.display());
     if !fresh.is_empty() {
         line += &format!("; {} start fresh (not in the file)", fresh.join(", "));

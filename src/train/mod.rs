@@ -924,7 +924,7 @@ fn valid_mse(model: &Sae, joined: &Tensor) -> f64 {
         } else {
             xb.shallow_clone()
         };
-        let xh = model.decode_normalized(&model.encode_normalized(&xb));
+        let xh = model.reconstruct_normalized(&xb, &model.encode_normalized(&xb));
         sse += (xh - &yb).square().sum(Kind::Double).double_value(&[]);
         start += len;
     }

@@ -91,6 +91,9 @@ def main():
     p.add_argument("--hidden", type=int, required=True)
     p.add_argument("--order-epochs", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", action="store_true",
+                   help="also y.npy: a transcoder's target rows, tanh(x @ A) + 0.3 x, "
+                        "A [d_in, d_in] Gaussian / sqrt(d_in) (drawn after everything else)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rng = np.random.default_rng(args.seed)
@@ -120,6 +123,11 @@ def main():
     if args.order_epochs > 0:
         order = np.stack([rng.permutation(n) for _ in range(args.order_epochs)]).astype(np.int64)
         np.save(os.path.join(args.out, "order.npy"), order)
+
+    if args.target:
+        A = rng.standard_normal((d_in, d_in)) / np.sqrt(d_in)
+        Y = np.tanh(X.astype(np.float64) @ A) + 0.3 * X
+        np.save(os.path.join(args.out, "y.npy"), Y.astype(np.float32))
 
 
 if __name__ == "__main__":

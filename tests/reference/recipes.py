@@ -54,6 +54,14 @@ project; the autograd Functions below are SAELens's own, copied.
                  times min(n_dead / k_aux, 1), k_aux = d_in // 2
     loss       = mse + coefficient(step) * penalty
 
+--target Y.npy (a transcoder, `data.target`): the loss terms reconstruct Y's rows
+    instead of x's (mse, AuxK's residual and k_aux = d_out // 2, Multi-TopK), and the
+    encoder reads x itself (sparsify sparse_coder.py encode: `if not self.cfg.transcode:
+    x = x - self.b_dec`; SAELens transcoders the same).
+--skip-connection (sparsify sparse_coder.py, `skip_connection`): W_skip [d_out, d_in]
+    starts at zeros and sae_out = sae_out + x @ W_skip.T after b_dec, x the encoder's
+    input (`sae_out += x @ self.W_skip.mT`); AuxK's residual is taken from that sae_out;
+    Multi-TopK's reconstruction leaves it out (sparsify decodes the 4k codes alone).
 --fused: torch.optim.Adam(fused=True) (`train.optimizer.fused`).
 --multi-topk (sparsify): loss += mse(decode(topk_acts(hidden_pre, 4k)), x) / 8, after the
     other terms. --k-decay-steps N (sparsify get_current_k): batch i (0-based) uses
@@ -353,6 +361,9 @@ class SAE(nn.Module):
             h = self.W_enc.shape[1]
             self.r_mag = nn.Parameter(torch.zeros(h))
             self.b_mag = nn.Parameter(torch.zeros(h))
+        if args.skip_connection:
+            d_out, d_in = self.W_dec.shape[1], self.W_enc.shape[0]
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d_in))
 
     def encode_with_hidden_pre(self, x):
         a = self.args
@@ -368,7 +379,8 @@ class SAE(nn.Module):
             acts = _encode_matching_pursuit(x - self.b_dec, self.W_dec, a.residual_threshold,
                                             max_iterations=a.k, stop_on_duplicate_support=True)
             return acts, torch.zeros_like(acts)
-        hidden_pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        sae_in = x if a.target else x - self.b_dec
+        hidden_pre = sae_in @ self.W_enc + self.b_enc
         if a.rescale_acts_by_decoder_norm:
             hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
         if a.architecture == "topk":
@@ -423,10 +435,14 @@ def main():
     p.add_argument("--grad-clip", type=float, default=None)
     p.add_argument("--b-dec-mean", action="store_true", help="b_dec = mean of the data rows")
     p.add_argument("--rescale-acts-by-decoder-norm", action="store_true")
+    p.add_argument("--target", default=None, help="a transcoder's target rows .npy")
+    p.add_argument("--skip-connection", action="store_true")
     args = p.parse_args()
     common.setup(args)
 
     X = torch.tensor(common.load_data(args.data), dtype=torch.float32)
+    Y = X if args.target is None else torch.tensor(common.load_data(args.target),
+                                                   dtype=torch.float32)
     w = common.read_safetensors(args.init)
     sae = SAE(w, args)
     levels = list(args.matryoshka_widths)
@@ -454,6 +470,7 @@ def main():
     initial_k = min(sae.W_dec.shape[0], round(X.shape[1] * 10))
     for global_step, (epoch, idx) in enumerate(batches):
         sae_in = X[idx]
+        target = Y[idx]
         if args.k_decay_steps > 0:
             if global_step >= args.k_decay_steps:
                 sae.k = args.k
@@ -467,9 +484,11 @@ def main():
         feature_acts, hidden_pre = sae.encode_with_hidden_pre(sae_in)
         sae_out = act_times_W_dec(feature_acts, sae.W_dec,
                                   args.rescale_acts_by_decoder_norm) + sae.b_dec
-        mse_loss = F.mse_loss(sae_out, sae_in)
+        if args.skip_connection:
+            sae_out = sae_out + sae_in @ sae.W_skip.T
+        mse_loss = F.mse_loss(sae_out, target)
         if args.penalty == "auxk":
-            penalty = topk_aux_loss(sae_in, sae_out, hidden_pre, sae.W_dec, dead,
+            penalty = topk_aux_loss(target, sae_out, hidden_pre, sae.W_dec, dead,
                                     args.rescale_acts_by_decoder_norm,
                                     signed=args.architecture == "abstopk")
         elif args.penalty == "l0":
@@ -509,7 +528,7 @@ def main():
         if args.multi_topk:
             wide = topk_acts(hidden_pre, min(4 * sae.k, hidden_pre.shape[1]))
             loss = loss + F.mse_loss(act_times_W_dec(wide, sae.W_dec, False) + sae.b_dec,
-                                     sae_in) / 8
+                                     target) / 8
         if args.architecture == "matryoshka_batchtopk":
             # SAELens MatryoshkaBatchTopKTrainingSAE.training_forward_pass
             # (the outer level is the base loss above).
@@ -558,6 +577,8 @@ def main():
         tensors["threshold"] = sae.threshold.detach().clamp(min=0.0)
     if args.architecture in BATCHTOPK:
         tensors["threshold"] = torch.ones_like(sae.b_enc) * sae.topk_threshold.item()
+    if args.skip_connection:
+        tensors["W_skip"] = sae.W_skip
     common.write_safetensors(f"{args.out}/weights.safetensors", tensors)
 
 
