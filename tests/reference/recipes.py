@@ -55,6 +55,8 @@ project; the autograd Functions below are SAELens's own, copied.
     loss       = mse + coefficient(step) * penalty
 
 --fused: torch.optim.Adam(fused=True) (`train.optimizer.fused`).
+--whiten-eps EPS: train on SAELens's covariance-whitened rows and fold the
+    whitening into the saved weights (whitening.py; `data.normalize: whiten`).
 --multi-topk (sparsify): loss += mse(decode(topk_acts(hidden_pre, 4k)), x) / 8, after the
     other terms. --k-decay-steps N (sparsify get_current_k): batch i (0-based) uses
     k_i = round(k0 (1 - i/N) + k i/N) while i < N, k0 = min(d_sae, 10 d_in), Python's round.
@@ -75,6 +77,7 @@ import torch.nn.functional as F
 import torch.optim.lr_scheduler as lr_scheduler
 
 import common
+import whitening as whitening_ref
 
 
 # --- SAELens saes/jumprelu_sae.py (6.x), verbatim --------------------------
@@ -423,10 +426,15 @@ def main():
     p.add_argument("--grad-clip", type=float, default=None)
     p.add_argument("--b-dec-mean", action="store_true", help="b_dec = mean of the data rows")
     p.add_argument("--rescale-acts-by-decoder-norm", action="store_true")
+    p.add_argument("--whiten-eps", type=float, default=None)
     args = p.parse_args()
     common.setup(args)
 
     X = torch.tensor(common.load_data(args.data), dtype=torch.float32)
+    whitening = None
+    if args.whiten_eps is not None:
+        whitening = whitening_ref.estimate(X, args.whiten_eps)
+        X = whitening_ref.whiten(X, whitening)
     w = common.read_safetensors(args.init)
     sae = SAE(w, args)
     levels = list(args.matryoshka_widths)
@@ -553,6 +561,9 @@ def main():
     if args.architecture == "gated":
         tensors["r_mag"] = sae.r_mag
         tensors["b_mag"] = sae.b_mag
+    if whitening is not None:
+        # After the decoder norms (SAELens TopKSAE.fold_activation_whitening).
+        tensors.update(whitening_ref.fold(tensors, whitening, apply_b_dec_to_input=True))
     if args.architecture == "jumprelu":
         # Saved projected to >= 0 (the same map at inference: relu(pre) * (pre > t)).
         tensors["threshold"] = sae.threshold.detach().clamp(min=0.0)
