@@ -439,8 +439,8 @@ impl Sae {
                 w.inverse.shallow_clone(),
             )
         };
-        let input = self.norm.whiten.as_ref().map(take);
-        let output = self.output_norm().whiten.as_ref().map(take);
+        let input = self.norm.whiten.as_deref().map(take);
+        let output = self.output_norm().whiten.as_deref().map(take);
         if input.is_none() && output.is_none() {
             return;
         }

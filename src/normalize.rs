@@ -12,8 +12,9 @@ pub struct Normalizer {
     /// `[d_in]` tensors; both `None` for `NormalizeKind::None`.
     pub shift: Option<Tensor>,
     pub scale: Option<Tensor>,
-    /// `NormalizeKind::Whiten` only (then `shift` and `scale` are `None`).
-    pub whiten: Option<Whitening>,
+    /// `NormalizeKind::Whiten` only (then `shift` and `scale` are `None`);
+    /// boxed, as it is rare and six tensors wide.
+    pub whiten: Option<Box<Whitening>>,
 }
 
 impl Clone for Normalizer {
@@ -22,7 +23,7 @@ impl Clone for Normalizer {
             kind: self.kind,
             shift: self.shift.as_ref().map(|t| t.copy()),
             scale: self.scale.as_ref().map(|t| t.copy()),
-            whiten: self.whiten.as_ref().map(Whitening::map(Tensor::copy)),
+            whiten: self.whiten.as_deref().map(Whitening::map(Tensor::copy)),
         }
     }
 }
@@ -62,8 +63,8 @@ impl Whitening {
     }
 
     /// The same whitening with `f` applied to each float64 tensor.
-    fn map(f: impl Fn(&Tensor) -> Tensor) -> impl Fn(&Whitening) -> Whitening {
-        move |w| Whitening::new(f(&w.mean), f(&w.matrix), f(&w.inverse))
+    fn map(f: impl Fn(&Tensor) -> Tensor) -> impl Fn(&Whitening) -> Box<Whitening> {
+        move |w| Box::new(Whitening::new(f(&w.mean), f(&w.matrix), f(&w.inverse)))
     }
 
     /// Every tensor, for replicating rank 0's across a data-parallel group.
@@ -137,7 +138,7 @@ impl Normalizer {
             kind: NormalizeKind::Whiten,
             shift: None,
             scale: None,
-            whiten: Some(w),
+            whiten: Some(Box::new(w)),
         }
     }
 
@@ -284,7 +285,7 @@ impl Normalizer {
             scale: self.scale.as_ref().map(|t| t.to_device(device)),
             whiten: self
                 .whiten
-                .as_ref()
+                .as_deref()
                 .map(Whitening::map(|t| t.to_device(device))),
         }
     }

@@ -140,7 +140,7 @@ pub fn named_tensors(model: &Sae) -> Vec<(String, Tensor)> {
 pub fn save(model: &Sae, path: &Path) -> Result<()> {
     if model.norm.whiten.is_some() || model.out_norm.as_ref().is_some_and(|n| n.whiten.is_some()) {
         // Training folds the whitening before saving ([`Sae::fold_whitening`]).
-        anyhow::bail!("internal: a model is saved with its whitening folded into the weights");
+        anyhow::bail!("internal: a whitened model is saved only once Sae::fold_whitening has run");
     }
     let meta = HashMap::from([(
         META_KEY.to_string(),
