@@ -166,7 +166,14 @@ pub enum NormalizeKind {
     /// (SAELens `normalize_activations: expected_average_only_in`).
     #[serde(rename = "expected_norm")]
     ExpectedNorm,
+    /// PCA whitening `(x - mean) @ E diag(lambda + eps)^(-1/2)`, fitted in
+    /// float64 (SAELens `normalize_activations: covariance_whitening`);
+    /// trained in whitened space and folded into the saved weights.
+    Whiten,
 }
+
+/// `data.whiten_eps`'s default: SAELens `estimate_whitening`'s `eps`.
+pub const DEFAULT_WHITEN_EPS: f64 = 1e-3;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -207,6 +214,9 @@ pub struct DataConfig {
     /// Rows (the first, in order) that fit the normalisation statistics:
     /// auto = every row of a file, the first 65,536 of a model source.
     pub norm_rows: Auto<i64>,
+    /// `normalize: whiten`: added to every covariance eigenvalue (in the
+    /// data's squared units) before the inverse square root.
+    pub whiten_eps: f64,
 }
 
 impl DataConfig {
@@ -501,6 +511,7 @@ impl Default for DataConfig {
             model_device: None,
             model_batch: 8,
             norm_rows: Auto::Auto,
+            whiten_eps: DEFAULT_WHITEN_EPS,
         }
     }
 }
@@ -898,7 +909,41 @@ impl Config {
         if self.data.stream {
             self.validate_stream()?;
         }
-        Ok(())
+        self.validate_whiten()
+    }
+
+    /// `data.normalize: whiten` trains in whitened space and folds the map
+    /// into the saved weights; models whose fold would change their codes
+    /// or outputs are refused.
+    fn validate_whiten(&self) -> Check {
+        let (d, m) = (&self.data, &self.model);
+        let eps = d.whiten_eps;
+        if d.normalize != NormalizeKind::Whiten {
+            if eps != DEFAULT_WHITEN_EPS {
+                return Err("data.whiten_eps: only used with data.normalize: whiten".into());
+            }
+            return Ok(());
+        }
+        if !(eps > 0.0 && eps.is_finite()) {
+            return Err(format!(
+                "data.whiten_eps: {eps} must be > 0 (it keeps small covariance eigenvalues invertible)"
+            ));
+        }
+        let why = if m.tied {
+            Some("model.tied (W_dec = W_enc.T cannot hold the whitening on one side and its inverse on the other); set model.tied: false")
+        } else if m.activation == ActivationKind::MatchingPursuit {
+            Some("activation matching_pursuit (its codes depend on the decoder rows, which the fold changes)")
+        } else if m.decoder_activation != OutputActivation::None {
+            Some("model.decoder_activation: sigmoid (the un-whitening cannot pass through it); set it to none")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => Err(format!(
+                "data.normalize: whiten is folded into the saved weights, which is not possible with {why}, or pick another data.normalize"
+            )),
+            None => Ok(()),
+        }
     }
 
     /// `data.model` + `data.tokens`: rows made as training runs, window by

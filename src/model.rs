@@ -434,6 +434,82 @@ impl Sae {
         self.spec.rescale_acts_by_decoder_norm = false;
     }
 
+    /// Folds a whitening normalisation (`data.normalize: whiten`) into the
+    /// weights, in float64 (SAELens `fold_activation_whitening`). With
+    /// `x_w = (x - m) @ M` on the input and `y = y_w @ N + m'` on the output
+    /// (`N` the inverse whitening; the input's own unless a transcoder):
+    /// - `W_enc <- M W_enc` (deep: the first layer's weight);
+    /// - with `b_dec` subtracted from the input nothing else on that side,
+    ///   since `(x - m) M - b_dec = (x - b_dec') M` with `b_dec'` below;
+    ///   otherwise `b_enc <- b_enc - m W_enc'` (deep: the first layer's
+    ///   bias; gated: `b_mag` by the same shift times `exp(r_mag)`);
+    /// - `W_dec <- W_dec N`, `b_dec <- b_dec N + m'` (deep: the last layer).
+    ///
+    /// Pre-activations are unchanged, so thresholds and top-k selections
+    /// are too; the model then reads and writes raw rows and has no
+    /// normalisation. Decoder rows' norms change (unit-norm rows are unit
+    /// in the whitened space only). Call after [`Sae::fold_decoder_norm`];
+    /// tied, matching_pursuit and sigmoid-decoder models are refused by the
+    /// config (their codes or outputs would change).
+    pub fn fold_whitening(&mut self) {
+        let take = |w: &crate::normalize::Whitening| {
+            (
+                w.mean.shallow_clone(),
+                w.matrix.shallow_clone(),
+                w.inverse.shallow_clone(),
+            )
+        };
+        let input = self.norm.whiten.as_deref().map(take);
+        let output = self.output_norm().whiten.as_deref().map(take);
+        if input.is_none() && output.is_none() {
+            return;
+        }
+        assert!(
+            !self.spec.rescale_acts_by_decoder_norm && self.w_dec.is_some(),
+            "fold_whitening: an untied model with its decoder norms folded"
+        );
+        let _guard = tch::no_grad_guard();
+        let dbl = |t: &Tensor| t.detach().to_kind(Kind::Double);
+        let f32 = |t: Tensor| t.to_kind(Kind::Float).contiguous();
+        if let Some((m, w, _)) = input {
+            match self.enc_layers.first_mut() {
+                Some(l) => {
+                    let w1 = w.mm(&dbl(&l.w));
+                    l.b = f32(dbl(&l.b) - m.matmul(&w1));
+                    l.w = f32(w1);
+                }
+                None => {
+                    let w_enc = w.mm(&dbl(&self.w_enc));
+                    if !self.spec.apply_b_dec_to_input {
+                        let shift = m.matmul(&w_enc);
+                        if let Some(g) = self.gate.as_mut() {
+                            g.b_mag = f32(dbl(&g.b_mag) - &shift * dbl(&g.r_mag).exp());
+                        }
+                        self.b_enc = f32(dbl(&self.b_enc) - shift);
+                    }
+                    self.w_enc = f32(w_enc);
+                }
+            }
+            self.norm = Normalizer::identity();
+        }
+        if let Some((m, _, inv)) = output {
+            match self.dec_layers.last_mut() {
+                Some(l) => {
+                    l.b = f32(dbl(&l.b).matmul(&inv) + &m);
+                    l.w = f32(dbl(&l.w).mm(&inv));
+                }
+                None => {
+                    self.b_dec = f32(dbl(&self.b_dec).matmul(&inv) + &m);
+                    let w_dec = self.w_dec.as_ref().map(|w| f32(dbl(w).mm(&inv)));
+                    self.w_dec = w_dec;
+                }
+            }
+            if let Some(n) = self.out_norm.as_mut() {
+                *n = Normalizer::identity();
+            }
+        }
+    }
+
     /// Codes from the code layer's input `x` and pre-activations `pre`
     /// (inference mode unless `train`).
     fn codes(&self, x: &Tensor, pre: &Tensor, train: bool) -> Tensor {
@@ -739,6 +815,180 @@ mod tests {
             } else {
                 assert!(a.equal(&b), "{name} gradient differs");
             }
+        }
+    }
+
+    /// Rows with correlated, unequal-variance columns and an offset.
+    fn correlated(n: i64, d: i64, seed: i64) -> Tensor {
+        tch::manual_seed(seed);
+        let opts = (Kind::Float, Device::Cpu);
+        let mix = Tensor::randn([d, d], opts) * Tensor::linspace(0.1, 3.0, d, opts).unsqueeze(1);
+        Tensor::randn([n, d], opts).mm(&mix) + Tensor::randn([d], opts) * 2.0
+    }
+
+    /// Whitened training rows have mean 0 and covariance (C + eps I)^-1 C,
+    /// I for eps -> 0 (SAELens's construction); un-whitening inverts.
+    #[test]
+    fn whitening_gives_identity_covariance() {
+        let _rng = crate::seeded();
+        let x = correlated(2000, 10, 3);
+        let n = Normalizer::fit(crate::config::NormalizeKind::Whiten, &x, 1e-10);
+        let xw = n.apply(&x).to_kind(Kind::Double);
+        let mean = xw.mean_dim(0, true, Kind::Double);
+        let xc = &xw - &mean;
+        let cov = xc.tr().mm(&xc) / 1999.0;
+        let eye = Tensor::eye(10, (Kind::Double, Device::Cpu));
+        let dcov = (cov - eye).abs().max().double_value(&[]);
+        let dmean = mean.abs().max().double_value(&[]);
+        assert!(
+            dcov < 1e-4 && dmean < 1e-4,
+            "cov - I {dcov:.2e}, mean {dmean:.2e}"
+        );
+        let back = n.invert(&n.apply(&x));
+        let d = (back - &x).abs().max().double_value(&[]);
+        assert!(d < 1e-4, "invert(apply(x)) - x = {d:.2e}");
+        // A streamed fit gives the same statistics: bit for bit in the
+        // chunks training takes, to rounding in others.
+        let whiten = crate::config::NormalizeKind::Whiten;
+        let x = correlated(20_000, 10, 3);
+        let n = Normalizer::fit(whiten, &x, 1e-3);
+        for (chunk, exact) in [(crate::normalize::WHITEN_CHUNK, true), (300, false)] {
+            let c = Normalizer::fit_chunked(whiten, &x, chunk, "x", 1e-3).unwrap();
+            let (a, b) = (n.whiten.as_ref().unwrap(), c.whiten.as_ref().unwrap());
+            for (u, v) in [
+                (&a.mean, &b.mean),
+                (&a.matrix, &b.matrix),
+                (&a.inverse, &b.inverse),
+            ] {
+                match exact {
+                    true => assert!(u.equal(v), "chunk {chunk}"),
+                    false => assert!(u.allclose(v, 1e-9, 1e-9, false), "chunk {chunk}"),
+                }
+            }
+        }
+    }
+
+    /// The folded model on raw rows gives the codes and reconstruction the
+    /// whitened one gives, for every foldable kind of model.
+    #[test]
+    fn folded_whitening_equals_whitened_model() {
+        use crate::config::NormalizeKind::Whiten;
+        let _rng = crate::seeded();
+        let (n, d) = (300, 12);
+        let x = correlated(n, d, 4);
+        let y = correlated(n, 7, 5);
+        let relu = ModelConfig {
+            d_hidden: 40,
+            init_scheme: InitScheme::Sae,
+            ..ModelConfig::default()
+        };
+        let cases: Vec<(&str, ModelConfig, bool)> = vec![
+            ("relu", relu.clone(), false),
+            (
+                "relu, b_dec not subtracted",
+                ModelConfig {
+                    apply_b_dec_to_input: false,
+                    ..relu.clone()
+                },
+                false,
+            ),
+            (
+                "topk",
+                ModelConfig {
+                    activation: ActivationKind::Topk,
+                    k: Some(5),
+                    ..relu.clone()
+                },
+                false,
+            ),
+            (
+                "jumprelu",
+                ModelConfig {
+                    activation: ActivationKind::Jumprelu,
+                    jumprelu_init_threshold: 0.3,
+                    ..relu.clone()
+                },
+                false,
+            ),
+            (
+                "gated",
+                ModelConfig {
+                    activation: ActivationKind::Gated,
+                    ..relu.clone()
+                },
+                false,
+            ),
+            (
+                "gated, b_dec not subtracted",
+                ModelConfig {
+                    activation: ActivationKind::Gated,
+                    apply_b_dec_to_input: false,
+                    ..relu.clone()
+                },
+                false,
+            ),
+            (
+                "deep",
+                ModelConfig {
+                    hidden: vec![20, 40],
+                    apply_b_dec_to_input: false,
+                    ..relu.clone()
+                },
+                false,
+            ),
+            (
+                "transcoder",
+                ModelConfig {
+                    apply_b_dec_to_input: false,
+                    ..relu.clone()
+                },
+                true,
+            ),
+        ];
+        for (name, cfg, transcoder) in cases {
+            tch::manual_seed(6);
+            let spec = ModelSpec::from_config(&cfg, d);
+            let norm = Normalizer::fit(Whiten, &x, 1e-3);
+            let (d_out, out_norm) = match transcoder {
+                true => (7, Some(Normalizer::fit(Whiten, &y, 1e-3))),
+                false => (d, None),
+            };
+            let mut m = Sae::init(spec, &cfg, d_out, norm, out_norm, Device::Cpu).unwrap();
+            // Non-zero biases and gate parameters, so every fold term counts.
+            let _ = m.b_enc.uniform_(-0.3, 0.3);
+            let _ = m.b_dec.uniform_(-0.5, 0.5);
+            if let Some(g) = m.gate.as_mut() {
+                let _ = g.r_mag.uniform_(-0.5, 0.5);
+                let _ = g.b_mag.uniform_(-0.3, 0.3);
+            }
+            let (z0, r0) = (m.encode(&x), m.forward(&x));
+            let firing = z0
+                .gt(0.0)
+                .to_kind(Kind::Float)
+                .mean(Kind::Float)
+                .double_value(&[]);
+            assert!(
+                firing > 0.02 && firing < 0.9,
+                "{name}: {firing} of codes fire"
+            );
+            m.fold_whitening();
+            assert!(
+                m.norm.whiten.is_none() && m.output_norm().whiten.is_none(),
+                "{name}"
+            );
+            assert_eq!(m.norm.kind, crate::config::NormalizeKind::None, "{name}");
+            let (z1, r1) = (m.encode(&x), m.forward(&x));
+            let dz = (&z1 - &z0).abs().max().double_value(&[]);
+            let dr = (&r1 - &r0).abs().max().double_value(&[]);
+            let scale = r0.abs().max().double_value(&[]);
+            assert!(
+                z1.gt(0.0).equal(&z0.gt(0.0)),
+                "{name}: firing pattern changed"
+            );
+            assert!(
+                dz < 1e-4 && dr < 1e-5 * scale.max(1.0),
+                "{name}: codes {dz:.2e}, recon {dr:.2e}"
+            );
         }
     }
 

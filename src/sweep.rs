@@ -208,7 +208,7 @@ fn pca_spectrum(cfg: &Config, sources: &train::Sources) -> Result<Vec<f64>> {
         true => train::plan::model_sample(cfg, sources)?,
         false => crate::data::npy::read_tensor(cfg.data.train.as_deref().unwrap_or_default())?,
     };
-    let norm = crate::normalize::Normalizer::fit(cfg.data.normalize, &x);
+    let norm = crate::normalize::Normalizer::fit(cfg.data.normalize, &x, cfg.data.whiten_eps);
     let x = norm.apply(&x).to_kind(Kind::Double);
     let xc = &x - x.mean_dim(0, true, Kind::Double);
     let cov = xc.tr().mm(&xc);

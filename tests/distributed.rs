@@ -195,6 +195,33 @@ fn two_ranks_train_the_model_one_process_trains() {
     }
 }
 
+/// `data.normalize: whiten`: every rank whitens with rank 0's statistics
+/// (float64 and float32 copies replicated) and the fold is rank 0's.
+#[test]
+fn two_ranks_train_a_whitened_model_as_one_process() {
+    let _one = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let x = data(tmp.path());
+    let cfg = config(
+        tmp.path(),
+        "whiten",
+        &x,
+        "activation: topk, k: 4",
+        "penalty: none",
+    );
+    let (single, dp) = (tmp.path().join("white_1"), tmp.path().join("white_2"));
+    let white = ["--set", "data.normalize=whiten"];
+    sae_ok(&train_args(&cfg, &single, &white));
+    run_ok(torchrun(2, &train_args(&cfg, &dp, &white)));
+    assert_close(&dp, &single, 1e-5);
+    let plain = tmp.path().join("plain_1");
+    sae_ok(&train_args(&cfg, &plain, &[]));
+    assert!(
+        weights(&plain)["W_enc"] != weights(&single)["W_enc"],
+        "whitening changed nothing"
+    );
+}
+
 #[test]
 fn reruns_are_bit_identical() {
     let _one = serial();

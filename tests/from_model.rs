@@ -336,6 +336,52 @@ fn same_files(a: &Path, b: &Path, what: &str) {
     }
 }
 
+/// `data.normalize: whiten` fits its covariance on the source's first
+/// norm_rows rows in the same chunked float64 pass as on its streamed dump:
+/// the two runs (folded models included) stay byte-identical.
+#[test]
+fn whitened_training_from_the_model_equals_training_from_its_dump() {
+    let lm = common::lm::tiny_lm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tokens = p(&lm, "tokens.npy");
+    let white = |yaml: String| {
+        assert!(yaml.contains("normalize: standardize"));
+        yaml.replace("normalize: standardize", "normalize: whiten")
+    };
+    let cfg = write_config(
+        d,
+        "white.yaml",
+        &white(from_model_yaml(&p(&lm, "lm.pt"), &tokens, "")),
+    );
+    let dump = p(d, "white_acts.npy");
+    sae_ok(&["activations", "--config", &cfg, "--out", &dump, "-q"]);
+    let from_model = d.join("white_model");
+    sae_ok(&[
+        "train",
+        "-q",
+        "--config",
+        &cfg,
+        "--out",
+        from_model.to_str().unwrap(),
+    ]);
+    let dump_yaml = white(from_model_yaml("X", "X", "")).replace(
+        "  model: X\n  tokens: X\n  exclude_positions: [0]\n",
+        &format!("  train: {dump}\n  stream: true\n"),
+    );
+    let dump_cfg = write_config(d, "white_dump.yaml", &dump_yaml);
+    let from_dump = d.join("white_dump");
+    sae_ok(&[
+        "train",
+        "-q",
+        "--config",
+        &dump_cfg,
+        "--out",
+        from_dump.to_str().unwrap(),
+    ]);
+    same_files(&from_model, &from_dump, "whitened");
+}
+
 /// Train from the model = train from `sae activations`' dump of the same
 /// source read with data.stream (same windows, same order), byte for byte,
 /// for TorchScript and .pt2; a held-out fraction holds out whole sequences.

@@ -824,6 +824,65 @@ fn matching_pursuit(name: &'static str, epochs: i64, batch: Option<usize>) -> Pa
     }
 }
 
+/// SAELens's covariance whitening (`data.normalize: whiten`;
+/// `reference/whitening.py`): trained on the whitened rows, the whitening
+/// folded into the saved weights, which are compared. ReLU + L1 with b_dec
+/// not subtracted from the input, so the fold also shifts b_enc.
+fn whiten_l1(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        normalize: "whiten",
+        apply_b_dec_to_input: false,
+        knobs: &[(
+            "data.whiten_eps=0.001",
+            &["--whiten-eps", "0.001", "--no-b-dec-on-input"],
+        )],
+        ..saelens_l1(name, epochs, batch)
+    }
+}
+
+/// Whitening with top-k + AuxK rescaled by the decoder norms: the norms
+/// are folded first, then the whitening (SAELens TopKSAE's order).
+fn whiten_topk_rescale(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        normalize: "whiten",
+        knobs: &[
+            ("train.dead_window=3", &["--dead-window", "3"]),
+            (
+                "model.rescale_acts_by_decoder_norm=true",
+                &["--rescale-acts-by-decoder-norm"],
+            ),
+            ("data.whiten_eps=0.01", &["--whiten-eps", "0.01"]),
+        ],
+        ..topk_rescale(name, epochs, batch)
+    }
+}
+
+/// Whitening with a gated SAE (its magnitude path shares W_enc).
+fn whiten_gated(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        normalize: "whiten",
+        knobs: &[("data.whiten_eps=0.001", &["--whiten-eps", "0.001"])],
+        ..gated(name, epochs, batch)
+    }
+}
+
+/// Whitening with JumpReLU + L0: thresholds act on pre-activations, which
+/// the fold keeps.
+fn whiten_jumprelu(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        normalize: "whiten",
+        knobs: &[
+            (
+                "model.jumprelu_init_threshold=0.1",
+                &["--init-threshold", "0.1"],
+            ),
+            ("model.jumprelu_bandwidth=0.05", &["--bandwidth", "0.05"]),
+            ("data.whiten_eps=0.001", &["--whiten-eps", "0.001"]),
+        ],
+        ..jumprelu_l0(name, epochs, batch)
+    }
+}
+
 /// `test_name: case(name, epochs, batch);` -> a `#[test]` checking that case.
 macro_rules! parity_tests {
     ($($test:ident: $case:ident($name:literal, $epochs:literal, $batch:expr);)*) => {
@@ -874,4 +933,9 @@ parity_tests! {
     matryoshka_minibatch: matryoshka("matryoshka_minibatch", 10, Some(48));
     matching_pursuit_full_batch: matching_pursuit("matching_pursuit_full", 100, None);
     matching_pursuit_minibatch: matching_pursuit("matching_pursuit_minibatch", 10, Some(48));
+    whiten_l1_full_batch: whiten_l1("whiten_l1_full", 100, None);
+    whiten_l1_minibatch: whiten_l1("whiten_l1_minibatch", 10, Some(64));
+    whiten_topk_rescale_minibatch: whiten_topk_rescale("whiten_topk_rescale", 10, Some(48));
+    whiten_gated_minibatch: whiten_gated("whiten_gated", 10, Some(48));
+    whiten_jumprelu_minibatch: whiten_jumprelu("whiten_jumprelu", 10, Some(48));
 }

@@ -218,6 +218,15 @@ fn topk_auxk_noise_resampling_resume_is_bit_identical() {
     interrupted_runs_match_uninterrupted(TOPK, "topk");
 }
 
+/// `data.normalize: whiten` (with TOPK's state): the whitening is fitted
+/// again on resume, bit for bit, and folded once at the end.
+#[test]
+fn whitened_topk_resume_is_bit_identical() {
+    let yaml = TOPK.replace("data: {train: X}", "data: {train: X, normalize: whiten}");
+    assert!(yaml.contains("whiten"));
+    interrupted_runs_match_uninterrupted(&yaml, "whitened topk");
+}
+
 #[test]
 fn batchtopk_threshold_resume_is_bit_identical() {
     interrupted_runs_match_uninterrupted(BATCHTOPK, "batchtopk");

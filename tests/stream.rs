@@ -38,6 +38,16 @@ fn streamed_training_equals_in_memory_training() {
         .train()
         .model_bytes();
     assert!(!s.is_empty());
+    // Whitening fits its float64 covariance in the same 8192-row chunks
+    // streamed or not: the same statistics, and the same model.
+    let whiten = |case: Case| case.set("data.normalize=whiten").train().model_bytes();
+    let memory_white = whiten(Case::new(d, "memory-white").config(&cfg));
+    let stream_white = whiten(streamed("stream-white"));
+    assert!(memory_white != memory, "whitening changed nothing");
+    assert!(
+        memory_white == stream_white,
+        "streamed and in-memory whitened training differ"
+    );
     // What streaming cannot do is refused up front, naming the key.
     for (set, key) in [
         ("data.valid_fraction=0.1", "data.valid_fraction"),

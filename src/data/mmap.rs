@@ -186,8 +186,8 @@ mod tests {
             NormalizeKind::Minmax,
             NormalizeKind::ExpectedNorm,
         ] {
-            let a = Normalizer::fit(kind, &x);
-            let b = Normalizer::fit_chunked(kind, &m.tensor, 10, "x").unwrap();
+            let a = Normalizer::fit(kind, &x, 1e-3);
+            let b = Normalizer::fit_chunked(kind, &m.tensor, 10, "x", 1e-3).unwrap();
             for (u, v) in [(&a.shift, &b.shift), (&a.scale, &b.scale)] {
                 let (u, v) = (u.as_ref().unwrap(), v.as_ref().unwrap());
                 assert!(u.allclose(v, 1e-5, 1e-5, false), "{kind:?}: {u} vs {v}");
@@ -196,7 +196,7 @@ mod tests {
         // Non-finite rows are named.
         let bad = x.copy();
         let _ = bad.get(200).get(3).fill_(f64::NAN);
-        let err = Normalizer::fit_chunked(NormalizeKind::None, &bad, 64, "x").unwrap_err();
+        let err = Normalizer::fit_chunked(NormalizeKind::None, &bad, 64, "x", 1e-3).unwrap_err();
         assert!(format!("{err}").contains("row 200"), "{err}");
         // Other layouts are refused with a way out.
         let f64p = dir.path().join("d.npy");

@@ -146,6 +146,10 @@ pub fn named_tensors(model: &Sae) -> Vec<(String, Tensor)> {
 
 /// Writes the model atomically.
 pub fn save(model: &Sae, path: &Path) -> Result<()> {
+    if model.norm.whiten.is_some() || model.out_norm.as_ref().is_some_and(|n| n.whiten.is_some()) {
+        // Training folds the whitening before saving ([`Sae::fold_whitening`]).
+        anyhow::bail!("internal: a whitened model is saved only once Sae::fold_whitening has run");
+    }
     let meta = HashMap::from([(
         META_KEY.to_string(),
         serde_json::to_string(&Architecture::of(model))?,
@@ -338,10 +342,16 @@ impl Stored<'_> {
     fn norm(&mut self, kind: NormalizeKind, prefix: &str, width: i64) -> Result<Normalizer> {
         Ok(match kind {
             NormalizeKind::None => Normalizer::identity(),
+            NormalizeKind::Whiten => bail_user!(
+                "{}: normalize `whiten` in the metadata: a saved model has its whitening \
+                 folded into the weights (normalize none), so this file was not written by `sae train`",
+                self.path.display()
+            ),
             kind => Normalizer {
                 kind,
                 shift: Some(self.take(&format!("{prefix}shift"), &[width])?),
                 scale: Some(self.take(&format!("{prefix}scale"), &[width])?),
+                whiten: None,
             },
         })
     }

@@ -715,6 +715,7 @@ fn take_norm(
         kind,
         shift: Some(take_tensor(c, &shift, Some(&[width]), path)?),
         scale: Some(take_tensor(c, &scale, Some(&[width]), path)?),
+        whiten: None,
     }))
 }
 

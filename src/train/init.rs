@@ -6,7 +6,7 @@ use crate::config::{Auto, BDecInit, Config};
 use crate::data::dataset::permutation;
 use crate::export;
 use crate::model::{ModelSpec, Sae};
-use crate::normalize::Normalizer;
+use crate::normalize::{Normalizer, WHITEN_CHUNK};
 use crate::{bail_user, Result};
 use anyhow::Context;
 use std::path::Path;
@@ -16,10 +16,11 @@ use tch::{Device, Kind, Tensor};
 /// global generator, seeded by the plan).
 pub fn model(cfg: &Config, data: &Data, device: Device) -> Result<Sae> {
     let norm = fit_norm(cfg, data)?;
+    let eps = cfg.data.whiten_eps;
     let out_norm = data
         .train_target
         .as_ref()
-        .map(|y| Normalizer::fit(cfg.data.normalize, &y.to_kind(Kind::Float)));
+        .map(|y| Normalizer::fit(cfg.data.normalize, &y.to_kind(Kind::Float), eps));
     let d_out = data.train_target.as_ref().unwrap_or(&data.train).size()[1];
     let spec = ModelSpec::from_config(&cfg.model, data.train.size()[1]);
     let mut model = Sae::init(spec, &cfg.model, d_out, norm, out_norm, device).map_err(|e| {
@@ -62,10 +63,11 @@ fn fit_norm(cfg: &Config, data: &Data) -> Result<Normalizer> {
     let x = data.train.narrow(0, 0, rows);
     if data.mapped.is_some() || data.model_source.is_some() {
         let origin = cfg.data.train.as_deref().or(cfg.data.model.as_deref());
-        return Normalizer::fit_chunked(cfg.data.normalize, &x, 8192, origin.unwrap_or("data"))
+        let (kind, eps) = (cfg.data.normalize, cfg.data.whiten_eps);
+        return Normalizer::fit_chunked(kind, &x, WHITEN_CHUNK, origin.unwrap_or("data"), eps)
             .context("data.train");
     }
-    Ok(Normalizer::fit(cfg.data.normalize, &x))
+    Ok(Normalizer::fit(cfg.data.normalize, &x, cfg.data.whiten_eps))
 }
 
 /// Rows used to estimate `b_dec` (a seeded subset of larger data).

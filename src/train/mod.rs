@@ -672,6 +672,8 @@ fn finish(
         let k = cfg.model.k.expect("validated: calibrate_threshold needs k");
         calibrate::calibrate_threshold(&mut model, &data.train, k);
     }
+    // data.normalize: whiten: the saved model (and every metric below) is on raw rows.
+    model.fold_whitening();
     run.save_model(&model)?;
     let (train, valid) = evaluate(&model, data, cfg.sparsity.target, &ModelEncoder);
     let pursuit = match Pursuit::from_config(cfg, model.spec.d_in) {
@@ -825,6 +827,11 @@ fn replicate(g: &dist::Group, learner: &mut Learner, dead: &mut DeadTracker) {
     {
         for t in [n.shift.as_mut(), n.scale.as_mut()].into_iter().flatten() {
             g.broadcast(t, 0);
+        }
+        if let Some(w) = n.whiten.as_mut() {
+            for t in w.tensors_mut() {
+                g.broadcast(t, 0);
+            }
         }
     }
     if let Some(t) = model.threshold.as_mut() {

@@ -63,6 +63,8 @@ project; the autograd Functions below are SAELens's own, copied.
     input (`sae_out += x @ self.W_skip.mT`); AuxK's residual is taken from that sae_out;
     Multi-TopK's reconstruction leaves it out (sparsify decodes the 4k codes alone).
 --fused: torch.optim.Adam(fused=True) (`train.optimizer.fused`).
+--whiten-eps EPS: train on SAELens's covariance-whitened rows and fold the
+    whitening into the saved weights (whitening.py; `data.normalize: whiten`).
 --multi-topk (sparsify): loss += mse(decode(topk_acts(hidden_pre, 4k)), x) / 8, after the
     other terms. --k-decay-steps N (sparsify get_current_k): batch i (0-based) uses
     k_i = round(k0 (1 - i/N) + k i/N) while i < N, k0 = min(d_sae, 10 d_in), Python's round.
@@ -75,6 +77,7 @@ parallel to each row before the step, renormalise after it), gradient clipping
 """
 
 import math
+import sys
 from typing import Any
 
 import torch
@@ -83,6 +86,7 @@ import torch.nn.functional as F
 import torch.optim.lr_scheduler as lr_scheduler
 
 import common
+import whitening as whitening_ref
 
 
 # --- SAELens saes/jumprelu_sae.py (6.x), verbatim --------------------------
@@ -437,10 +441,17 @@ def main():
     p.add_argument("--rescale-acts-by-decoder-norm", action="store_true")
     p.add_argument("--target", default=None, help="a transcoder's target rows .npy")
     p.add_argument("--skip-connection", action="store_true")
+    p.add_argument("--whiten-eps", type=float, default=None)
     args = p.parse_args()
     common.setup(args)
 
     X = torch.tensor(common.load_data(args.data), dtype=torch.float32)
+    whitening = None
+    if args.whiten_eps is not None:
+        if args.target is not None:
+            sys.exit("recipes.py: --whiten-eps with --target is not modelled here")
+        whitening = whitening_ref.estimate(X, args.whiten_eps)
+        X = whitening_ref.whiten(X, whitening)
     Y = X if args.target is None else torch.tensor(common.load_data(args.target),
                                                    dtype=torch.float32)
     w = common.read_safetensors(args.init)
@@ -572,6 +583,9 @@ def main():
     if args.architecture == "gated":
         tensors["r_mag"] = sae.r_mag
         tensors["b_mag"] = sae.b_mag
+    if whitening is not None:
+        # After the decoder norms (SAELens TopKSAE.fold_activation_whitening).
+        tensors.update(whitening_ref.fold(tensors, whitening, apply_b_dec_to_input=True))
     if args.architecture == "jumprelu":
         # Saved projected to >= 0 (the same map at inference: relu(pre) * (pre > t)).
         tensors["threshold"] = sae.threshold.detach().clamp(min=0.0)

@@ -12,7 +12,8 @@
 
 The reconstruction term is F.mse_loss (mean over all elements), the loss this
 project specifies; SAELens itself sums over d_in before the batch mean.
-Adam; no normalisation of the inputs.
+Adam; no normalisation of the inputs, or with --whiten-eps SAELens's
+covariance whitening folded into the saved weights (whitening.py).
 """
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import whitening as whitening_ref
 
 
 class TopK(nn.Module):
@@ -61,10 +63,15 @@ def main():
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--l1-coefficient", type=float, default=0.0)
     p.add_argument("--no-b-dec-on-input", action="store_true")
+    p.add_argument("--whiten-eps", type=float, default=None)
     args = p.parse_args()
     common.setup(args)
 
     X = torch.tensor(common.load_data(args.data), dtype=torch.float32)
+    whitening = None
+    if args.whiten_eps is not None:
+        whitening = whitening_ref.estimate(X, args.whiten_eps)
+        X = whitening_ref.whiten(X, whitening)
     w = common.read_safetensors(args.init)
     sae = SAE(w, args.architecture, args.k, not args.no_b_dec_on_input)
     optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr, foreach=False)
@@ -89,7 +96,10 @@ def main():
         log.log(epoch, loss.item(), mse_loss.item(), penalty)
     log.close()
 
-    common.save_weights(args.out, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    w = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if whitening is not None:
+        w = whitening_ref.fold(w, whitening, not args.no_b_dec_on_input)
+    common.save_weights(args.out, w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"])
 
 
 if __name__ == "__main__":
