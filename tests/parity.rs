@@ -630,6 +630,78 @@ fn topk_multi_decay(name: &'static str, epochs: i64, batch: Option<usize>) -> Pa
     }
 }
 
+/// Top-k + AuxK trained by sparsify's `signum`: sign descent made
+/// schedule-free (schedulefree's ScheduleFreeWrapper, momentum 0.95); the
+/// saved weights are its averaged (eval-mode) ones.
+fn topk_signum(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        seed: 15,
+        lr: 0.002,
+        knobs: &[
+            ("train.dead_window=3", &["--dead-window", "3"]),
+            ("train.optimizer.name=signum", &["--optimizer", "signum"]),
+        ],
+        ..topk_auxk(name, epochs, batch)
+    }
+}
+
+/// signum with a learning-rate warm-up (schedule-free weighs its average by
+/// the largest rate so far, squared), a unit-norm decoder, clipping and a
+/// momentum of its own.
+fn topk_signum_recipe(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        seed: 16,
+        lr: 0.002,
+        knobs: &[
+            ("train.dead_window=3", &["--dead-window", "3"]),
+            ("train.optimizer.name=signum", &["--optimizer", "signum"]),
+            ("train.optimizer.momentum=0.9", &["--momentum", "0.9"]),
+            ("train.lr_warmup_steps=20", &["--lr-warmup-steps", "20"]),
+            ("train.unit_norm_decoder=true", &["--unit-norm-decoder"]),
+            ("train.grad_clip=0.5", &["--grad-clip", "0.5"]),
+        ],
+        ..topk_auxk(name, epochs, batch)
+    }
+}
+
+/// Top-k + AuxK trained by sparsify's `muon`: Muon (bfloat16 Newton-Schulz)
+/// on W_enc and W_dec with its weight decay, Adam on the biases.
+fn topk_muon(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        seed: 17,
+        lr: 0.002,
+        knobs: &[
+            ("train.dead_window=3", &["--dead-window", "3"]),
+            ("train.optimizer.name=muon", &["--optimizer", "muon"]),
+        ],
+        ..topk_auxk(name, epochs, batch)
+    }
+}
+
+/// Muon as sparsify schedules it: linear decay to 0, the warm-up on the
+/// Adam part only; with a unit-norm decoder, clipping, a momentum and
+/// weight decay of its own.
+fn topk_muon_recipe(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        seed: 18,
+        lr: 0.002,
+        knobs: &[
+            ("train.dead_window=3", &["--dead-window", "3"]),
+            ("train.optimizer.name=muon", &["--optimizer", "muon"]),
+            ("train.optimizer.momentum=0.9", &["--momentum", "0.9"]),
+            (
+                "train.optimizer.muon_weight_decay=0.05",
+                &["--muon-weight-decay", "0.05"],
+            ),
+            ("train.lr_schedule=linear", &["--lr-schedule", "linear"]),
+            ("train.lr_warmup_steps=20", &["--lr-warmup-steps", "20"]),
+            ("train.unit_norm_decoder=true", &["--unit-norm-decoder"]),
+            ("train.grad_clip=0.5", &["--grad-clip", "0.5"]),
+        ],
+        ..topk_auxk(name, epochs, batch)
+    }
+}
+
 /// AbsTopK (SAELens `abstopk`) + AuxK: the k largest |pre-activations|
 /// keep their sign; dead latents ranked by magnitude.
 fn abstopk(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
@@ -813,6 +885,12 @@ parity_tests! {
     topk_fused_adam_minibatch: topk_fused_adam("topk_fused_adam", 10, Some(48));
     topk_multi_decay_full_batch: topk_multi_decay("topk_multi_decay_full", 60, None);
     topk_multi_decay_minibatch: topk_multi_decay("topk_multi_decay_minibatch", 10, Some(48));
+    topk_signum_full_batch: topk_signum("topk_signum_full", 100, None);
+    topk_signum_minibatch: topk_signum("topk_signum_minibatch", 10, Some(48));
+    topk_signum_recipe_minibatch: topk_signum_recipe("topk_signum_recipe", 10, Some(48));
+    topk_muon_full_batch: topk_muon("topk_muon_full", 100, None);
+    topk_muon_minibatch: topk_muon("topk_muon_minibatch", 10, Some(48));
+    topk_muon_recipe_minibatch: topk_muon_recipe("topk_muon_recipe", 10, Some(48));
     jumprelu_tanh_full_batch: jumprelu_tanh("jumprelu_tanh_full", 100, None);
     jumprelu_tanh_minibatch: jumprelu_tanh("jumprelu_tanh_minibatch", 10, Some(48));
     jumprelu_quadratic_full_batch: jumprelu_quadratic("jumprelu_quadratic_full", 100, None);
