@@ -851,6 +851,24 @@ fn matching_pursuit(name: &'static str, epochs: i64, batch: Option<usize>) -> Pa
     }
 }
 
+/// The reference's copy of schedulefree's `ScheduleFreeWrapper` (which the
+/// signum cases check us against) is the installed package's own, bit for
+/// bit, in train mode after every step and in eval mode at the end.
+#[test]
+fn signum_reference_matches_schedulefree() {
+    let test = "signum_reference_matches_schedulefree";
+    if !common::python_module_available(test, "schedulefree", "make schedulefree") {
+        return;
+    }
+    let script = manifest_dir().join("tests/reference/schedulefree_check.py");
+    let out = run_ok(Command::new(python()).arg(&script), test);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    println!("{test}: {v}");
+    for key in ["train_equal", "eval_equal", "eval_differs_from_train"] {
+        assert_eq!(v[key], true, "{test}: {key} is false: {v}");
+    }
+}
+
 /// `test_name: case(name, epochs, batch);` -> a `#[test]` checking that case.
 macro_rules! parity_tests {
     ($($test:ident: $case:ident($name:literal, $epochs:literal, $batch:expr);)*) => {
