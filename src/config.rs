@@ -1146,7 +1146,11 @@ impl Config {
             _ => (0.0..1.0).contains(&m),
         };
         if !momentum_ok {
-            let range = if name == OptimizerName::Signum { "(0, 1)" } else { "[0, 1)" };
+            let range = if name == OptimizerName::Signum {
+                "(0, 1)"
+            } else {
+                "[0, 1)"
+            };
             return Err(format!(
                 "train.optimizer.momentum: {m} is outside {range} for {label}"
             ));

@@ -116,7 +116,11 @@ impl Optimizer {
             Optimizer::Muon(m) => match m.matrices.iter().position(|&j| j == i) {
                 Some(j) => vec![(format!("momentum.{i}"), &m.momentum_buf[j])],
                 None => {
-                    let j = m.rest.iter().position(|&r| r == i).expect("every index is one");
+                    let j = m
+                        .rest
+                        .iter()
+                        .position(|&r| r == i)
+                        .expect("every index is one");
                     adam_state(&m.adam, j, i)
                 }
             },
@@ -131,7 +135,11 @@ impl Optimizer {
             Optimizer::Muon(m) => match m.matrices.iter().position(|&j| j == i) {
                 Some(j) => vec![(format!("momentum.{i}"), &mut m.momentum_buf[j])],
                 None => {
-                    let j = m.rest.iter().position(|&r| r == i).expect("every index is one");
+                    let j = m
+                        .rest
+                        .iter()
+                        .position(|&r| r == i)
+                        .expect("every index is one");
                     adam_state_mut(&mut m.adam, j, i)
                 }
             },
@@ -141,7 +149,10 @@ impl Optimizer {
     /// Every state tensor (for a broadcast from rank 0).
     pub fn state_tensors_mut(&mut self) -> Vec<&mut Tensor> {
         fn adam(a: &mut Adam) -> Vec<&mut Tensor> {
-            a.exp_avg.iter_mut().chain(a.exp_avg_sq.iter_mut()).collect()
+            a.exp_avg
+                .iter_mut()
+                .chain(a.exp_avg_sq.iter_mut())
+                .collect()
         }
         match self {
             Optimizer::Adam(a) => adam(a),

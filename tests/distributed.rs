@@ -214,9 +214,10 @@ fn signum_and_muon_train_with_two_ranks() {
             "activation: topk, k: 4",
             "penalty: auxk, weight: 0.03",
         );
-        let cfg_text = std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("optimizer: {lr: 0.003}", &format!("optimizer: {{name: {name}, lr: 0.003}}"));
+        let cfg_text = std::fs::read_to_string(&cfg).unwrap().replace(
+            "optimizer: {lr: 0.003}",
+            &format!("optimizer: {{name: {name}, lr: 0.003}}"),
+        );
         std::fs::write(&cfg, cfg_text).unwrap();
         let single = tmp.path().join(format!("{name}_1"));
         let dp = tmp.path().join(format!("{name}_2"));
