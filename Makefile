@@ -9,6 +9,10 @@ SAELENS  := sae-lens>=6,<7
 SAELENS_STAMP := $(VENV)/.installed-sae-lens-6
 # scikit-learn, the OMP reference of the pursuit tests (tests/pursuit.rs).
 SKLEARN_STAMP := $(VENV)/.installed-sklearn
+# schedulefree 1.4.1, whose wrapper tests/reference/recipes.py copies (checked
+# against the package by tests/parity.rs).
+SCHEDULEFREE := schedulefree==1.4.1
+SCHEDULEFREE_STAMP := $(VENV)/.installed-schedulefree-1.4.1
 BIN      := target/release/sae
 
 # A user's own libtorch (LIBTORCH=/path/to/libtorch) is honoured; otherwise
@@ -23,7 +27,7 @@ endif
 # Tests call Python references through this interpreter.
 export SAE_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup saelens sklearn browser build demo digits digits-table synth-table test parity bench fuzz clean fmt lint
+.PHONY: setup saelens sklearn schedulefree browser build demo digits digits-table synth-table test parity bench fuzz clean fmt lint
 
 setup: $(STAMP)
 
@@ -47,6 +51,13 @@ sklearn: $(SKLEARN_STAMP)
 $(SKLEARN_STAMP): $(STAMP)
 	@echo "==> installing scikit-learn into $(VENV) (one-time)"
 	$(PY) -m pip install --quiet scikit-learn
+	touch $@
+
+schedulefree: $(SCHEDULEFREE_STAMP)
+
+$(SCHEDULEFREE_STAMP): $(STAMP)
+	@echo "==> installing $(SCHEDULEFREE) into $(VENV) (one-time)"
+	$(PY) -m pip install --quiet "$(SCHEDULEFREE)" "torch==$(TORCH)"
 	touch $@
 
 # Headless Chromium for the page tests (tests/latents.rs): Debian's
@@ -94,12 +105,13 @@ synth-table: $(SAELENS_STAMP) build
 	    "Ground truth: SynthSAEBench-style data (issue 23)"
 
 # SAE_REQUIRE_SAELENS: the SAELens interop tests fail (not skip) without
-# sae_lens, and the pursuit tests without scikit-learn; SAE_REQUIRE_BROWSER:
+# sae_lens, the pursuit tests without scikit-learn, the signum check without
+# schedulefree; SAE_REQUIRE_BROWSER:
 # the page tests fail without headless Chromium.
 # Unit and integration tests (no doc-tests: there are none), then one
 # closing line with the totals over every test binary.
 TEST_LOG := target/test.log
-test: $(STAMP) $(SAELENS_STAMP) $(SKLEARN_STAMP) browser build
+test: $(STAMP) $(SAELENS_STAMP) $(SKLEARN_STAMP) $(SCHEDULEFREE_STAMP) browser build
 	@set -o pipefail; SAE_REQUIRE_SAELENS=1 SAE_REQUIRE_BROWSER=1 $(CARGO_ENV) cargo test --release --locked --lib --bins --tests \
 	    -- --test-threads=2 2>&1 | tee $(TEST_LOG)
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' $(TEST_LOG)
@@ -108,7 +120,7 @@ test: $(STAMP) $(SAELENS_STAMP) $(SKLEARN_STAMP) browser build
 # runs tests/parity.rs only, then tabulates its PARITY lines (also on failure).
 PARITY_LOG := target/parity.log
 PARITY_ROW := %-20s %7s %6s %13s %13s %13s  %s\n
-parity: $(STAMP) build
+parity: $(STAMP) $(SCHEDULEFREE_STAMP) build
 	@status=0; set -o pipefail; \
 	$(CARGO_ENV) cargo test --release --locked --test parity -- --nocapture --test-threads=1 \
 	    2>&1 | tee $(PARITY_LOG) || status=$$?; \

@@ -4,15 +4,16 @@
 //! the loop position. One safetensors file written by temp + fsync + rename,
 //! so the previous checkpoint stays intact until the new one is complete.
 //!
-//! Tensors are stored by position in `Sae::parameters()` (`param.N`,
-//! `exp_avg.N`, `exp_avg_sq.N`), so any architecture checkpoints the same way,
+//! Tensors are stored by position in `Sae::parameters()` (`param.N`, then
+//! the optimizer's state of it: Adam's `exp_avg.N`, `exp_avg_sq.N`; signum's
+//! `z.N`; Muon's `momentum.N`), so any architecture checkpoints the same way,
 //! and in their own dtype (float32, float64, int64), so a resumed run
 //! continues bit for bit. The RNG needs no state: training re-seeds libtorch
 //! from `(seed, step)` at each step that draws random numbers.
 
 use crate::error::user;
 use crate::model::Sae;
-use crate::optim::Adam;
+use crate::optimizer::Optimizer;
 use crate::{bail_user, Result};
 use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
@@ -36,7 +37,8 @@ pub struct Position {
     pub batch: i64,
     /// Training samples seen.
     pub samples: i64,
-    /// Optimizer steps done (Adam's bias-correction counter).
+    /// Optimizer steps done (Adam's bias-correction counter; signum's
+    /// and Muon's Adam part's count).
     pub adam_step: i64,
     /// Loss of the last logged step (the summary's `final_loss`).
     pub last_loss: Option<f64>,
@@ -132,16 +134,28 @@ fn header(named: &[(String, &Tensor)], meta: &HashMap<String, String>) -> Result
 }
 
 /// Writes the checkpoint atomically.
-pub fn save(run: &Path, model: &Sae, adam: &Adam, buffers: &Buffers, pos: &Position) -> Result<()> {
+pub fn save(
+    run: &Path,
+    model: &Sae,
+    opt: &Optimizer,
+    buffers: &Buffers,
+    pos: &Position,
+) -> Result<()> {
     let dir = run.join(DIR);
     std::fs::create_dir_all(&dir)
         .map_err(|e| user(format!("{}: cannot create: {e}", dir.display())))?;
     let mut named: Vec<(String, &Tensor)> = Vec::new();
     for (i, p) in model.parameters().into_iter().enumerate() {
         named.push((format!("param.{i}"), p));
-        named.push((format!("exp_avg.{i}"), &adam.exp_avg[i]));
-        named.push((format!("exp_avg_sq.{i}"), &adam.exp_avg_sq[i]));
+        named.extend(opt.state_of(i));
     }
+    // Scalars as 0-d float64 tensors, exact.
+    let scalars: Vec<(String, Tensor)> = opt
+        .scalars()
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), Tensor::from(v)))
+        .collect();
+    named.extend(scalars.iter().map(|(n, t)| (n.clone(), t)));
     if let Some(t) = &model.threshold {
         named.push(("threshold".into(), t));
     }
@@ -200,7 +214,7 @@ fn read_bytes(run: &Path) -> Result<Vec<u8>> {
 pub fn load(
     run: &Path,
     model: &mut Sae,
-    adam: &mut Adam,
+    opt: &mut Optimizer,
     buffers: &mut Buffers,
 ) -> Result<Position> {
     let file = path(run);
@@ -246,10 +260,14 @@ pub fn load(
         p.copy_(&value);
         // Copied in, not swapped: the moments keep the flat buffers Adam
         // made them in, so its flat path takes them without a copy.
-        let m = take(format!("exp_avg.{i}"), &adam.exp_avg[i])?;
-        adam.exp_avg[i].copy_(&m);
-        let v = take(format!("exp_avg_sq.{i}"), &adam.exp_avg_sq[i])?;
-        adam.exp_avg_sq[i].copy_(&v);
+        for (name, s) in opt.state_of_mut(i) {
+            let value = take(name, s)?;
+            s.copy_(&value);
+        }
+    }
+    for (name, _) in opt.scalars() {
+        let value = take(name.to_string(), &Tensor::from(0f64))?;
+        opt.set_scalar(name, value.double_value(&[]));
     }
     if let Some(th) = model.threshold.as_mut() {
         let value = take("threshold".into(), th)?;
@@ -262,6 +280,6 @@ pub fn load(
             file.display()
         );
     }
-    adam.step = pos.adam_step;
+    opt.set_steps(pos.adam_step);
     Ok(pos)
 }

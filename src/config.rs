@@ -389,6 +389,13 @@ pub struct SparsityConfig {
 pub enum OptimizerName {
     Adam,
     Adamw,
+    /// sparsify's `signum`: sign descent (SignSGD) made schedule-free
+    /// (schedulefree's `ScheduleFreeWrapper`, momentum 0.95); the model is
+    /// evaluated and saved at the averaged weights.
+    Signum,
+    /// sparsify's `muon`: Muon (momentum, Newton-Schulz orthogonalisation)
+    /// on the 2-D weights, Adam on the rest.
+    Muon,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -404,6 +411,24 @@ pub struct OptimizerConfig {
     /// differently in the last bit from the step-by-step update, so it is
     /// opt-in.
     pub fused: bool,
+    /// signum: the schedule-free momentum; muon: Muon's momentum. Unset:
+    /// 0.95 (sparsify's); only these two read it.
+    pub momentum: Option<f64>,
+    /// muon: decoupled weight decay on the 2-D weights (sparsify's Muon:
+    /// 0.1 when unset); `weight_decay` is the Adam part's.
+    pub muon_weight_decay: Option<f64>,
+}
+
+impl OptimizerConfig {
+    /// `momentum` as signum and muon read it.
+    pub fn momentum(&self) -> f64 {
+        self.momentum.unwrap_or(0.95)
+    }
+
+    /// `muon_weight_decay` as muon reads it.
+    pub fn muon_weight_decay(&self) -> f64 {
+        self.muon_weight_decay.unwrap_or(0.1)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -571,6 +596,8 @@ impl Default for OptimizerConfig {
             eps: 1e-8,
             weight_decay: 0.0,
             fused: false,
+            momentum: None,
+            muon_weight_decay: None,
         }
     }
 }
@@ -1135,6 +1162,85 @@ impl Config {
                 "train.optimizer.weight_decay: {} must be >= 0",
                 o.weight_decay
             ));
+        }
+        self.validate_sign_and_muon()
+    }
+
+    /// What signum and muon support: their own keys, and the parts of
+    /// training that assume Adam.
+    fn validate_sign_and_muon(&self) -> Check {
+        let t = &self.train;
+        let o = &t.optimizer;
+        let name = o.name;
+        let adam = matches!(name, OptimizerName::Adam | OptimizerName::Adamw);
+        if adam && o.momentum.is_some() {
+            return Err(
+                "train.optimizer.momentum: only signum and muon have one; remove it \
+                 (Adam's is betas[0])"
+                    .into(),
+            );
+        }
+        if name != OptimizerName::Muon && o.muon_weight_decay.is_some() {
+            return Err(
+                "train.optimizer.muon_weight_decay: only muon has it; remove it \
+                 or set train.optimizer.name: muon"
+                    .into(),
+            );
+        }
+        if adam {
+            return Ok(());
+        }
+        let label = format!("{name:?}").to_lowercase();
+        let m = o.momentum();
+        let momentum_ok = match name {
+            // Schedule-free divides by it.
+            OptimizerName::Signum => m > 0.0 && m < 1.0,
+            _ => (0.0..1.0).contains(&m),
+        };
+        if !momentum_ok {
+            let range = if name == OptimizerName::Signum {
+                "(0, 1)"
+            } else {
+                "[0, 1)"
+            };
+            return Err(format!(
+                "train.optimizer.momentum: {m} is outside {range} for {label}"
+            ));
+        }
+        let wd = o.muon_weight_decay();
+        if !finite_nonneg(wd) {
+            return Err(format!(
+                "train.optimizer.muon_weight_decay: {wd} must be >= 0"
+            ));
+        }
+        if o.fused {
+            return Err(format!(
+                "train.optimizer.fused: the fused kernel is Adam's alone; \
+                 set it to false for {label}"
+            ));
+        }
+        if t.resample_every > 0 {
+            return Err(format!(
+                "train.resample_every: resampling resets Adam's moments and \
+                 {label} has other state; set it to 0 or use adam"
+            ));
+        }
+        if name == OptimizerName::Signum {
+            if o.weight_decay != 0.0 {
+                return Err(
+                    "train.optimizer.weight_decay: signum has none (sparsify's SignSGD); \
+                     set it to 0"
+                        .into(),
+                );
+            }
+            if t.lr_schedule != LrSchedule::Constant || t.lr_decay_steps > 0 {
+                return Err(
+                    "train.lr_schedule: signum is schedule-free (its averaging stands in \
+                     for a decay); keep lr_schedule: constant and lr_decay_steps: 0 \
+                     (lr_warmup_steps is fine)"
+                        .into(),
+                );
+            }
         }
         Ok(())
     }

@@ -3,7 +3,8 @@
 //! Where things live: the model ([`model`]), what differs per architecture
 //! ([`arch`], named by [`arch::ActivationKind`]) and sparsity penalties
 //! ([`penalty`]); the data path ([`data`]); the training run in parts
-//! ([`train`]: see docs/ARCHITECTURE.md) and optimizer ([`optim`]); metric
+//! ([`train`]: see docs/ARCHITECTURE.md) and optimizers ([`optimizer`]:
+//! Adam in [`optim`], [`signum`], [`muon`]); metric
 //! definitions ([`metrics`]); model files ([`export`]); what latents learned
 //! ([`latents`]) and the HTML pages ([`html`]); the CLI ([`cli`]).
 
@@ -23,14 +24,17 @@ pub mod latents;
 pub mod lm;
 pub mod metrics;
 pub mod model;
+pub mod muon;
 pub mod normalize;
 pub mod optim;
+pub mod optimizer;
 pub mod penalty;
 pub mod plot;
 pub mod pursuit;
 pub mod report;
 pub mod schedule;
 mod shim;
+pub mod signum;
 pub mod sparse_codes;
 pub mod sparse_step;
 pub mod sweep;

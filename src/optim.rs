@@ -362,6 +362,9 @@ impl Adam {
                 OptimizerName::Adamw => {
                     let _ = p.g_mul_scalar_(1.0 - lr * wd);
                 }
+                OptimizerName::Signum | OptimizerName::Muon => {
+                    unreachable!("Adam runs as adam or adamw")
+                }
             }
         }
         let _ = m.lerp_(&grad, 1.0 - beta1);
@@ -438,6 +441,27 @@ extern "C" {
         eps: f64,
         decoupled: i32,
     ) -> *mut std::ffi::c_char;
+}
+
+extern "C" {
+    fn sae_add_scaled_(
+        t: *mut torch_sys::C_tensor,
+        other: *mut torch_sys::C_tensor,
+        alpha: f64,
+    ) -> *mut std::ffi::c_char;
+}
+
+/// `t.add_(other, alpha=alpha)` (src/optim_shim.cpp): torch's one rounding
+/// of `t + alpha * other`, as signum and Muon update their weights.
+pub(crate) fn add_scaled_(t: &mut Tensor, other: &Tensor, alpha: f64) {
+    let mut other = other.shallow_clone();
+    // SAFETY: two live tensors of this process; `t` is updated in place and
+    // no reference is kept.
+    let err = unsafe { sae_add_scaled_(t.as_mut_ptr(), other.as_mut_ptr(), alpha) };
+    if let Some(e) = crate::shim::take_error(err) {
+        // Shapes and kinds are ours to get right: a failure is a bug.
+        panic!("add_: {e}");
+    }
 }
 
 /// The flat buffers' update by torch's fused kernel (src/optim_shim.cpp),

@@ -27,3 +27,11 @@ extern "C" char *sae_fused_adam(at::Tensor *param, at::Tensor *grad, at::Tensor 
     }
   });
 }
+
+// `self.add_(other, alpha=alpha)`, which tch wraps without `alpha`: one
+// rounding of `self + alpha * other` (fused multiply-add on CPU), which a
+// multiply then an add would not reproduce. `other` may be of a narrower
+// kind (Muon's bfloat16 update into a float32 weight).
+extern "C" char *sae_add_scaled_(at::Tensor *self, at::Tensor *other, double alpha) {
+  return sae_shim::guard([&] { self->add_(*other, alpha); });
+}

@@ -21,8 +21,19 @@ use std::f64::consts::PI;
 
 /// The learning rate of step `step` (1-based) in a run of `total` steps.
 pub fn lr_at(t: &TrainConfig, step: i64, total: i64) -> f64 {
+    lr_warming(t, t.lr_warmup_steps, step, total)
+}
+
+/// The learning rate of Muon's 2-D weights (`train.optimizer.name: muon`):
+/// the same schedule without the warm-up, as sparsify schedules its Muon
+/// (the Adam part warms up).
+pub fn matrix_lr_at(t: &TrainConfig, step: i64, total: i64) -> f64 {
+    lr_warming(t, 0, step, total)
+}
+
+/// [`lr_at`] with `warm` warm-up steps.
+fn lr_warming(t: &TrainConfig, warm: i64, step: i64, total: i64) -> f64 {
     let lr = t.optimizer.lr;
-    let warm = t.lr_warmup_steps;
     let decay = t.lr_decay_steps.min((total - warm).max(0));
     if warm > 0 && step <= warm {
         return lr * step as f64 / warm as f64;

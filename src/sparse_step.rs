@@ -280,8 +280,8 @@ mod tests {
         // A first update at learning rate 0 (parameters unchanged): the
         // gradients then exist, as in every step after a run's first.
         let out = learner.forward(&x, &x, cfg.sparsity.weight, None);
-        learner.update(&out, 0.0);
-        learner.adam.zero_grad(&mut learner.model.parameters_mut());
+        learner.update(&out, 0.0, 0.0);
+        learner.opt.zero_grad(&mut learner.model.parameters_mut());
         let out = learner.forward(&x, &x, cfg.sparsity.weight, None);
         out.loss.backward();
         let sparse = match &out.forward.leaf {

@@ -100,6 +100,57 @@ fn bad_configs_are_rejected_naming_the_key() {
             &["model.init"],
         ),
         ("bad-order", &["train.order=nope.npy"], &["train.order"]),
+        (
+            "adam-momentum",
+            &["train.optimizer.momentum=0.9"],
+            &["train.optimizer.momentum", "betas"],
+        ),
+        (
+            "adam-muon-decay",
+            &["train.optimizer.muon_weight_decay=0.1"],
+            &["train.optimizer.muon_weight_decay", "muon"],
+        ),
+        (
+            "signum-momentum",
+            &["train.optimizer.name=signum", "train.optimizer.momentum=0"],
+            &["train.optimizer.momentum", "signum"],
+        ),
+        (
+            "signum-decay",
+            &[
+                "train.optimizer.name=signum",
+                "train.optimizer.weight_decay=0.01",
+            ],
+            &["train.optimizer.weight_decay", "signum"],
+        ),
+        (
+            "signum-cosine",
+            &["train.optimizer.name=signum", "train.lr_schedule=cosine"],
+            &["train.lr_schedule", "schedule-free"],
+        ),
+        (
+            "signum-lr-decay",
+            &["train.optimizer.name=signum", "train.lr_decay_steps=5"],
+            &["lr_decay_steps", "schedule-free"],
+        ),
+        (
+            "muon-fused",
+            &["train.optimizer.name=muon", "train.optimizer.fused=true"],
+            &["train.optimizer.fused", "muon"],
+        ),
+        (
+            "muon-resample",
+            &["train.optimizer.name=muon", "train.resample_every=5"],
+            &["train.resample_every", "muon"],
+        ),
+        (
+            "muon-decay-negative",
+            &[
+                "train.optimizer.name=muon",
+                "train.optimizer.muon_weight_decay=-1",
+            ],
+            &["train.optimizer.muon_weight_decay"],
+        ),
     ];
     for (name, sets, needles) in bad_sets {
         good(d, name, &x).sets(*sets).fails(needles);

@@ -222,6 +222,49 @@ fn two_ranks_train_a_whitened_model_as_one_process() {
     );
 }
 
+/// signum and Muon with two ranks (each gradient all-reduced on its own:
+/// they have no flat buffer) against one process. Sign descent sees the
+/// same signs: the weights agree to 1e-5. Muon rounds its update to
+/// bfloat16, which turns the last-bit differences of the summed gradients
+/// into ~1e-2 of a weight: the weights agree to 5e-2 and the final loss to
+/// 1e-3.
+#[test]
+fn signum_and_muon_train_with_two_ranks() {
+    let _one = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let x = data(tmp.path());
+    for (name, rtol, loss_rtol) in [("signum", 1e-5, 1e-5), ("muon", 5e-2, 1e-3)] {
+        let cfg = config(
+            tmp.path(),
+            name,
+            &x,
+            "activation: topk, k: 4",
+            "penalty: auxk, weight: 0.03",
+        );
+        let cfg_text = std::fs::read_to_string(&cfg).unwrap().replace(
+            "optimizer: {lr: 0.003}",
+            &format!("optimizer: {{name: {name}, lr: 0.003}}"),
+        );
+        std::fs::write(&cfg, cfg_text).unwrap();
+        let single = tmp.path().join(format!("{name}_1"));
+        let dp = tmp.path().join(format!("{name}_2"));
+        sae_ok(&train_args(&cfg, &single, &[]));
+        run_ok(torchrun(2, &train_args(&cfg, &dp, &[])));
+        assert_eq!(summary(&dp)["world_size"], 2, "{name}");
+        assert_close(&dp, &single, rtol);
+        let last = |r: &Path| -> f64 {
+            let l = std::fs::read_to_string(r.join("metrics.jsonl")).unwrap();
+            let v: serde_json::Value = serde_json::from_str(l.lines().last().unwrap()).unwrap();
+            v["loss"].as_f64().unwrap()
+        };
+        let (a, b) = (last(&dp), last(&single));
+        assert!(
+            (a - b).abs() <= loss_rtol * b.abs(),
+            "{name}: final loss {a} vs {b}"
+        );
+    }
+}
+
 #[test]
 fn reruns_are_bit_identical() {
     let _one = serial();

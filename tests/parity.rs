@@ -660,6 +660,21 @@ fn topk_skip_transcoder(name: &'static str, epochs: i64, batch: Option<usize>) -
     }
 }
 
+/// Top-k + AuxK trained by sparsify's `signum`: sign descent made
+/// schedule-free (schedulefree's ScheduleFreeWrapper, momentum 0.95); the
+/// saved weights are its averaged (eval-mode) ones.
+fn topk_signum(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        seed: 15,
+        lr: 0.002,
+        knobs: &[
+            ("train.dead_window=3", &["--dead-window", "3"]),
+            ("train.optimizer.name=signum", &["--optimizer", "signum"]),
+        ],
+        ..topk_auxk(name, epochs, batch)
+    }
+}
+
 /// A skip connection on a plain SAE (b_dec subtracted from the encoder's
 /// input, not from the skip term's) with Multi-TopK, whose 4k
 /// reconstruction leaves the skip term out as sparsify's does.
@@ -670,6 +685,63 @@ fn topk_skip_multi(name: &'static str, epochs: i64, batch: Option<usize>) -> Par
             ("train.dead_window=3", &["--dead-window", "3"]),
             ("model.skip_connection=true", &["--skip-connection"]),
             ("model.multi_topk=true", &["--multi-topk"]),
+        ],
+        ..topk_auxk(name, epochs, batch)
+    }
+}
+
+/// signum with a learning-rate warm-up (schedule-free weighs its average by
+/// the largest rate so far, squared), a unit-norm decoder, clipping and a
+/// momentum of its own.
+fn topk_signum_recipe(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        seed: 16,
+        lr: 0.002,
+        knobs: &[
+            ("train.dead_window=3", &["--dead-window", "3"]),
+            ("train.optimizer.name=signum", &["--optimizer", "signum"]),
+            ("train.optimizer.momentum=0.9", &["--momentum", "0.9"]),
+            ("train.lr_warmup_steps=20", &["--lr-warmup-steps", "20"]),
+            ("train.unit_norm_decoder=true", &["--unit-norm-decoder"]),
+            ("train.grad_clip=0.5", &["--grad-clip", "0.5"]),
+        ],
+        ..topk_auxk(name, epochs, batch)
+    }
+}
+
+/// Top-k + AuxK trained by sparsify's `muon`: Muon (bfloat16 Newton-Schulz)
+/// on W_enc and W_dec with its weight decay, Adam on the biases.
+fn topk_muon(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        seed: 17,
+        lr: 0.002,
+        knobs: &[
+            ("train.dead_window=3", &["--dead-window", "3"]),
+            ("train.optimizer.name=muon", &["--optimizer", "muon"]),
+        ],
+        ..topk_auxk(name, epochs, batch)
+    }
+}
+
+/// Muon as sparsify schedules it: linear decay to 0, the warm-up on the
+/// Adam part only; with a unit-norm decoder, clipping, a momentum and
+/// weight decay of its own.
+fn topk_muon_recipe(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        seed: 18,
+        lr: 0.002,
+        knobs: &[
+            ("train.dead_window=3", &["--dead-window", "3"]),
+            ("train.optimizer.name=muon", &["--optimizer", "muon"]),
+            ("train.optimizer.momentum=0.9", &["--momentum", "0.9"]),
+            (
+                "train.optimizer.muon_weight_decay=0.05",
+                &["--muon-weight-decay", "0.05"],
+            ),
+            ("train.lr_schedule=linear", &["--lr-schedule", "linear"]),
+            ("train.lr_warmup_steps=20", &["--lr-warmup-steps", "20"]),
+            ("train.unit_norm_decoder=true", &["--unit-norm-decoder"]),
+            ("train.grad_clip=0.5", &["--grad-clip", "0.5"]),
         ],
         ..topk_auxk(name, epochs, batch)
     }
@@ -883,6 +955,24 @@ fn whiten_jumprelu(name: &'static str, epochs: i64, batch: Option<usize>) -> Par
     }
 }
 
+/// The reference's copy of schedulefree's `ScheduleFreeWrapper` (which the
+/// signum cases check us against) is the installed package's own, bit for
+/// bit, in train mode after every step and in eval mode at the end.
+#[test]
+fn signum_reference_matches_schedulefree() {
+    let test = "signum_reference_matches_schedulefree";
+    if !common::python_module_available(test, "schedulefree", "make schedulefree") {
+        return;
+    }
+    let script = manifest_dir().join("tests/reference/schedulefree_check.py");
+    let out = run_ok(Command::new(python()).arg(&script), test);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    println!("{test}: {v}");
+    for key in ["train_equal", "eval_equal", "eval_differs_from_train"] {
+        assert_eq!(v[key], true, "{test}: {key} is false: {v}");
+    }
+}
+
 /// `test_name: case(name, epochs, batch);` -> a `#[test]` checking that case.
 macro_rules! parity_tests {
     ($($test:ident: $case:ident($name:literal, $epochs:literal, $batch:expr);)*) => {
@@ -920,6 +1010,12 @@ parity_tests! {
     topk_skip_transcoder_full_batch: topk_skip_transcoder("topk_skip_transcoder_full", 100, None);
     topk_skip_transcoder_minibatch: topk_skip_transcoder("topk_skip_transcoder_minibatch", 10, Some(48));
     topk_skip_multi_minibatch: topk_skip_multi("topk_skip_multi_minibatch", 10, Some(48));
+    topk_signum_full_batch: topk_signum("topk_signum_full", 100, None);
+    topk_signum_minibatch: topk_signum("topk_signum_minibatch", 10, Some(48));
+    topk_signum_recipe_minibatch: topk_signum_recipe("topk_signum_recipe", 10, Some(48));
+    topk_muon_full_batch: topk_muon("topk_muon_full", 100, None);
+    topk_muon_minibatch: topk_muon("topk_muon_minibatch", 10, Some(48));
+    topk_muon_recipe_minibatch: topk_muon_recipe("topk_muon_recipe", 10, Some(48));
     jumprelu_tanh_full_batch: jumprelu_tanh("jumprelu_tanh_full", 100, None);
     jumprelu_tanh_minibatch: jumprelu_tanh("jumprelu_tanh_minibatch", 10, Some(48));
     jumprelu_quadratic_full_batch: jumprelu_quadratic("jumprelu_quadratic_full", 100, None);

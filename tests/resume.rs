@@ -49,6 +49,45 @@ train:
   optimizer: {name: adamw, lr: 0.003, weight_decay: 0.01}
 ";
 
+/// signum: schedule-free's second point `z` and its averaging weights, a
+/// warm-up, a unit-norm decoder, the validation MSE at the averaged weights.
+const SIGNUM: &str = "device: cpu
+seed: 5
+data: {train: X, valid_fraction: 0.1}
+model: {d_hidden: 32, activation: topk, k: 4}
+sparsity: {penalty: auxk, weight: 0.03}
+train:
+  epochs: 8
+  batch_size: 64
+  checkpoint_every: 5
+  threads: 1
+  unit_norm_decoder: true
+  lr_warmup_steps: 10
+  dead_window: 10
+  optimizer: {name: signum, lr: 0.002}
+";
+
+/// Muon: its momentum buffers on the matrices, Adam's moments on the
+/// JumpReLU threshold and biases, a linear decay with the Adam part's
+/// warm-up, clipping, input noise.
+const MUON: &str = "device: cpu
+seed: 7
+data: {train: X}
+model: {d_hidden: 32, activation: jumprelu}
+sparsity: {penalty: l0, weight: 0.001}
+train:
+  epochs: 8
+  batch_size: 64
+  checkpoint_every: 5
+  threads: 1
+  grad_clip: 1.0
+  lr_schedule: linear
+  lr_warmup_steps: 10
+  input_noise: gaussian
+  noise_level: 0.05
+  optimizer: {name: muon, lr: 0.003, momentum: 0.9}
+";
+
 fn spawn_train(args: &[String]) -> Child {
     Command::new(sae_bin())
         .args(args)
@@ -235,6 +274,15 @@ fn batchtopk_threshold_resume_is_bit_identical() {
 #[test]
 fn skip_connection_resume_is_bit_identical() {
     interrupted_runs_match_uninterrupted(JUMPRELU_SKIP, "jumprelu skip");
+}
+
+fn signum_resume_is_bit_identical() {
+    interrupted_runs_match_uninterrupted(SIGNUM, "signum");
+}
+
+#[test]
+fn muon_resume_is_bit_identical() {
+    interrupted_runs_match_uninterrupted(MUON, "muon");
 }
 
 /// A 2-epoch, 12-step config on small synthetic data in `d`.

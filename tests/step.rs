@@ -243,3 +243,72 @@ fn topk_auxk_steps_in_process() {
 fn jumprelu_recipe_steps_in_process() {
     replay(&JUMPRELU_RECIPE);
 }
+
+/// signum's eval weights (schedule-free's averaged `x`, which validation and
+/// the saved model use) differ from the trained parameters (`y`), and
+/// looking at them leaves training exactly as it was: a learner that looked
+/// at them after every step ends bit-identical to one that never did, and
+/// its saved model is the last eval weights.
+#[test]
+fn signum_eval_weights_leave_training_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, _) = common::synth(dir.path(), 400, 12, 20, 3);
+    let yaml = format!(
+        "seed: 1\ndevice: cpu\ndata: {{train: {x:?}}}\n\
+         model: {{d_hidden: 24, activation: topk, k: 3}}\nsparsity: {{penalty: none}}\n\
+         train: {{epochs: 2, batch_size: 50, threads: 1, lr_warmup_steps: 4, \
+         optimizer: {{name: signum, lr: 0.003}}}}\n"
+    );
+    let cfg = Config::from_yaml_str(&yaml, "test", &[]).expect("config");
+    let run = |look: bool| {
+        let plan = Plan::build(&cfg, 1, &Default::default()).expect("plan");
+        let start = state::start();
+        let mut batches = Batches::new(
+            plan.source,
+            &plan.cfg,
+            plan.fixed_order,
+            plan.per_epoch,
+            plan.device,
+            &start,
+            Shard::ALL,
+        )
+        .unwrap();
+        let mut learner = Learner::new(plan.model, &plan.cfg).unwrap();
+        let mut dead = DeadTracker::new(24, 1000, learner.model.spec.activation, plan.device);
+        let (mut step, mut last_eval) = (0, Vec::new());
+        while let Some(batch) = batches.next_batch().unwrap() {
+            step += 1;
+            let p = StepParams::at(&plan.cfg, step, plan.total_steps);
+            learner.step(&batch, &p, &mut dead);
+            if look {
+                let before: Vec<(Tensor, usize)> = learner
+                    .model
+                    .parameters()
+                    .iter()
+                    .map(|t| (t.copy(), t.data_ptr() as usize))
+                    .collect();
+                last_eval = learner.with_eval_weights(|m| {
+                    m.parameters().iter().map(|t| t.copy()).collect::<Vec<_>>()
+                });
+                for ((b, ptr), now) in before.iter().zip(learner.model.parameters()) {
+                    assert!(b.equal(now), "step {step}: a parameter changed");
+                    assert_eq!(*ptr, now.data_ptr() as usize, "step {step}: storage moved");
+                }
+                // After the first step x = y = z (its averaging weight is 1).
+                assert!(
+                    step == 1 || !last_eval[0].equal(&before[0].0),
+                    "step {step}: eval weights are the parameters"
+                );
+            }
+        }
+        (learner.into_model(), last_eval)
+    };
+    let (looked, eval) = run(true);
+    let (plain, _) = run(false);
+    for (a, b) in looked.parameters().iter().zip(plain.parameters()) {
+        assert!(a.equal(b), "looking at the eval weights changed training");
+    }
+    for (a, b) in looked.parameters().iter().zip(&eval) {
+        assert!(a.equal(b), "the saved model is not the eval weights");
+    }
+}

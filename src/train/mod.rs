@@ -816,8 +816,7 @@ fn replicate(g: &dist::Group, learner: &mut Learner, dead: &mut DeadTracker) {
     let _guard = tch::no_grad_guard();
     let model = &mut learner.model;
     let mut tensors: Vec<&mut Tensor> = model.parameters_mut();
-    tensors.extend(learner.adam.exp_avg.iter_mut());
-    tensors.extend(learner.adam.exp_avg_sq.iter_mut());
+    tensors.extend(learner.opt.state_tensors_mut());
     for t in tensors {
         g.broadcast(t, 0);
     }
@@ -877,7 +876,7 @@ fn step_log(
             .unwrap_or(terms);
     }
     let valid_mse = match (valid, batch.end_of_epoch && writer) {
-        (Some(v), true) => Some(valid_mse(&learner.model, v)),
+        (Some(v), true) => Some(learner.with_eval_weights(|m| valid_mse(m, v))),
         _ => None,
     };
     StepLog {

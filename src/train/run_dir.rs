@@ -154,7 +154,7 @@ impl RunDir {
         checkpoint::load(
             &self.path,
             &mut learner.model,
-            &mut learner.adam,
+            &mut learner.opt,
             &mut Buffers { since_fired },
         )
     }
@@ -185,7 +185,7 @@ impl RunDir {
     /// always a good one. Every rank checks (their weights are the same);
     /// the writer writes.
     pub fn save_checkpoint(&self, learner: &Learner, state: &mut State) -> Result<()> {
-        let pos = state.position(learner.adam.step);
+        let pos = state.position(learner.opt.steps());
         let finite = tch::no_grad(|| {
             learner
                 .model
@@ -210,7 +210,7 @@ impl RunDir {
             checkpoint::save(
                 &self.path,
                 &learner.model,
-                &learner.adam,
+                &learner.opt,
                 &Buffers {
                     since_fired: &mut state.dead.since_fired,
                 },

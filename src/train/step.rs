@@ -10,6 +10,7 @@ use crate::arch::Architecture;
 use crate::config::{Config, InputNoise, SparseStep, TrainConfig};
 use crate::model::{Forward, Sae};
 use crate::optim::Adam;
+use crate::optimizer::Optimizer;
 use crate::penalty::{Penalty, PenaltyInput};
 use crate::schedule;
 use crate::sparse_step;
@@ -21,6 +22,8 @@ pub struct StepParams {
     /// This step's number, 1-based.
     pub step: i64,
     pub lr: f64,
+    /// Muon's learning rate of the 2-D weights (`lr` without the warm-up).
+    pub matrix_lr: f64,
     pub sparsity_weight: f64,
     /// Top-k's k this step when it decays (`train.k_decay_steps`).
     pub k: Option<i64>,
@@ -32,6 +35,7 @@ impl StepParams {
             step,
             k: schedule::k_at(cfg, step),
             lr: schedule::lr_at(&cfg.train, step, total_steps),
+            matrix_lr: schedule::matrix_lr_at(&cfg.train, step, total_steps),
             sparsity_weight: schedule::sparsity_weight_at(
                 cfg.sparsity.weight,
                 cfg.sparsity.warmup_steps,
@@ -60,7 +64,7 @@ pub struct StepOutput {
 /// The model and everything a step updates with it.
 pub struct Learner {
     pub model: Sae,
-    pub adam: Adam,
+    pub opt: Optimizer,
     penalty: Penalty,
     arch: Box<dyn Architecture>,
     /// What `arch` reads of `cfg.model`.
@@ -74,13 +78,13 @@ impl Learner {
     pub fn new(mut model: Sae, cfg: &Config) -> crate::Result<Learner> {
         let penalty = Penalty::from_config(&cfg.sparsity, &cfg.model, model.d_out());
         model.set_requires_grad(true);
-        let adam = Adam::new(&cfg.train.optimizer, &model.parameters())
+        let opt = Optimizer::new(&cfg.train.optimizer, &model.parameters())
             .map_err(|e| anyhow::Error::new(e).context("allocating the optimizer's buffers"))?;
         Ok(Learner {
             arch: model.spec.activation.arch(),
             settings: cfg.model.arch_settings(),
             model,
-            adam,
+            opt,
             penalty,
             cfg: cfg.clone(),
         })
@@ -137,12 +141,16 @@ impl Learner {
         dead.update(&out.forward.z);
         self.arch
             .after_forward(&mut self.model, &out.forward.z, &self.settings);
-        self.update(&out, p.lr);
+        self.update(&out, p.lr, p.matrix_lr);
         if resample_every > 0 && p.step % resample_every == 0 {
             let d = dead.dead();
+            let adam = self
+                .opt
+                .adam_mut()
+                .expect("validated: resampling needs adam or adamw");
             let n = resample_dead(
                 &mut self.model,
-                &mut self.adam,
+                adam,
                 &d,
                 &input,
                 &target,
@@ -252,12 +260,13 @@ impl Learner {
     /// The update half: gradients of the step's loss (the encoder's by
     /// hand after a ReLU-like pass: `sparse_step`), averaged over the ranks
     /// (this one's weighing its `share`), then the optimizer step at
-    /// learning rate `lr`, with the decoder kept at unit norm and gradients
-    /// clipped (by their global norm) where the config asks.
-    pub fn update(&mut self, out: &StepOutput, lr: f64) {
+    /// learning rate `lr` (`matrix_lr`: Muon's matrices), with the decoder
+    /// kept at unit norm and gradients clipped (by their global norm) where
+    /// the config asks.
+    pub fn update(&mut self, out: &StepOutput, lr: f64, matrix_lr: f64) {
         let (loss, share) = (&out.loss, out.share);
         let t = &self.cfg.train;
-        self.adam.zero_grad(&mut self.model.parameters_mut());
+        self.opt.zero_grad(&mut self.model.parameters_mut());
         // A rank without rows (a last batch smaller than the world) gets
         // zero gradients: its loss is a mean over nothing, and every path
         // from it to a parameter passes through an empty tensor.
@@ -266,7 +275,7 @@ impl Learner {
             leaf.accumulate_encoder_grads(&mut self.model);
         }
         if let Some(g) = crate::dist::group() {
-            sync_gradients(g, &mut self.adam, &mut self.model, share);
+            sync_gradients(g, &mut self.opt, &mut self.model, share);
         }
         if t.unit_norm_decoder {
             remove_parallel_gradient(&mut self.model);
@@ -274,17 +283,46 @@ impl Learner {
         if let Some(max_norm) = t.grad_clip {
             clip_grad_norm(&mut self.model.parameters_mut(), max_norm);
         }
-        self.adam.cfg.lr = lr;
-        self.adam.step(&mut self.model.parameters_mut());
+        self.opt
+            .step(&mut self.model.parameters_mut(), lr, matrix_lr);
         if t.unit_norm_decoder {
             normalize_decoder_rows(&mut self.model);
         }
     }
 
+    /// Runs `f` on the model at the weights it is evaluated and saved at
+    /// (signum's averaged weights; otherwise the parameters as they are),
+    /// the parameters restored after it.
+    pub fn with_eval_weights<R>(&self, f: impl FnOnce(&Sae) -> R) -> R {
+        let params = self.model.parameters();
+        let Some(eval) = self.opt.eval_weights(&params) else {
+            return f(&self.model);
+        };
+        let _guard = tch::no_grad_guard();
+        // Each parameter's own tensor re-pointed at the eval weights and
+        // back at its storage: no arithmetic, so training goes on exactly.
+        let kept: Vec<Tensor> = params.iter().map(|p| p.detach()).collect();
+        for (p, w) in params.iter().zip(&eval) {
+            p.shallow_clone().set_data(w);
+        }
+        let r = f(&self.model);
+        for (p, k) in params.iter().zip(&kept) {
+            p.shallow_clone().set_data(k);
+        }
+        r
+    }
+
     /// The trained model, ready to save: parameters in storage of their
-    /// own, no gradients, the architecture's last projection applied.
+    /// own and at their eval weights (signum's average), no gradients, the
+    /// architecture's last projection applied.
     pub fn into_model(mut self) -> Sae {
-        self.adam.unflatten(&mut self.model.parameters_mut());
+        self.opt.unflatten(&mut self.model.parameters_mut());
+        if let Some(eval) = self.opt.eval_weights(&self.model.parameters()) {
+            let _guard = tch::no_grad_guard();
+            for (p, w) in self.model.parameters_mut().into_iter().zip(&eval) {
+                p.set_data(w);
+            }
+        }
         self.model.set_requires_grad(false);
         self.arch.finish_training(&mut self.model);
         self.model.fold_decoder_norm();
@@ -294,11 +332,11 @@ impl Learner {
 
 /// The gradient sync of data-parallel training: every rank's gradients,
 /// weighed by its share of the batch, summed over the ranks (one allreduce
-/// of Adam's flat gradient buffer).
-fn sync_gradients(g: &crate::dist::Group, adam: &mut Adam, model: &mut Sae, share: f64) {
+/// of Adam's flat gradient buffer, or of each gradient).
+fn sync_gradients(g: &crate::dist::Group, opt: &mut Optimizer, model: &mut Sae, share: f64) {
     let _guard = tch::no_grad_guard();
     let mut params = model.parameters_mut();
-    match adam.flat_grad(&mut params) {
+    match opt.flat_grad(&mut params) {
         Some(mut grad) => {
             let _ = grad.g_mul_scalar_(share);
             g.allreduce(&mut grad, crate::dist::Op::Sum);

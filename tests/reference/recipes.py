@@ -65,6 +65,14 @@ project; the autograd Functions below are SAELens's own, copied.
 --fused: torch.optim.Adam(fused=True) (`train.optimizer.fused`).
 --whiten-eps EPS: train on SAELens's covariance-whitened rows and fold the
     whitening into the saved weights (whitening.py; `data.normalize: whiten`).
+--optimizer signum (sparsify trainer.py): ScheduleFreeWrapper(SignSGD(params), momentum)
+    (schedulefree 1.4.1 wrap_schedulefree.py and sparsify sign_sgd.py, copied below), in
+    train mode while training; the saved weights are its eval mode's (sparsify calls
+    optimizer.eval() before saving). The LR schedule drives the base optimizer's lr.
+--optimizer muon (sparsify trainer.py, muon.py copied below, its single-process path):
+    Muon(params with ndim >= 2, lr, momentum, weight_decay=--muon-weight-decay) and
+    torch.optim.Adam(the rest, lr); Muon's LR schedule has no warm-up (sparsify's
+    get_linear_schedule_with_warmup(muon, 0, ...)), Adam's has --lr-warmup-steps.
 --multi-topk (sparsify): loss += mse(decode(topk_acts(hidden_pre, 4k)), x) / 8, after the
     other terms. --k-decay-steps N (sparsify get_current_k): batch i (0-based) uses
     k_i = round(k0 (1 - i/N) + k i/N) while i < N, k0 = min(d_sae, 10 d_in), Python's round.
@@ -322,6 +330,216 @@ def _encode_matching_pursuit(
     return acts
 
 
+# --- sparsify sign_sgd.py, verbatim ---------------------------------------
+
+class SignSGD(torch.optim.Optimizer):
+    """Steepest descent in the L-infty norm. From <https://arxiv.org/abs/1802.04434>"""
+
+    def __init__(self, params, lr: float = 1e-3):
+        if lr <= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+
+        defaults = {"lr": lr}
+        super(SignSGD, self).__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        assert closure is None, "Closure is not supported."
+
+        for group in self.param_groups:
+            lr = group["lr"]
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-lr)
+
+
+# --- schedulefree 1.4.1 wrap_schedulefree.py (ScheduleFreeWrapper), verbatim
+# but for the docstring, closures and state_dict plumbing -------------------
+
+class ScheduleFreeWrapper:
+    def __init__(self,
+                 base : torch.optim.Optimizer,
+                 weight_decay_at_y : float = 0.0,
+                 momentum : float = 0.9,
+                 weight_lr_power : float = 2,
+                 r : float = 0):
+
+        self.base = base
+        self.weight_decay_at_y = weight_decay_at_y
+        self.weight_lr_power = weight_lr_power
+        self.r = r
+        self.momentum = momentum
+        self.train_mode = False
+
+    def zero_grad(self, set_to_none=True):
+        return self.base.zero_grad(set_to_none)
+
+    @property
+    def param_groups(self):
+        return self.base.param_groups
+
+    @property
+    def state(self):
+        return self.base.state
+
+    @torch.no_grad()
+    def eval(self):
+        if self.train_mode:
+            for group in self.param_groups:
+                for p in group['params']:
+                    state = self.state[p]
+                    if 'z' in state:
+                        # Set p to x
+                        p.lerp_(end=state['z'], weight=1-1/self.momentum)
+        self.train_mode = False
+
+    @torch.no_grad()
+    def train(self):
+        if not self.train_mode:
+            for group in self.param_groups:
+                for p in group['params']:
+                    state = self.state[p]
+                    if 'z' in state:
+                        # Set p to y
+                        p.lerp_(end=state['z'], weight=1-self.momentum)
+        self.train_mode = True
+
+    @staticmethod
+    def swap(x, y):
+        x.view(torch.uint8).bitwise_xor_(y.view(torch.uint8))
+        y.view(torch.uint8).bitwise_xor_(x.view(torch.uint8))
+        x.view(torch.uint8).bitwise_xor_(y.view(torch.uint8))
+
+    @torch.no_grad()
+    def step(self):
+        if not self.train_mode:
+            raise Exception("Optimizer was not in train mode when step is called.")
+
+        for group in self.param_groups:
+            lr = group['lr']
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+
+                if 'z' not in state:
+                    state['z'] = torch.clone(p, memory_format=torch.preserve_format)
+
+                z = state['z']
+
+                # Apply weight_decay_at_y
+                if self.weight_decay_at_y != 0.0:
+                    z.sub_(p, alpha=lr*self.weight_decay_at_y)
+                    p.sub_(p, alpha=lr*self.weight_decay_at_y*(1-self.momentum))
+
+                # Unextrapolate p converting from y -> x
+                p.lerp_(end=z, weight=1-1/self.momentum)
+
+                # Swap x into z buffer temporarily
+                self.swap(z, p)
+
+                # Now state['z'] is x and p is z.
+
+        #######
+        # Apply step to z
+        self.base.step()
+
+        ######
+        for group in self.param_groups:
+            weight_lr_power = self.weight_lr_power
+            r = self.r
+            k = group.get('k', 0)
+            d = group.get('d', 1.0)
+            lr = group['lr']*d
+            lr_max = group['lr_max'] = max(lr, group.get('lr_max', 0))
+
+            weight = ((k+1)**r) * (lr_max**weight_lr_power)
+            weight_sum = group['weight_sum'] = group.get('weight_sum', 0.0) + weight
+
+            ckp1 = weight/weight_sum
+
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+
+                state = self.state[p]
+                z = state['z']
+
+                # Swap x back out of z buffer, leaving p as x
+                self.swap(z, p)
+
+                # Update x
+                p.lerp_(end=z, weight=ckp1)
+
+                # Now set p to y
+                p.lerp_(end=state['z'], weight=1-self.momentum)
+
+            group['k'] = k+1
+
+
+# --- sparsify muon.py: quintic_newtonschulz verbatim; Muon's single-process
+# path (no DDP: world size 1), verbatim otherwise ---------------------------
+
+def quintic_newtonschulz(G, steps):
+    assert G.ndim >= 2
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G.bfloat16()
+    if G.size(-2) > G.size(-1):
+        X = X.mT
+
+    # Ensure spectral norm is at most 1
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    # Perform the NS iterations
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+
+    if G.size(-2) > G.size(-1):
+        X = X.mT
+    return X
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.1,
+                 ns_steps=5):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+
+            if group["weight_decay"] > 0.0:
+                for p in params:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+
+            beta = group["momentum"]
+            for i in range(0, len(params)):
+                p = params[i]
+                state = self.state[p]
+
+                g = p.grad
+                assert g is not None
+
+                # Apply momentum
+                if beta > 0.0:
+                    if "exp_avg" not in state:
+                        state["exp_avg"] = torch.zeros_like(g)
+
+                    buf = state["exp_avg"].lerp_(g, 1 - beta)
+                    g = g.lerp_(buf, beta) if group["nesterov"] else buf
+
+                if g.ndim == 4:  # for the case of conv filters
+                    g = g.view(len(g), -1)
+
+                g = quintic_newtonschulz(g, steps=group["ns_steps"])
+                scale = 0.2 * max(params[i].shape) ** 0.5
+                params[i].add_(g, alpha=-group["lr"] * scale)
+
+
 # --- unit-norm decoder (dictionary_learning's ConstrainedAdam) --------------
 
 @torch.no_grad()
@@ -423,6 +641,9 @@ def main():
     p.add_argument("--pre-act-coefficient", type=float, default=0.0)
     p.add_argument("--ste-to-input", action="store_true")
     p.add_argument("--fused", action="store_true", help="torch.optim.Adam(fused=True)")
+    p.add_argument("--optimizer", choices=["adam", "signum", "muon"], default="adam")
+    p.add_argument("--momentum", type=float, default=0.95)
+    p.add_argument("--muon-weight-decay", type=float, default=0.1)
     p.add_argument("--multi-topk", action="store_true")
     p.add_argument("--k-decay-steps", type=int, default=0)
     p.add_argument("--coefficient", type=float, default=0.0)
@@ -466,14 +687,31 @@ def main():
     if args.unit_norm_decoder:
         normalize_rows(sae.W_dec)
     params = list(sae.parameters())
-    if args.fused:
-        optimizer = torch.optim.Adam(params, lr=args.lr, fused=True)
-    else:
-        optimizer = torch.optim.Adam(params, lr=args.lr, foreach=False)
-
     batches = list(common.epoch_batches(len(X), args.epochs, args.batch_size, args.order))
-    scheduler = get_lr_scheduler(args.lr_schedule, optimizer, len(batches), args.lr,
-                                 args.lr_warmup_steps, args.lr_decay_steps, args.lr_end)
+
+    def schedule(opt, warm_up_steps):
+        return get_lr_scheduler(args.lr_schedule, opt, len(batches), args.lr,
+                                warm_up_steps, args.lr_decay_steps, args.lr_end)
+
+    if args.optimizer == "signum":
+        base = SignSGD(params, lr=args.lr)
+        optimizers = [ScheduleFreeWrapper(base, momentum=args.momentum)]
+        optimizers[0].train()
+        # The scheduler sets the base's lr, which the wrapper reads.
+        schedulers = [schedule(base, args.lr_warmup_steps)]
+    elif args.optimizer == "muon":
+        muon_params = [p for p in params if p.ndim >= 2]
+        muon = Muon(muon_params, lr=args.lr, momentum=args.momentum,
+                    weight_decay=args.muon_weight_decay)
+        adam = torch.optim.Adam([p for p in params if p.ndim < 2], lr=args.lr, foreach=False)
+        optimizers = [muon, adam]
+        schedulers = [schedule(muon, 0), schedule(adam, args.lr_warmup_steps)]
+    elif args.fused:
+        optimizers = [torch.optim.Adam(params, lr=args.lr, fused=True)]
+        schedulers = [schedule(optimizers[0], args.lr_warmup_steps)]
+    else:
+        optimizers = [torch.optim.Adam(params, lr=args.lr, foreach=False)]
+        schedulers = [schedule(optimizers[0], args.lr_warmup_steps)]
     coefficient = CoefficientScheduler(args.sparsity_warmup_steps, args.coefficient)
     since_fired = torch.zeros(sae.W_dec.shape[0])
 
@@ -552,19 +790,25 @@ def main():
                 loss = loss + F.mse_loss(decoded, sae_in)
         if args.architecture in BATCHTOPK:
             sae.update_topk_threshold(feature_acts)
-        optimizer.zero_grad()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
         loss.backward()
         if args.unit_norm_decoder:
             remove_parallel_gradient(sae.W_dec)
         if args.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         if args.unit_norm_decoder:
             normalize_rows(sae.W_dec)
-        scheduler.step()
+        for scheduler in schedulers:
+            scheduler.step()
         coefficient.step()
         log.log(epoch, loss.item(), mse_loss.item(), penalty.item())
     log.close()
+    if args.optimizer == "signum":
+        # sparsify saves schedule-free's eval-mode (averaged) weights.
+        optimizers[0].eval()
 
     if args.architecture == "matching_pursuit":
         # As this project saves a tied model: W_enc = W_dec.T, b_enc as it started.
