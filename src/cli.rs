@@ -654,6 +654,8 @@ fn info() -> Result<()> {
         tch::Cuda::device_count()
     );
     println!("data-parallel backends: gloo (CPU); nccl not built in");
+    // train.precision: bf16 is libtorch's autocast (CPU and CUDA).
+    println!("precisions: fp32, bf16 (train.precision; autocast on cpu and cuda)");
     println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
     println!("threads: {}", tch::get_num_threads());
     println!("OpenMP wait: {}", device::omp_wait());
