@@ -9,6 +9,8 @@ SAELENS  := sae-lens>=6,<7
 SAELENS_STAMP := $(VENV)/.installed-sae-lens-6
 # scikit-learn, the OMP reference of the pursuit tests (tests/pursuit.rs).
 SKLEARN_STAMP := $(VENV)/.installed-sklearn
+# ml_dtypes (numpy's bfloat16), for the bfloat16 .npy tests (tests/precision.rs).
+ML_DTYPES_STAMP := $(VENV)/.installed-ml-dtypes
 BIN      := target/release/sae
 
 # A user's own libtorch (LIBTORCH=/path/to/libtorch) is honoured; otherwise
@@ -23,7 +25,7 @@ endif
 # Tests call Python references through this interpreter.
 export SAE_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup saelens sklearn browser build demo digits digits-table synth-table test parity bench fuzz clean fmt lint
+.PHONY: setup saelens sklearn ml-dtypes browser build demo digits digits-table synth-table test parity bench fuzz clean fmt lint
 
 setup: $(STAMP)
 
@@ -47,6 +49,13 @@ sklearn: $(SKLEARN_STAMP)
 $(SKLEARN_STAMP): $(STAMP)
 	@echo "==> installing scikit-learn into $(VENV) (one-time)"
 	$(PY) -m pip install --quiet scikit-learn
+	touch $@
+
+ml-dtypes: $(ML_DTYPES_STAMP)
+
+$(ML_DTYPES_STAMP): $(STAMP)
+	@echo "==> installing ml_dtypes into $(VENV) (one-time)"
+	$(PY) -m pip install --quiet ml_dtypes
 	touch $@
 
 # Headless Chromium for the page tests (tests/latents.rs): Debian's
@@ -93,12 +102,13 @@ synth-table: build
 	    "Ground truth: SynthSAEBench-style data (issue 23)"
 
 # SAE_REQUIRE_SAELENS: the SAELens interop tests fail (not skip) without
-# sae_lens, and the pursuit tests without scikit-learn; SAE_REQUIRE_BROWSER:
+# sae_lens, the pursuit tests without scikit-learn and the bfloat16 .npy
+# tests without ml_dtypes; SAE_REQUIRE_BROWSER:
 # the page tests fail without headless Chromium.
 # Unit and integration tests (no doc-tests: there are none), then one
 # closing line with the totals over every test binary.
 TEST_LOG := target/test.log
-test: $(STAMP) $(SAELENS_STAMP) $(SKLEARN_STAMP) browser build
+test: $(STAMP) $(SAELENS_STAMP) $(SKLEARN_STAMP) $(ML_DTYPES_STAMP) browser build
 	@set -o pipefail; SAE_REQUIRE_SAELENS=1 SAE_REQUIRE_BROWSER=1 $(CARGO_ENV) cargo test --release --locked --lib --bins --tests \
 	    -- --test-threads=2 2>&1 | tee $(TEST_LOG)
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' $(TEST_LOG)

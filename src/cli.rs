@@ -140,8 +140,9 @@ pub struct ActivationsArgs {
     /// Output .npy [rows, d].
     #[arg(long)]
     pub out: PathBuf,
-    /// float32 or float16 values.
-    #[arg(long, default_value = "float32", value_parser = ["float32", "float16"])]
+    /// float32, float16 or bfloat16 values (bfloat16 as ml_dtypes saves it:
+    /// np.load(A).view(ml_dtypes.bfloat16)).
+    #[arg(long, default_value = "float32", value_parser = ["float32", "float16", "bfloat16"])]
     pub dtype: String,
     #[command(flatten)]
     pub source: SourceArgs,
@@ -491,8 +492,8 @@ pub struct IoArgs {
     /// a scipy CSR .npz, as `encode --sparse` writes).
     #[arg(long)]
     pub data: String,
-    /// Output .npy (float32, C order; `encode --sparse`: a CSR .npz), written
-    /// atomically.
+    /// Output .npy (float32 unless --dtype, C order; `encode --sparse`: a
+    /// CSR .npz), written atomically.
     #[arg(long)]
     pub out: PathBuf,
     /// Rows per batch: input is read and output written in chunks of this
@@ -503,6 +504,11 @@ pub struct IoArgs {
     /// cpu | cuda | cuda:N | auto
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// The output's values: float32, float16 or bfloat16 (rounded to
+    /// nearest even, as numpy's astype; bfloat16 as ml_dtypes saves it, so
+    /// np.load(OUT).view(ml_dtypes.bfloat16) reads it). Dense .npy only.
+    #[arg(long, default_value = "float32", value_parser = ["float32", "float16", "bfloat16"])]
+    pub dtype: String,
 }
 
 #[derive(Args, Debug)]
@@ -1084,6 +1090,13 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
     if a.batch_size < 1 {
         bail_user!("--batch-size {}: must be at least 1", a.batch_size);
     }
+    let dtype = npy::OutDtype::parse(&a.dtype).expect("clap checked --dtype");
+    if codes.sparse && dtype != npy::OutDtype::Float32 {
+        bail_user!(
+            "--dtype {}: --sparse writes float32 values; leave --dtype out",
+            a.dtype
+        );
+    }
     let model = load(&a.model, &a.device)?;
     let pursuit = enc.build(&model, &a.model)?;
     let encode = |xb: &Tensor| match &pursuit {
@@ -1104,7 +1117,7 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
     let sink = if codes.sparse {
         Sink::Sparse(csr::CsrWriter::create(&a.out, ncols, codes.top)?)
     } else {
-        Sink::Dense(npy::NpyWriter::create(&a.out, ncols)?)
+        Sink::Dense(npy::NpyWriter::create_as(&a.out, ncols, dtype)?)
     };
     let compute = |m: &npy::Matrix| -> Result<Vec<f32>> {
         let xb = m.to_tensor().to_device(device);
@@ -1150,7 +1163,11 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
             let rows = w.rows();
             w.finish()
                 .with_context(|| format!("writing {}", a.out.display()))?;
-            eprintln!("wrote {} [{rows} x {ncols}, float32]", a.out.display());
+            eprintln!(
+                "wrote {} [{rows} x {ncols}, {}]",
+                a.out.display(),
+                dtype.name()
+            );
         }
         Sink::Sparse(w) => {
             let (rows, nnz) = w.counts();
@@ -1279,7 +1296,7 @@ fn activations_cmd(a: &ActivationsArgs) -> Result<()> {
         &src,
         &dump::Options {
             out: a.out.clone(),
-            half: a.dtype == "float16",
+            dtype: npy::OutDtype::parse(&a.dtype).expect("clap checked --dtype"),
             vocab,
             labels: a.labels.clone(),
             progress: !a.quiet,
@@ -1352,7 +1369,7 @@ fn lm_rows(a: &LatentsArgs, lm: &str, tokens: &str, d_in: i64) -> Result<LmRows>
         &src,
         &dump::Options {
             out: rows.rows.clone(),
-            half: false,
+            dtype: npy::OutDtype::Float32,
             vocab,
             labels: rows.labels.clone(),
             progress: !a.quiet,

@@ -202,6 +202,15 @@ fn topk_auxk_noise_resampling_resume_is_bit_identical() {
     interrupted_runs_match_uninterrupted(TOPK, "topk");
 }
 
+/// `train.precision: bf16` (autocast around the forward pass): no state of
+/// its own, so the TOPK run under it resumes bit for bit too.
+#[test]
+fn bf16_topk_resume_is_bit_identical() {
+    let yaml = TOPK.replace("  threads: 1\n", "  threads: 1\n  precision: bf16\n");
+    assert!(yaml.contains("precision: bf16"));
+    interrupted_runs_match_uninterrupted(&yaml, "topk bf16");
+}
+
 #[test]
 fn batchtopk_threshold_resume_is_bit_identical() {
     interrupted_runs_match_uninterrupted(BATCHTOPK, "batchtopk");
