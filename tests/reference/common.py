@@ -83,6 +83,8 @@ def base_parser(description):
                    help="int64 .npy [n] or [epochs, n]: row order of each epoch")
     p.add_argument("--lr", type=float, required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu",
+                   help="cpu | cuda (saelens.py; scripts/gpu_bf16_check.sh)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: the forward pass and loss under "
                    "torch.autocast('cpu', dtype=torch.bfloat16), backward outside")
@@ -90,10 +92,10 @@ def base_parser(description):
 
 
 def autocast(args):
-    """The region a step's forward pass and loss run in: torch's CPU
-    autocast to bfloat16 for --precision bf16, else nothing."""
+    """The region a step's forward pass and loss run in: torch's autocast
+    to bfloat16 on --device's type for --precision bf16, else nothing."""
     if args.precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -68,14 +68,14 @@ def main():
     args = p.parse_args()
     common.setup(args)
 
-    X = torch.tensor(common.load_data(args.data), dtype=torch.float32)
+    X = torch.tensor(common.load_data(args.data), dtype=torch.float32).to(args.device)
     w = common.read_safetensors(args.init)
-    sae = SAE(w, args.architecture, args.k, not args.no_b_dec_on_input)
+    sae = SAE(w, args.architecture, args.k, not args.no_b_dec_on_input).to(args.device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr, foreach=False)
 
     log = common.LossLog(args.out)
     for epoch, idx in common.epoch_batches(len(X), args.epochs, args.batch_size, args.order):
-        sae_in = X[idx]
+        sae_in = X[idx.to(args.device)]
         with common.autocast(args):
             feature_acts = sae.encode(sae_in)
             sae_out = sae.decode(feature_acts)
