@@ -882,6 +882,50 @@ fn topk_auxk_bf16(name: &'static str, epochs: i64, batch: Option<usize>) -> Pari
     }
 }
 
+/// JumpReLU + L0 in bf16 (straight-through thresholds).
+fn jumprelu_bf16(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        knobs: &[
+            (
+                "model.jumprelu_init_threshold=0.1",
+                &["--init-threshold", "0.1"],
+            ),
+            ("model.jumprelu_bandwidth=0.05", &["--bandwidth", "0.05"]),
+            BF16,
+        ],
+        ..jumprelu_l0(name, epochs, batch)
+    }
+}
+
+/// Gated in bf16 (its gate's L1 and reconstruction terms).
+fn gated_bf16(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        knobs: &[BF16],
+        ..gated(name, epochs, batch)
+    }
+}
+
+/// Matryoshka batch top-k in bf16 (the inner levels' matmuls too).
+fn matryoshka_bf16(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        knobs: &[
+            (
+                "model.matryoshka_widths=[16, 48]",
+                &["--matryoshka-widths", "16,48"],
+            ),
+            ("train.dead_window=4", &["--dead-window", "4"]),
+            ("train.unit_norm_decoder=true", &["--unit-norm-decoder"]),
+            ("model.b_dec_init=mean", &["--b-dec-mean"]),
+            (
+                "model.topk_threshold_lr=0.05",
+                &["--topk-threshold-lr", "0.05"],
+            ),
+            BF16,
+        ],
+        ..matryoshka(name, epochs, batch)
+    }
+}
+
 /// `test_name: case(name, epochs, batch);` -> a `#[test]` checking that case.
 macro_rules! parity_tests {
     ($($test:ident: $case:ident($name:literal, $epochs:literal, $batch:expr);)*) => {
@@ -933,4 +977,7 @@ parity_tests! {
     bf16_l1_minibatch: l1_bf16("bf16_l1_minibatch", 10, Some(64));
     bf16_topk_auxk_full_batch: topk_auxk_bf16("bf16_topk_auxk_full", 100, None);
     bf16_topk_auxk_minibatch: topk_auxk_bf16("bf16_topk_auxk_minibatch", 10, Some(48));
+    bf16_jumprelu_minibatch: jumprelu_bf16("bf16_jumprelu_minibatch", 10, Some(48));
+    bf16_gated_minibatch: gated_bf16("bf16_gated_minibatch", 10, Some(48));
+    bf16_matryoshka_minibatch: matryoshka_bf16("bf16_matryoshka_minibatch", 10, Some(48));
 }
