@@ -13,6 +13,8 @@ SKLEARN_STAMP := $(VENV)/.installed-sklearn
 # against the package by tests/parity.rs).
 SCHEDULEFREE := schedulefree==1.4.1
 SCHEDULEFREE_STAMP := $(VENV)/.installed-schedulefree-1.4.1
+# ml_dtypes (numpy's bfloat16), for the bfloat16 .npy tests (tests/precision.rs).
+ML_DTYPES_STAMP := $(VENV)/.installed-ml-dtypes
 BIN      := target/release/sae
 
 # A user's own libtorch (LIBTORCH=/path/to/libtorch) is honoured; otherwise
@@ -27,7 +29,7 @@ endif
 # Tests call Python references through this interpreter.
 export SAE_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup saelens sklearn schedulefree browser build demo digits digits-table synth-table test parity bench fuzz clean fmt lint
+.PHONY: setup saelens sklearn schedulefree ml-dtypes browser build demo digits digits-table synth-table test parity bench fuzz clean fmt lint
 
 setup: $(STAMP)
 
@@ -58,6 +60,13 @@ schedulefree: $(SCHEDULEFREE_STAMP)
 $(SCHEDULEFREE_STAMP): $(STAMP)
 	@echo "==> installing $(SCHEDULEFREE) into $(VENV) (one-time)"
 	$(PY) -m pip install --quiet "$(SCHEDULEFREE)" "torch==$(TORCH)"
+	touch $@
+
+ml-dtypes: $(ML_DTYPES_STAMP)
+
+$(ML_DTYPES_STAMP): $(STAMP)
+	@echo "==> installing ml_dtypes into $(VENV) (one-time)"
+	$(PY) -m pip install --quiet "ml_dtypes==0.7.0"
 	touch $@
 
 # Headless Chromium for the page tests (tests/latents.rs): Debian's
@@ -106,12 +115,12 @@ synth-table: $(SAELENS_STAMP) build
 
 # SAE_REQUIRE_SAELENS: the SAELens interop tests fail (not skip) without
 # sae_lens, the pursuit tests without scikit-learn, the signum check without
-# schedulefree; SAE_REQUIRE_BROWSER:
+# schedulefree and the bfloat16 .npy tests without ml_dtypes; SAE_REQUIRE_BROWSER:
 # the page tests fail without headless Chromium.
 # Unit and integration tests (no doc-tests: there are none), then one
 # closing line with the totals over every test binary.
 TEST_LOG := target/test.log
-test: $(STAMP) $(SAELENS_STAMP) $(SKLEARN_STAMP) $(SCHEDULEFREE_STAMP) browser build
+test: $(STAMP) $(SAELENS_STAMP) $(SKLEARN_STAMP) $(SCHEDULEFREE_STAMP) $(ML_DTYPES_STAMP) browser build
 	@set -o pipefail; SAE_REQUIRE_SAELENS=1 SAE_REQUIRE_BROWSER=1 $(CARGO_ENV) cargo test --release --locked --lib --bins --tests \
 	    -- --test-threads=2 2>&1 | tee $(TEST_LOG)
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' $(TEST_LOG)

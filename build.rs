@@ -1,7 +1,8 @@
 //! Embeds an rpath to libtorch so `target/release/sae` runs without
 //! LD_LIBRARY_PATH, keeps `libtorch.so` linked so CUDA is seen, and compiles
 //! the C++ shims (TorchScript: src/export/torchscript_shim.cpp; c10d:
-//! src/dist/c10d_shim.cpp; AOTInductor `.pt2` packages: src/lm/pt2_shim.cpp; fused Adam: src/optim_shim.cpp)
+//! src/dist/c10d_shim.cpp; AOTInductor `.pt2` packages: src/lm/pt2_shim.cpp; fused Adam: src/optim_shim.cpp;
+//! autocast: src/autocast_shim.cpp)
 //! against the same libtorch headers torch-sys found.
 
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ const SHIM: &str = "src/export/torchscript_shim.cpp";
 const DIST_SHIM: &str = "src/dist/c10d_shim.cpp";
 const PT2_SHIM: &str = "src/lm/pt2_shim.cpp";
 const OPTIM_SHIM: &str = "src/optim_shim.cpp";
+const AUTOCAST_SHIM: &str = "src/autocast_shim.cpp";
 /// gloo's headers, which ProcessGroupGloo.hpp includes (third_party/gloo/README.md).
 const GLOO_INCLUDE: &str = "third_party/gloo";
 
@@ -38,6 +40,7 @@ fn build_shim(lib: Option<&str>) {
     println!("cargo:rerun-if-changed={DIST_SHIM}");
     println!("cargo:rerun-if-changed={PT2_SHIM}");
     println!("cargo:rerun-if-changed={OPTIM_SHIM}");
+    println!("cargo:rerun-if-changed={AUTOCAST_SHIM}");
     println!("cargo:rerun-if-changed=src/shim_error.hpp");
     println!("cargo:rerun-if-changed={GLOO_INCLUDE}");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
@@ -65,6 +68,7 @@ fn build_shim(lib: Option<&str>) {
     build().file(SHIM).compile("sae_torchscript_shim");
     build().file(PT2_SHIM).compile("sae_pt2_shim");
     build().file(OPTIM_SHIM).compile("sae_optim_shim");
+    build().file(AUTOCAST_SHIM).compile("sae_autocast_shim");
     // Without USE_C10D_GLOO the ProcessGroupGloo header is empty.
     build()
         .include(GLOO_INCLUDE)

@@ -67,7 +67,7 @@ for c in "${cases[@]}"; do
 import json,sys
 a,b=[json.load(open(p)) for p in sys.argv[1:]]
 for d in (a,b):
-    d.pop('seconds'); d.pop('samples_per_second'); d.pop('world_size', None)
+    d.pop('seconds'); d.pop('samples_per_second'); d.pop('world_size', None); d.pop('precision', None)
 if a!=b: print("  summary differs"); sys.exit(1)
 P
   # config.yaml: every line of the old one, in order; the new may add keys (new defaults).

@@ -141,8 +141,9 @@ pub struct ActivationsArgs {
     /// Output .npy [rows, d].
     #[arg(long)]
     pub out: PathBuf,
-    /// float32 or float16 values.
-    #[arg(long, default_value = "float32", value_parser = ["float32", "float16"])]
+    /// float32, float16 or bfloat16 values (bfloat16 as ml_dtypes saves it:
+    /// np.load(A).view(ml_dtypes.bfloat16)).
+    #[arg(long, default_value = "float32", value_parser = ["float32", "float16", "bfloat16"])]
     pub dtype: String,
     #[command(flatten)]
     pub source: SourceArgs,
@@ -492,8 +493,8 @@ pub struct IoArgs {
     /// a scipy CSR .npz, as `encode --sparse` writes).
     #[arg(long)]
     pub data: String,
-    /// Output .npy (float32, C order; `encode --sparse`: a CSR .npz), written
-    /// atomically.
+    /// Output .npy (float32 unless --dtype, C order; `encode --sparse`: a
+    /// CSR .npz), written atomically.
     #[arg(long)]
     pub out: PathBuf,
     /// Rows per batch: input is read and output written in chunks of this
@@ -504,6 +505,11 @@ pub struct IoArgs {
     /// cpu | cuda | cuda:N | auto
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// The output's values: float32, float16 or bfloat16 (rounded to
+    /// nearest even, as numpy's astype; bfloat16 as ml_dtypes saves it, so
+    /// np.load(OUT).view(ml_dtypes.bfloat16) reads it). Dense .npy only.
+    #[arg(long, default_value = "float32", value_parser = ["float32", "float16", "bfloat16"])]
+    pub dtype: String,
 }
 
 #[derive(Args, Debug)]
@@ -655,6 +661,8 @@ fn info() -> Result<()> {
         tch::Cuda::device_count()
     );
     println!("data-parallel backends: gloo (CPU); nccl not built in");
+    // train.precision: bf16 is libtorch's autocast (CPU and CUDA).
+    println!("precisions: fp32, bf16 (train.precision; autocast on cpu and cuda)");
     println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
     println!("threads: {}", tch::get_num_threads());
     println!("OpenMP wait: {}", device::omp_wait());
@@ -1083,6 +1091,13 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
     if a.batch_size < 1 {
         bail_user!("--batch-size {}: must be at least 1", a.batch_size);
     }
+    let dtype = npy::OutDtype::parse(&a.dtype).expect("clap checked --dtype");
+    if codes.sparse && dtype != npy::OutDtype::Float32 {
+        bail_user!(
+            "--dtype {}: --sparse writes float32 values; leave --dtype out",
+            a.dtype
+        );
+    }
     let model = load(&a.model, &a.device)?;
     let pursuit = enc.build(&model, &a.model)?;
     let encode = |xb: &Tensor| match &pursuit {
@@ -1103,7 +1118,7 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
     let sink = if codes.sparse {
         Sink::Sparse(csr::CsrWriter::create(&a.out, ncols, codes.top)?)
     } else {
-        Sink::Dense(npy::NpyWriter::create(&a.out, ncols)?)
+        Sink::Dense(npy::NpyWriter::create_as(&a.out, ncols, dtype)?)
     };
     let compute = |m: &npy::Matrix| -> Result<Vec<f32>> {
         let xb = m.to_tensor().to_device(device);
@@ -1149,7 +1164,11 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
             let rows = w.rows();
             w.finish()
                 .with_context(|| format!("writing {}", a.out.display()))?;
-            eprintln!("wrote {} [{rows} x {ncols}, float32]", a.out.display());
+            eprintln!(
+                "wrote {} [{rows} x {ncols}, {}]",
+                a.out.display(),
+                dtype.name()
+            );
         }
         Sink::Sparse(w) => {
             let (rows, nnz) = w.counts();
@@ -1278,7 +1297,7 @@ fn activations_cmd(a: &ActivationsArgs) -> Result<()> {
         &src,
         &dump::Options {
             out: a.out.clone(),
-            half: a.dtype == "float16",
+            dtype: npy::OutDtype::parse(&a.dtype).expect("clap checked --dtype"),
             vocab,
             labels: a.labels.clone(),
             progress: !a.quiet,
@@ -1351,7 +1370,7 @@ fn lm_rows(a: &LatentsArgs, lm: &str, tokens: &str, d_in: i64) -> Result<LmRows>
         &src,
         &dump::Options {
             out: rows.rows.clone(),
-            half: false,
+            dtype: npy::OutDtype::Float32,
             vocab,
             labels: rows.labels.clone(),
             progress: !a.quiet,

@@ -469,6 +469,29 @@ pub struct TrainConfig {
     /// Whether relu/jumprelu (and top-k) steps work only on the firing
     /// codes (see `sparse_step`).
     pub sparse_step: SparseStep,
+    /// The forward pass and loss in float32, or under autocast to bfloat16
+    /// (`crate::autocast`).
+    pub precision: Precision,
+}
+
+/// `train.precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in float32.
+    Fp32,
+    /// `torch.autocast(device, dtype=torch.bfloat16)` around the forward
+    /// pass and loss; parameters, gradients and Adam's state in float32.
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
 }
 
 /// `train.sparse_step`: the sparse training pass of relu and jumprelu
@@ -625,6 +648,7 @@ impl Default for TrainConfig {
             input_noise: InputNoise::None,
             noise_level: 0.1,
             sparse_step: SparseStep::Auto,
+            precision: Precision::Fp32,
         }
     }
 }
@@ -1139,6 +1163,14 @@ impl Config {
             if n < 1 {
                 return Err(format!("train.threads: {n} must be `auto` or at least 1"));
             }
+        }
+        if t.precision == Precision::Bf16 && t.sparse_step == SparseStep::Always {
+            // Its hand-written encoder gradient is not autocast's.
+            return Err(
+                "train.sparse_step: always does not run under train.precision: bf16 \
+                 (the sparse pass is float32 only); use auto or never (bf16 takes the dense step)"
+                    .into(),
+            );
         }
         Ok(())
     }

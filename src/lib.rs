@@ -9,6 +9,7 @@
 //! ([`latents`]) and the HTML pages ([`html`]); the CLI ([`cli`]).
 
 pub mod arch;
+pub mod autocast;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

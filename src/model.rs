@@ -570,9 +570,12 @@ impl Sae {
     /// matmul autograd would do: a sixth of a step's matmul FLOPs. Only for
     /// plain ReLU: the two orders of summation differ in rounding, which a
     /// continuous activation absorbs but a top-k or threshold selection
-    /// could turn into a different choice.
+    /// could turn into a different choice. Not under autocast
+    /// (`train.precision: bf16`): there `v`'s gradient would be rounded to
+    /// bfloat16 where PyTorch's autograd rounds none.
     fn pre_relu_centred(&self, xn: &Tensor) -> Option<Tensor> {
         let plain = self.spec.apply_b_dec_to_input
+            && !crate::autocast::is_enabled(xn.device())
             && self.spec.activation.kind == ActivationKind::Relu
             && self.enc_layers.is_empty()
             && self.gate.is_none()

@@ -171,8 +171,11 @@ impl Penalty {
                     // ReLU codes: Σ_j z_j·‖d_j‖ as one matrix-vector product,
                     // not three [batch, d_hidden] passes (abs, scale, sum) and
                     // their backward. Same value up to summation order, same
-                    // gradient (abs' zero slope at 0 is relu's too).
-                    (true, Some(n)) => z.mv(n),
+                    // gradient (abs' zero slope at 0 is relu's too). Not
+                    // under autocast (`train.precision: bf16`), which would
+                    // run the `mv` in bfloat16: there, SAELens's float32 sum.
+                    (true, Some(n)) if !crate::autocast::is_enabled(z.device()) => z.mv(n),
+                    (true, Some(n)) => (z * n).sum_dim_intlist(-1, false, Kind::Float),
                     (true, None) => z.sum_dim_intlist(-1, false, Kind::Float),
                     (false, Some(n)) => (z.abs() * n).sum_dim_intlist(-1, false, Kind::Float),
                     (false, None) => z.abs().sum_dim_intlist(-1, false, Kind::Float),

@@ -216,6 +216,8 @@ fn bad_data_files_are_rejected_naming_the_file() {
         ("object.npy", "|O", "(2, 2)", vec![0u8; 32]),
         ("unicode.npy", "<U3", "(2, 2)", vec![0u8; 48]),
         ("bytes.npy", "|S3", "(2, 2)", vec![0u8; 12]),
+        // A 2-byte void is ml_dtypes' bfloat16; other voids are not numbers.
+        ("void4.npy", "|V4", "(2, 2)", vec![0u8; 16]),
         // Header claims 4e14 values (1.6 PB) but 16 bytes follow: must not allocate from the header.
         ("lies.npy", "<f4", "(100000000000, 4000)", vec![0u8; 16]),
     ] {
@@ -246,6 +248,10 @@ fn bad_data_files_are_rejected_naming_the_file() {
         ("0cols.npy", &["0cols.npy", "at least one row"]),
         ("complex.npy", &["complex.npy", "not supported"]),
         ("bool.npy", &["bool.npy", "not supported"]),
+        (
+            "void4.npy",
+            &["void4.npy", "|V4", "not supported", "bfloat16"],
+        ),
         ("truncated.npy", &["truncated.npy"]),
         ("nan.npy", &["nan.npy", "row 1, column 0", "NaN"]),
         ("inf.npy", &["inf.npy", "row 1, column 1", "inf"]),

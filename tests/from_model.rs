@@ -208,7 +208,7 @@ fn bad_model_source_configs_are_refused() {
 /// `sae activations` on the tiny language model (tests/fixtures/tiny_lm.py)
 /// against PyTorch: TorchScript to 1e-6 and .pt2 to 1e-5 of the eager
 /// forward; exclusions drop exactly the rows torch's mask drops; a 1-D
-/// stream is cut into sequences; float16 is the float32 rounded; labels
+/// stream is cut into sequences; float16 and bfloat16 are the float32 rounded; labels
 /// mark each row's token.
 #[test]
 fn activations_equal_torch_forward_for_both_exports() {
@@ -247,6 +247,7 @@ fn activations_equal_torch_forward_for_both_exports() {
         &["--exclude-tokens", "0,5", "--exclude-positions", "-1"],
     );
     act(&pt, &t64, &p(d, "half.npy"), &["--dtype", "float16"]);
+    act(&pt, &t64, &p(d, "bf16.npy"), &["--dtype", "bfloat16"]);
     act(
         &pt,
         &p(&lm, "tokens_1d.npy"),
@@ -279,6 +280,10 @@ assert excl.shape == (keep.sum(), 64), (excl.shape, keep.sum())
 assert np.abs(excl - ref[keep]).max() <= 1e-6
 half = np.load(f"{d}/half.npy")
 assert half.dtype == np.float16 and np.array_equal(half, pt.astype(np.float16))
+# bfloat16 as ml_dtypes saves it (`<V2`): torch's rounding of the float32 rows, bit for bit.
+bf = np.load(f"{d}/bf16.npy")
+assert bf.dtype.str == "|V2" and bf.shape == pt.shape, (bf.dtype, bf.shape)
+assert np.array_equal(bf.view(np.int16), torch.from_numpy(pt).bfloat16().view(torch.int16).numpy())
 ids = np.load(f"{lm}/tokens_1d.npy").astype(np.int64)
 n = len(ids) // 32
 m = torch.jit.load(f"{lm}/lm.pt")

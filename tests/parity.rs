@@ -23,6 +23,33 @@ use tch::Tensor;
 
 const LOSS_RTOL: f64 = 1e-5;
 const WEIGHT_ATOL: f64 = 1e-5;
+
+/// How close ours and the reference must be: every logged loss term to
+/// relative `loss_rtol`, the final weights to absolute `weight_atol`.
+#[derive(Clone, Copy)]
+struct Tol {
+    loss_rtol: f64,
+    weight_atol: f64,
+}
+
+const FP32: Tol = Tol {
+    loss_rtol: LOSS_RTOL,
+    weight_atol: WEIGHT_ATOL,
+};
+
+/// bf16 runs whose float32 formulas differ in the last bit from the
+/// reference's (ReLU + L1: the L1 sum's order, already 1.5e-7 apart in
+/// fp32). Both sides round the same matmul inputs and outputs to bfloat16
+/// (8 significant bits: unit roundoff u = 2^-8), so they agree bit for bit
+/// until such a last-bit difference flips one bfloat16 rounding; from then
+/// on they drift, by far less than a rounding: losses to u/4 relative,
+/// weights (all |w| < 1) to u/2 absolute. Measured on l1_full: 2.6e-4 and
+/// 7.8e-4; the same case with the reference in fp32 misses both by over
+/// 3x (2.9e-3, 6.8e-3), which `check` asserts, so the test sees autocast.
+const BF16_DRIFT: Tol = Tol {
+    loss_rtol: 1.0 / 1024.0,
+    weight_atol: 1.0 / 512.0,
+};
 const WEIGHTS: [&str; 4] = ["W_enc", "b_enc", "W_dec", "b_dec"];
 
 /// `x <= tol`, false for NaN.
@@ -77,6 +104,7 @@ struct Parity {
     /// A transcoder: make_inputs.py `--target` writes `y.npy` (as wide as
     /// x), `data.target` on our side, `--target` on the reference's.
     transcoder: bool,
+    tol: Tol,
 }
 
 impl Parity {
@@ -261,6 +289,77 @@ impl Worst {
     }
 }
 
+/// Runs the case's PyTorch reference into `out`, `tail` appended to its
+/// arguments (argparse: a later flag overrides an earlier one).
+fn run_reference(case: &Parity, input: &Path, out: &Path, tail: &[&str]) {
+    let (script, extra) = case.reference_args();
+    let mut reference = Command::new(python());
+    reference
+        .arg(manifest_dir().join("tests/reference").join(script))
+        .arg("--data")
+        .arg(input.join("x.npy"))
+        .arg("--init")
+        .arg(input.join("init.safetensors"))
+        .arg("--out")
+        .arg(out)
+        .args(["--epochs", &case.epochs.to_string()])
+        .args(["--lr", &case.lr.to_string()])
+        .args(["--threads", "1"])
+        .args(extra);
+    if case.transcoder {
+        reference.arg("--target").arg(input.join("y.npy"));
+    }
+    match case.batch {
+        None => {
+            reference.args(["--batch-size", "full"]);
+        }
+        Some(b) => {
+            reference
+                .args(["--batch-size", &b.to_string()])
+                .arg("--order")
+                .arg(input.join("order.npy"));
+        }
+    }
+    reference.args(tail);
+    run_ok(&mut reference, &format!("{}: {script}", case.name));
+}
+
+/// A bf16 case's tolerance must tell bf16 from fp32: the reference trained
+/// in fp32 must miss the bf16 reference by more than it, in the loss or mse
+/// and in some weight (else the case would pass without autocast).
+fn assert_bf16_visible(case: &Parity, input: &Path, ref_dir: &Path, tmp: &Path) {
+    let fp32_dir = tmp.join("reference-fp32");
+    run_reference(case, input, &fp32_dir, &["--precision", "fp32"]);
+    let a = read_jsonl(&ref_dir.join("losses.jsonl"));
+    let b = read_jsonl(&fp32_dir.join("losses.jsonl"));
+    let mut worst = Worst::default();
+    for (x, y) in a.iter().zip(&b) {
+        worst.see(x.0, x.2, y.2);
+        worst.see(x.0, x.3, y.3);
+    }
+    let (wa, wb) = (
+        read_weights(&ref_dir.join("weights.safetensors")),
+        read_weights(&fp32_dir.join("weights.safetensors")),
+    );
+    let dweight = WEIGHTS
+        .iter()
+        .map(|n| (&wa[*n] - &wb[*n]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    println!(
+        "  reference bf16 vs fp32: max rel dloss {:.3e}, max |dweight| {dweight:.3e}",
+        worst.rel
+    );
+    assert!(
+        worst.rel > case.tol.loss_rtol && dweight > case.tol.weight_atol,
+        "{}: the reference in bf16 and in fp32 agree within the tolerance \
+         (rel dloss {:.3e} vs {:e}, dweight {dweight:.3e} vs {:e}): the check cannot see autocast",
+        case.name,
+        worst.rel,
+        case.tol.loss_rtol,
+        case.tol.weight_atol
+    );
+}
+
 fn check(case: &Parity) {
     let py = python();
     let refdir = manifest_dir().join("tests/reference");
@@ -296,35 +395,7 @@ fn check(case: &Parity) {
         .dir;
 
     // The PyTorch reference.
-    let (script, extra) = case.reference_args();
-    let mut reference = Command::new(&py);
-    reference
-        .arg(refdir.join(script))
-        .arg("--data")
-        .arg(input.join("x.npy"))
-        .arg("--init")
-        .arg(input.join("init.safetensors"))
-        .arg("--out")
-        .arg(&ref_dir)
-        .args(["--epochs", &case.epochs.to_string()])
-        .args(["--lr", &case.lr.to_string()])
-        .args(["--threads", "1"])
-        .args(extra);
-    if case.transcoder {
-        reference.arg("--target").arg(input.join("y.npy"));
-    }
-    match case.batch {
-        None => {
-            reference.args(["--batch-size", "full"]);
-        }
-        Some(b) => {
-            reference
-                .args(["--batch-size", &b.to_string()])
-                .arg("--order")
-                .arg(input.join("order.npy"));
-        }
-    }
-    run_ok(&mut reference, &format!("{}: {script}", case.name));
+    run_reference(case, &input, &ref_dir, &[]);
 
     // Losses, step by step.
     let ours = read_jsonl(&run_dir.join("metrics.jsonl"));
@@ -351,10 +422,11 @@ fn check(case: &Parity) {
         sparsity.see(a.0, a.4, b.4);
     }
     for (name, w) in [("loss", &loss), ("mse", &mse), ("sparsity_loss", &sparsity)] {
-        if !within(w.rel, LOSS_RTOL) {
+        if !within(w.rel, case.tol.loss_rtol) {
             failures.push(format!(
-                "{} exceeds relative {LOSS_RTOL:e}",
-                w.describe(name)
+                "{} exceeds relative {:e}",
+                w.describe(name),
+                case.tol.loss_rtol
             ));
         }
     }
@@ -388,9 +460,10 @@ fn check(case: &Parity) {
         let d = (a - b).abs().max().double_value(&[]);
         per_tensor.push(format!("{name} {d:.3e}"));
         dweight = dweight.max(d);
-        if !within(d, WEIGHT_ATOL) {
+        if !within(d, case.tol.weight_atol) {
             failures.push(format!(
-                "{name}: max |dweight| {d:.3e} exceeds {WEIGHT_ATOL:e}"
+                "{name}: max |dweight| {d:.3e} exceeds {:e}",
+                case.tol.weight_atol
             ));
         }
     }
@@ -421,6 +494,9 @@ fn check(case: &Parity) {
         dweight,
         if failures.is_empty() { "ok" } else { "FAIL" }
     );
+    if case.knobs.contains(&BF16) {
+        assert_bf16_visible(case, &input, &ref_dir, tmp.path());
+    }
     assert!(
         failures.is_empty(),
         "{}: no parity with the PyTorch reference:\n  {}",
@@ -454,6 +530,7 @@ fn sparse(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
         seed: 0,
         knobs: &[],
         transcoder: false,
+        tol: FP32,
     }
 }
 
@@ -973,6 +1050,76 @@ fn signum_reference_matches_schedulefree() {
     }
 }
 
+/// `train.precision: bf16`: the same case with each step's forward pass and
+/// loss under autocast to bfloat16, against the reference under
+/// `torch.autocast('cpu', dtype=torch.bfloat16)` (backward outside on both
+/// sides).
+const BF16: (&str, &[&str]) = ("train.precision=bf16", &["--precision", "bf16"]);
+
+/// SAELens standard (ReLU + L1) in bf16 (the dense step: the sparse one is
+/// float32 only).
+/// In mini-batches the weights come out bit for bit equal; the full batch
+/// drifts (see [`BF16_DRIFT`]).
+fn l1_bf16(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        knobs: &[BF16],
+        tol: if batch.is_none() { BF16_DRIFT } else { FP32 },
+        ..saelens_l1(name, epochs, batch)
+    }
+}
+
+/// Top-k + AuxK in bf16.
+fn topk_auxk_bf16(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        knobs: &[("train.dead_window=3", &["--dead-window", "3"]), BF16],
+        ..topk_auxk(name, epochs, batch)
+    }
+}
+
+/// JumpReLU + L0 in bf16 (straight-through thresholds).
+fn jumprelu_bf16(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        knobs: &[
+            (
+                "model.jumprelu_init_threshold=0.1",
+                &["--init-threshold", "0.1"],
+            ),
+            ("model.jumprelu_bandwidth=0.05", &["--bandwidth", "0.05"]),
+            BF16,
+        ],
+        ..jumprelu_l0(name, epochs, batch)
+    }
+}
+
+/// Gated in bf16 (its gate's L1 and reconstruction terms).
+fn gated_bf16(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        knobs: &[BF16],
+        ..gated(name, epochs, batch)
+    }
+}
+
+/// Matryoshka batch top-k in bf16 (the inner levels' matmuls too).
+fn matryoshka_bf16(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        knobs: &[
+            (
+                "model.matryoshka_widths=[16, 48]",
+                &["--matryoshka-widths", "16,48"],
+            ),
+            ("train.dead_window=4", &["--dead-window", "4"]),
+            ("train.unit_norm_decoder=true", &["--unit-norm-decoder"]),
+            ("model.b_dec_init=mean", &["--b-dec-mean"]),
+            (
+                "model.topk_threshold_lr=0.05",
+                &["--topk-threshold-lr", "0.05"],
+            ),
+            BF16,
+        ],
+        ..matryoshka(name, epochs, batch)
+    }
+}
+
 /// `test_name: case(name, epochs, batch);` -> a `#[test]` checking that case.
 macro_rules! parity_tests {
     ($($test:ident: $case:ident($name:literal, $epochs:literal, $batch:expr);)*) => {
@@ -1034,4 +1181,11 @@ parity_tests! {
     whiten_topk_rescale_minibatch: whiten_topk_rescale("whiten_topk_rescale", 10, Some(48));
     whiten_gated_minibatch: whiten_gated("whiten_gated", 10, Some(48));
     whiten_jumprelu_minibatch: whiten_jumprelu("whiten_jumprelu", 10, Some(48));
+    bf16_l1_full_batch: l1_bf16("bf16_l1_full", 200, None);
+    bf16_l1_minibatch: l1_bf16("bf16_l1_minibatch", 10, Some(64));
+    bf16_topk_auxk_full_batch: topk_auxk_bf16("bf16_topk_auxk_full", 100, None);
+    bf16_topk_auxk_minibatch: topk_auxk_bf16("bf16_topk_auxk_minibatch", 10, Some(48));
+    bf16_jumprelu_minibatch: jumprelu_bf16("bf16_jumprelu_minibatch", 10, Some(48));
+    bf16_gated_minibatch: gated_bf16("bf16_gated_minibatch", 10, Some(48));
+    bf16_matryoshka_minibatch: matryoshka_bf16("bf16_matryoshka_minibatch", 10, Some(48));
 }

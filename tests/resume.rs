@@ -266,6 +266,15 @@ fn whitened_topk_resume_is_bit_identical() {
     interrupted_runs_match_uninterrupted(&yaml, "whitened topk");
 }
 
+/// `train.precision: bf16` (autocast around the forward pass): no state of
+/// its own, so the TOPK run under it resumes bit for bit too.
+#[test]
+fn bf16_topk_resume_is_bit_identical() {
+    let yaml = TOPK.replace("  threads: 1\n", "  threads: 1\n  precision: bf16\n");
+    assert!(yaml.contains("precision: bf16"));
+    interrupted_runs_match_uninterrupted(&yaml, "topk bf16");
+}
+
 #[test]
 fn batchtopk_threshold_resume_is_bit_identical() {
     interrupted_runs_match_uninterrupted(BATCHTOPK, "batchtopk");
@@ -276,6 +285,7 @@ fn skip_connection_resume_is_bit_identical() {
     interrupted_runs_match_uninterrupted(JUMPRELU_SKIP, "jumprelu skip");
 }
 
+#[test]
 fn signum_resume_is_bit_identical() {
     interrupted_runs_match_uninterrupted(SIGNUM, "signum");
 }

@@ -132,13 +132,18 @@ fn parse_header(header: &NpyHeader, origin: &str) -> Result<ArrayInfo> {
         ),
     };
     let size = ts.size_field() as usize;
+    // `V2` is ml_dtypes' bfloat16: `np.save` writes it as the 2-byte void
+    // `<V2` (numpy has no bfloat16 of its own); no other 2-byte void is in use.
     let ok = matches!(
         (ts.type_char(), size),
-        (TypeChar::Float, 2 | 4 | 8) | (TypeChar::Int | TypeChar::Uint, 1 | 2 | 4 | 8)
+        (TypeChar::Float, 2 | 4 | 8)
+            | (TypeChar::Int | TypeChar::Uint, 1 | 2 | 4 | 8)
+            | (TypeChar::RawData, 2)
     );
     if !ok {
         bail_user!(
-            "{origin}: dtype `{}` is not supported; use float16/32/64 or an integer type",
+            "{origin}: dtype `{}` is not supported; use float16/32/64, bfloat16 (ml_dtypes, \
+             saved as `<V2`) or an integer type",
             ts
         );
     }
@@ -173,6 +178,7 @@ fn convert(bytes: &[u8], e: Elem, out: &mut Vec<f32>) {
         (TypeChar::Float, 4) => conv!(f32, 4, |v: f32| v),
         (TypeChar::Float, 8) => conv!(f64, 8, |v: f64| v as f32),
         (TypeChar::Float, 2) => conv!(half::f16, 2, f32::from),
+        (TypeChar::RawData, 2) => conv!(half::bf16, 2, f32::from),
         (TypeChar::Int, 1) => conv!(i8, 1, f32::from),
         (TypeChar::Int, 2) => conv!(i16, 2, f32::from),
         (TypeChar::Int, 4) => conv!(i32, 4, |v: i32| v as f32),
@@ -479,6 +485,9 @@ fn with_part<T>(part: &Part, go: PartFn<'_, T>) -> Result<T> {
 
 /// `float32`, `int64`, `uint8`: numpy's name of an element type.
 fn dtype_name(e: Elem) -> String {
+    if e.kind == TypeChar::RawData {
+        return "bfloat16".into();
+    }
     let kind = match e.kind {
         TypeChar::Float => "float",
         TypeChar::Int => "int",
@@ -750,11 +759,58 @@ pub fn write_npy_i64(path: &Path, shape: &[usize], values: &[i64]) -> Result<()>
     })
 }
 
-fn descr_of(half: bool) -> &'static str {
-    if half {
-        "<f2"
-    } else {
-        "<f4"
+/// The element type a [`NpyWriter`] stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutDtype {
+    #[default]
+    Float32,
+    Float16,
+    /// ml_dtypes' bfloat16, saved as numpy saves it: descr `<V2`, so
+    /// `np.load(f).view(ml_dtypes.bfloat16)` reads it.
+    BFloat16,
+}
+
+impl OutDtype {
+    /// From numpy's name: float32, float16, bfloat16.
+    pub fn parse(name: &str) -> Option<OutDtype> {
+        match name {
+            "float32" => Some(OutDtype::Float32),
+            "float16" => Some(OutDtype::Float16),
+            "bfloat16" => Some(OutDtype::BFloat16),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OutDtype::Float32 => "float32",
+            OutDtype::Float16 => "float16",
+            OutDtype::BFloat16 => "bfloat16",
+        }
+    }
+
+    fn descr(self) -> &'static str {
+        match self {
+            OutDtype::Float32 => "<f4",
+            OutDtype::Float16 => "<f2",
+            OutDtype::BFloat16 => "<V2",
+        }
+    }
+}
+
+/// `values` rounded to `dtype` (to nearest even, as numpy's and ml_dtypes'
+/// `astype`), little-endian.
+fn half_le_bytes(values: &[f32], dtype: OutDtype) -> Vec<u8> {
+    match dtype {
+        OutDtype::Float16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        OutDtype::BFloat16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
+        OutDtype::Float32 => unreachable!("float32 is written as is"),
     }
 }
 
@@ -772,16 +828,16 @@ pub struct NpyWriter {
     out: Option<BufWriter<File>>,
     cols: usize,
     rows: u64,
-    half: bool,
+    dtype: OutDtype,
 }
 
 impl NpyWriter {
     pub fn create(path: &Path, cols: usize) -> Result<NpyWriter> {
-        NpyWriter::create_as(path, cols, false)
+        NpyWriter::create_as(path, cols, OutDtype::Float32)
     }
 
-    /// A writer of float16 values (`half`) or float32 ones.
-    pub fn create_as(path: &Path, cols: usize, half: bool) -> Result<NpyWriter> {
+    /// A writer of `dtype` values.
+    pub fn create_as(path: &Path, cols: usize, dtype: OutDtype) -> Result<NpyWriter> {
         if path.is_dir() {
             bail_user!("{}: is a directory; pass a .npy file path", path.display());
         }
@@ -796,7 +852,7 @@ impl NpyWriter {
         out.write_all(&npy_header_descr(
             &[0, cols as u64],
             STREAM_HEADER_LEN,
-            descr_of(half),
+            dtype.descr(),
         ))
         .with_context(|| format!("writing {}", path.display()))?;
         Ok(NpyWriter {
@@ -805,7 +861,7 @@ impl NpyWriter {
             out: Some(out),
             cols,
             rows: 0,
-            half,
+            dtype,
         })
     }
 
@@ -829,9 +885,14 @@ impl NpyWriter {
                 self.cols
             );
         }
-        if self.half {
-            // Rounded by libtorch (to nearest even, as numpy's astype).
-            let h = t.to_kind(tch::Kind::Half).flatten(0, -1);
+        if self.dtype != OutDtype::Float32 {
+            // Rounded by libtorch (to nearest even, as numpy's and
+            // ml_dtypes' astype).
+            let kind = match self.dtype {
+                OutDtype::BFloat16 => tch::Kind::BFloat16,
+                _ => tch::Kind::Half,
+            };
+            let h = t.to_kind(kind).flatten(0, -1);
             let mut bytes = vec![0u8; h.numel() * 2];
             h.copy_data_u8(&mut bytes, h.numel());
             if cfg!(target_endian = "big") {
@@ -850,9 +911,9 @@ impl NpyWriter {
     }
 
     /// Appends `rows` rows given row-major (no libtorch call: a writer
-    /// thread can run it while the next batch computes).
+    /// thread can run it while the next batch computes), rounded to the
+    /// writer's dtype.
     pub fn write_rows(&mut self, values: &[f32], rows: usize) -> Result<()> {
-        assert!(!self.half, "write_rows writes float32 values");
         if values.len() != rows * self.cols {
             anyhow::bail!(
                 "{}: {} values are not {rows} rows of {}",
@@ -861,10 +922,14 @@ impl NpyWriter {
                 self.cols
             );
         }
+        let bytes = match self.dtype {
+            OutDtype::Float32 => f32_le_bytes(values),
+            d => std::borrow::Cow::Owned(half_le_bytes(values, d)),
+        };
         self.out
             .as_mut()
             .expect("not finished")
-            .write_all(&f32_le_bytes(values))
+            .write_all(&bytes)
             .with_context(|| format!("writing {}", self.path.display()))?;
         self.rows += rows as u64;
         Ok(())
@@ -880,7 +945,7 @@ impl NpyWriter {
         let header = npy_header_descr(
             &[self.rows, self.cols as u64],
             STREAM_HEADER_LEN,
-            descr_of(self.half),
+            self.dtype.descr(),
         );
         debug_assert_eq!(header.len(), STREAM_HEADER_LEN);
         file.seek(SeekFrom::Start(0)).with_context(ctx)?;

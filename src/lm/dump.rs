@@ -16,8 +16,8 @@ use std::time::Instant;
 
 pub struct Options {
     pub out: PathBuf,
-    /// float16 values instead of float32.
-    pub half: bool,
+    /// The values' dtype (float32, float16, bfloat16).
+    pub dtype: crate::data::npy::OutDtype,
     pub vocab: Option<Vocab>,
     pub labels: Option<PathBuf>,
     pub progress: bool,
@@ -85,7 +85,7 @@ pub fn write(source: &ModelSource, opts: &Options) -> Result<Written> {
     }
     let start = Instant::now();
     let corpus = &source.corpus;
-    let mut npy = NpyWriter::create_as(&opts.out, corpus.d as usize, opts.half)?;
+    let mut npy = NpyWriter::create_as(&opts.out, corpus.d as usize, opts.dtype)?;
     let per_seq = (source.rows() / source.sequences().max(1)).max(1);
     let group = corpus.group();
     let chunk = (CHUNK_ROWS / per_seq).div_ceil(group).max(1) * group;

@@ -64,6 +64,8 @@ pub struct Summary {
     pub omp_wait: String,
     /// Data-parallel ranks (1: a single process) and their c10d backend.
     pub world_size: usize,
+    /// `train.precision`: fp32, or bf16 (autocast around the forward pass).
+    pub precision: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
     /// Data-parallel: seconds of the training loop that rank 0 spent in
@@ -628,6 +630,7 @@ impl Session {
             threads: tch::get_num_threads() as i64,
             omp_wait: device::omp_wait(),
             world_size: self.shard.world,
+            precision: cfg.train.precision.name().to_string(),
             backend: group.map(|_| "gloo".to_string()),
             collective_seconds: group.map(|g| g.busy_seconds() - self.busy_before),
             seconds,

@@ -7,7 +7,8 @@ use super::batches::Batch;
 use super::init::{decoder_rows, normalize_decoder_rows};
 use super::state::DeadTracker;
 use crate::arch::Architecture;
-use crate::config::{Config, InputNoise, SparseStep, TrainConfig};
+use crate::autocast::Autocast;
+use crate::config::{Config, InputNoise, Precision, SparseStep, TrainConfig};
 use crate::model::{Forward, Sae};
 use crate::optim::Adam;
 use crate::optimizer::Optimizer;
@@ -80,6 +81,8 @@ impl Learner {
         model.set_requires_grad(true);
         let opt = Optimizer::new(&cfg.train.optimizer, &model.parameters())
             .map_err(|e| anyhow::Error::new(e).context("allocating the optimizer's buffers"))?;
+        // Fails here, not mid-run, where the device has no autocast.
+        drop(Autocast::enter(cfg.train.precision, model.device())?);
         Ok(Learner {
             arch: model.spec.activation.arch(),
             settings: cfg.model.arch_settings(),
@@ -92,8 +95,11 @@ impl Learner {
 
     /// Whether this model and penalty can take the sparse pass
     /// (`crate::sparse_step`; `train.sparse_step` decides whether they do).
+    /// Not under `train.precision: bf16`: the sparse pass's hand-written
+    /// encoder gradient is float32 only, so bf16 takes the dense step.
     pub fn can_step_sparse(&self) -> bool {
-        self.penalty.supports_sparse_codes()
+        self.cfg.train.precision == Precision::Fp32
+            && self.penalty.supports_sparse_codes()
             && self.cfg.sparsity.pre_act_weight == 0.0
             && !self.settings.multi_topk
             && sparse_step::applies(&self.model, self.arch.as_ref())
@@ -166,6 +172,9 @@ impl Learner {
     /// The forward half: the loss terms of `input` reconstructing `target`.
     /// The order of ops is fixed: autograd sums a tensor's gradients in the
     /// order its uses were recorded, so reordering changes the last bits.
+    /// Under `train.precision: bf16` all of it runs in libtorch's autocast
+    /// region (`crate::autocast`), as `with torch.autocast(...)` around a
+    /// PyTorch forward pass and loss; the backward pass (in `update`) does not.
     pub fn forward(
         &self,
         input: &Tensor,
@@ -173,6 +182,10 @@ impl Learner {
         sparsity_weight: f64,
         dead: Option<&Tensor>,
     ) -> StepOutput {
+        // Entering was tried once in `Learner::new`: it only sets
+        // thread-local flags and cannot fail after that.
+        let _autocast = Autocast::enter(self.cfg.train.precision, self.model.device())
+            .expect("autocast entered once in Learner::new");
         let model = &self.model;
         let mode = self.cfg.train.sparse_step;
         let f = if mode != SparseStep::Never && self.can_step_sparse() && !input.requires_grad() {

@@ -11,6 +11,7 @@ tensor bytes) is read and written by hand here; only F32/F64 are needed.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import struct
@@ -82,7 +83,20 @@ def base_parser(description):
                    help="int64 .npy [n] or [epochs, n]: row order of each epoch")
     p.add_argument("--lr", type=float, required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu",
+                   help="cpu | cuda (saelens.py; scripts/gpu_bf16_check.sh)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: the forward pass and loss under "
+                   "torch.autocast('cpu', dtype=torch.bfloat16), backward outside")
     return p
+
+
+def autocast(args):
+    """The region a step's forward pass and loss run in: torch's autocast
+    to bfloat16 on --device's type for --precision bf16, else nothing."""
+    if args.precision == "bf16":
+        return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def setup(args):

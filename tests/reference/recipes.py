@@ -73,6 +73,8 @@ project; the autograd Functions below are SAELens's own, copied.
     Muon(params with ndim >= 2, lr, momentum, weight_decay=--muon-weight-decay) and
     torch.optim.Adam(the rest, lr); Muon's LR schedule has no warm-up (sparsify's
     get_linear_schedule_with_warmup(muon, 0, ...)), Adam's has --lr-warmup-steps.
+--precision bf16 (`train.precision`): each step's forward pass and loss run under
+    torch.autocast('cpu', dtype=torch.bfloat16); backward and the update outside.
 --multi-topk (sparsify): loss += mse(decode(topk_acts(hidden_pre, 4k)), x) / 8, after the
     other terms. --k-decay-steps N (sparsify get_current_k): batch i (0-based) uses
     k_i = round(k0 (1 - i/N) + k i/N) while i < N, k0 = min(d_sae, 10 d_in), Python's round.
@@ -730,66 +732,68 @@ def main():
             with torch.no_grad():
                 sae.threshold.data.clamp_(min=0.0)
         dead = since_fired > args.dead_window
-        feature_acts, hidden_pre = sae.encode_with_hidden_pre(sae_in)
-        sae_out = act_times_W_dec(feature_acts, sae.W_dec,
-                                  args.rescale_acts_by_decoder_norm) + sae.b_dec
-        if args.skip_connection:
-            sae_out = sae_out + sae_in @ sae.W_skip.T
-        mse_loss = F.mse_loss(sae_out, target)
-        if args.penalty == "auxk":
-            penalty = topk_aux_loss(target, sae_out, hidden_pre, sae.W_dec, dead,
-                                    args.rescale_acts_by_decoder_norm,
-                                    signed=args.architecture == "abstopk")
-        elif args.penalty == "l0":
-            l0 = torch.sum(Step.apply(hidden_pre, sae.threshold, args.bandwidth,
-                                      args.ste_to_input), dim=-1)
-            penalty = l0.mean()
-        elif args.penalty == "quadratic_l0":
-            l0 = torch.sum(Step.apply(hidden_pre, sae.threshold, args.bandwidth,
-                                      args.ste_to_input), dim=-1)
-            penalty = (2 / args.target_l0 * (l0 - args.target_l0) ** 2).mean()
-        elif args.penalty == "tanh":
-            W_dec_norm = sae.W_dec.norm(dim=1)
-            penalty = torch.tanh(args.tanh_scale * feature_acts * W_dec_norm).sum(dim=-1).mean()
-        elif args.penalty == "l1":
-            # SAELens GatedTrainingSAE.calculate_aux_loss (gate L1 only here).
-            sae_in_centered = sae_in - sae.b_dec * True
-            pi_gate_act = torch.relu(sae_in_centered @ sae.W_enc + sae.b_gate)
-            penalty = torch.sum(pi_gate_act * sae.W_dec.norm(dim=1), dim=-1).mean()
-        else:
-            penalty = torch.zeros((), dtype=sae_out.dtype)
-        loss = mse_loss + penalty * coefficient.value
-        if args.pre_act_coefficient > 0:
-            # calculate_pre_act_loss, in this project's term order (after the penalty).
-            if dead.any():
-                per_item = ((sae.threshold - hidden_pre).relu() * dead
-                            * sae.W_dec.norm(dim=1)).sum(dim=-1)
-                loss = loss + per_item.mean() * args.pre_act_coefficient
+        # --precision bf16: forward pass and loss under CPU autocast, backward outside.
+        with common.autocast(args):
+            feature_acts, hidden_pre = sae.encode_with_hidden_pre(sae_in)
+            sae_out = act_times_W_dec(feature_acts, sae.W_dec,
+                                      args.rescale_acts_by_decoder_norm) + sae.b_dec
+            if args.skip_connection:
+                sae_out = sae_out + sae_in @ sae.W_skip.T
+            mse_loss = F.mse_loss(sae_out, target)
+            if args.penalty == "auxk":
+                penalty = topk_aux_loss(target, sae_out, hidden_pre, sae.W_dec, dead,
+                                        args.rescale_acts_by_decoder_norm,
+                                        signed=args.architecture == "abstopk")
+            elif args.penalty == "l0":
+                l0 = torch.sum(Step.apply(hidden_pre, sae.threshold, args.bandwidth,
+                                          args.ste_to_input), dim=-1)
+                penalty = l0.mean()
+            elif args.penalty == "quadratic_l0":
+                l0 = torch.sum(Step.apply(hidden_pre, sae.threshold, args.bandwidth,
+                                          args.ste_to_input), dim=-1)
+                penalty = (2 / args.target_l0 * (l0 - args.target_l0) ** 2).mean()
+            elif args.penalty == "tanh":
+                W_dec_norm = sae.W_dec.norm(dim=1)
+                penalty = torch.tanh(args.tanh_scale * feature_acts * W_dec_norm).sum(dim=-1).mean()
+            elif args.penalty == "l1":
+                # SAELens GatedTrainingSAE.calculate_aux_loss (gate L1 only here).
+                sae_in_centered = sae_in - sae.b_dec * True
+                pi_gate_act = torch.relu(sae_in_centered @ sae.W_enc + sae.b_gate)
+                penalty = torch.sum(pi_gate_act * sae.W_dec.norm(dim=1), dim=-1).mean()
             else:
-                loss = loss + torch.zeros(())
-        if args.architecture == "gated":
-            via_gate_reconstruction = pi_gate_act @ sae.W_dec + sae.b_dec
-            loss = loss + (via_gate_reconstruction - sae_in).pow(2).mean()
-        with torch.no_grad():
-            did_fire = feature_acts.bool().float().sum(-2).bool()
-            since_fired += 1
-            since_fired[did_fire] = 0
-        if args.multi_topk:
-            wide = topk_acts(hidden_pre, min(4 * sae.k, hidden_pre.shape[1]))
-            loss = loss + F.mse_loss(act_times_W_dec(wide, sae.W_dec, False) + sae.b_dec,
-                                     target) / 8
-        if args.architecture == "matryoshka_batchtopk":
-            # SAELens MatryoshkaBatchTopKTrainingSAE.training_forward_pass
-            # (the outer level is the base loss above).
-            decoded = sae.b_dec
-            prev_width = 0
-            for width in levels[:-1]:
-                inner_feature_acts = feature_acts[:, prev_width:width]
-                decoded = inner_feature_acts @ sae.W_dec[prev_width:width] + decoded
-                prev_width = width
-                loss = loss + F.mse_loss(decoded, sae_in)
-        if args.architecture in BATCHTOPK:
-            sae.update_topk_threshold(feature_acts)
+                penalty = torch.zeros((), dtype=sae_out.dtype)
+            loss = mse_loss + penalty * coefficient.value
+            if args.pre_act_coefficient > 0:
+                # calculate_pre_act_loss, in this project's term order (after the penalty).
+                if dead.any():
+                    per_item = ((sae.threshold - hidden_pre).relu() * dead
+                                * sae.W_dec.norm(dim=1)).sum(dim=-1)
+                    loss = loss + per_item.mean() * args.pre_act_coefficient
+                else:
+                    loss = loss + torch.zeros(())
+            if args.architecture == "gated":
+                via_gate_reconstruction = pi_gate_act @ sae.W_dec + sae.b_dec
+                loss = loss + (via_gate_reconstruction - sae_in).pow(2).mean()
+            with torch.no_grad():
+                did_fire = feature_acts.bool().float().sum(-2).bool()
+                since_fired += 1
+                since_fired[did_fire] = 0
+            if args.multi_topk:
+                wide = topk_acts(hidden_pre, min(4 * sae.k, hidden_pre.shape[1]))
+                loss = loss + F.mse_loss(act_times_W_dec(wide, sae.W_dec, False) + sae.b_dec,
+                                         target) / 8
+            if args.architecture == "matryoshka_batchtopk":
+                # SAELens MatryoshkaBatchTopKTrainingSAE.training_forward_pass
+                # (the outer level is the base loss above).
+                decoded = sae.b_dec
+                prev_width = 0
+                for width in levels[:-1]:
+                    inner_feature_acts = feature_acts[:, prev_width:width]
+                    decoded = inner_feature_acts @ sae.W_dec[prev_width:width] + decoded
+                    prev_width = width
+                    loss = loss + F.mse_loss(decoded, sae_in)
+            if args.architecture in BATCHTOPK:
+                sae.update_topk_threshold(feature_acts)
         for optimizer in optimizers:
             optimizer.zero_grad()
         loss.backward()

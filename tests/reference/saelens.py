@@ -14,6 +14,10 @@ The reconstruction term is F.mse_loss (mean over all elements), the loss this
 project specifies; SAELens itself sums over d_in before the batch mean.
 Adam; no normalisation of the inputs, or with --whiten-eps SAELens's
 covariance whitening folded into the saved weights (whitening.py).
+
+--precision bf16: the forward pass and loss under
+torch.autocast('cpu', dtype=torch.bfloat16) (common.autocast), backward and
+the optimizer step outside, as torch's AMP recipe runs them.
 """
 
 import torch
@@ -67,29 +71,30 @@ def main():
     args = p.parse_args()
     common.setup(args)
 
-    X = torch.tensor(common.load_data(args.data), dtype=torch.float32)
+    X = torch.tensor(common.load_data(args.data), dtype=torch.float32).to(args.device)
     whitening = None
     if args.whiten_eps is not None:
         whitening = whitening_ref.estimate(X, args.whiten_eps)
         X = whitening_ref.whiten(X, whitening)
     w = common.read_safetensors(args.init)
-    sae = SAE(w, args.architecture, args.k, not args.no_b_dec_on_input)
+    sae = SAE(w, args.architecture, args.k, not args.no_b_dec_on_input).to(args.device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr, foreach=False)
 
     log = common.LossLog(args.out)
     for epoch, idx in common.epoch_batches(len(X), args.epochs, args.batch_size, args.order):
-        sae_in = X[idx]
-        feature_acts = sae.encode(sae_in)
-        sae_out = sae.decode(feature_acts)
-        mse_loss = F.mse_loss(sae_out, sae_in)
-        if args.architecture == "standard":
-            sparsity = (feature_acts * sae.W_dec.norm(dim=1)).norm(p=1, dim=-1)
-            l1_loss = (args.l1_coefficient * sparsity).mean()
-            penalty = sparsity.mean().item()
-        else:
-            l1_loss = torch.zeros((), dtype=sae_out.dtype)
-            penalty = 0.0
-        loss = mse_loss + l1_loss
+        sae_in = X[idx.to(args.device)]
+        with common.autocast(args):
+            feature_acts = sae.encode(sae_in)
+            sae_out = sae.decode(feature_acts)
+            mse_loss = F.mse_loss(sae_out, sae_in)
+            if args.architecture == "standard":
+                sparsity = (feature_acts * sae.W_dec.norm(dim=1)).norm(p=1, dim=-1)
+                l1_loss = (args.l1_coefficient * sparsity).mean()
+                penalty = sparsity.mean().item()
+            else:
+                l1_loss = torch.zeros((), dtype=sae_out.dtype)
+                penalty = 0.0
+            loss = mse_loss + l1_loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
