@@ -1617,3 +1617,52 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lp_anneal(sets: &[&str]) -> std::result::Result<Config, String> {
+        let base = "data: {train: x.npy}\nsparsity: {penalty: lp_anneal}\n";
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::from_yaml_str(base, "test", &sets).map_err(|e| e.to_string())
+    }
+
+    /// lp_anneal's keys are checked, each error naming its key, and they
+    /// are refused with another penalty.
+    #[test]
+    fn lp_anneal_keys_are_validated() {
+        let c = lp_anneal(&[]).unwrap();
+        assert_eq!(c.sparsity.lp_form, LpForm::Lp);
+        let c = lp_anneal(&["sparsity.lp_form=lp^p"]).unwrap();
+        assert_eq!(c.sparsity.lp_form, LpForm::LpPowP);
+        for (set, needle) in [
+            ("model.activation=topk", "sparsity.penalty: lp_anneal needs activation relu"),
+            ("sparsity.p_end=0", "sparsity.p_end: 0 must be a finite number > 0"),
+            ("sparsity.p_start=-1", "sparsity.p_start: -1 must be"),
+            ("sparsity.anneal_start=0", "sparsity.anneal_start: 0 must be a step >= 1"),
+            ("sparsity.anneal_end=0", "sparsity.anneal_end: 0 must be `auto` or >="),
+            ("sparsity.p_updates=0", "sparsity.p_updates: 0 must be at least 1"),
+            (
+                "sparsity.anneal_queue_length=0",
+                "sparsity.anneal_queue_length: 0 must be at least 1",
+            ),
+            ("sparsity.lp_form=l2", "lp_form"),
+        ] {
+            let mut sets = vec![set];
+            if set.starts_with("model.activation") {
+                sets.push("model.k=4");
+            }
+            let err = lp_anneal(&sets).expect_err(set);
+            assert!(err.contains(needle), "{set}: {err}");
+        }
+        let base = "data: {train: x.npy}\n";
+        let err = Config::from_yaml_str(base, "test", &["sparsity.p_updates=4".into()])
+            .expect_err("p_updates without lp_anneal")
+            .to_string();
+        assert!(
+            err.contains("sparsity.p_updates: only used by penalty lp_anneal, not l1"),
+            "{err}"
+        );
+    }
+}
