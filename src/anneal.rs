@@ -142,12 +142,7 @@ impl PAnneal {
     /// weight]` (float64) and the queue (float32 `[n, 2]`).
     pub fn to_tensors(&self) -> (Tensor, Tensor) {
         let s = &self.state;
-        let head = [
-            s.p,
-            s.next_p.unwrap_or(f64::NAN),
-            s.done as f64,
-            s.weight,
-        ];
+        let head = [s.p, s.next_p.unwrap_or(f64::NAN), s.done as f64, s.weight];
         let flat: Vec<f32> = s.queue.iter().flat_map(|n| n.iter().copied()).collect();
         let queue = Tensor::from_slice(&flat).reshape([s.queue.len() as i64, 2]);
         (Tensor::from_slice(&head), queue)

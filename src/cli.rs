@@ -727,10 +727,15 @@ fn data_synth(a: &SynthArgs) -> Result<()> {
                 bail_user!("--depth {}: must be at least 1", a.depth);
             }
             if a.children == 0 && (a.depth != 1 || a.exclusive || a.compensate) {
-                bail_user!("--depth, --exclusive and --compensate shape the hierarchy: add --children N");
+                bail_user!(
+                    "--depth, --exclusive and --compensate shape the hierarchy: add --children N"
+                );
             }
             if a.exclusive && a.children < 2 {
-                bail_user!("--exclusive: needs --children 2 or more (siblings to exclude), not {}", a.children);
+                bail_user!(
+                    "--exclusive: needs --children 2 or more (siblings to exclude), not {}",
+                    a.children
+                );
             }
             if a.children > 0 {
                 match synth::tree_size(a.children, a.depth) {

@@ -874,7 +874,10 @@ fn lp_anneal_key_set(s: &SparsityConfig) -> Option<&'static str> {
         ("anneal_start", s.anneal_start != d.anneal_start),
         ("anneal_end", s.anneal_end != d.anneal_end),
         ("p_updates", s.p_updates != d.p_updates),
-        ("anneal_queue_length", s.anneal_queue_length != d.anneal_queue_length),
+        (
+            "anneal_queue_length",
+            s.anneal_queue_length != d.anneal_queue_length,
+        ),
     ]
     .into_iter()
     .find_map(|(key, set)| set.then_some(key))
@@ -1637,12 +1640,27 @@ mod tests {
         let c = lp_anneal(&["sparsity.lp_form=lp^p"]).unwrap();
         assert_eq!(c.sparsity.lp_form, LpForm::LpPowP);
         for (set, needle) in [
-            ("model.activation=topk", "sparsity.penalty: lp_anneal needs activation relu"),
-            ("sparsity.p_end=0", "sparsity.p_end: 0 must be a finite number > 0"),
+            (
+                "model.activation=topk",
+                "sparsity.penalty: lp_anneal needs activation relu",
+            ),
+            (
+                "sparsity.p_end=0",
+                "sparsity.p_end: 0 must be a finite number > 0",
+            ),
             ("sparsity.p_start=-1", "sparsity.p_start: -1 must be"),
-            ("sparsity.anneal_start=0", "sparsity.anneal_start: 0 must be a step >= 1"),
-            ("sparsity.anneal_end=0", "sparsity.anneal_end: 0 must be `auto` or >="),
-            ("sparsity.p_updates=0", "sparsity.p_updates: 0 must be at least 1"),
+            (
+                "sparsity.anneal_start=0",
+                "sparsity.anneal_start: 0 must be a step >= 1",
+            ),
+            (
+                "sparsity.anneal_end=0",
+                "sparsity.anneal_end: 0 must be `auto` or >=",
+            ),
+            (
+                "sparsity.p_updates=0",
+                "sparsity.p_updates: 0 must be at least 1",
+            ),
             (
                 "sparsity.anneal_queue_length=0",
                 "sparsity.anneal_queue_length: 0 must be at least 1",

@@ -852,10 +852,7 @@ fn p_anneal(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
                 "sparsity.anneal_queue_length=4",
                 &["--sparsity-queue-length", "4"],
             ),
-            (
-                "sparsity.warmup_steps=5",
-                &["--sparsity-warmup-steps", "5"],
-            ),
+            ("sparsity.warmup_steps=5", &["--sparsity-warmup-steps", "5"]),
             ("train.unit_norm_decoder=true", &["--unit-norm-decoder"]),
         ],
         ..sparse(name, epochs, batch)

@@ -249,16 +249,21 @@ fn lp_anneal_resumes_mid_queue() {
     let part_s = part.to_str().unwrap();
     sae_ok(&["train", "-q", "--resume", part_s, "--set", "train.epochs=8"]);
     same_outputs(&whole, &part, "lp_anneal 3 -> 8 epochs");
-    let weights: std::collections::BTreeSet<u64> = std::fs::read_to_string(whole.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .skip(10)
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["sparsity_weight"].as_f64().unwrap().to_bits()
-        })
-        .collect();
-    assert!(weights.len() >= 8, "the weight took {} values", weights.len());
+    let weights: std::collections::BTreeSet<u64> =
+        std::fs::read_to_string(whole.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .skip(10)
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["sparsity_weight"].as_f64().unwrap().to_bits()
+            })
+            .collect();
+    assert!(
+        weights.len() >= 8,
+        "the weight took {} values",
+        weights.len()
+    );
 }
 
 /// A 2-epoch, 12-step config on small synthetic data in `d`.

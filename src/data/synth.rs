@@ -216,7 +216,10 @@ impl Tree {
                 let scores = Tensor::rand([n, pl, c], (Kind::Float, Device::Cpu))
                     .masked_fill(&on.logical_not(), -1.0);
                 let winner = scores.argmax(2, true);
-                let keep = on.zeros_like().scatter_value(2, &winner, 1).logical_and(&on);
+                let keep = on
+                    .zeros_like()
+                    .scatter_value(2, &winner, 1)
+                    .logical_and(&on);
                 kids = (groups * keep.to_kind(acts.kind())).reshape([n, cl]);
             }
             let rest = features - cs - cl;
@@ -355,7 +358,11 @@ mod tests {
             let orphan = fired
                 .select(1, child)
                 .logical_and(&fired.select(1, parent).logical_not());
-            assert_eq!(orphan.sum(Kind::Int64).int64_value(&[]), 0, "{child} without {parent}");
+            assert_eq!(
+                orphan.sum(Kind::Int64).int64_value(&[]),
+                0,
+                "{child} without {parent}"
+            );
         }
         for &first in &groups {
             let together = fired
@@ -391,16 +398,26 @@ mod tests {
         let kept = rates(&deep(true, true, 8));
         for f in (0..3).chain(45..50) {
             let (r, w) = (plain[f], want[f]);
-            assert!((r - w).abs() < 0.015, "root/free feature {f}: rate {r}, Zipf {w}");
+            assert!(
+                (r - w).abs() < 0.015,
+                "root/free feature {f}: rate {r}, Zipf {w}"
+            );
         }
         let mut worst: f32 = 0.0;
         for f in 3..45 {
             let (r, w) = (kept[f], want[f]);
             worst = worst.max((r - w).abs() / w);
-            assert!(plain[f] < 0.7 * w, "feature {f} uncompensated: {} vs {w}", plain[f]);
+            assert!(
+                plain[f] < 0.7 * w,
+                "feature {f} uncompensated: {} vs {w}",
+                plain[f]
+            );
         }
         println!("compensated rates: worst relative deviation {worst}");
-        assert!(worst < 0.25, "compensated rates off their Zipf rates by {worst} (relative)");
+        assert!(
+            worst < 0.25,
+            "compensated rates off their Zipf rates by {worst} (relative)"
+        );
     }
 
     /// Firing rates follow the Zipf probabilities (without a hierarchy),

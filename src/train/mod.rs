@@ -608,7 +608,8 @@ impl Session {
         };
         self.report.log.flush()?;
         if self.state.unsaved() {
-            self.run.save_checkpoint(&mut self.learner, &mut self.state)?;
+            self.run
+                .save_checkpoint(&mut self.learner, &mut self.state)?;
         }
         if !self.run.writer {
             return Ok(None);
