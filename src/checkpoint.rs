@@ -25,6 +25,10 @@ use tch::{Kind, Tensor};
 pub const DIR: &str = "checkpoint";
 const FILE: &str = "state.safetensors";
 const META_KEY: &str = "train_state";
+/// lp_anneal's `[p, next_p, changes made, weight]` (float64) and its queue
+/// of norms (float32 `[n, 2]`).
+const ANNEAL_STATE: &str = "anneal.state";
+const ANNEAL_QUEUE: &str = "anneal.queue";
 
 /// Where the loop stands: the next step resumes at `epoch`, batch `batch`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -52,6 +56,8 @@ pub fn path(run: &Path) -> PathBuf {
 pub struct Buffers<'a> {
     /// Steps since each latent last fired (int64 `[d_hidden]`).
     pub since_fired: &'a mut Tensor,
+    /// lp_anneal's p, weight and queue of norms.
+    pub anneal: Option<&'a mut crate::anneal::PAnneal>,
 }
 
 /// A checkpoint tensor's safetensors dtype and bytes per element.
@@ -160,6 +166,11 @@ pub fn save(
         named.push(("threshold".into(), t));
     }
     named.push(("since_fired".into(), &*buffers.since_fired));
+    let anneal = buffers.anneal.as_ref().map(|a| a.to_tensors());
+    if let Some((head, queue)) = &anneal {
+        named.push((ANNEAL_STATE.into(), head));
+        named.push((ANNEAL_QUEUE.into(), queue));
+    }
     let meta = HashMap::from([(META_KEY.to_string(), serde_json::to_string(pos)?)]);
     let head = header(&named, &meta)?;
     let file = path(run);
@@ -274,6 +285,18 @@ pub fn load(
         th.copy_(&value);
     }
     *buffers.since_fired = take("since_fired".into(), buffers.since_fired)?;
+    if let Some(a) = buffers.anneal.as_mut() {
+        let (head, queue) = match (t.remove(ANNEAL_STATE), t.remove(ANNEAL_QUEUE)) {
+            (Some(h), Some(q)) => (h, q),
+            _ => bail_user!(
+                "{}: no p-annealing state (`{ANNEAL_STATE}`): the checkpoint does not belong \
+                 to this config (sparsity.penalty: lp_anneal)",
+                file.display()
+            ),
+        };
+        a.load_tensors(&head, &queue)
+            .map_err(|e| user(format!("{}: {e}", file.display())))?;
+    }
     if let Some(extra) = t.keys().next() {
         bail_user!(
             "{}: tensor `{extra}` does not belong to this config's model",

@@ -206,9 +206,27 @@ pub struct SynthArgs {
     #[arg(long, default_value_t = 0.2)]
     pub magnitude_std: f64,
     /// synthbench: children per parent feature (0: no hierarchy); a child
-    /// fires only where its parent does.
+    /// fires only where its parent does. The roots are the first
+    /// features / (1 + children + .. + children^depth), each level follows
+    /// breadth first (sae_lens's numbering); the rest fire freely.
     #[arg(long, default_value_t = 0)]
     pub children: i64,
+    /// synthbench with --children: levels below the roots (1: parents and
+    /// children; 3: roots, children, grandchildren, great-grandchildren).
+    #[arg(long, default_value_t = 1)]
+    pub depth: i64,
+    /// synthbench with --children (2 or more): siblings exclude each other;
+    /// where several children of one feature fire, one drawn uniformly is
+    /// kept (sae_lens's mutually exclusive children), before the level below
+    /// is gated by them.
+    #[arg(long)]
+    pub exclusive: bool,
+    /// synthbench with --children: raise each child's firing probability by
+    /// 1 / its parent's (and, with --exclusive, by 1 + its siblings' summed
+    /// probability / its parent's), capped at 1, so features fire at about
+    /// their Zipf rates (sae_lens's compensate_probabilities).
+    #[arg(long)]
+    pub compensate: bool,
     /// synthbench: rank of the low-rank Gaussian copula correlating which
     /// features fire (0: independent).
     #[arg(long, default_value_t = 0)]
@@ -714,6 +732,32 @@ fn data_synth(a: &SynthArgs) -> Result<()> {
                     a.features
                 );
             }
+            if a.depth < 1 {
+                bail_user!("--depth {}: must be at least 1", a.depth);
+            }
+            if a.children == 0 && (a.depth != 1 || a.exclusive || a.compensate) {
+                bail_user!(
+                    "--depth, --exclusive and --compensate shape the hierarchy: add --children N"
+                );
+            }
+            if a.exclusive && a.children < 2 {
+                bail_user!(
+                    "--exclusive: needs --children 2 or more (siblings to exclude), not {}",
+                    a.children
+                );
+            }
+            if a.children > 0 {
+                match synth::tree_size(a.children, a.depth) {
+                    Some(size) if size <= a.features => {}
+                    size => bail_user!(
+                        "--children {} --depth {}: one tree has {} features, more than --features {}",
+                        a.children,
+                        a.depth,
+                        size.map_or("too many".to_string(), |s| s.to_string()),
+                        a.features
+                    ),
+                }
+            }
             if a.correlation_rank < 0
                 || !(a.correlation_scale >= 0.0 && a.correlation_scale.is_finite())
             {
@@ -729,6 +773,9 @@ fn data_synth(a: &SynthArgs) -> Result<()> {
                 min_prob: a.min_prob,
                 magnitude_std: a.magnitude_std,
                 children: a.children,
+                depth: a.depth,
+                exclusive: a.exclusive,
+                compensate: a.compensate,
                 correlation_rank: a.correlation_rank,
                 correlation_scale: a.correlation_scale,
             }

@@ -356,7 +356,22 @@ pub enum PenaltyKind {
     QuadraticL0,
     /// The top-k auxiliary loss: dead latents reconstruct the residual.
     Auxk,
+    /// dictionary_learning's p-annealing (`PAnnealTrainer`): an Lp penalty
+    /// on the codes whose p steps from `p_start` to `p_end`, the weight
+    /// rescaled at each step of p so the penalty keeps its size.
+    LpAnneal,
     None,
+}
+
+/// `sparsity.lp_form`: dictionary_learning's `sparsity_function`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LpForm {
+    /// `mean_batch((sum_j z_j^p)^(1/p))`.
+    #[serde(rename = "lp")]
+    Lp,
+    /// `mean_batch(sum_j z_j^p)`.
+    #[serde(rename = "lp^p")]
+    LpPowP,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -382,6 +397,20 @@ pub struct SparsityConfig {
     /// `pre_act_weight * mean_batch(sum_j relu(threshold_j - pre_j) * dead_j
     /// * ||W_dec[j]||)` (SAELens `pre_act_loss_coefficient`); 0: off.
     pub pre_act_weight: f64,
+    /// lp_anneal: the penalty's form (dictionary_learning `sparsity_function`).
+    pub lp_form: LpForm,
+    /// lp_anneal: p before and at the end of the annealing.
+    pub p_start: f64,
+    pub p_end: f64,
+    /// lp_anneal: the steps at whose end p takes its first and last values
+    /// (`auto`: one past the run's last step, as dictionary_learning).
+    pub anneal_start: i64,
+    pub anneal_end: Auto<i64>,
+    /// lp_anneal: how many values p takes (dictionary_learning `n_sparsity_updates`).
+    pub p_updates: i64,
+    /// lp_anneal: the recent steps whose Lp norms rescale the weight
+    /// (dictionary_learning `sparsity_queue_length`).
+    pub anneal_queue_length: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -606,6 +635,13 @@ impl Default for SparsityConfig {
             tanh_scale: 4.0,
             target_l0: None,
             pre_act_weight: 0.0,
+            lp_form: LpForm::Lp,
+            p_start: 1.0,
+            p_end: 0.2,
+            anneal_start: 1,
+            anneal_end: Auto::Auto,
+            p_updates: 10,
+            anneal_queue_length: 10,
         }
     }
 }
@@ -895,6 +931,25 @@ fn validate_dist(d: &DistConfig) -> std::result::Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The first lp_anneal key that differs from its default, if any.
+fn lp_anneal_key_set(s: &SparsityConfig) -> Option<&'static str> {
+    let d = SparsityConfig::default();
+    [
+        ("lp_form", s.lp_form != d.lp_form),
+        ("p_start", s.p_start != d.p_start),
+        ("p_end", s.p_end != d.p_end),
+        ("anneal_start", s.anneal_start != d.anneal_start),
+        ("anneal_end", s.anneal_end != d.anneal_end),
+        ("p_updates", s.p_updates != d.p_updates),
+        (
+            "anneal_queue_length",
+            s.anneal_queue_length != d.anneal_queue_length,
+        ),
+    ]
+    .into_iter()
+    .find_map(|(key, set)| set.then_some(key))
 }
 
 /// A penalty's name as written in `sparsity.penalty`.
@@ -1589,8 +1644,61 @@ impl Config {
                 ActivationKind::names_with_k(),
                 activation_name(m.activation)
             )),
-            _ => Ok(()),
+            PenaltyKind::LpAnneal => self.validate_lp_anneal(),
+            _ => match lp_anneal_key_set(s) {
+                Some(key) => Err(format!(
+                    "sparsity.{key}: only used by penalty lp_anneal, not {}",
+                    penalty_name(s.penalty)
+                )),
+                None => Ok(()),
+            },
         }
+    }
+
+    /// lp_anneal's keys: p > 0 (its gradient at 0 codes is relu's to mask,
+    /// so relu codes only), an ordered window, at least one value and one
+    /// queued step.
+    fn validate_lp_anneal(&self) -> Check {
+        let (m, s) = (&self.model, &self.sparsity);
+        if m.activation != ActivationKind::Relu {
+            return Err(format!(
+                "sparsity.penalty: lp_anneal needs activation relu (dictionary_learning's \
+                 PAnnealTrainer), not {}",
+                activation_name(m.activation)
+            ));
+        }
+        for (key, p) in [("p_start", s.p_start), ("p_end", s.p_end)] {
+            if !(p > 0.0 && p.is_finite()) {
+                return Err(format!("sparsity.{key}: {p} must be a finite number > 0"));
+            }
+        }
+        if s.anneal_start < 1 {
+            return Err(format!(
+                "sparsity.anneal_start: {} must be a step >= 1",
+                s.anneal_start
+            ));
+        }
+        if let Auto::Value(end) = s.anneal_end {
+            if end < s.anneal_start {
+                return Err(format!(
+                    "sparsity.anneal_end: {end} must be `auto` or >= sparsity.anneal_start ({})",
+                    s.anneal_start
+                ));
+            }
+        }
+        if s.p_updates < 1 {
+            return Err(format!(
+                "sparsity.p_updates: {} must be at least 1",
+                s.p_updates
+            ));
+        }
+        if s.anneal_queue_length < 1 {
+            return Err(format!(
+                "sparsity.anneal_queue_length: {} must be at least 1",
+                s.anneal_queue_length
+            ));
+        }
+        Ok(())
     }
 
     /// `sparsity.warmup_steps` and `sparsity.auxk_k`.
@@ -1728,5 +1836,69 @@ impl Config {
             )),
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lp_anneal(sets: &[&str]) -> std::result::Result<Config, String> {
+        let base = "data: {train: x.npy}\nsparsity: {penalty: lp_anneal}\n";
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::from_yaml_str(base, "test", &sets).map_err(|e| e.to_string())
+    }
+
+    /// lp_anneal's keys are checked, each error naming its key, and they
+    /// are refused with another penalty.
+    #[test]
+    fn lp_anneal_keys_are_validated() {
+        let c = lp_anneal(&[]).unwrap();
+        assert_eq!(c.sparsity.lp_form, LpForm::Lp);
+        let c = lp_anneal(&["sparsity.lp_form=lp^p"]).unwrap();
+        assert_eq!(c.sparsity.lp_form, LpForm::LpPowP);
+        for (set, needle) in [
+            (
+                "model.activation=topk",
+                "sparsity.penalty: lp_anneal needs activation relu",
+            ),
+            (
+                "sparsity.p_end=0",
+                "sparsity.p_end: 0 must be a finite number > 0",
+            ),
+            ("sparsity.p_start=-1", "sparsity.p_start: -1 must be"),
+            (
+                "sparsity.anneal_start=0",
+                "sparsity.anneal_start: 0 must be a step >= 1",
+            ),
+            (
+                "sparsity.anneal_end=0",
+                "sparsity.anneal_end: 0 must be `auto` or >=",
+            ),
+            (
+                "sparsity.p_updates=0",
+                "sparsity.p_updates: 0 must be at least 1",
+            ),
+            (
+                "sparsity.anneal_queue_length=0",
+                "sparsity.anneal_queue_length: 0 must be at least 1",
+            ),
+            ("sparsity.lp_form=l2", "lp_form"),
+        ] {
+            let mut sets = vec![set];
+            if set.starts_with("model.activation") {
+                sets.push("model.k=4");
+            }
+            let err = lp_anneal(&sets).expect_err(set);
+            assert!(err.contains(needle), "{set}: {err}");
+        }
+        let base = "data: {train: x.npy}\n";
+        let err = Config::from_yaml_str(base, "test", &["sparsity.p_updates=4".into()])
+            .expect_err("p_updates without lp_anneal")
+            .to_string();
+        assert!(
+            err.contains("sparsity.p_updates: only used by penalty lp_anneal, not l1"),
+            "{err}"
+        );
     }
 }

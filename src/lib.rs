@@ -2,12 +2,13 @@
 //!
 //! Where things live: the model ([`model`]), what differs per architecture
 //! ([`arch`], named by [`arch::ActivationKind`]) and sparsity penalties
-//! ([`penalty`]); the data path ([`data`]); the training run in parts
+//! ([`penalty`], p-annealing's state in [`anneal`]); the data path ([`data`]); the training run in parts
 //! ([`train`]: see docs/ARCHITECTURE.md) and optimizers ([`optimizer`]:
 //! Adam in [`optim`], [`signum`], [`muon`]); metric
 //! definitions ([`metrics`]); model files ([`export`]); what latents learned
 //! ([`latents`]) and the HTML pages ([`html`]); the CLI ([`cli`]).
 
+pub mod anneal;
 pub mod arch;
 pub mod autocast;
 pub mod checkpoint;

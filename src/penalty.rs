@@ -51,6 +51,13 @@ pub enum Penalty {
     AuxK {
         k_aux: i64,
     },
+    /// dictionary_learning's Lp penalty (p_anneal.py `lp_norm`), on
+    /// non-negative codes: `mean_over_batch((sum_j z_j^p)^(1/p))`, or without
+    /// the root (`Lp^p`). lp_anneal moves p as training goes (`crate::anneal`).
+    Lp {
+        p: f64,
+        root: bool,
+    },
     None,
 }
 
@@ -128,6 +135,10 @@ impl Penalty {
                     Auto::Auto => (d_out / 2).max(1),
                     Auto::Value(k) => k,
                 },
+            },
+            PenaltyKind::LpAnneal => Penalty::Lp {
+                p: s.p_start,
+                root: s.lp_form == crate::config::LpForm::Lp,
             },
             PenaltyKind::None => Penalty::None,
         }
@@ -217,6 +228,15 @@ impl Penalty {
                     .mean(Kind::Float)
             }
             Penalty::AuxK { k_aux } => auxk(p, k_aux),
+            Penalty::Lp { p: power, root } => {
+                let per_row = z
+                    .pow_tensor_scalar(power)
+                    .sum_dim_intlist(-1, false, Kind::Float);
+                match root {
+                    true => per_row.pow_tensor_scalar(1.0 / power).mean(Kind::Float),
+                    false => per_row.mean(Kind::Float),
+                }
+            }
             Penalty::None => Tensor::zeros([], (Kind::Float, z.device())),
         }
     }

@@ -276,7 +276,7 @@ mod tests {
             // Some pre-activations in every part of the kernel's window.
             let _ = t.detach().uniform_(0.0, 0.3);
         }
-        let mut learner = Learner::new(m, &cfg).unwrap();
+        let mut learner = Learner::new(m, &cfg, 1).unwrap();
         // A first update at learning rate 0 (parameters unchanged): the
         // gradients then exist, as in every step after a run's first.
         let out = learner.forward(&x, &x, cfg.sparsity.weight, None);

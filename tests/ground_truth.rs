@@ -100,3 +100,74 @@ fn synthbench_scores_equal_sae_lens() {
     assert!(theirs["mcc"].as_f64().unwrap() > 0.5, "{theirs}");
     assert!(theirs["precision"].as_f64().unwrap() > 0.0, "{theirs}");
 }
+
+/// `sae data synth --kind synthbench` with a deep exclusive hierarchy:
+/// written activations keep its rules (a child only with its parent, one
+/// child of a feature per row), and misuses of the flags are one-line
+/// errors naming them.
+#[test]
+fn synth_deep_exclusive_hierarchy_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |f: &str| d.join(f).display().to_string();
+    let (x, acts) = (p("x.npy"), p("acts.npy"));
+    let base = [
+        "data",
+        "synth",
+        "--out",
+        &x,
+        "--n",
+        "4000",
+        "--features",
+        "40",
+        "--kind",
+        "synthbench",
+    ];
+    let args = [
+        &base[..],
+        &[
+            "--children",
+            "3",
+            "--depth",
+            "2",
+            "--exclusive",
+            "--compensate",
+            "--truth-acts",
+            &acts,
+        ],
+    ]
+    .concat();
+    sae_ok(&args);
+    // 13 features a tree: 3 roots (0..3), 9 children (3..12), 27 grandchildren (12..39).
+    let fired = Tensor::read_npy(&acts).unwrap().gt(0.0);
+    for (first, parents, level) in [(3i64, 0i64, 3i64), (12, 3, 9)] {
+        for j in 0..level {
+            let parent = fired.select(1, parents + j);
+            let kids = fired.narrow(1, first + 3 * j, 3);
+            let together = kids.sum_dim_intlist(1, false, tch::Kind::Int64);
+            assert!(
+                together.max().int64_value(&[]) <= 1,
+                "siblings of {}",
+                parents + j
+            );
+            let orphans = together.gt(0).logical_and(&parent.logical_not());
+            assert_eq!(orphans.sum(tch::Kind::Int64).int64_value(&[]), 0);
+        }
+    }
+    assert!(fired.narrow(1, 12, 27).any().int64_value(&[]) != 0);
+    for (extra, needles) in [
+        (&["--depth", "2"][..], &["--children"][..]),
+        (
+            &["--children", "1", "--exclusive"][..],
+            &["--exclusive", "2 or more"][..],
+        ),
+        (
+            &["--children", "3", "--depth", "4"][..],
+            &["--depth 4", "121 features", "more than --features 40"][..],
+        ),
+        (&["--children", "2", "--depth", "0"][..], &["--depth 0"][..]),
+    ] {
+        let err = expect_user_error(&[&base[..], extra].concat(), needles);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}

@@ -74,6 +74,9 @@ enum Reference {
     /// `recipes.py`: top-k/batch top-k + AuxK, JumpReLU + L0, schedules and
     /// constraints (issue 8); its arguments are the case's `ref_args`.
     Recipes,
+    /// `p_anneal.py`: dictionary_learning's p-annealing (ReLU, lp_anneal),
+    /// its arguments the case's knobs.
+    PAnneal,
 }
 
 struct Parity {
@@ -203,13 +206,54 @@ train:
                     arg("--coefficient", &self.weight),
                 ],
             ),
+            Reference::PAnneal => ("p_anneal.py", vec![arg("--coefficient", &self.weight)]),
         };
-        // Only `Recipes` cases have knobs.
+        // Recipe and p-annealing knobs, and `train.precision` (any reference: common.py).
         let knobs = self.knobs.iter().flat_map(|(_, r)| r.iter());
         let mut args = args.concat();
         args.extend(knobs.map(|a| a.to_string()));
         (script, args)
     }
+}
+
+/// `sparsity_weight` of every line of our metrics.jsonl against the
+/// reference's trace, to relative `LOSS_RTOL` (the weight adapts to norms
+/// of codes that agree to that).
+fn check_weights_trace(metrics: &Path, trace: &Path, name: &str) {
+    let read = |p: &Path| -> Vec<(i64, f64)> {
+        fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["step"].as_i64().unwrap(),
+                    v["sparsity_weight"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (ours, theirs) = (read(metrics), read(trace));
+    assert_eq!(ours.len(), theirs.len(), "{name}: sparsity_weight lines");
+    let mut distinct = theirs.iter().map(|t| t.1.to_bits()).collect::<Vec<_>>();
+    distinct.dedup();
+    for (a, b) in ours.iter().zip(&theirs) {
+        let rel = (a.1 - b.1).abs() / b.1.abs().max(f64::MIN_POSITIVE);
+        assert!(
+            a.0 == b.0 && (a.1 == b.1 || within(rel, LOSS_RTOL)),
+            "{name}: step {} sparsity_weight {} vs the reference's {} (step {})",
+            a.0,
+            a.1,
+            b.1,
+            b.0
+        );
+    }
+    println!(
+        "{name}: sparsity_weight agrees over {} steps ({} distinct values)",
+        ours.len(),
+        distinct.len()
+    );
 }
 
 /// One logged step: (step, epoch, loss, mse, sparsity_loss).
@@ -396,6 +440,12 @@ fn check(case: &Parity) {
 
     // The PyTorch reference.
     run_reference(case, &input, &ref_dir, &[]);
+
+    // p-annealing: the adapted sparsity weight, step by step.
+    let trace = ref_dir.join("anneal.jsonl");
+    if trace.is_file() {
+        check_weights_trace(&run_dir.join("metrics.jsonl"), &trace, case.name);
+    }
 
     // Losses, step by step.
     let ours = read_jsonl(&run_dir.join("metrics.jsonl"));
@@ -1120,6 +1170,57 @@ fn matryoshka_bf16(name: &'static str, epochs: i64, batch: Option<usize>) -> Par
     }
 }
 
+/// dictionary_learning's p-annealing (PAnnealTrainer): ReLU codes, the Lp
+/// penalty with p from 1 to 0.75 in 6 values at the ends of steps
+/// 11, 27, 43, 59, 75, 91 (its 0-based 10..90), the weight rescaled at the
+/// last five from a queue of 4 steps' norms, warmed up over 5 steps, unit-norm
+/// decoder rows (ConstrainedAdam). Below p = 0.75 the two sides part in the
+/// weights (p z^(p-1) grows without bound near 0, so last-bit differences
+/// in a small code grow: 5e-4 by step 100 at p = 0.5, lr 1e-3, full batch).
+fn p_anneal(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        reference: Reference::PAnneal,
+        penalty: "lp_anneal",
+        weight: 0.005,
+        lr: 1e-3,
+        seed: 13,
+        knobs: &[
+            ("sparsity.p_end=0.75", &["--p-end", "0.75"]),
+            ("sparsity.anneal_start=11", &["--anneal-start", "10"]),
+            ("sparsity.anneal_end=91", &["--anneal-end", "90"]),
+            ("sparsity.p_updates=6", &["--n-sparsity-updates", "6"]),
+            (
+                "sparsity.anneal_queue_length=4",
+                &["--sparsity-queue-length", "4"],
+            ),
+            ("sparsity.warmup_steps=5", &["--sparsity-warmup-steps", "5"]),
+            ("train.unit_norm_decoder=true", &["--unit-norm-decoder"]),
+        ],
+        ..sparse(name, epochs, batch)
+    }
+}
+
+/// p-annealing with `Lp^p` and dictionary_learning's default end (`auto`:
+/// past the run, so p's last value 0.6 is never set): 8 values over
+/// 110 steps from step 21 (down to 0.657), the weight rescaled 6 times
+/// from 10 steps' norms.
+fn p_anneal_lp_pow_p(name: &'static str, epochs: i64, batch: Option<usize>) -> Parity {
+    Parity {
+        reference: Reference::PAnneal,
+        penalty: "lp_anneal",
+        weight: 0.005,
+        lr: 1e-3,
+        seed: 14,
+        knobs: &[
+            ("sparsity.lp_form=lp^p", &["--sparsity-function", "Lp^p"]),
+            ("sparsity.p_end=0.6", &["--p-end", "0.6"]),
+            ("sparsity.anneal_start=21", &["--anneal-start", "20"]),
+            ("sparsity.p_updates=8", &["--n-sparsity-updates", "8"]),
+        ],
+        ..sparse(name, epochs, batch)
+    }
+}
+
 /// `test_name: case(name, epochs, batch);` -> a `#[test]` checking that case.
 macro_rules! parity_tests {
     ($($test:ident: $case:ident($name:literal, $epochs:literal, $batch:expr);)*) => {
@@ -1188,4 +1289,7 @@ parity_tests! {
     bf16_jumprelu_minibatch: jumprelu_bf16("bf16_jumprelu_minibatch", 10, Some(48));
     bf16_gated_minibatch: gated_bf16("bf16_gated_minibatch", 10, Some(48));
     bf16_matryoshka_minibatch: matryoshka_bf16("bf16_matryoshka_minibatch", 10, Some(48));
+    p_anneal_full_batch: p_anneal("p_anneal_full", 100, None);
+    p_anneal_minibatch: p_anneal("p_anneal_minibatch", 10, Some(48));
+    p_anneal_lp_pow_p_minibatch: p_anneal_lp_pow_p("p_anneal_lp_pow_p", 10, Some(48));
 }

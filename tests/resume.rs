@@ -88,6 +88,23 @@ train:
   optimizer: {name: muon, lr: 0.003, momentum: 0.9}
 ";
 
+/// p-annealing: p, the adapted weight and the queue of norms. Changes of p
+/// at the ends of steps 20, 40, .., 200 of 256, each reading the 16 steps
+/// before it, so most checkpoints hold a part-filled queue.
+const LP_ANNEAL: &str = "device: cpu
+seed: 5
+data: {train: X}
+model: {d_hidden: 32, activation: relu}
+sparsity: {penalty: lp_anneal, weight: 0.01, p_end: 0.7, anneal_start: 20, anneal_end: 200,
+           anneal_queue_length: 16, warmup_steps: 10}
+train:
+  epochs: 8
+  batch_size: 64
+  checkpoint_every: 5
+  threads: 1
+  unit_norm_decoder: true
+";
+
 fn spawn_train(args: &[String]) -> Child {
     Command::new(sae_bin())
         .args(args)
@@ -293,6 +310,48 @@ fn signum_resume_is_bit_identical() {
 #[test]
 fn muon_resume_is_bit_identical() {
     interrupted_runs_match_uninterrupted(MUON, "muon");
+}
+
+#[test]
+fn lp_anneal_resume_is_bit_identical() {
+    interrupted_runs_match_uninterrupted(LP_ANNEAL, "lp_anneal");
+}
+
+/// lp_anneal stopped at the end of epoch 3 (step 96, after four changes: a
+/// full queue, 12 of its norms read by the change at step 100) and resumed
+/// to epoch 8 ends as the run made in one go (a resume with an empty queue
+/// does not); its weight changed along the way.
+#[test]
+fn lp_anneal_resumes_mid_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = synth(d, 2000, 16, 32, 3);
+    let cfg = write_config(d, "c.yaml", &LP_ANNEAL.replace('X', &x));
+    let whole = Case::new(d, "whole").config(&cfg).train().dir;
+    let part = Case::new(d, "part")
+        .config(&cfg)
+        .set("train.epochs=3")
+        .train()
+        .dir;
+    assert_eq!(steps_of(&part), 96);
+    let part_s = part.to_str().unwrap();
+    sae_ok(&["train", "-q", "--resume", part_s, "--set", "train.epochs=8"]);
+    same_outputs(&whole, &part, "lp_anneal 3 -> 8 epochs");
+    let weights: std::collections::BTreeSet<u64> =
+        std::fs::read_to_string(whole.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .skip(10)
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["sparsity_weight"].as_f64().unwrap().to_bits()
+            })
+            .collect();
+    assert!(
+        weights.len() >= 8,
+        "the weight took {} values",
+        weights.len()
+    );
 }
 
 /// A 2-epoch, 12-step config on small synthetic data in `d`.

@@ -178,7 +178,7 @@ fn replay(case: &Case) {
         Shard::ALL,
     )
     .unwrap();
-    let mut learner = Learner::new(plan.model, &plan.cfg).unwrap();
+    let mut learner = Learner::new(plan.model, &plan.cfg, plan.total_steps).unwrap();
     let mut dead = DeadTracker::new(
         case.d_hidden,
         plan.cfg.train.dead_window,

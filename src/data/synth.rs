@@ -14,10 +14,22 @@
 //! low-rank sampling: feature i fires where
 //! `g @ F_i + e_i sqrt(1 - |F_i|^2) > sqrt(2) erfinv(1 - 2 p_i)`, `F` `[features, rank]` of N(0, scale^2)
 //! entries, rows capped so that 1 - |F_i|^2 >= 0.01; the marginal rates stay
-//! `p_i`), magnitudes `relu(1 + magnitude_std * N(0, 1))`, and a two-level
-//! hierarchy: the first `features / (1 + children)` features are parents,
-//! each with `children` children after them, and a child is zeroed wherever
-//! its parent does not fire (sae_lens's parent deactivation).
+//! `p_i`), magnitudes `relu(1 + magnitude_std * N(0, 1))`, and a hierarchy
+//! (sae_lens's `generate_hierarchy` and `hierarchy_modifier`): trees of
+//! `depth` levels below their roots, `children` children per node, numbered
+//! breadth first as sae_lens does: the roots are the first
+//! `features / (1 + children + .. + children^depth)` features, then each
+//! level in turn, node j's children at `j * children ..` of the next level;
+//! the features left over are free. Level by level from the top, a child is
+//! zeroed wherever its parent does not fire (parent deactivation); with
+//! `exclusive`, where several children of one node fire, one of them drawn
+//! uniformly survives (sae_lens's mutual exclusion, its random-score
+//! winner), before the next level is gated by them. `compensate` (sae_lens's
+//! `compensate_probabilities`) raises a child's probability by
+//! `1 / p_parent`, and with `exclusive` by `1 + (sum of its siblings' p) /
+//! p_parent` too (capped at 1), so each feature fires at about its Zipf
+//! rate. Depth 1 without exclusion is the original two-level generator,
+//! draw for draw.
 
 use tch::{Device, Kind, Tensor};
 
@@ -34,6 +46,12 @@ pub enum SynthKind {
         magnitude_std: f64,
         /// Children per parent; 0: no hierarchy.
         children: i64,
+        /// Levels below the roots (1: parents and children).
+        depth: i64,
+        /// At most one child of a node fires in a row.
+        exclusive: bool,
+        /// Children's probabilities raised to make up for the gating.
+        compensate: bool,
         /// Rank of the firing correlations' factor; 0: independent firing.
         correlation_rank: i64,
         /// Scale of the factor's entries.
@@ -81,10 +99,18 @@ pub fn generate(p: &SynthParams) -> Synth {
             min_prob,
             magnitude_std,
             children,
+            depth,
+            exclusive,
+            compensate,
             correlation_rank,
             correlation_scale,
         } => {
+            let tree = Tree::new(p.features, children, depth, exclusive);
             let probs = zipf_probabilities(p.features, zipf_exponent, max_prob, min_prob);
+            let probs = match (compensate, &tree) {
+                (true, Some(t)) => t.compensate(&probs),
+                _ => probs,
+            };
             let fires = match correlation_rank {
                 0 => probs
                     .unsqueeze(0)
@@ -94,9 +120,9 @@ pub fn generate(p: &SynthParams) -> Synth {
             };
             let mags = (Tensor::randn([p.n, p.features], opts) * magnitude_std + 1.0).relu();
             let acts = fires * mags;
-            match children {
-                0 => acts,
-                c => deactivate_orphans(&acts, c),
+            match &tree {
+                None => acts,
+                Some(t) => t.apply(&acts),
             }
         }
     };
@@ -139,22 +165,111 @@ fn correlated_firing(probs: &Tensor, n: i64, rank: i64, scale: f64) -> Tensor {
     z.gt_tensor(&thresholds).to_kind(Kind::Float)
 }
 
-/// Zeroes each child where its parent is 0: parents are the first
-/// `features / (1 + children)` features, parent `q`'s children the
-/// `children` features from `parents + q * children`.
-fn deactivate_orphans(acts: &Tensor, children: i64) -> Tensor {
-    let features = acts.size()[1];
-    let parents = features / (1 + children);
-    let parent_on = acts.narrow(1, 0, parents).gt(0.0).to_kind(acts.kind());
-    // Each child's parent on or off, [n, parents * children].
-    let child_gate = parent_on.repeat_interleave_self_int(children, Some(1), None);
-    let kids = acts.narrow(1, parents, parents * children) * child_gate;
-    let rest = features - parents - parents * children;
-    let mut parts = vec![acts.narrow(1, 0, parents), kids];
-    if rest > 0 {
-        parts.push(acts.narrow(1, parents + parents * children, rest));
+/// The hierarchy's layout: level `l`'s features are `start[l] ..
+/// start[l] + len[l]`, node j of a level the parent of the next level's
+/// `j * children .. (j + 1) * children`.
+pub struct Tree {
+    children: i64,
+    exclusive: bool,
+    levels: Vec<(i64, i64)>,
+}
+
+impl Tree {
+    /// `None` without children; `features` holds at least one tree (checked
+    /// by the caller: [`tree_size`]).
+    pub fn new(features: i64, children: i64, depth: i64, exclusive: bool) -> Option<Tree> {
+        if children == 0 {
+            return None;
+        }
+        let roots = features / tree_size(children, depth).expect("checked by the caller");
+        let (mut start, mut len) = (0, roots);
+        let mut levels = Vec::new();
+        for _ in 0..=depth {
+            levels.push((start, len));
+            start += len;
+            len *= children;
+        }
+        Some(Tree {
+            children,
+            exclusive,
+            levels,
+        })
     }
-    Tensor::cat(&parts, 1)
+
+    /// Parent deactivation, then (`exclusive`) one surviving child per
+    /// node, level by level from the top.
+    fn apply(&self, acts: &Tensor) -> Tensor {
+        let (n, features) = (acts.size()[0], acts.size()[1]);
+        let c = self.children;
+        let mut acts = acts.shallow_clone();
+        for pair in self.levels.windows(2) {
+            let ((ps, pl), (cs, cl)) = (pair[0], pair[1]);
+            let parent_on = acts.narrow(1, ps, pl).gt(0.0).to_kind(acts.kind());
+            // Each child's parent on or off, [n, pl * c].
+            let gate = parent_on.repeat_interleave_self_int(c, Some(1), None);
+            let mut kids = acts.narrow(1, cs, cl) * gate;
+            if self.exclusive {
+                // sae_lens's winner: the largest of uniform scores among the
+                // siblings that fire.
+                let groups = kids.reshape([n, pl, c]);
+                let on = groups.gt(0.0);
+                let scores = Tensor::rand([n, pl, c], (Kind::Float, Device::Cpu))
+                    .masked_fill(&on.logical_not(), -1.0);
+                let winner = scores.argmax(2, true);
+                let keep = on
+                    .zeros_like()
+                    .scatter_value(2, &winner, 1)
+                    .logical_and(&on);
+                kids = (groups * keep.to_kind(acts.kind())).reshape([n, cl]);
+            }
+            let rest = features - cs - cl;
+            let mut parts = vec![acts.narrow(1, 0, cs), kids];
+            if rest > 0 {
+                parts.push(acts.narrow(1, cs + cl, rest));
+            }
+            acts = Tensor::cat(&parts, 1);
+        }
+        acts
+    }
+
+    /// sae_lens's `compute_probability_correction_factors` applied to
+    /// `probs` and capped at 1: a child's probability over its parent's
+    /// (base) one, times `1 + (its siblings' summed p) / p_parent` when
+    /// siblings exclude each other.
+    fn compensate(&self, probs: &Tensor) -> Tensor {
+        let base = Vec::<f32>::try_from(probs).expect("float probabilities");
+        let mut out: Vec<f64> = base.iter().map(|&p| f64::from(p)).collect();
+        let c = self.children as usize;
+        for pair in self.levels.windows(2) {
+            let ((ps, pl), (cs, _)) = (pair[0], pair[1]);
+            for j in 0..pl as usize {
+                let parent = f64::from(base[ps as usize + j]);
+                let first = cs as usize + j * c;
+                let siblings: f64 = base[first..first + c].iter().map(|&p| f64::from(p)).sum();
+                for (k, o) in out[first..first + c].iter_mut().enumerate() {
+                    let own = f64::from(base[first + k]);
+                    let mut factor = 1.0 / parent;
+                    if self.exclusive {
+                        factor *= 1.0 + (siblings - own).max(0.0) / parent;
+                    }
+                    *o = (own * factor).min(1.0);
+                }
+            }
+        }
+        let out: Vec<f32> = out.iter().map(|&p| p as f32).collect();
+        Tensor::from_slice(&out)
+    }
+}
+
+/// Features in one tree: `1 + children + .. + children^depth` (`None` on
+/// overflow).
+pub fn tree_size(children: i64, depth: i64) -> Option<i64> {
+    let (mut size, mut level) = (1i64, 1i64);
+    for _ in 0..depth {
+        level = level.checked_mul(children)?;
+        size = size.checked_add(level)?;
+    }
+    Some(size)
 }
 
 #[cfg(test)]
@@ -172,12 +287,137 @@ mod tests {
                 min_prob: 0.01,
                 magnitude_std: 0.2,
                 children,
+                depth: 1,
+                exclusive: false,
+                compensate: false,
                 correlation_rank: 0,
                 correlation_scale: 0.0,
             },
             noise: 0.0,
             seed: 3,
         })
+    }
+
+    /// Trees of depth 3 with 2 children (15 features each) in 50
+    /// features: 3 trees, 5 free features.
+    fn deep(exclusive: bool, compensate: bool, seed: u64) -> Synth {
+        generate(&SynthParams {
+            n: 40000,
+            d_in: 8,
+            features: 50,
+            kind: SynthKind::SynthBench {
+                zipf_exponent: 1.0,
+                max_prob: 0.5,
+                min_prob: 0.01,
+                magnitude_std: 0.2,
+                children: 2,
+                depth: 3,
+                exclusive,
+                compensate,
+                correlation_rank: 0,
+                correlation_scale: 0.0,
+            },
+            noise: 0.0,
+            seed,
+        })
+    }
+
+    /// `(feature, parent)` of every child in [`deep`]'s layout, and the
+    /// first of each pair of siblings.
+    fn deep_layout() -> (Vec<(i64, i64)>, Vec<i64>) {
+        let tree = Tree::new(50, 2, 3, false).unwrap();
+        assert_eq!(tree.levels, vec![(0, 3), (3, 6), (9, 12), (21, 24)]);
+        let mut pairs = vec![];
+        let mut groups = vec![];
+        for w in tree.levels.windows(2) {
+            let ((ps, pl), (cs, _)) = (w[0], w[1]);
+            for j in 0..pl {
+                groups.push(cs + 2 * j);
+                for k in 0..2 {
+                    pairs.push((cs + 2 * j + k, ps + j));
+                }
+            }
+        }
+        (pairs, groups)
+    }
+
+    fn on(s: &Synth) -> Tensor {
+        s.acts.gt(0.0)
+    }
+
+    /// Depth 3, exclusive (compensated, so the deepest level fires often):
+    /// wherever a feature fires its parent fires (so its whole line of
+    /// ancestors), no two children of one node fire together, and every
+    /// level still fires.
+    #[test]
+    fn deep_exclusive_hierarchy_holds() {
+        let s = deep(true, true, 7);
+        let fired = on(&s);
+        let (pairs, groups) = deep_layout();
+        for &(child, parent) in &pairs {
+            let orphan = fired
+                .select(1, child)
+                .logical_and(&fired.select(1, parent).logical_not());
+            assert_eq!(
+                orphan.sum(Kind::Int64).int64_value(&[]),
+                0,
+                "{child} without {parent}"
+            );
+        }
+        for &first in &groups {
+            let together = fired
+                .narrow(1, first, 2)
+                .sum_dim_intlist(1, false, Kind::Int64)
+                .max()
+                .int64_value(&[]);
+            assert!(together <= 1, "children {first}.. fire {together} together");
+        }
+        let leaves = fired.narrow(1, 21, 24).sum(Kind::Int64).int64_value(&[]);
+        assert!(leaves > 5000, "the deepest level fired {leaves} times");
+        // Without exclusion siblings do fire together.
+        let free = on(&deep(false, true, 7));
+        let most = free
+            .narrow(1, 3, 2)
+            .sum_dim_intlist(1, false, Kind::Int64)
+            .max()
+            .int64_value(&[]);
+        assert!(most >= 2, "non-exclusive siblings never co-fire");
+    }
+
+    /// Roots and free features keep their Zipf rates under the hierarchy;
+    /// with `compensate` every feature (children at all depths, exclusive)
+    /// fires at about its Zipf rate, which it falls well below without.
+    #[test]
+    fn deep_hierarchy_rates_are_kept() {
+        let want = Vec::<f32>::try_from(zipf_probabilities(50, 1.0, 0.5, 0.01)).unwrap();
+        let rates = |s: &Synth| {
+            Vec::<f32>::try_from(on(s).to_kind(Kind::Float).mean_dim(0, false, Kind::Float))
+                .unwrap()
+        };
+        let plain = rates(&deep(true, false, 8));
+        let kept = rates(&deep(true, true, 8));
+        for f in (0..3).chain(45..50) {
+            let (r, w) = (plain[f], want[f]);
+            assert!(
+                (r - w).abs() < 0.015,
+                "root/free feature {f}: rate {r}, Zipf {w}"
+            );
+        }
+        let mut worst: f32 = 0.0;
+        for f in 3..45 {
+            let (r, w) = (kept[f], want[f]);
+            worst = worst.max((r - w).abs() / w);
+            assert!(
+                plain[f] < 0.7 * w,
+                "feature {f} uncompensated: {} vs {w}",
+                plain[f]
+            );
+        }
+        println!("compensated rates: worst relative deviation {worst}");
+        assert!(
+            worst < 0.25,
+            "compensated rates off their Zipf rates by {worst} (relative)"
+        );
     }
 
     /// Firing rates follow the Zipf probabilities (without a hierarchy),
@@ -218,6 +458,9 @@ mod tests {
                     min_prob: 0.2,
                     magnitude_std: 0.0,
                     children: 0,
+                    depth: 1,
+                    exclusive: false,
+                    compensate: false,
                     correlation_rank: rank,
                     correlation_scale: 0.4,
                 },

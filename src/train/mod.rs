@@ -551,7 +551,7 @@ impl Session {
         };
         let (cfg, state) = (&self.cfg, &mut self.state);
         state.advance(&batch);
-        let params = StepParams::at(cfg, state.step, self.total_steps);
+        let params = self.learner.params_at(state.step, self.total_steps);
         let out = self.learner.step(&batch, &params, &mut state.dead);
         if let (Some(n), Some(leaf)) = (&mut self.sparse_steps, &out.forward.leaf) {
             *n += leaf.support.is_some() as i64;
@@ -586,7 +586,7 @@ impl Session {
     /// Writes the metrics so far and a checkpoint.
     fn checkpoint(&mut self) -> Result<()> {
         self.report.log.flush()?;
-        self.run.save_checkpoint(&self.learner, &mut self.state)
+        self.run.save_checkpoint(&mut self.learner, &mut self.state)
     }
 
     /// The end of the run: the last checkpoint, then (on the writer) the
@@ -610,7 +610,8 @@ impl Session {
         };
         self.report.log.flush()?;
         if self.state.unsaved() {
-            self.run.save_checkpoint(&self.learner, &mut self.state)?;
+            self.run
+                .save_checkpoint(&mut self.learner, &mut self.state)?;
         }
         if !self.run.writer {
             return Ok(None);
@@ -788,7 +789,7 @@ fn start(
     total_steps: i64,
 ) -> Result<(Learner, State, Position)> {
     let d_hidden = model.spec.d_hidden;
-    let mut learner = Learner::new(model, cfg)?;
+    let mut learner = Learner::new(model, cfg, total_steps)?;
     let window = cfg.train.dead_window;
     let mut dead = DeadTracker::new(d_hidden, window, learner.model.spec.activation, device);
     let pos = match resume {

@@ -174,6 +174,12 @@ pub fn check_world(cfg: &Config, world: usize) -> Result<()> {
              use sparsity.penalty: auxk against dead latents"
         );
     }
+    if cfg.sparsity.penalty == PenaltyKind::LpAnneal {
+        bail_user!(
+            "sparsity.penalty: lp_anneal is not supported with data-parallel training \
+             ({world} ranks) yet (its weight adapts to this rank's norms); run it in one process"
+        );
+    }
     if let BatchSize::Rows(b) = cfg.train.batch_size {
         if (b as usize) < world {
             bail_user!(

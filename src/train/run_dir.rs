@@ -155,7 +155,10 @@ impl RunDir {
             &self.path,
             &mut learner.model,
             &mut learner.opt,
-            &mut Buffers { since_fired },
+            &mut Buffers {
+                since_fired,
+                anneal: learner.anneal.as_mut(),
+            },
         )
     }
 
@@ -184,7 +187,7 @@ impl RunDir {
     /// checking that every weight is finite, so the checkpoint on disk is
     /// always a good one. Every rank checks (their weights are the same);
     /// the writer writes.
-    pub fn save_checkpoint(&self, learner: &Learner, state: &mut State) -> Result<()> {
+    pub fn save_checkpoint(&self, learner: &mut Learner, state: &mut State) -> Result<()> {
         let pos = state.position(learner.opt.steps());
         let finite = tch::no_grad(|| {
             learner
@@ -213,6 +216,7 @@ impl RunDir {
                 &learner.opt,
                 &Buffers {
                     since_fired: &mut state.dead.since_fired,
+                    anneal: learner.anneal.as_mut(),
                 },
                 &pos,
             )?;

@@ -6,9 +6,10 @@
 use super::batches::Batch;
 use super::init::{decoder_rows, normalize_decoder_rows};
 use super::state::DeadTracker;
+use crate::anneal::PAnneal;
 use crate::arch::Architecture;
 use crate::autocast::Autocast;
-use crate::config::{Config, InputNoise, Precision, SparseStep, TrainConfig};
+use crate::config::{Config, InputNoise, PenaltyKind, Precision, SparseStep, TrainConfig};
 use crate::model::{Forward, Sae};
 use crate::optim::Adam;
 use crate::optimizer::Optimizer;
@@ -67,6 +68,8 @@ pub struct Learner {
     pub model: Sae,
     pub opt: Optimizer,
     penalty: Penalty,
+    /// lp_anneal's p and weight (its penalty is this one's, not `penalty`).
+    pub anneal: Option<PAnneal>,
     arch: Box<dyn Architecture>,
     /// What `arch` reads of `cfg.model`.
     settings: crate::arch::Settings,
@@ -74,10 +77,13 @@ pub struct Learner {
 }
 
 impl Learner {
-    /// Ready to train `model` (gradients on, a fresh optimizer). Fails
-    /// (rather than panics) when the optimizer's buffers cannot be allocated.
-    pub fn new(mut model: Sae, cfg: &Config) -> crate::Result<Learner> {
+    /// Ready to train `model` for `total_steps` steps (gradients on, a
+    /// fresh optimizer). Fails (rather than panics) when the optimizer's
+    /// buffers cannot be allocated.
+    pub fn new(mut model: Sae, cfg: &Config, total_steps: i64) -> crate::Result<Learner> {
         let penalty = Penalty::from_config(&cfg.sparsity, &cfg.model, model.d_out());
+        let anneal = (cfg.sparsity.penalty == PenaltyKind::LpAnneal)
+            .then(|| PAnneal::new(&cfg.sparsity, total_steps));
         model.set_requires_grad(true);
         let opt = Optimizer::new(&cfg.train.optimizer, &model.parameters())
             .map_err(|e| anyhow::Error::new(e).context("allocating the optimizer's buffers"))?;
@@ -89,8 +95,43 @@ impl Learner {
             model,
             opt,
             penalty,
+            anneal,
             cfg: cfg.clone(),
         })
+    }
+
+    /// Step `step`'s schedules: [`StepParams::at`], with lp_anneal's adapted
+    /// weight (warmed up as the configured one is).
+    pub fn params_at(&self, step: i64, total_steps: i64) -> StepParams {
+        let mut p = StepParams::at(&self.cfg, step, total_steps);
+        if let Some(a) = &self.anneal {
+            p.sparsity_weight =
+                schedule::sparsity_weight_at(a.state.weight, self.cfg.sparsity.warmup_steps, step);
+        }
+        p
+    }
+
+    /// The penalty this step (lp_anneal's at its current p).
+    fn penalty(&self) -> Penalty {
+        self.anneal.as_ref().map_or(self.penalty, PAnneal::penalty)
+    }
+
+    /// lp_anneal after step `step`'s forward: its norms queued when a
+    /// change will read them, then p changed when due.
+    fn anneal_after(&mut self, step: i64, out: &StepOutput) {
+        let Some(a) = &self.anneal else { return };
+        let norms = a.queued_p(step).map(|next| {
+            let root = matches!(a.penalty(), Penalty::Lp { root: true, .. });
+            let at_next = tch::no_grad(|| {
+                Penalty::Lp { p: next, root }
+                    .value(&PenaltyInput::codes(&out.forward.z, &out.forward.z))
+                    .double_value(&[])
+            });
+            [out.sparsity.double_value(&[]) as f32, at_next as f32]
+        });
+        if let Some(a) = &mut self.anneal {
+            a.after_step(step, norms);
+        }
     }
 
     /// Whether this model and penalty can take the sparse pass
@@ -144,6 +185,7 @@ impl Learner {
         let dead_mask = self.needs_dead_mask().then(|| dead.dead());
         let mut out = self.forward(&input, &target, p.sparsity_weight, dead_mask.as_ref());
         out.share = share;
+        self.anneal_after(p.step, &out);
         dead.update(&out.forward.z);
         self.arch
             .after_forward(&mut self.model, &out.forward.z, &self.settings);
@@ -198,11 +240,12 @@ impl Learner {
         let w_dec = model.decoder_weight();
         // Rescaling models: auxk decodes over the norms as SAELens does
         // (a third use of the norms, in its order).
-        let decoder_norms = match self.penalty.is_auxk() {
+        let penalty = self.penalty();
+        let decoder_norms = match penalty.is_auxk() {
             true => model.decoder_norms(),
             false => None,
         };
-        let sparsity = self.penalty.value(&PenaltyInput {
+        let sparsity = penalty.value(&PenaltyInput {
             z: penalty_codes.as_ref().unwrap_or(&f.z),
             pre: &f.pre,
             target,
