@@ -273,7 +273,7 @@ fn signum_eval_weights_leave_training_untouched() {
             Shard::ALL,
         )
         .unwrap();
-        let mut learner = Learner::new(plan.model, &plan.cfg).unwrap();
+        let mut learner = Learner::new(plan.model, &plan.cfg, plan.total_steps).unwrap();
         let mut dead = DeadTracker::new(24, 1000, learner.model.spec.activation, plan.device);
         let (mut step, mut last_eval) = (0, Vec::new());
         while let Some(batch) = batches.next_batch().unwrap() {
