@@ -653,7 +653,10 @@ fn info() -> Result<()> {
         },
         tch::Cuda::device_count()
     );
-    println!("data-parallel backends: gloo (CPU); nccl not built in");
+    match crate::dist::nccl_version() {
+        Some(v) => println!("data-parallel backends: gloo (CPU), nccl {v} (CUDA)"),
+        None => println!("data-parallel backends: gloo (CPU); nccl not built in"),
+    }
     println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
     println!("threads: {}", tch::get_num_threads());
     println!("OpenMP wait: {}", device::omp_wait());

@@ -628,7 +628,7 @@ impl Session {
             threads: tch::get_num_threads() as i64,
             omp_wait: device::omp_wait(),
             world_size: self.shard.world,
-            backend: group.map(|_| "gloo".to_string()),
+            backend: group.map(|g| g.backend.name().to_string()),
             collective_seconds: group.map(|g| g.busy_seconds() - self.busy_before),
             seconds,
             samples_per_second: (state.samples - self.samples_before) as f64 / seconds.max(1e-9),
@@ -713,8 +713,9 @@ fn join_group(cfg: &Config) -> Result<Option<&'static dist::Group>> {
         return Ok(None);
     };
     plan::check_world(cfg, launch.world)?;
+    let backend = plan::dist_backend(cfg, &launch)?;
     let timeout = Duration::from_secs_f64(cfg.dist.timeout_s);
-    Ok(Some(dist::init(&launch, timeout)?))
+    Ok(Some(dist::init(&launch, backend, timeout)?))
 }
 
 /// What the loop shows and logs: metrics.jsonl and the progress display.
