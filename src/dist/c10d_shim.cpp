@@ -86,6 +86,7 @@ struct Reducer {
   at::Tensor flat;
   double scale = 1.0;
   size_t next = 0;            // the next bucket a hook may launch
+  size_t early = 0;           // buckets launched during backward
   std::vector<size_t> order;  // buckets in the order they were launched
   std::string error;
 
@@ -158,6 +159,7 @@ struct Reducer {
           return;
         }
         launch(next);
+        ++early;
       }
       ++next;
     }
@@ -360,6 +362,7 @@ char *sae_pg_overlap_begin(SaePg *pg, at::Tensor **params, int64_t n,
     r.scale = scale;
     r.next = 0;
     r.order.clear();
+    r.early = 0;
     r.error.clear();
     r.armed = true;
     *armed = 1;
@@ -368,14 +371,16 @@ char *sae_pg_overlap_begin(SaePg *pg, at::Tensor **params, int64_t n,
 
 // After backward (and any gradient finished by hand): launches the buckets
 // no hook launched (in bucket order: the late ones last) and waits for every
-// allreduce. `*intact` is 0 when a gradient stopped aliasing the buffer
+// allreduce; `*early` counts the buckets started during backward. `*intact`
+// is 0 when a gradient stopped aliasing the buffer
 // during backward (the caller then reduces the gradients itself; the
 // buffer's sums are then unused).
 char *sae_pg_overlap_finish(SaePg *pg, at::Tensor **params, int64_t n,
-                            int32_t *intact) {
+                            int32_t *intact, int64_t *early) {
   return guard([&] {
     Reducer &r = *pg->reducer;
     std::lock_guard<std::mutex> lock(r.mu);
+    *early = static_cast<int64_t>(r.early);
     if (!r.armed) {
       *intact = 0;
       return;

@@ -74,6 +74,7 @@ mod ffi {
             params: *const *mut C_tensor,
             n: i64,
             intact: *mut i32,
+            early: *mut i64,
         ) -> *mut c_char;
     }
 }
@@ -190,6 +191,8 @@ pub struct Group {
     batch_rows: AtomicI64,
     /// Time spent in collectives so far (nanoseconds).
     busy_ns: AtomicU64,
+    /// Gradient buckets whose allreduce started during backward so far.
+    early_buckets: AtomicU64,
 }
 
 // The group is used from the training thread only; the static needs Sync.
@@ -260,6 +263,7 @@ pub fn init(launch: &Launch, backend: Backend, timeout: Duration) -> Result<&'st
         failed: Mutex::new(None),
         batch_rows: AtomicI64::new(0),
         busy_ns: AtomicU64::new(0),
+        early_buckets: AtomicU64::new(0),
     };
     Ok(GROUP.get_or_init(|| g))
 }
@@ -299,6 +303,12 @@ impl Group {
     /// slowest rank included).
     pub fn busy_seconds(&self) -> f64 {
         self.busy_ns.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// Gradient buckets whose allreduce started during backward so far
+    /// (`dist.bucket_mb` > 0), overlapping it.
+    pub fn early_buckets(&self) -> u64 {
+        self.early_buckets.load(Ordering::Relaxed)
     }
 
     /// A training step on a global batch of `rows` begins: collectives
@@ -423,14 +433,22 @@ impl Group {
     /// allreduce included (recorded, as every collective's).
     pub fn overlap_finish(&self, params: &[&Tensor]) -> bool {
         let ptrs: Vec<*mut C_tensor> = params.iter().map(|p| p.as_ptr() as *mut _).collect();
-        let mut intact = 1;
+        let (mut intact, mut early) = (1, 0);
         let mut ran = false;
         self.run("allreduce", || {
             ran = true;
             unsafe {
-                ffi::sae_pg_overlap_finish(self.ptr, ptrs.as_ptr(), ptrs.len() as i64, &mut intact)
+                ffi::sae_pg_overlap_finish(
+                    self.ptr,
+                    ptrs.as_ptr(),
+                    ptrs.len() as i64,
+                    &mut intact,
+                    &mut early,
+                )
             }
         });
+        self.early_buckets
+            .fetch_add(early.max(0) as u64, Ordering::Relaxed);
         !ran || intact != 0
     }
 }

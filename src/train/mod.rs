@@ -70,6 +70,10 @@ pub struct Summary {
     /// collectives (gradient allreduce, waiting for slower ranks included).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub collective_seconds: Option<f64>,
+    /// Data-parallel: gradient buckets (`dist.bucket_mb`) whose allreduce
+    /// started during backward, overlapping it (0 with `bucket_mb: 0`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlapped_buckets: Option<u64>,
     pub seconds: f64,
     pub samples_per_second: f64,
     /// relu/jumprelu models: how many of this process's steps took the
@@ -468,6 +472,7 @@ pub struct Session {
     /// Time in this run's steps (trained together: its own share).
     busy: Duration,
     busy_before: f64,
+    early_before: u64,
     /// Training rows seen when this process took the run up (resumed: the
     /// checkpoint's), so the summary's rate is this process's own.
     samples_before: i64,
@@ -527,6 +532,7 @@ impl Session {
             started: Instant::now(),
             busy: Duration::ZERO,
             busy_before: group.map_or(0.0, |g| g.busy_seconds()),
+            early_before: group.map_or(0, |g| g.early_buckets()),
             samples_before: pos.samples,
         })
     }
@@ -630,6 +636,7 @@ impl Session {
             world_size: self.shard.world,
             backend: group.map(|g| g.backend.name().to_string()),
             collective_seconds: group.map(|g| g.busy_seconds() - self.busy_before),
+            overlapped_buckets: group.map(|g| g.early_buckets() - self.early_before),
             seconds,
             samples_per_second: (state.samples - self.samples_before) as f64 / seconds.max(1e-9),
             sparse_steps: self.sparse_steps,
