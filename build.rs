@@ -115,6 +115,8 @@ fn cuda_includes(lib: &std::path::Path) -> Option<Vec<PathBuf>> {
             for e in entries.flatten() {
                 let inc = e.path().join("include");
                 if inc.is_dir() {
+                    // Headers installed later (`make setup`) build NCCL in.
+                    println!("cargo:rerun-if-changed={}", inc.display());
                     dirs.push(inc.clone());
                     if inc.join("cccl").is_dir() {
                         dirs.push(inc.join("cccl"));

@@ -399,7 +399,12 @@ impl Group {
         scale: f64,
         bucket_bytes: i64,
     ) -> bool {
-        if self.failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+        if self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
             return false;
         }
         let ptrs: Vec<*mut C_tensor> = params.iter().map(|p| p.as_ptr() as *mut _).collect();
