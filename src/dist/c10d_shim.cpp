@@ -329,6 +329,11 @@ char *sae_pg_overlap_begin(SaePg *pg, at::Tensor **params, int64_t n,
     }
     if (!same) {
       r.unregister();
+      for (const auto &p : ps) {
+        if (!p.requires_grad() || !p.is_leaf()) {
+          return; // no accumulator to hook: the caller reduces after backward
+        }
+      }
       r.generation += 1;
       r.late.assign(late, late + n);
       r.numels.clear();
