@@ -7,6 +7,12 @@ STAMP    := $(VENV)/.installed-torch-$(TORCH)
 # sae_lens 6.x, for the SAELens interop tests (tests/interop.rs): ~50 s, ~0.9 GB.
 SAELENS  := sae-lens>=6,<7
 SAELENS_STAMP := $(VENV)/.installed-sae-lens-6
+# The CUDA headers the NCCL part of the c10d shim (src/dist/c10d_nccl.cpp)
+# needs beyond the torch wheel's own nvidia-* packages: CUDA's crt/ headers
+# and cccl, of the wheel's CUDA 13.0 (its nvidia-cuda-runtime 13.0.96,
+# nvidia-cuda-nvrtc 13.0.88). ~20 MB, headers only.
+CUDA_HEADERS := nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
+CUDA_HEADERS_STAMP := $(VENV)/.installed-cuda-headers-13.0
 # scikit-learn, the OMP reference of the pursuit tests (tests/pursuit.rs).
 SKLEARN_STAMP := $(VENV)/.installed-sklearn
 # schedulefree 1.4.1, whose wrapper tests/reference/recipes.py copies (checked
@@ -24,20 +30,25 @@ CARGO_ENV :=
 SETUP_DEPS :=
 else
 CARGO_ENV := LIBTORCH_USE_PYTORCH=1 VIRTUAL_ENV=$(CURDIR)/$(VENV) PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
-SETUP_DEPS := $(STAMP)
+SETUP_DEPS := $(STAMP) $(CUDA_HEADERS_STAMP)
 endif
 # Tests call Python references through this interpreter.
 export SAE_PYTHON := $(CURDIR)/$(PY)
 
 .PHONY: setup saelens sklearn schedulefree ml-dtypes browser build demo digits digits-table synth-table test parity bench fuzz clean fmt lint
 
-setup: $(STAMP)
+setup: $(STAMP) $(CUDA_HEADERS_STAMP)
 
 $(STAMP):
 	@echo "==> creating $(VENV) with torch==$(TORCH) (one-time, ~1 min)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==$(TORCH)" numpy safetensors
+	touch $@
+
+$(CUDA_HEADERS_STAMP): $(STAMP)
+	@echo "==> installing CUDA headers for NCCL into $(VENV) (one-time)"
+	$(PY) -m pip install --quiet $(CUDA_HEADERS)
 	touch $@
 
 # sae_lens into the venv, torch kept at $(TORCH).

@@ -1,14 +1,15 @@
 //! Embeds an rpath to libtorch so `target/release/sae` runs without
 //! LD_LIBRARY_PATH, keeps `libtorch.so` linked so CUDA is seen, and compiles
 //! the C++ shims (TorchScript: src/export/torchscript_shim.cpp; c10d:
-//! src/dist/c10d_shim.cpp; AOTInductor `.pt2` packages: src/lm/pt2_shim.cpp; fused Adam: src/optim_shim.cpp;
-//! autocast: src/autocast_shim.cpp)
+//! src/dist/c10d_shim.cpp, with NCCL from src/dist/c10d_nccl.cpp when libtorch has CUDA; AOTInductor
+//! `.pt2` packages: src/lm/pt2_shim.cpp; fused Adam: src/optim_shim.cpp; autocast: src/autocast_shim.cpp)
 //! against the same libtorch headers torch-sys found.
 
 use std::path::PathBuf;
 
 const SHIM: &str = "src/export/torchscript_shim.cpp";
 const DIST_SHIM: &str = "src/dist/c10d_shim.cpp";
+const NCCL_SHIM: &str = "src/dist/c10d_nccl.cpp";
 const PT2_SHIM: &str = "src/lm/pt2_shim.cpp";
 const OPTIM_SHIM: &str = "src/optim_shim.cpp";
 const AUTOCAST_SHIM: &str = "src/autocast_shim.cpp";
@@ -38,6 +39,8 @@ fn main() {
 fn build_shim(lib: Option<&str>) {
     println!("cargo:rerun-if-changed={SHIM}");
     println!("cargo:rerun-if-changed={DIST_SHIM}");
+    println!("cargo:rerun-if-changed={NCCL_SHIM}");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-changed={PT2_SHIM}");
     println!("cargo:rerun-if-changed={OPTIM_SHIM}");
     println!("cargo:rerun-if-changed={AUTOCAST_SHIM}");
@@ -69,10 +72,74 @@ fn build_shim(lib: Option<&str>) {
     build().file(PT2_SHIM).compile("sae_pt2_shim");
     build().file(OPTIM_SHIM).compile("sae_optim_shim");
     build().file(AUTOCAST_SHIM).compile("sae_autocast_shim");
+    // NCCL (ProcessGroupNCCL, in libtorch_cuda) when this libtorch has CUDA
+    // and the CUDA and NCCL headers are found; see `cuda_includes`.
+    let nccl = cuda_includes(&lib);
+    if let Some(dirs) = &nccl {
+        let mut b = build();
+        for d in dirs {
+            b.include(d);
+        }
+        b.flag("-DUSE_C10D_NCCL")
+            .flag("-DUSE_CUDA")
+            .file(NCCL_SHIM)
+            .compile("sae_c10d_nccl");
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    } else {
+        println!(
+            "cargo:warning=NCCL is not built in (no libtorch_cuda, or no CUDA/NCCL headers: \
+             `make setup` installs them into the venv); data-parallel training uses Gloo only"
+        );
+    }
     // Without USE_C10D_GLOO the ProcessGroupGloo header is empty.
-    build()
-        .include(GLOO_INCLUDE)
-        .flag("-DUSE_C10D_GLOO")
-        .file(DIST_SHIM)
-        .compile("sae_c10d_shim");
+    let mut dist = build();
+    dist.include(GLOO_INCLUDE).flag("-DUSE_C10D_GLOO");
+    if nccl.is_some() {
+        dist.flag("-DSAE_WITH_NCCL");
+    }
+    dist.file(DIST_SHIM).compile("sae_c10d_shim");
+}
+
+/// The include directories the NCCL translation unit needs beyond
+/// libtorch's: the CUDA runtime headers, CUDA's `crt/` headers, cccl
+/// (`nv/target`) and `nccl.h`. From the wheel's own `nvidia-*` packages
+/// beside `torch/` in site-packages (`nvidia-cuda-runtime`,
+/// `nvidia-nccl-cu13`, plus `nvidia-cuda-crt` and `nvidia-cuda-cccl`, which
+/// `make setup` adds), else from `CUDA_HOME` (a CUDA toolkit with NCCL
+/// installed beside it). None when libtorch has no CUDA or a header is missing.
+fn cuda_includes(lib: &std::path::Path) -> Option<Vec<PathBuf>> {
+    if !lib.join("libtorch_cuda.so").exists() {
+        return None;
+    }
+    let mut dirs = Vec::new();
+    if let Some(site) = lib.parent().and_then(|t| t.parent()) {
+        let nvidia = site.join("nvidia");
+        if let Ok(entries) = std::fs::read_dir(&nvidia) {
+            for e in entries.flatten() {
+                let inc = e.path().join("include");
+                if inc.is_dir() {
+                    // Headers installed later (`make setup`) build NCCL in.
+                    println!("cargo:rerun-if-changed={}", inc.display());
+                    dirs.push(inc.clone());
+                    if inc.join("cccl").is_dir() {
+                        dirs.push(inc.join("cccl"));
+                    }
+                }
+            }
+        }
+    }
+    if let Ok(home) = std::env::var("CUDA_HOME") {
+        let inc = PathBuf::from(home).join("include");
+        dirs.push(inc.join("cccl"));
+        dirs.push(inc);
+    }
+    let found = |f: &str| dirs.iter().any(|d| d.join(f).exists());
+    let needed = [
+        "cuda_runtime_api.h",
+        "crt/host_config.h",
+        "nv/target",
+        "nccl.h",
+    ];
+    needed.iter().all(|f| found(f)).then_some(dirs)
 }

@@ -10,7 +10,8 @@ Cases (issue 6):
   OMP `sae encode --encoder omp --k 32` of 100,000 x 768 rows over 8192 atoms
      (a 768 -> 8192 top-k model), against the model's own encoder on the same rows
   DP M trained data-parallel, 2 ranks x 1 thread under torchrun (Gloo), against
-     one process with 2 threads; with the share of the step spent in collectives
+     one process with 2 threads (buckets overlapping backward, and dist.bucket_mb: 0);
+     with the share of the step spent waiting for collectives
   MT M at trained sparsity (issue 16): the same shapes, starting from weights whose
      L0 is about 1 % of d_hidden (from a short training run of ours, `trained_weights`),
      L1 weight 0.004 (where that L0 holds); both sides start from those weights
@@ -518,28 +519,37 @@ def loaded_lines(res):
 
 def bench_dp():
     """M as 2 ranks x 1 thread (torchrun, Gloo, one machine) against one
-    process x 2 threads, alternating; best of each. Returns (single, dp,
-    collective share of the best DP run)."""
+    process x 2 threads, alternating; best of each. The DP runs as shipped
+    (gradient buckets overlapping backward) and with `dist.bucket_mb: 0`
+    (one allreduce after backward). Returns (single, dp, collective share of
+    the best DP run, dp with bucket_mb 0)."""
     c = CASES["M"]
     data = make_data("M", c)
     single_cfg = config("M", c, data)
     dp_cfg = config("DP", c, data, threads=1)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     run = os.path.join(OUT, "run-DP")
-    single, dp, share = 0.0, 0.0, 0.0
-    for r in range(REPEATS):
-        single = max(single, run_ours("M", single_cfg))
+    def run_dp(*more):
         subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "--no-python",
-                        SAE, "train", "-q", "--config", dp_cfg, "--out", run, "--force"],
+                        SAE, "train", "-q", "--config", dp_cfg, "--out", run, "--force", *more],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-        s = json.load(open(os.path.join(run, "summary.json")))
+        return json.load(open(os.path.join(run, "summary.json")))
+
+    single, dp, share, dp0 = 0.0, 0.0, 0.0, 0.0
+    for r in range(REPEATS):
+        single = max(single, run_ours("M", single_cfg))
+        s = run_dp()
         rate = s["samples_per_second"]
         if rate > dp:
             dp, share = rate, s["collective_seconds"] / s["seconds"]
-        log(f"DP round {r + 1}: 1 x {THREADS} threads {single:.0f}/s, 2 ranks x 1 thread {rate:.0f}/s, "
-            f"collectives {s['collective_seconds'] / s['seconds']:.0%} of the loop")
-    return single, dp, share
+        rate0 = run_dp("--set", "dist.bucket_mb=0")["samples_per_second"]
+        dp0 = max(dp0, rate0)
+        log(f"DP round {r + 1}: 1 x {THREADS} threads {single:.0f}/s, 2 ranks x 1 thread {rate:.0f}/s "
+            f"({s['overlapped_buckets']} buckets overlapped backward; collectives waited "
+            f"{s['collective_seconds'] / s['seconds']:.0%} of the loop), "
+            f"one allreduce after backward (bucket_mb 0) {rate0:.0f}/s")
+    return single, dp, share, dp0
 
 
 def matmul_peak():
@@ -1137,9 +1147,10 @@ def main():
         for name, o, t, ratio, gf in rows:
             log(f"{name}: ours {o:,.0f}/s, PyTorch {t:,.0f}/s, {ratio:.2f}x, {gf:.1f} GFLOP/s of {peak:.1f}")
         if "DP" in ONLY:
-            single, dp, share = bench_dp()
+            single, dp, share, dp0 = bench_dp()
             log(f"DP: 2 ranks x 1 thread {dp:,.0f}/s vs 1 process x {THREADS} threads {single:,.0f}/s: "
-                f"{dp / single:.2f}x; collectives {share:.0%} of rank 0's loop")
+                f"{dp / single:.2f}x; collectives waited {share:.0%} of rank 0's loop; "
+                f"one allreduce after backward (bucket_mb 0) {dp0:,.0f}/s: {dp0 / single:.2f}x")
         if "OMP" in ONLY:
             o_rows, o_model, o_omp, o_l0 = bench_omp()
             log(f"OMP: {o_rows:,} rows, model encoder {o_model:.1f} s, OMP k=32 {o_omp:.1f} s "
@@ -1181,7 +1192,7 @@ def main():
     # --quick: the 0.6 GB file's half is below what the process itself needs
     # (libtorch alone is ~0.3 GB), so a capped run would only be killed.
     ooc = "quick" if QUICK else bench_out_of_core(os.path.join(OUT, f"E-{e_rows}.npy"), e_rows)
-    dp_single, dp_rate, dp_share = bench_dp()
+    dp_single, dp_rate, dp_share, dp_after = bench_dp()
     o_rows, o_model, o_omp, o_l0 = bench_omp()
     switch = bench_switch()
     sl = bench_saelens()
@@ -1228,8 +1239,10 @@ def main():
                   f"{' (page cache dropped before each run)' if ooc['cold'] else ' (page cache not dropped: no root)'}."]
     lines += ["", f"Data-parallel (M, 768 -> 8192 ReLU+L1, global batch 1024): 2 ranks x 1 thread under "
               f"torchrun (Gloo, this machine) {dp_rate:,.0f} samples/s vs 1 process x {THREADS} threads "
-              f"{dp_single:,.0f}: {dp_rate / dp_single:.2f}x; collectives (the 25 MB gradient allreduce, "
-              f"waits for the other rank included) take {dp_share:.0%} of rank 0's training loop."]
+              f"{dp_single:,.0f}: {dp_rate / dp_single:.2f}x, the gradient allreduce in 25 MiB buckets "
+              f"overlapping backward (`dist.bucket_mb`); waiting for it (the other rank included) takes "
+              f"{dp_share:.0%} of rank 0's training loop. With one allreduce of the 50 MB of gradients after "
+              f"backward (`dist.bucket_mb: 0`): {dp_after:,.0f} samples/s, {dp_after / dp_single:.2f}x."]
     lines += ["", f"OMP (`sae encode --encoder omp --k 32`, {o_rows:,} x 768 rows, 8192 atoms of a 768 -> 8192 "
               f"top-k model, codes written as .npy): {o_omp:.1f} s vs the model's own encoder {o_model:.1f} s: "
               f"{o_omp / o_model:.1f}x (aim: at most 10x); mean L0 of the OMP codes {o_l0:.1f}."]

@@ -678,7 +678,10 @@ fn info() -> Result<()> {
         },
         tch::Cuda::device_count()
     );
-    println!("data-parallel backends: gloo (CPU); nccl not built in");
+    match crate::dist::nccl_version() {
+        Some(v) => println!("data-parallel backends: gloo (CPU), nccl {v} (CUDA)"),
+        None => println!("data-parallel backends: gloo (CPU); nccl not built in"),
+    }
     // train.precision: bf16 is libtorch's autocast (CPU and CUDA).
     println!("precisions: fp32, bf16 (train.precision; autocast on cpu and cuda)");
     println!("cudnn available: {}", tch::Cuda::cudnn_is_available());

@@ -130,7 +130,7 @@ impl Default for EvalConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DistBackend {
-    /// Gloo on CPU (NCCL for CUDA once built in).
+    /// NCCL when the device is CUDA, Gloo otherwise.
     Auto,
     Gloo,
     Nccl,
@@ -144,6 +144,10 @@ pub struct DistConfig {
     /// How long a rank waits for its peers (rendezvous, every collective)
     /// before it gives up with an error.
     pub timeout_s: f64,
+    /// The gradient allreduce runs in buckets of about this many MiB,
+    /// each started as soon as backward has its gradients (DDP's
+    /// `bucket_cap_mb`); 0: one allreduce of every gradient after backward.
+    pub bucket_mb: f64,
 }
 
 impl Default for DistConfig {
@@ -152,6 +156,8 @@ impl Default for DistConfig {
             backend: DistBackend::Auto,
             // torch.distributed's default for Gloo.
             timeout_s: 1800.0,
+            // DDP's default.
+            bucket_mb: 25.0,
         }
     }
 }
@@ -928,6 +934,13 @@ fn validate_dist(d: &DistConfig) -> std::result::Result<(), String> {
         return Err(format!(
             "dist.timeout_s: {} must be at least 1 (seconds)",
             d.timeout_s
+        ));
+    }
+    if !(d.bucket_mb.is_finite() && d.bucket_mb >= 0.0) {
+        return Err(format!(
+            "dist.bucket_mb: {} must be a size in MiB, at least 0 (0: one allreduce after \
+             backward)",
+            d.bucket_mb
         ));
     }
     Ok(())

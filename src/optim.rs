@@ -312,6 +312,16 @@ impl Adam {
         self.flat.as_ref().map(|f| f.grad.shallow_clone())
     }
 
+    /// The flat gradient buffer right after [`Adam::zero_grad`] found every
+    /// tensor aliasing it (and cleared it): backward accumulates into it in
+    /// place. `None` otherwise (no flat path yet: the first step).
+    pub fn flat_grad_cleared(&self) -> Option<Tensor> {
+        match (&self.flat, self.verified) {
+            (Some(f), true) => Some(f.grad.shallow_clone()),
+            _ => None,
+        }
+    }
+
     /// Whether the flat path is on and every tensor still aliases it.
     fn intact(&self, params: &[&mut Tensor]) -> bool {
         self.flat

@@ -36,6 +36,16 @@ impl Optimizer {
         }
     }
 
+    /// Adam's flat gradient buffer, cleared and verified, for the bucketed
+    /// allreduce during backward; None for signum and Muon, whose gradients
+    /// are reduced one tensor at a time after backward.
+    pub fn flat_grad_cleared(&self) -> Option<Tensor> {
+        match self {
+            Optimizer::Adam(a) => a.flat_grad_cleared(),
+            _ => None,
+        }
+    }
+
     /// Clears the gradients before the next backward pass.
     pub fn zero_grad(&mut self, params: &mut [&mut Tensor]) {
         match self {

@@ -2,7 +2,9 @@
 //! 2 ranks train the model 1 process trains with the same global batch
 //! (weights equal to 1e-5 relative after 126 steps; relu+l1, topk+auxk,
 //! batchtopk, jumprelu+l0, and relu with input noise), bit for bit again on a
-//! rerun, into one run directory; a killed rank ends the job and `--resume`
+//! rerun, into one run directory; the gradient allreduce in buckets during
+//! backward (`dist.bucket_mb`) gives the same bits as one allreduce after it;
+//! a killed rank ends the job and `--resume`
 //! then finishes bit-identical to an uninterrupted run, with 2 ranks or 1.
 //!
 //! The tests run one at a time (each job has two ranks on this machine's
@@ -282,6 +284,45 @@ fn reruns_are_bit_identical() {
     assert!(bytes[0] == bytes[1], "two identical 2-rank runs differ");
 }
 
+/// The bucketed allreduce that overlaps backward (`dist.bucket_mb`, one
+/// bucket per parameter here, and the default 25 MiB: one bucket of the
+/// hooked parameters) trains bit for bit what one allreduce after backward
+/// (`bucket_mb: 0`) trains: each bucket is scaled and summed as the whole
+/// buffer was, and with 2 ranks a sum has one order. relu (a leaf: the
+/// encoder's gradients and b_dec's finished by hand, their buckets started
+/// after backward), batchtopk (every gradient from autograd) and jumprelu
+/// (its threshold hooked too). Buckets did start during backward.
+#[test]
+fn bucketed_allreduce_during_backward_matches_one_after_it_bit_for_bit() {
+    let _one = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let x = data(tmp.path());
+    for (name, model, sparsity) in [RECIPES[0], RECIPES[2], RECIPES[3]] {
+        let cfg = config(tmp.path(), name, &x, model, sparsity);
+        let run = |bucket_mb: &str| {
+            let out = tmp.path().join(format!("{name}_{bucket_mb}"));
+            let set = format!("dist.bucket_mb={bucket_mb}");
+            run_ok(torchrun(2, &train_args(&cfg, &out, &["--set", &set])));
+            let early = summary(&out)["overlapped_buckets"].as_u64().unwrap();
+            (std::fs::read(out.join("model.safetensors")).unwrap(), early)
+        };
+        let (after, none) = run("0");
+        assert_eq!(none, 0, "{name}: bucket_mb 0 overlaps nothing");
+        for bucket_mb in ["0.000001", "25"] {
+            let (during, early) = run(bucket_mb);
+            assert!(
+                during == after,
+                "{name}: bucket_mb {bucket_mb} differs from one allreduce after backward"
+            );
+            // From the second step on (the first builds Adam's flat buffer).
+            assert!(
+                early >= 125,
+                "{name}: bucket_mb {bucket_mb}: only {early} buckets started during backward"
+            );
+        }
+    }
+}
+
 /// The PIDs of processes whose command line holds `needle` and whose
 /// environment says RANK=`rank`.
 fn rank_pids(needle: &str, rank: usize) -> Vec<u32> {
@@ -461,13 +502,24 @@ fn what_data_parallel_training_refuses_is_said_before_joining() {
             "train.batch_size: 1 rows cannot be shared by 2 ranks",
         ),
         (
+            &["dist.bucket_mb=-1"][..],
+            "dist.bucket_mb: -1 must be a size in MiB",
+        ),
+        // NCCL is built in; asked for where it cannot run, it says why in
+        // one line.
+        (
             &["dist.backend=nccl"][..],
-            "dist.backend: nccl is not built into this binary",
+            match tch::Cuda::device_count() {
+                0 => "dist.backend: nccl needs a CUDA GPU for each rank and none is usable here",
+                _ => "dist.backend: nccl reduces CUDA tensors, but device: cpu is the CPU",
+            },
         ),
     ] {
         let o = launch(sets);
         assert_eq!(o.status.code(), Some(2), "{sets:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(says), "{sets:?}: {}", stderr(&o));
+        let lines = stderr(&o).lines().filter(|l| !l.trim().is_empty()).count();
+        assert_eq!(lines, 1, "{sets:?}: one line: {}", stderr(&o));
     }
 }
 

@@ -1,5 +1,6 @@
 //! Data-parallel training on PyTorch's own distributed engine: c10d's
-//! TCPStore rendezvous and Gloo process group, from the libtorch we link
+//! TCPStore rendezvous and Gloo (CPU) or NCCL (CUDA) process group, from
+//! the libtorch we link
 //! (through `c10d_shim.cpp`), launched by `torchrun` or any launcher that
 //! sets `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`.
 //!
@@ -8,6 +9,11 @@
 //! a collective (gradient sync, batch top-k's selection, dead-latent
 //! counters, logged metrics) ask for it. Without a launcher there is no
 //! group and every reduction is the identity.
+//!
+//! The gradient allreduce overlaps backward ([`Group::overlap_begin`],
+//! [`Group::overlap_finish`]): hooks on the parameters' gradient
+//! accumulators start each bucket's allreduce once its gradients are in, as
+//! DDP's Reducer does.
 //!
 //! A failed collective (a peer died, or hung past `dist.timeout_s`) is
 //! recorded and later collectives are skipped; the training loop reports it
@@ -19,7 +25,7 @@ use std::ffi::{c_char, CString};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
-use tch::Tensor;
+use tch::{Device, Tensor};
 use torch_sys::C_tensor;
 
 mod ffi {
@@ -39,8 +45,11 @@ mod ffi {
             world: i32,
             prefix: *const c_char,
             timeout_ms: i64,
+            backend: i32,
+            device: i32,
             out: *mut *mut SaePg,
         ) -> *mut c_char;
+        pub fn sae_pg_nccl_version() -> *mut c_char;
         pub fn sae_pg_free(pg: *mut SaePg);
         pub fn sae_pg_allreduce(pg: *mut SaePg, t: *mut C_tensor, op: i32) -> *mut c_char;
         pub fn sae_pg_broadcast(pg: *mut SaePg, t: *mut C_tensor, root: i32) -> *mut c_char;
@@ -50,6 +59,23 @@ mod ffi {
             input: *mut C_tensor,
         ) -> *mut c_char;
         pub fn sae_pg_barrier(pg: *mut SaePg) -> *mut c_char;
+        pub fn sae_pg_overlap_begin(
+            pg: *mut SaePg,
+            params: *const *mut C_tensor,
+            n: i64,
+            late: *const u8,
+            flat: *mut C_tensor,
+            scale: f64,
+            bucket_bytes: i64,
+            armed: *mut i32,
+        ) -> *mut c_char;
+        pub fn sae_pg_overlap_finish(
+            pg: *mut SaePg,
+            params: *const *mut C_tensor,
+            n: i64,
+            intact: *mut i32,
+            early: *mut i64,
+        ) -> *mut c_char;
     }
 }
 
@@ -124,11 +150,40 @@ impl Launch {
     }
 }
 
-/// A c10d process group (Gloo).
+/// The c10d backend a group runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// CPU tensors.
+    Gloo,
+    /// CUDA tensors, one GPU per rank.
+    Nccl,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Gloo => "gloo",
+            Backend::Nccl => "nccl",
+        }
+    }
+}
+
+/// The NCCL version built into this binary (`"2.28.9"`), `None` when NCCL
+/// is not (a libtorch without CUDA, or no CUDA/NCCL headers at build time).
+pub fn nccl_version() -> Option<String> {
+    let p = unsafe { ffi::sae_pg_nccl_version() };
+    crate::shim::take_error(p).filter(|v| !v.is_empty())
+}
+
+/// A c10d process group (Gloo or NCCL).
 pub struct Group {
     ptr: *mut ffi::SaePg,
     pub rank: usize,
     pub world: usize,
+    pub backend: Backend,
+    /// Where the collectives' tensors live (CPU for Gloo, this rank's GPU
+    /// for NCCL); tensors elsewhere travel there and back.
+    pub device: Device,
     pub timeout: Duration,
     /// The first failed collective; later ones are skipped.
     failed: Mutex<Option<String>>,
@@ -136,6 +191,8 @@ pub struct Group {
     batch_rows: AtomicI64,
     /// Time spent in collectives so far (nanoseconds).
     busy_ns: AtomicU64,
+    /// Gradient buckets whose allreduce started during backward so far.
+    early_buckets: AtomicU64,
 }
 
 // The group is used from the training thread only; the static needs Sync.
@@ -156,9 +213,9 @@ pub fn group() -> Option<&'static Group> {
     GROUP.get()
 }
 
-/// Joins the group `launch` describes (once per process); waits up to
-/// `timeout` for every rank.
-pub fn init(launch: &Launch, timeout: Duration) -> Result<&'static Group> {
+/// Joins the group `launch` describes (once per process) on `backend`
+/// (NCCL: on GPU `cuda:LOCAL_RANK`); waits up to `timeout` for every rank.
+pub fn init(launch: &Launch, backend: Backend, timeout: Duration) -> Result<&'static Group> {
     if let Some(g) = GROUP.get() {
         return Ok(g);
     }
@@ -175,15 +232,18 @@ pub fn init(launch: &Launch, timeout: Duration) -> Result<&'static Group> {
             launch.world as i32,
             prefix.as_ptr(),
             timeout.as_millis().min(i64::MAX as u128) as i64,
+            (backend == Backend::Nccl) as i32,
+            launch.local_rank as i32,
             &mut ptr,
         )
     };
     if let Some(e) = crate::shim::take_error(err) {
         bail_user!(
-            "data-parallel: rank {} of {} could not join the process group at {}:{} \
+            "data-parallel: rank {} of {} could not join the {} process group at {}:{} \
              within dist.timeout_s ({} s): {}",
             launch.rank,
             launch.world,
+            backend.name(),
             launch.master_addr,
             launch.master_port,
             timeout.as_secs(),
@@ -194,10 +254,16 @@ pub fn init(launch: &Launch, timeout: Duration) -> Result<&'static Group> {
         ptr,
         rank: launch.rank,
         world: launch.world,
+        backend,
+        device: match backend {
+            Backend::Gloo => Device::Cpu,
+            Backend::Nccl => Device::Cuda(launch.local_rank),
+        },
         timeout,
         failed: Mutex::new(None),
         batch_rows: AtomicI64::new(0),
         busy_ns: AtomicU64::new(0),
+        early_buckets: AtomicU64::new(0),
     };
     Ok(GROUP.get_or_init(|| g))
 }
@@ -239,6 +305,12 @@ impl Group {
         self.busy_ns.load(Ordering::Relaxed) as f64 * 1e-9
     }
 
+    /// Gradient buckets whose allreduce started during backward so far
+    /// (`dist.bucket_mb` > 0), overlapping it.
+    pub fn early_buckets(&self) -> u64 {
+        self.early_buckets.load(Ordering::Relaxed)
+    }
+
     /// A training step on a global batch of `rows` begins: collectives
     /// inside the forward pass (batch top-k) need the global size.
     pub fn begin_step(&self, rows: usize) {
@@ -263,34 +335,126 @@ impl Group {
         }
     }
 
+    /// Runs `f` on `t` where the collectives' tensors live: `t` itself, or
+    /// a copy on that device, copied back into `t` after.
+    fn on_device(&self, t: &mut Tensor, f: impl FnOnce(&mut Tensor)) {
+        if t.device() == self.device {
+            return f(t);
+        }
+        let mut there = t.to_device(self.device);
+        f(&mut there);
+        let _guard = tch::no_grad_guard();
+        t.copy_(&there);
+    }
+
     /// In place: `t` becomes `op` over every rank's `t`.
     pub fn allreduce(&self, t: &mut Tensor, op: Op) {
-        self.run("allreduce", || unsafe {
-            ffi::sae_pg_allreduce(self.ptr, t.as_mut_ptr(), op as i32)
+        self.on_device(t, |t| {
+            self.run("allreduce", || unsafe {
+                ffi::sae_pg_allreduce(self.ptr, t.as_mut_ptr(), op as i32)
+            })
         });
     }
 
     /// In place: every rank's `t` becomes rank `root`'s.
     pub fn broadcast(&self, t: &mut Tensor, root: usize) {
-        self.run("broadcast", || unsafe {
-            ffi::sae_pg_broadcast(self.ptr, t.as_mut_ptr(), root as i32)
+        self.on_device(t, |t| {
+            self.run("broadcast", || unsafe {
+                ffi::sae_pg_broadcast(self.ptr, t.as_mut_ptr(), root as i32)
+            })
         });
     }
 
-    /// Every rank's `t`, stacked in rank order: `[world, ...t's shape]`.
+    /// Every rank's `t`, stacked in rank order: `[world, ...t's shape]`
+    /// (on `t`'s device).
     pub fn allgather(&self, t: &Tensor) -> Tensor {
         let mut shape = vec![self.world as i64];
         shape.extend(t.size());
-        let mut out = Tensor::zeros(shape.as_slice(), (t.kind(), t.device()));
-        let mut input = t.contiguous();
+        let mut out = Tensor::zeros(shape.as_slice(), (t.kind(), self.device));
+        let mut input = t.to_device(self.device).contiguous();
         self.run("allgather", || unsafe {
             ffi::sae_pg_allgather(self.ptr, out.as_mut_ptr(), input.as_mut_ptr())
         });
-        out
+        out.to_device(t.device())
     }
 
     pub fn barrier(&self) {
         self.run("barrier", || unsafe { ffi::sae_pg_barrier(self.ptr) });
+    }
+
+    /// Before backward: from now on, each bucket of about `bucket_bytes`
+    /// of gradients (in reverse parameter order) is scaled by `scale` and
+    /// summed over the ranks, in place and asynchronously, as soon as
+    /// backward has finished its gradients. `grads` is the flat buffer
+    /// whose views the parameters' gradients are, in order; `late[i]`
+    /// marks a parameter whose gradient is finished after backward (by
+    /// hand): its bucket starts in [`Group::overlap_finish`]. False (and
+    /// nothing armed) when the gradients are not views of `grads` or a
+    /// collective already failed: the caller then reduces after backward.
+    pub fn overlap_begin(
+        &self,
+        params: &[&Tensor],
+        late: &[bool],
+        grads: &Tensor,
+        scale: f64,
+        bucket_bytes: i64,
+    ) -> bool {
+        if self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            return false;
+        }
+        let ptrs: Vec<*mut C_tensor> = params.iter().map(|p| p.as_ptr() as *mut _).collect();
+        let late: Vec<u8> = late.iter().map(|&l| l as u8).collect();
+        assert_eq!(late.len(), ptrs.len());
+        let mut armed = 0;
+        let mut failed = false;
+        self.run("allreduce", || {
+            let e = unsafe {
+                ffi::sae_pg_overlap_begin(
+                    self.ptr,
+                    ptrs.as_ptr(),
+                    ptrs.len() as i64,
+                    late.as_ptr(),
+                    grads.as_ptr() as *mut _,
+                    scale,
+                    bucket_bytes.max(1),
+                    &mut armed,
+                )
+            };
+            failed = !e.is_null();
+            e
+        });
+        armed != 0 && !failed
+    }
+
+    /// After backward (and the gradients finished by hand): starts the
+    /// buckets not yet started and waits for every one. False when a
+    /// gradient stopped being a view of the buffer during backward (the
+    /// caller then reduces the gradients itself); true otherwise, a failed
+    /// allreduce included (recorded, as every collective's).
+    pub fn overlap_finish(&self, params: &[&Tensor]) -> bool {
+        let ptrs: Vec<*mut C_tensor> = params.iter().map(|p| p.as_ptr() as *mut _).collect();
+        let (mut intact, mut early) = (1, 0);
+        let mut ran = false;
+        self.run("allreduce", || {
+            ran = true;
+            unsafe {
+                ffi::sae_pg_overlap_finish(
+                    self.ptr,
+                    ptrs.as_ptr(),
+                    ptrs.len() as i64,
+                    &mut intact,
+                    &mut early,
+                )
+            }
+        });
+        self.early_buckets
+            .fetch_add(early.max(0) as u64, Ordering::Relaxed);
+        !ran || intact != 0
     }
 }
 

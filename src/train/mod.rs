@@ -72,6 +72,10 @@ pub struct Summary {
     /// collectives (gradient allreduce, waiting for slower ranks included).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub collective_seconds: Option<f64>,
+    /// Data-parallel: gradient buckets (`dist.bucket_mb`) whose allreduce
+    /// started during backward, overlapping it (0 with `bucket_mb: 0`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlapped_buckets: Option<u64>,
     pub seconds: f64,
     pub samples_per_second: f64,
     /// relu/jumprelu models: how many of this process's steps took the
@@ -470,6 +474,7 @@ pub struct Session {
     /// Time in this run's steps (trained together: its own share).
     busy: Duration,
     busy_before: f64,
+    early_before: u64,
     /// Training rows seen when this process took the run up (resumed: the
     /// checkpoint's), so the summary's rate is this process's own.
     samples_before: i64,
@@ -529,6 +534,7 @@ impl Session {
             started: Instant::now(),
             busy: Duration::ZERO,
             busy_before: group.map_or(0.0, |g| g.busy_seconds()),
+            early_before: group.map_or(0, |g| g.early_buckets()),
             samples_before: pos.samples,
         })
     }
@@ -632,8 +638,9 @@ impl Session {
             omp_wait: device::omp_wait(),
             world_size: self.shard.world,
             precision: cfg.train.precision.name().to_string(),
-            backend: group.map(|_| "gloo".to_string()),
+            backend: group.map(|g| g.backend.name().to_string()),
             collective_seconds: group.map(|g| g.busy_seconds() - self.busy_before),
+            overlapped_buckets: group.map(|g| g.early_buckets() - self.early_before),
             seconds,
             samples_per_second: (state.samples - self.samples_before) as f64 / seconds.max(1e-9),
             sparse_steps: self.sparse_steps,
@@ -719,8 +726,9 @@ fn join_group(cfg: &Config) -> Result<Option<&'static dist::Group>> {
         return Ok(None);
     };
     plan::check_world(cfg, launch.world)?;
+    let backend = plan::dist_backend(cfg, &launch)?;
     let timeout = Duration::from_secs_f64(cfg.dist.timeout_s);
-    Ok(Some(dist::init(&launch, timeout)?))
+    Ok(Some(dist::init(&launch, backend, timeout)?))
 }
 
 /// What the loop shows and logs: metrics.jsonl and the progress display.

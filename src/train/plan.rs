@@ -12,7 +12,7 @@ use crate::data::mmap::Mapped;
 use crate::data::npy;
 use crate::lm::source::{self, ModelSource};
 use crate::model::Sae;
-use crate::{bail_user, device, Result};
+use crate::{bail_user, device, dist, Result};
 use anyhow::Context;
 use std::rc::Rc;
 use tch::{Device, Kind, Tensor};
@@ -59,7 +59,12 @@ impl Plan {
     pub fn build(cfg: &Config, world: usize, sources: &super::Sources) -> Result<Plan> {
         let mut cfg = cfg.clone();
         check_world(&cfg, world)?;
-        let device = device::resolve(&cfg.device)?;
+        let device = match crate::dist::group() {
+            // One GPU per rank: cuda:LOCAL_RANK (`dist_backend` allowed
+            // only `cuda` or `auto` as the device).
+            Some(g) if g.backend == dist::Backend::Nccl => g.device,
+            _ => device::resolve(&cfg.device)?,
+        };
         device::set_threads(match cfg.train.threads {
             Auto::Auto => None,
             Auto::Value(n) => Some(n),
@@ -151,22 +156,68 @@ impl Plan {
     }
 }
 
+/// The c10d backend of a data-parallel run launched as `launch`:
+/// `dist.backend`, where `auto` is NCCL when the device is CUDA and Gloo
+/// otherwise; refused (exit 2) where it cannot run: NCCL without a GPU, on
+/// the CPU, or not built in; Gloo on CUDA.
+pub fn dist_backend(cfg: &Config, launch: &dist::Launch) -> Result<dist::Backend> {
+    let cuda = matches!(device::parse_device(&cfg.device), Ok(Device::Cuda(_)));
+    let backend = match (cfg.dist.backend, cuda) {
+        (DistBackend::Nccl, _) | (DistBackend::Auto, true) => dist::Backend::Nccl,
+        (DistBackend::Gloo, _) | (DistBackend::Auto, false) => dist::Backend::Gloo,
+    };
+    let gpus = tch::Cuda::device_count();
+    match backend {
+        dist::Backend::Gloo if cuda => bail_user!(
+            "dist.backend: gloo reduces CPU tensors, but device: {} is CUDA; use dist.backend: \
+             nccl (or auto), or device: cpu",
+            cfg.device
+        ),
+        dist::Backend::Gloo => {}
+        dist::Backend::Nccl => {
+            if dist::nccl_version().is_none() {
+                bail_user!(
+                    "dist.backend: nccl is not built into this binary (built against a libtorch \
+                     without CUDA, or without the CUDA/NCCL headers); use dist.backend: gloo with \
+                     device: cpu"
+                );
+            }
+            if gpus == 0 {
+                bail_user!(
+                    "dist.backend: nccl needs a CUDA GPU for each rank and none is usable here \
+                     (`sae info` says why); use dist.backend: gloo (or auto) with device: cpu"
+                );
+            }
+            if !cuda {
+                bail_user!(
+                    "dist.backend: nccl reduces CUDA tensors, but device: {} is the CPU; set \
+                     device: cuda (each rank takes cuda:LOCAL_RANK) or dist.backend: gloo",
+                    cfg.device
+                );
+            }
+            if cfg.device.starts_with("cuda:") {
+                bail_user!(
+                    "device: {}: with data-parallel ranks each takes its own GPU, \
+                     cuda:LOCAL_RANK; set device: cuda",
+                    cfg.device
+                );
+            }
+            if launch.local_rank as i64 >= gpus {
+                bail_user!(
+                    "data-parallel launch: LOCAL_RANK={} but this machine has {gpus} GPU(s); \
+                     start at most one rank per GPU (torchrun --nproc-per-node {gpus})",
+                    launch.local_rank
+                );
+            }
+        }
+    }
+    Ok(backend)
+}
+
 /// What data-parallel training (`world` > 1) does not support yet.
 pub fn check_world(cfg: &Config, world: usize) -> Result<()> {
     if world <= 1 {
         return Ok(());
-    }
-    if cfg.dist.backend == DistBackend::Nccl {
-        bail_user!(
-            "dist.backend: nccl is not built into this binary yet; use gloo (dist.backend: auto)"
-        );
-    }
-    if !cfg.device.starts_with("cpu") && tch::Cuda::is_available() {
-        bail_user!(
-            "device: {}: data-parallel training runs on the CPU for now (Gloo; NCCL is not built \
-             in yet); set device: cpu",
-            cfg.device
-        );
     }
     if cfg.train.resample_every > 0 {
         bail_user!(

@@ -315,14 +315,19 @@ impl Learner {
 
     /// The update half: gradients of the step's loss (the encoder's by
     /// hand after a ReLU-like pass: `sparse_step`), averaged over the ranks
-    /// (this one's weighing its `share`), then the optimizer step at
-    /// learning rate `lr` (`matrix_lr`: Muon's matrices), with the decoder
-    /// kept at unit norm and gradients clipped (by their global norm) where
-    /// the config asks.
+    /// (this one's weighing its `share`; in buckets during backward when
+    /// `dist.bucket_mb` > 0), then the optimizer step at learning rate `lr`
+    /// (`matrix_lr`: Muon's matrices), with the decoder kept at unit norm and
+    /// gradients clipped (by their global norm) where the config asks.
     pub fn update(&mut self, out: &StepOutput, lr: f64, matrix_lr: f64) {
         let (loss, share) = (&out.loss, out.share);
         let t = &self.cfg.train;
         self.opt.zero_grad(&mut self.model.parameters_mut());
+        let group = crate::dist::group();
+        let overlapped = match group {
+            Some(g) => self.overlap_begin(g, out.forward.leaf.is_some(), share),
+            None => false,
+        };
         // A rank without rows (a last batch smaller than the world) gets
         // zero gradients: its loss is a mean over nothing, and every path
         // from it to a parameter passes through an empty tensor.
@@ -330,8 +335,10 @@ impl Learner {
         if let Some(leaf) = &out.forward.leaf {
             leaf.accumulate_encoder_grads(&mut self.model);
         }
-        if let Some(g) = crate::dist::group() {
-            sync_gradients(g, &mut self.opt, &mut self.model, share);
+        if let Some(g) = group {
+            if !(overlapped && g.overlap_finish(&self.model.parameters())) {
+                sync_gradients(g, &mut self.opt, &mut self.model, share);
+            }
         }
         if t.unit_norm_decoder {
             remove_parallel_gradient(&mut self.model);
@@ -366,6 +373,29 @@ impl Learner {
             p.shallow_clone().set_data(k);
         }
         r
+    }
+
+    /// Arms the bucketed allreduce of this step's gradients (before
+    /// backward); false when it cannot run this step (`dist.bucket_mb: 0`,
+    /// or the gradients not yet in Adam's flat buffer: the first step).
+    /// With a leaf (`sparse_step`) the encoder's gradients and `b_dec`'s
+    /// are finished by hand after backward: their buckets start then.
+    fn overlap_begin(&self, g: &crate::dist::Group, leaf: bool, share: f64) -> bool {
+        let bucket_mb = self.cfg.dist.bucket_mb;
+        if bucket_mb <= 0.0 {
+            return false;
+        }
+        let Some(grads) = self.opt.flat_grad_cleared() else {
+            return false;
+        };
+        let named = self.model.named_parameters();
+        let late: Vec<bool> = named
+            .iter()
+            .map(|(n, _)| leaf && matches!(n.as_str(), "W_enc" | "b_enc" | "b_dec"))
+            .collect();
+        let params: Vec<&Tensor> = named.iter().map(|(_, t)| *t).collect();
+        let bytes = (bucket_mb * (1 << 20) as f64).round() as i64;
+        g.overlap_begin(&params, &late, &grads, share, bytes)
     }
 
     /// The trained model, ready to save: parameters in storage of their
