@@ -94,7 +94,9 @@ pub fn forward(model: &Sae, arch: &dyn Architecture, xn: &Tensor, mode: SparseSt
     let density = || match &sel {
         // count_nonzero, not a bool sum: that casts the mask to int64 first
         // (20 ms at 1024 x 8192 against under 1).
-        Support::Mask(m) => m.count_nonzero(None).int64_value(&[]) as f64 / (batch * h) as f64,
+        Support::Mask(m) => {
+            crate::device::cpu_i64(&m.count_nonzero(None)) as f64 / (batch * h) as f64
+        }
         Support::Rows(idx) => idx.size()[1] as f64 / h as f64,
     };
     if batch == 0 || !sparse_at(mode, pre.device(), density) {
