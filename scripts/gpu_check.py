@@ -149,6 +149,8 @@ ARCHS = [
     ("gated", {"activation": "gated"}, {"penalty": "l1", "weight": 0.001}, {}),
     ("matryoshka_batchtopk", {"activation": "matryoshka_batchtopk", "k": 8}, {"penalty": "none"}, {}),
     ("matching_pursuit", {"activation": "matching_pursuit", "k": 4, "tied": True}, {"penalty": "none"}, {}),
+    # data.stream: batches to CUDA from pinned memory, one ahead.
+    ("topk streamed", {"activation": "topk", "k": 8}, {"penalty": "auxk", "weight": 0.03}, {"dead_window": 20}),
 ]
 d, h, batch = (16, 64, 32) if DRY else (128, 1024, 256)
 # 200 steps (the dry run: 40); runs side by side, CPU threads shared out.
@@ -156,6 +158,7 @@ per_epoch, epochs = 20, (2 if DRY else 10)
 PARALLEL = 4
 log(f"== every architecture, {per_epoch * epochs} steps, {DEV} against cpu ({d} -> {h}, batch {batch})")
 arch_data = synth("arch", per_epoch * batch, d, 1)
+arch_valid = synth("arch-valid", 2 * batch, d, 2)
 w_dec = np_rng.standard_normal((h, d)).astype(np.float32)
 w_dec /= np.linalg.norm(w_dec, axis=1, keepdims=True)
 arch_init = os.path.join(WORK, "arch-init.safetensors")
@@ -170,7 +173,9 @@ def arch_run(name, model, sparsity, tr, device, tag):
         cfg["model"]["matryoshka_widths"] = [h // 4, h // 2]
     cfg["sparsity"].update(sparsity)
     cfg["train"].update(tr, threads=max(1, (os.cpu_count() or 1) // PARALLEL))
-    run, _ = train(f"arch-{name}-{tag}", cfg)
+    if name.endswith("streamed"):
+        cfg["data"].update(valid=arch_valid, stream=True)
+    run, _ = train(f"arch-{name.replace(' ', '-')}-{tag}", cfg)
     return run
 
 

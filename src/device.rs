@@ -454,7 +454,9 @@ pub fn cpu_i64(t: &tch::Tensor) -> i64 {
 pub fn upload(t: &tch::Tensor, device: Device) -> tch::Tensor {
     match device {
         Device::Cuda(_) if t.device() == Device::Cpu => {
-            t.pin_memory(device)
+            // `_pin_memory`: `pin_memory`'s device argument (tch always
+            // passes one) is deprecated and warns on every call.
+            t.internal_pin_memory(device)
                 .to_device_(device, t.kind(), true, false)
         }
         _ => t.to_device(device),

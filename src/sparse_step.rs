@@ -120,6 +120,8 @@ pub fn forward(model: &Sae, arch: &dyn Architecture, xn: &Tensor, mode: SparseSt
     // Flat indices, grouped by row; gathers and scatters through them
     // (masked_select / masked_scatter take 30-80 ms here, these under 1).
     let flat = tch::no_grad(|| match &sel {
+        // A shape that depends on the values: on CUDA this waits for the
+        // device (`always` only: `auto` keeps the dense pass there).
         Support::Mask(m) => m.view([-1]).nonzero().squeeze_dim(1),
         Support::Rows(idx) => {
             let starts = Tensor::arange(batch, (Kind::Int64, idx.device())) * h;

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-const ARCHS: [&str; 9] = [
+const ARCHS: [&str; 10] = [
     "relu",
     "sigmoid",
     "topk",
@@ -19,6 +19,7 @@ const ARCHS: [&str; 9] = [
     "gated",
     "matryoshka_batchtopk",
     "matching_pursuit",
+    "topk streamed",
 ];
 
 #[test]
