@@ -45,6 +45,7 @@ WORK = tempfile.mkdtemp(prefix="gpu_check-")
 os.makedirs(OUT_DIR, exist_ok=True)
 ROWS = []  # (check, case, figure, result)
 MISSING = []
+SPEED = []  # (case, precision, ours, torch, compiled) in samples/s or a word
 
 
 def log(*a):
@@ -93,13 +94,45 @@ def max_rel(a, b):
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
 
 
+def finish():
+    """Writes the table (atomically) and exits: 1 if a check failed or was flagged."""
+    machine = torch.cuda.get_device_name(0) if DEV == "cuda" and torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores{', dry run' if DRY else ''})"
+    lines = [f"# gpu_check on {machine}", "",
+             f"torch {torch.__version__}; {time.time() - STARTED:.0f} s; "
+             f"{'dry run: the CPU stands in for CUDA' if DRY else 'CUDA against this machine CPU'}", ""]
+    for m in MISSING:
+        lines.append(f"MISSING: {m}  ")
+    lines += ["", "| check | case | figure | result |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {r} |" for a, b, c, r in ROWS]
+    lines += ["", f"Training speed on {DEV}, samples/s (ours: `sae train`'s loop; PyTorch: bench.py's step)", "",
+              "| case | precision | ours | PyTorch | torch.compile |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {' | '.join(r)} |" for r in SPEED]
+    table = "\n".join(lines) + "\n"
+    path = os.path.join(OUT_DIR, "gpu_check.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(table)
+    os.replace(path + ".tmp", path)
+    log("")
+    log(table)
+    log(f"wrote {path}")
+    failed = [r for r in ROWS if r[3].startswith(("FAIL", "FLAG"))] + \
+        [r for r in SPEED if "FAIL" in r]
+    sys.exit(1 if failed else 0)
+
+
 # ---------------------------------------------------------------- info
 log(f"== sae info ({SAE})")
-info = sae("info").stdout
+try:
+    info = sae("info").stdout
+except (OSError, RuntimeError) as e:
+    log(str(e))
+    row("info", "sae info", "did not run (libtorch not found?)", "FAIL")
+    finish()
 log(info.rstrip())
 if not DRY and "GPU usable: yes" not in info:
     missing("a usable GPU: `sae info` says none (is LD_LIBRARY_PATH the machine's torch/lib?)")
     row("info", "GPU", "not usable", "FAIL")
+    finish()
 else:
     row("info", "device", DEV, "ok")
 HAS_NCCL = "nccl not built in" not in info and "nccl" in info.split("data-parallel backends:")[-1].split("\n")[0]
@@ -348,7 +381,6 @@ def torch_loop(name, c, data, bf16, compiled):
     return STEPS[name] * b / (time.perf_counter() - t0)
 
 
-SPEED = []  # (case, precision, ours, torch, compiled) in samples/s or a word
 log(f"== speed on {DEV}: ours, PyTorch, torch.compile (samples/s)")
 for name, c in CASES.items():
     data = bench.make_data(f"speed-{name}-{c['d_in']}", c)
@@ -404,25 +436,4 @@ else:
         row("dist", f"{backend}, world size 1", "failed", "FAIL")
 
 # ---------------------------------------------------------------- table
-machine = torch.cuda.get_device_name(0) if DEV == "cuda" else f"cpu ({os.cpu_count()} cores, dry run)"
-lines = [f"# gpu_check on {machine}", "",
-         f"torch {torch.__version__}; {time.time() - STARTED:.0f} s; "
-         f"{'dry run: the CPU stands in for CUDA' if DRY else 'CUDA against this machine CPU'}", ""]
-for m in MISSING:
-    lines.append(f"MISSING: {m}  ")
-lines += ["", "| check | case | figure | result |", "| --- | --- | --- | --- |"]
-lines += [f"| {a} | {b} | {c} | {r} |" for a, b, c, r in ROWS]
-lines += ["", f"Training speed on {DEV}, samples/s (ours: `sae train`'s loop; PyTorch: bench.py's step)", "",
-          "| case | precision | ours | PyTorch | torch.compile |", "| --- | --- | --- | --- | --- |"]
-lines += [f"| {' | '.join(r)} |" for r in SPEED]
-table = "\n".join(lines) + "\n"
-path = os.path.join(OUT_DIR, "gpu_check.md")
-with open(path + ".tmp", "w") as f:
-    f.write(table)
-os.replace(path + ".tmp", path)
-log("")
-log(table)
-log(f"wrote {path}")
-failed = [r for r in ROWS if r[3].startswith(("FAIL", "FLAG"))] + \
-    [r for r in SPEED if "FAIL" in r]
-sys.exit(1 if failed else 0)
+finish()
