@@ -292,6 +292,65 @@ pub fn libtorch_cuda_library() -> Option<String> {
         .map(str::to_string)
 }
 
+/// Reads of a device value back to the host made by the training loop
+/// ([`read_f64`], [`read_i64`], [`read_f64s`]). On CUDA each one waits for
+/// every kernel queued before it, so the loop reads on logged steps only
+/// (tests/host_reads.rs counts them per step for each architecture family).
+static HOST_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many host reads the training loop has made in this process.
+pub fn host_reads() -> u64 {
+    HOST_READS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Counts a read made otherwise (a shape that depends on the values).
+pub fn count_read() {
+    HOST_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A scalar tensor's value on the host: one counted host read.
+pub fn read_f64(t: &tch::Tensor) -> f64 {
+    count_read();
+    t.double_value(&[])
+}
+
+/// [`read_f64`] of an integer scalar.
+pub fn read_i64(t: &tch::Tensor) -> i64 {
+    count_read();
+    t.int64_value(&[])
+}
+
+/// Every value of a 1-d tensor as f64s: one counted host read for all.
+pub fn read_f64s(t: &tch::Tensor) -> Vec<f64> {
+    count_read();
+    let t = t.to_kind(tch::Kind::Double).to_device(Device::Cpu);
+    Vec::<f64>::try_from(&t).unwrap_or_default()
+}
+
+/// A CPU tensor's integer value, where the tensor can only be on the CPU
+/// (no device to wait for: not a host read).
+pub fn cpu_i64(t: &tch::Tensor) -> i64 {
+    debug_assert_eq!(t.device(), Device::Cpu, "cpu_i64 of a device tensor");
+    t.int64_value(&[])
+}
+
+/// Rows on the host, on `device` for a step: on CUDA copied from pinned
+/// (page-locked) memory without waiting (the copy is queued on the
+/// device's stream, ahead of the kernels that read it; the pinned block
+/// is not reused before the copy is done: PyTorch's caching host
+/// allocator records it). Elsewhere (or already there) today's copy.
+pub fn upload(t: &tch::Tensor, device: Device) -> tch::Tensor {
+    match device {
+        Device::Cuda(_) if t.device() == Device::Cpu => {
+            // `_pin_memory`: `pin_memory`'s device argument (tch always
+            // passes one) is deprecated and warns on every call.
+            t.internal_pin_memory(device)
+                .to_device_(device, t.kind(), true, false)
+        }
+        _ => t.to_device(device),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -477,7 +477,8 @@ pub(crate) fn add_scaled_(t: &mut Tensor, other: &Tensor, alpha: f64) {
 /// The flat buffers' update by torch's fused kernel (src/optim_shim.cpp),
 /// `step` already counted, as torch passes its state step.
 fn fused_update(cfg: &OptimizerConfig, step: i64, f: &mut Flat) {
-    let mut step = Tensor::from(step as f32).to_device(f.param.device());
+    // Filled on the device: a copy from the host would wait for it.
+    let mut step = Tensor::full([], step as f64, (Kind::Float, f.param.device()));
     let [beta1, beta2] = cfg.betas;
     let decoupled = i32::from(cfg.name == OptimizerName::Adamw);
     // SAFETY: five live tensors of this process; the kernel updates the

@@ -278,17 +278,26 @@ impl Penalty {
     }
 }
 
+/// The auxiliary top-k loss. The number of dead latents stays on the
+/// device (no read each step): the `min(k_aux, d_hidden)` largest dead
+/// candidates are taken, the live ones among them (at -inf) counting as 0,
+/// which keeps what `k = min(k_aux, n_dead)` would (every dead latent when
+/// fewer than k_aux are) and scales by `min(n_dead / k_aux, 1)` as a
+/// tensor (0 with none dead: the term is then 0, as an early return gave).
 fn auxk(p: &PenaltyInput, k_aux: i64) -> Tensor {
     let zero = || Tensor::zeros([], (Kind::Float, p.z.device()));
     let Some(dead) = p.dead else {
         return zero();
     };
-    let n_dead = dead.sum(Kind::Int64).int64_value(&[]);
-    if n_dead == 0 {
+    let k = k_aux.min(dead.size()[0]);
+    if k == 0 {
         return zero();
     }
-    let scale = (n_dead as f64 / k_aux as f64).min(1.0);
-    let k = k_aux.min(n_dead);
+    // float64 then float32: the scalar `n_dead as f64 / k_aux as f64` was
+    // rounded so when it multiplied the float32 mean.
+    let scale = (dead.sum(Kind::Int64).to_kind(Kind::Double) / k_aux as f64)
+        .clamp_max(1.0)
+        .to_kind(Kind::Float);
     let residual = (p.target - p.recon).detach();
     let ranked = match p.signed_codes {
         true => p.pre.abs(),
@@ -296,10 +305,12 @@ fn auxk(p: &PenaltyInput, k_aux: i64) -> Tensor {
     };
     let candidates = ranked.where_scalarother(&dead.unsqueeze(0), f64::NEG_INFINITY);
     let (values, indices) = candidates.topk(k, -1, true, false);
+    let found = values.gt(f64::NEG_INFINITY);
     let values = match p.signed_codes {
         true => p.pre.gather(-1, &indices, false),
         false => values,
     };
+    let values = values.where_scalarother(&found, 0.0);
     let acts = p.pre.zeros_like().scatter(-1, &indices, &values);
     // SAELens decodes them as the codes are (`act_times_W_dec`).
     let acts = match p.decoder_norms {

@@ -97,7 +97,9 @@ pub fn forward(model: &Sae, arch: &dyn Architecture, xn: &Tensor, mode: SparseSt
     let density = || match &sel {
         // count_nonzero, not a bool sum: that casts the mask to int64 first
         // (20 ms at 1024 x 8192 against under 1).
-        Support::Mask(m) => m.count_nonzero(None).int64_value(&[]) as f64 / (batch * h) as f64,
+        Support::Mask(m) => {
+            crate::device::cpu_i64(&m.count_nonzero(None)) as f64 / (batch * h) as f64
+        }
         Support::Rows(idx) => idx.size()[1] as f64 / h as f64,
     };
     if batch == 0 || !sparse_at(mode, pre.device(), density) {
@@ -121,6 +123,8 @@ pub fn forward(model: &Sae, arch: &dyn Architecture, xn: &Tensor, mode: SparseSt
     // Flat indices, grouped by row; gathers and scatters through them
     // (masked_select / masked_scatter take 30-80 ms here, these under 1).
     let flat = tch::no_grad(|| match &sel {
+        // A shape that depends on the values: on CUDA this waits for the
+        // device (`always` only: `auto` keeps the dense pass there).
         Support::Mask(m) => m.view([-1]).nonzero().squeeze_dim(1),
         Support::Rows(idx) => {
             let starts = Tensor::arange(batch, (Kind::Int64, idx.device())) * h;

@@ -44,21 +44,31 @@ impl Architecture for BatchTopK {
         let min_positive = match crate::dist::group() {
             Some(g) if g.world > 1 => {
                 // Every rank takes part, with +inf when it has no positive code.
-                let mut local = match positive.any().int64_value(&[]) {
+                let mut local = match crate::device::read_i64(&positive.any()) {
                     0 => Tensor::from(f32::INFINITY).to_device(z.device()),
                     _ => z.masked_select(&positive).min(),
                 };
                 g.allreduce(&mut local, crate::dist::Op::Min);
-                if local.double_value(&[]).is_infinite() {
+                if crate::device::read_f64(&local).is_infinite() {
                     return;
                 }
                 local.to_kind(Kind::Double)
             }
             _ => {
-                if positive.any().int64_value(&[]) == 0 {
+                if z.numel() == 0 {
                     return;
                 }
-                z.masked_select(&positive).min().to_kind(Kind::Double)
+                // On the device, no read: the smallest code where positive
+                // (+inf where none is), the threshold kept when it is inf.
+                let min_positive = z
+                    .where_scalarother(&positive, f64::INFINITY)
+                    .min()
+                    .to_kind(Kind::Double);
+                let rate = s.topk_threshold_lr;
+                let t = model.threshold_mut().expect("batchtopk has a threshold");
+                let moved = &*t * (1.0 - rate) + &min_positive * rate;
+                *t = moved.where_self(&min_positive.isfinite(), &*t);
+                return;
             }
         };
         let rate = s.topk_threshold_lr;

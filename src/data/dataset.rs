@@ -158,7 +158,8 @@ impl Dataset {
         EpochBatches {
             x: self.x.shallow_clone(),
             // One index tensor per epoch; each batch gathers through a view of it.
-            index: (!identity).then(|| Tensor::from_slice(order).to_device(self.x.device())),
+            index: (!identity)
+                .then(|| crate::device::upload(&Tensor::from_slice(order), self.x.device())),
             len: order.len(),
             size: size.max(1),
             at: 0,

@@ -174,6 +174,9 @@ pub struct Batches {
     /// draw the next one when they start reading it ahead.
     next_order: Option<Vec<i64>>,
     next_reader: Option<Reader>,
+    /// Streams on CUDA: the batch after the one served, its copy to the
+    /// device already queued (see [`Batches::next_batch`]).
+    ahead: Option<Result<Option<Batch>>>,
 }
 
 impl Batches {
@@ -212,6 +215,7 @@ impl Batches {
             current: None,
             next_order: None,
             next_reader: None,
+            ahead: None,
         };
         if pos.epoch <= b.epochs {
             b.begin_epoch(pos.epoch, pos.batch as usize)?;
@@ -255,8 +259,24 @@ impl Batches {
         Ok(())
     }
 
-    /// The next batch of the run; `None` after the last epoch.
+    /// The next batch of the run; `None` after the last epoch. Streamed
+    /// rows on CUDA go one batch ahead: the next batch is read and its
+    /// copy from pinned memory queued before this one is returned, so the
+    /// host prepares it while the device runs this step (nothing waits).
     pub fn next_batch(&mut self) -> Result<Option<Batch>> {
+        let ahead =
+            matches!(self.device, Device::Cuda(_)) && !matches!(self.source, Source::Memory(_));
+        let batch = match self.ahead.take() {
+            Some(b) => b,
+            None => self.read_batch(),
+        };
+        if ahead && matches!(batch, Ok(Some(_))) {
+            self.ahead = Some(self.read_batch());
+        }
+        batch
+    }
+
+    fn read_batch(&mut self) -> Result<Option<Batch>> {
         if self.current.is_none() {
             return Ok(None);
         }
@@ -280,11 +300,11 @@ impl Batches {
                     // of sequences) it owns: its part is the batch's rows there.
                     _ => {
                         let (x, at) = r.next_owned(rows)?;
-                        positions = Some(at.to_device(self.device));
+                        positions = Some(crate::device::upload(&at, self.device));
                         x
                     }
                 };
-                (norm.apply(&x.to_device(self.device)), rows)
+                (norm.apply(&crate::device::upload(&x, self.device)), rows)
             }
         };
         let index = (self.first + self.served) as i64;

@@ -779,6 +779,7 @@ fn agreed_signal(local: Option<i32>) -> Option<i32> {
     };
     let mut t = Tensor::from(local.unwrap_or(0) as f32);
     g.allreduce(&mut t, dist::Op::Max);
+    // A CPU tensor (gloo): no device to wait for.
     match t.double_value(&[]) as i32 {
         0 => None,
         s => Some(s),
@@ -819,6 +820,9 @@ fn start(
         replicate(g, &mut learner, &mut dead);
         dist::check()?;
     }
+    if resume || dist::group().is_some() {
+        dead.counters_loaded();
+    }
     Ok((learner, State::at(&pos, resume, dead), pos))
 }
 
@@ -851,9 +855,10 @@ fn replicate(g: &dist::Group, learner: &mut Learner, dead: &mut DeadTracker) {
     g.broadcast(&mut dead.since_fired, 0);
 }
 
-/// A logged step's scalars (each read back from the device here); with
-/// several ranks, the global batch's: each rank's terms weighed by its
-/// share of the rows. Only the writer computes the validation MSE.
+/// A logged step's scalars, read back from the device together (one host
+/// read: [`device::read_f64s`]); with several ranks, the global batch's:
+/// each rank's terms weighed by its share of the rows. Only the writer
+/// computes the validation MSE.
 fn step_log(
     learner: &Learner,
     out: &StepOutput,
@@ -863,20 +868,24 @@ fn step_log(
     valid: &Option<Tensor>,
     writer: bool,
 ) -> StepLog {
-    let l0 = tch::no_grad(|| {
-        (learner.model.spec.activation)
+    let values = tch::no_grad(|| {
+        let l0 = (learner.model.spec.activation)
             .active(&out.forward.z)
             .sum_dim_intlist(-1, false, Kind::Float)
-            .mean(Kind::Float)
-            .double_value(&[])
+            .mean(Kind::Float);
+        let aux = match &out.aux {
+            Some(a) => a.shallow_clone(),
+            None => Tensor::zeros([], (Kind::Double, out.loss.device())),
+        };
+        let dead = state.dead.dead().sum(Kind::Int64);
+        // Float32 and int64 scalars are exact in float64: the values are
+        // those each one's own read gave.
+        let parts = [&out.loss, &out.mse, &out.sparsity, &aux, &l0, &dead]
+            .map(|t| t.detach().to_kind(Kind::Double).reshape([1]));
+        device::read_f64s(&Tensor::cat(&parts, 0))
     });
-    let mut terms = [
-        out.loss.double_value(&[]),
-        out.mse.double_value(&[]),
-        out.sparsity.double_value(&[]),
-        out.aux.as_ref().map_or(0.0, |a| a.double_value(&[])),
-        l0,
-    ];
+    let mut terms = [values[0], values[1], values[2], values[3], values[4]];
+    let dead = values[5] as i64;
     if let Some(g) = dist::group() {
         // A rank without rows has NaN means (of nothing) that weigh 0.
         let weighed = terms.map(|v| if out.share > 0.0 { v * out.share } else { 0.0 });
@@ -901,7 +910,7 @@ fn step_log(
         lr: params.lr,
         sparsity_weight: params.sparsity_weight,
         aux_loss: out.aux.as_ref().map(|_| terms[3]),
-        dead: state.dead.dead().sum(Kind::Int64).int64_value(&[]),
+        dead,
         valid_mse,
     }
 }
@@ -943,7 +952,7 @@ fn valid_mse(model: &Sae, joined: &Tensor) -> f64 {
             xb.shallow_clone()
         };
         let xh = model.reconstruct_normalized(&xb, &model.encode_normalized(&xb));
-        sse += (xh - &yb).square().sum(Kind::Double).double_value(&[]);
+        sse += device::read_f64(&(xh - &yb).square().sum(Kind::Double));
         start += len;
     }
     sse / (n * d_out) as f64

@@ -75,10 +75,15 @@ pub fn start() -> Position {
     }
 }
 
-/// Steps since each latent last fired (on a training batch).
+/// Steps since each latent last fired (on a training batch). The counters
+/// stay on the device; the host keeps only a bound on their largest value,
+/// so that a step knows without reading them back when no latent can be
+/// dead yet (the first `window` steps of a run).
 pub struct DeadTracker {
     pub since_fired: Tensor,
     window: i64,
+    /// No counter is above this (counted on the host).
+    bound: i64,
     /// Says which codes count as firing.
     activation: Activation,
 }
@@ -88,6 +93,7 @@ impl DeadTracker {
         DeadTracker {
             since_fired: Tensor::zeros([d_hidden], (Kind::Int64, device)),
             window,
+            bound: 0,
             activation,
         }
     }
@@ -95,6 +101,21 @@ impl DeadTracker {
     /// Latents that have not fired for more than `window` steps (SAELens's rule).
     pub fn dead(&self) -> Tensor {
         self.since_fired.gt(self.window)
+    }
+
+    /// Whether a latent can be dead: false while no counter can have
+    /// passed the window (known on the host, no read).
+    pub fn maybe_dead(&self) -> bool {
+        self.bound > self.window
+    }
+
+    /// After `since_fired` was set from outside (a checkpoint, rank 0's
+    /// counters): the bound from its values (one read, at the run's start).
+    pub fn counters_loaded(&mut self) {
+        self.bound = match self.since_fired.numel() {
+            0 => 0,
+            _ => self.since_fired.max().int64_value(&[]),
+        };
     }
 
     /// Counts a step whose training codes are `z` (this rank's rows; with
@@ -113,6 +134,7 @@ impl DeadTracker {
         let fired = top.gt(self.activation.active_threshold());
         let _ = self.since_fired.g_add_scalar_(1);
         let _ = self.since_fired.masked_fill_(&fired, 0);
+        self.bound += 1;
     }
 
     /// Counts the latents in `which` as just fired (they were resampled).

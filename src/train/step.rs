@@ -182,7 +182,9 @@ impl Learner {
         }
         self.arch.before_forward(&mut self.model);
         let input = corrupt(&xb, &self.cfg.train, rows);
-        let dead_mask = self.needs_dead_mask().then(|| dead.dead());
+        // None while no latent can be dead yet: the same terms as an
+        // all-false mask, with no read of the counters.
+        let dead_mask = (self.needs_dead_mask() && dead.maybe_dead()).then(|| dead.dead());
         let mut out = self.forward(&input, &target, p.sparsity_weight, dead_mask.as_ref());
         out.share = share;
         self.anneal_after(p.step, &out);
@@ -300,7 +302,8 @@ impl Learner {
             return None;
         }
         let model = &self.model;
-        let dead = dead.filter(|d| d.any().int64_value(&[]) != 0);
+        // With no dead latent the sum is 0 (+0: every product is >= 0), as
+        // the early return gives, so no read decides between them.
         let (Some(dead), Some(t)) = (dead, model.threshold.as_ref()) else {
             return Some(Tensor::zeros([], (Kind::Float, pre.device())));
         };
@@ -344,7 +347,7 @@ impl Learner {
             remove_parallel_gradient(&mut self.model);
         }
         if let Some(max_norm) = t.grad_clip {
-            clip_grad_norm(&mut self.model.parameters_mut(), max_norm);
+            clip_grad_norm_on_device(&mut self.model.parameters_mut(), max_norm);
         }
         self.opt
             .step(&mut self.model.parameters_mut(), lr, matrix_lr);
@@ -493,6 +496,11 @@ pub fn remove_parallel_gradient(model: &mut Sae) {
 /// Scales all gradients so their global L2 norm is at most `max_norm`
 /// (torch `clip_grad_norm_`); returns the norm before clipping.
 pub fn clip_grad_norm(params: &mut [&mut Tensor], max_norm: f64) -> f64 {
+    clip_grad_norm_on_device(params, max_norm).map_or(0.0, |t| crate::device::read_f64(&t))
+}
+
+/// [`clip_grad_norm`] with the norm left on the device (None: no gradient).
+fn clip_grad_norm_on_device(params: &mut [&mut Tensor], max_norm: f64) -> Option<Tensor> {
     let _guard = tch::no_grad_guard();
     let grads: Vec<Tensor> = params
         .iter()
@@ -500,7 +508,7 @@ pub fn clip_grad_norm(params: &mut [&mut Tensor], max_norm: f64) -> f64 {
         .filter(|g| g.defined())
         .collect();
     if grads.is_empty() {
-        return 0.0;
+        return None;
     }
     let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
     let total = Tensor::stack(&norms, 0).norm();
@@ -509,7 +517,7 @@ pub fn clip_grad_norm(params: &mut [&mut Tensor], max_norm: f64) -> f64 {
     for mut g in grads {
         let _ = g.g_mul_(&coef);
     }
-    total.double_value(&[])
+    Some(total)
 }
 
 /// Re-initialises dead latents (Anthropic's recipe, simplified): each takes
@@ -528,7 +536,9 @@ fn resample_dead(
     recon: &Tensor,
 ) -> i64 {
     let _guard = tch::no_grad_guard();
+    // Resampling steps read from the device (counted: `nonzero`'s size is one read).
     let idx = dead.nonzero().squeeze_dim(1);
+    crate::device::count_read();
     let n_dead = idx.size()[0];
     if n_dead == 0 {
         return 0;
@@ -537,7 +547,7 @@ fn resample_dead(
         .square()
         .sum_dim_intlist(1, false, Kind::Float);
     let probs = err.square();
-    let probs = if probs.sum(Kind::Double).double_value(&[]) > 0.0 {
+    let probs = if crate::device::read_f64(&probs.sum(Kind::Double)) > 0.0 {
         probs
     } else {
         probs.ones_like()
@@ -547,7 +557,7 @@ fn resample_dead(
     let enc_dir = unit(input.index_select(0, &rows));
     let dec_dir = unit(target.index_select(0, &rows));
     let alive = dead.logical_not();
-    let any_alive = alive.any().int64_value(&[]) != 0;
+    let any_alive = crate::device::read_i64(&alive.any()) != 0;
     let mean_norm = |norms: Tensor| {
         if any_alive {
             norms.masked_select(&alive).mean(Kind::Float)
