@@ -91,6 +91,9 @@ pub fn parameter_count(cfg: &Config, d_in: i64, d_out: i64) -> f64 {
     }
     // A threshold or a gate's r_mag / b_mag: at most 2 per latent.
     p += 2.0 * h;
+    if m.skip_connection {
+        p += d_in as f64 * d_out as f64; // W_skip
+    }
     let mut chain: Vec<f64> = vec![d_in as f64];
     chain.extend(inner.iter().map(|&w| w as f64));
     for w in chain.windows(2) {
