@@ -28,8 +28,9 @@ if [ ! -x "$BIN" ]; then
 fi
 TORCH_LIB=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))') || {
   echo "gpu_check: $PY cannot import torch" >&2; exit 2; }
-# torch's CUDA libraries beside it (cudart, cublas, ...), where the wheel keeps them.
-CUDA_LIBS=$(ls -d "$TORCH_LIB"/../../nvidia/cu*/lib 2>/dev/null | tr '\n' ':')
+# torch's CUDA libraries beside it (cudart, cublas, NCCL, cuDNN, ...: the binary links libnccl
+# itself), where the wheel keeps them.
+CUDA_LIBS=$(ls -d "$TORCH_LIB"/../../nvidia/*/lib 2>/dev/null | tr '\n' ':')
 export LD_LIBRARY_PATH="$TORCH_LIB:$CUDA_LIBS${LD_LIBRARY_PATH:-}"
 export PYTHONUNBUFFERED=1
 exec "$PY" "$ROOT/scripts/gpu_check.py" "$BIN" "${OUT:-$PWD}" $DRY
