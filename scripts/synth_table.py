@@ -145,14 +145,7 @@ def ours(slug, keys, names):
     subprocess.run([SAE, "train", "-q", "--config", path, "--out", run, "--force"],
                    check=True, stdout=subprocess.DEVNULL)
     summary = json.load(open(os.path.join(run, "summary.json")))
-    return score(run, names), train_seconds(summary)
-
-
-def train_seconds(summary):
-    for key in ("train_seconds", "train_s", "seconds"):
-        if key in summary:
-            return float(summary[key])
-    raise KeyError(f"no training time in summary.json (keys: {sorted(summary)})")
+    return score(run, names), float(summary["seconds"])
 
 
 def theirs(slug, spec, names):

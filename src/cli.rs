@@ -1179,7 +1179,7 @@ fn transform(a: &IoArgs, enc: &EncoderArgs, what: Transform, codes: CodeOutput) 
             Transform::Score => {
                 // Per-row MSE in the model's (normalised) space, like `mse`.
                 let xn = model.norm.apply(&xb);
-                let xh = model.reconstruct_normalized(&xn, &model.encode_normalized(&xn));
+                let xh = model.forward_normalized(&xn);
                 (xh - xn).square().mean_dim(-1, true, Kind::Float)
             }
         };

@@ -314,8 +314,6 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// The matryoshka levels as SAELens resolves them: `matryoshka_widths`,
-    /// with `d_hidden` appended when the last width is not it.
     /// The architecture with its settings.
     pub fn arch_activation(&self) -> crate::arch::Activation {
         crate::arch::Activation::from_settings(
@@ -337,6 +335,8 @@ impl ModelConfig {
         }
     }
 
+    /// The matryoshka levels as SAELens resolves them: `matryoshka_widths`,
+    /// with `d_hidden` appended when the last width is not it.
     pub fn matryoshka_levels(&self) -> Vec<i64> {
         let mut levels = self.matryoshka_widths.clone();
         if levels.last() != Some(&self.d_hidden) {

@@ -324,7 +324,7 @@ pub fn read_i64(t: &tch::Tensor) -> i64 {
 pub fn read_f64s(t: &tch::Tensor) -> Vec<f64> {
     count_read();
     let t = t.to_kind(tch::Kind::Double).to_device(Device::Cpu);
-    Vec::<f64>::try_from(&t).unwrap_or_default()
+    Vec::<f64>::try_from(&t).expect("a 1-d numeric tensor")
 }
 
 /// A CPU tensor's integer value, where the tensor can only be on the CPU

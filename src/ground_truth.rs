@@ -57,7 +57,8 @@ pub fn score(
 ) -> GroundTruthScores {
     let _guard = tch::no_grad_guard();
     let dev = model.device();
-    let w = model.decoder_weight().to_kind(Kind::Float);
+    // Compared with features of the data's space, as `metrics::mmcs` does.
+    let w = crate::metrics::decoder_rows_in_data_space(model).to_kind(Kind::Float);
     let cos = abs_cosines(&w, &truth.to_device(dev).to_kind(Kind::Float));
     let best = cos.argmax(1, false);
     let h = w.size()[0];
@@ -79,7 +80,9 @@ pub fn score(
             .to_kind(Kind::Float);
         let xn = model.norm.apply(&xb);
         let z = codes.codes(model, &xn);
-        let xhat = model.reconstruct(&xb, &z);
+        let xhat = model
+            .output_norm()
+            .invert(&model.reconstruct_normalized(&xn, &z));
         let sae_fires = z.ne(0.0);
         let gt_fires = ab.index_select(1, &best).gt(0.0);
         let (s, g) = (&sae_fires, &gt_fires);

@@ -541,7 +541,7 @@ impl Sae {
     pub fn forward_train(&self, xn: &Tensor) -> Forward {
         if let Some(pre) = self.pre_relu_centred(xn) {
             let z = pre.relu();
-            let recon = self.add_skip(xn, self.decode_normalized(&z));
+            let recon = self.reconstruct_normalized(xn, &z);
             return Forward {
                 pre,
                 z,
@@ -554,7 +554,7 @@ impl Sae {
         // is a measurable share of a tiny model's step.
         let pre = self.rescaled_pre(x.mm(&self.w_enc) + &self.b_enc);
         let z = self.codes(&x, &pre, true);
-        let recon = self.add_skip(xn, self.decode_normalized(&z));
+        let recon = self.reconstruct_normalized(xn, &z);
         Forward {
             pre,
             z,
@@ -644,14 +644,7 @@ impl Sae {
 
     /// Reconstruction in the normalised space.
     pub fn decode_normalized(&self, z: &Tensor) -> Tensor {
-        let scaled;
-        let z = match self.spec.rescale_acts_by_decoder_norm {
-            true => {
-                scaled = self.rescaled_codes(z);
-                &scaled
-            }
-            false => z,
-        };
+        let z = &self.rescaled_codes(z);
         let mut out = match z.dim() {
             2 => z.mm(&self.decoder_weight()),
             _ => z.matmul(&self.decoder_weight()),
@@ -702,10 +695,14 @@ impl Sae {
         self.output_norm().invert(&out)
     }
 
+    /// The model's own reconstruction of normalised input `xn` (normalised space).
+    pub fn forward_normalized(&self, xn: &Tensor) -> Tensor {
+        self.reconstruct_normalized(xn, &self.encode_normalized(xn))
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let xn = self.norm.apply(x);
-        let out = self.reconstruct_normalized(&xn, &self.encode_normalized(&xn));
-        self.output_norm().invert(&out)
+        self.output_norm()
+            .invert(&self.forward_normalized(&self.norm.apply(x)))
     }
 
     /// The threshold as saved: `[d_hidden]` float32 (a batchtopk scalar expanded).

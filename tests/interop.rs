@@ -649,6 +649,19 @@ fn saelens_export_loads_in_sae_lens_and_matches() {
     );
 }
 
+/// 300 rows of x (d 10) and a target y = x @ R + 3 (d 7), for the
+/// transcoder exports.
+fn transcoder_data(d: &Path) -> (String, String) {
+    let (x, _) = synth(d, 300, 10, 16, 2);
+    let y = p(d, "y.npy");
+    py(
+        "import sys, numpy as np\nx = np.load(sys.argv[1]); r = np.random.default_rng(0)\n\
+         np.save(sys.argv[2], (x @ r.standard_normal((10, 7)) + 3.0).astype(np.float32))",
+        &[&x, &y],
+    );
+    (x, y)
+}
+
 /// Transcoders (`data.target`) export as SAELens's `transcoder` (ReLU) and
 /// `jumprelu_transcoder`, normalisations of input and target folded in:
 /// sae_lens encodes and maps to the target's space as `sae` does, and
@@ -660,13 +673,7 @@ fn saelens_transcoder_export() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (x, _) = synth(d, 300, 10, 16, 2);
-    let y = p(d, "y.npy");
-    py(
-        "import sys, numpy as np\nx = np.load(sys.argv[1]); r = np.random.default_rng(0)\n\
-         np.save(sys.argv[2], (x @ r.standard_normal((10, 7)) + 3.0).astype(np.float32))",
-        &[&x, &y],
-    );
+    let (x, y) = transcoder_data(d);
     let base = "model.apply_b_dec_to_input=false".to_string();
     let target = format!("data.target={y}");
     let cases: &[(&str, &[&str], &str)] = &[
@@ -737,13 +744,7 @@ fn saelens_skip_transcoder_export() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (x, _) = synth(d, 300, 10, 16, 2);
-    let y = p(d, "y.npy");
-    py(
-        "import sys, numpy as np\nx = np.load(sys.argv[1]); r = np.random.default_rng(0)\n\
-         np.save(sys.argv[2], (x @ r.standard_normal((10, 7)) + 3.0).astype(np.float32))",
-        &[&x, &y],
-    );
+    let (x, y) = transcoder_data(d);
     let target = format!("data.target={y}");
     let skip = "model.skip_connection=true";
     let tc = "model.apply_b_dec_to_input=false";

@@ -86,6 +86,37 @@ const BATCH: i64 = 48;
 const LR: f64 = 3e-3;
 
 /// (loss, mse, sparsity_loss) of each line of a metrics.jsonl.
+/// What the in-process tests keep of a [`Plan`] once its source and model
+/// went into the batches and the learner.
+struct Planned {
+    cfg: Config,
+    device: tch::Device,
+    total_steps: i64,
+}
+
+/// The training loop's parts for `cfg`, without a run directory: the
+/// batches from the start and a fresh learner.
+fn in_process(cfg: &Config) -> (Planned, Batches, Learner) {
+    let plan = Plan::build(cfg, 1, &Default::default()).expect("plan");
+    let batches = Batches::new(
+        plan.source,
+        &plan.cfg,
+        plan.fixed_order,
+        plan.per_epoch,
+        plan.device,
+        &state::start(),
+        Shard::ALL,
+    )
+    .unwrap();
+    let learner = Learner::new(plan.model, &plan.cfg, plan.total_steps).unwrap();
+    let planned = Planned {
+        cfg: plan.cfg,
+        device: plan.device,
+        total_steps: plan.total_steps,
+    };
+    (planned, batches, learner)
+}
+
 fn losses(path: &Path) -> Vec<[f64; 3]> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -166,19 +197,7 @@ fn replay(case: &Case) {
 
     // In-process: the loop's parts without the run directory.
     let cfg = Config::from_yaml_str(&yaml, "test", &[]).expect("config");
-    let plan = Plan::build(&cfg, 1, &Default::default()).expect("plan");
-    let start = state::start();
-    let mut batches = Batches::new(
-        plan.source,
-        &plan.cfg,
-        plan.fixed_order,
-        plan.per_epoch,
-        plan.device,
-        &start,
-        Shard::ALL,
-    )
-    .unwrap();
-    let mut learner = Learner::new(plan.model, &plan.cfg, plan.total_steps).unwrap();
+    let (plan, mut batches, mut learner) = in_process(&cfg);
     let mut dead = DeadTracker::new(
         case.d_hidden,
         plan.cfg.train.dead_window,
@@ -261,19 +280,7 @@ fn signum_eval_weights_leave_training_untouched() {
     );
     let cfg = Config::from_yaml_str(&yaml, "test", &[]).expect("config");
     let run = |look: bool| {
-        let plan = Plan::build(&cfg, 1, &Default::default()).expect("plan");
-        let start = state::start();
-        let mut batches = Batches::new(
-            plan.source,
-            &plan.cfg,
-            plan.fixed_order,
-            plan.per_epoch,
-            plan.device,
-            &start,
-            Shard::ALL,
-        )
-        .unwrap();
-        let mut learner = Learner::new(plan.model, &plan.cfg, plan.total_steps).unwrap();
+        let (plan, mut batches, mut learner) = in_process(&cfg);
         let mut dead = DeadTracker::new(24, 1000, learner.model.spec.activation, plan.device);
         let (mut step, mut last_eval) = (0, Vec::new());
         while let Some(batch) = batches.next_batch().unwrap() {

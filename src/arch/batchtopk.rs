@@ -40,40 +40,23 @@ impl Architecture for BatchTopK {
     fn after_forward(&self, model: &mut dyn Params, z: &Tensor, s: &Settings) {
         let _guard = tch::no_grad_guard();
         let z = z.detach();
-        let positive = z.gt(0.0);
-        let min_positive = match crate::dist::group() {
-            Some(g) if g.world > 1 => {
-                // Every rank takes part, with +inf when it has no positive code.
-                let mut local = match crate::device::read_i64(&positive.any()) {
-                    0 => Tensor::from(f32::INFINITY).to_device(z.device()),
-                    _ => z.masked_select(&positive).min(),
-                };
-                g.allreduce(&mut local, crate::dist::Op::Min);
-                if crate::device::read_f64(&local).is_infinite() {
-                    return;
-                }
-                local.to_kind(Kind::Double)
-            }
-            _ => {
-                if z.numel() == 0 {
-                    return;
-                }
-                // On the device, no read: the smallest code where positive
-                // (+inf where none is), the threshold kept when it is inf.
-                let min_positive = z
-                    .where_scalarother(&positive, f64::INFINITY)
-                    .min()
-                    .to_kind(Kind::Double);
-                let rate = s.topk_threshold_lr;
-                let t = model.threshold_mut().expect("batchtopk has a threshold");
-                let moved = &*t * (1.0 - rate) + &min_positive * rate;
-                *t = moved.where_self(&min_positive.isfinite(), &*t);
-                return;
-            }
+        // On the device, no read: the smallest positive code (+inf where
+        // none is; with several ranks, the smallest over the global batch,
+        // every rank taking part), the threshold kept where it is inf.
+        let mut local = match z.numel() {
+            0 => Tensor::from(f32::INFINITY)
+                .to_kind(z.kind())
+                .to_device(z.device()),
+            _ => z.where_scalarother(&z.gt(0.0), f64::INFINITY).min(),
         };
+        if let Some(g) = crate::dist::group().filter(|g| g.world > 1) {
+            g.allreduce(&mut local, crate::dist::Op::Min);
+        }
+        let min_positive = local.to_kind(Kind::Double);
         let rate = s.topk_threshold_lr;
         let t = model.threshold_mut().expect("batchtopk has a threshold");
-        *t = &*t * (1.0 - rate) + min_positive * rate;
+        let moved = &*t * (1.0 - rate) + &min_positive * rate;
+        *t = moved.where_self(&min_positive.isfinite(), &*t);
     }
 
     /// SAELens saves a BatchTopK SAE for inference as a JumpReLU whose

@@ -820,7 +820,8 @@ fn start(
         replicate(g, &mut learner, &mut dead);
         dist::check()?;
     }
-    if resume || dist::group().is_some() {
+    // A fresh run's counters are zeros on every rank: the bound stays 0.
+    if resume {
         dead.counters_loaded();
     }
     Ok((learner, State::at(&pos, resume, dead), pos))
@@ -951,7 +952,7 @@ fn valid_mse(model: &Sae, joined: &Tensor) -> f64 {
         } else {
             xb.shallow_clone()
         };
-        let xh = model.reconstruct_normalized(&xb, &model.encode_normalized(&xb));
+        let xh = model.forward_normalized(&xb);
         sse += device::read_f64(&(xh - &yb).square().sum(Kind::Double));
         start += len;
     }

@@ -166,7 +166,6 @@ pub fn dist_backend(cfg: &Config, launch: &dist::Launch) -> Result<dist::Backend
         (DistBackend::Nccl, _) | (DistBackend::Auto, true) => dist::Backend::Nccl,
         (DistBackend::Gloo, _) | (DistBackend::Auto, false) => dist::Backend::Gloo,
     };
-    let gpus = tch::Cuda::device_count();
     match backend {
         dist::Backend::Gloo if cuda => bail_user!(
             "dist.backend: gloo reduces CPU tensors, but device: {} is CUDA; use dist.backend: \
@@ -175,6 +174,7 @@ pub fn dist_backend(cfg: &Config, launch: &dist::Launch) -> Result<dist::Backend
         ),
         dist::Backend::Gloo => {}
         dist::Backend::Nccl => {
+            let gpus = tch::Cuda::device_count();
             if dist::nccl_version().is_none() {
                 bail_user!(
                     "dist.backend: nccl is not built into this binary (built against a libtorch \

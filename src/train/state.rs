@@ -84,8 +84,10 @@ pub struct DeadTracker {
     window: i64,
     /// No counter is above this (counted on the host).
     bound: i64,
-    /// Says which codes count as firing.
-    activation: Activation,
+    /// A latent fires where its code (its |code| when `signed`) is above this.
+    active_threshold: f64,
+    /// Codes may be negative (abstopk): activity is judged on magnitudes.
+    signed: bool,
 }
 
 impl DeadTracker {
@@ -94,7 +96,8 @@ impl DeadTracker {
             since_fired: Tensor::zeros([d_hidden], (Kind::Int64, device)),
             window,
             bound: 0,
-            activation,
+            active_threshold: activation.active_threshold(),
+            signed: activation.arch().signed_codes(),
         }
     }
 
@@ -122,16 +125,17 @@ impl DeadTracker {
     /// several ranks, a latent fired if it fired on any rank).
     pub fn update(&mut self, z: &Tensor) {
         let _guard = tch::no_grad_guard();
-        // max > t, not (z > t).any(0): no [batch, d_hidden] temporary.
-        let z = self.activation.magnitude(z);
-        let mut top = match z.size()[0] {
-            0 => z.new_full([z.size()[1]], f64::NEG_INFINITY, (z.kind(), z.device())),
-            _ => z.amax(0, false),
+        // max > t, not (z > t).any(0): no [batch, d_hidden] temporary
+        // (signed codes: max |z| = max(max z, -min z), exactly).
+        let mut top = match (z.size()[0], self.signed) {
+            (0, _) => z.new_full([z.size()[1]], f64::NEG_INFINITY, (z.kind(), z.device())),
+            (_, false) => z.amax(0, false),
+            (_, true) => z.amax(0, false).maximum(&z.amin(0, false).neg()),
         };
         if let Some(g) = crate::dist::group() {
             g.allreduce(&mut top, crate::dist::Op::Max);
         }
-        let fired = top.gt(self.activation.active_threshold());
+        let fired = top.gt(self.active_threshold);
         let _ = self.since_fired.g_add_scalar_(1);
         let _ = self.since_fired.masked_fill_(&fired, 0);
         self.bound += 1;

@@ -119,19 +119,24 @@ impl Learner {
     /// lp_anneal after step `step`'s forward: its norms queued when a
     /// change will read them, then p changed when due.
     fn anneal_after(&mut self, step: i64, out: &StepOutput) {
-        let Some(a) = &self.anneal else { return };
+        let Some(a) = self.anneal.as_mut() else {
+            return;
+        };
         let norms = a.queued_p(step).map(|next| {
             let root = matches!(a.penalty(), Penalty::Lp { root: true, .. });
             let at_next = tch::no_grad(|| {
                 Penalty::Lp { p: next, root }
                     .value(&PenaltyInput::codes(&out.forward.z, &out.forward.z))
-                    .double_value(&[])
             });
-            [out.sparsity.double_value(&[]) as f32, at_next as f32]
+            // Both norms in one read (float32 values, exact in f64).
+            let both = Tensor::stack(
+                &[out.sparsity.detach(), at_next].map(|t| t.to_kind(Kind::Double)),
+                0,
+            );
+            let v = crate::device::read_f64s(&both);
+            [v[0] as f32, v[1] as f32]
         });
-        if let Some(a) = &mut self.anneal {
-            a.after_step(step, norms);
-        }
+        a.after_step(step, norms);
     }
 
     /// Whether this model and penalty can take the sparse pass
@@ -140,7 +145,7 @@ impl Learner {
     /// encoder gradient is float32 only, so bf16 takes the dense step.
     pub fn can_step_sparse(&self) -> bool {
         self.cfg.train.precision == Precision::Fp32
-            && self.penalty.supports_sparse_codes()
+            && self.penalty().supports_sparse_codes()
             && self.cfg.sparsity.pre_act_weight == 0.0
             && !self.settings.multi_topk
             && sparse_step::applies(&self.model, self.arch.as_ref())
@@ -148,7 +153,7 @@ impl Learner {
 
     /// Whether a step needs the dead latents (auxk, the pre-activation loss).
     fn needs_dead_mask(&self) -> bool {
-        self.penalty.needs_dead_mask() || self.cfg.sparsity.pre_act_weight > 0.0
+        self.penalty().needs_dead_mask() || self.cfg.sparsity.pre_act_weight > 0.0
     }
 
     /// One step on `batch` (normalised input, then the target for

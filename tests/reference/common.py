@@ -153,3 +153,17 @@ def save_weights(out_dir, W_enc, b_enc, W_dec, b_dec):
         os.path.join(out_dir, "weights.safetensors"),
         {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec},
     )
+
+
+# The unit-norm decoder of dictionary_learning's ConstrainedAdam: the gradient
+# projected off each decoder row before the step, the rows renormalised after it.
+@torch.no_grad()
+def remove_parallel_gradient(W_dec):
+    normed = W_dec / W_dec.norm(dim=1, keepdim=True)
+    parallel = (W_dec.grad * normed).sum(dim=1, keepdim=True)
+    W_dec.grad -= parallel * normed
+
+
+@torch.no_grad()
+def normalize_rows(W_dec):
+    W_dec.data /= W_dec.norm(dim=1, keepdim=True)

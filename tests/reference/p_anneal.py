@@ -106,16 +106,6 @@ def get_sparsity_warmup_fn(total_steps, sparsity_warmup_steps=None):
     return scale_fn
 
 
-@torch.no_grad()
-def remove_parallel_gradient(W_dec):
-    normed = W_dec / W_dec.norm(dim=1, keepdim=True)
-    parallel = (W_dec.grad * normed).sum(dim=1, keepdim=True)
-    W_dec.grad -= parallel * normed
-
-
-@torch.no_grad()
-def normalize_rows(W_dec):
-    W_dec.data /= W_dec.norm(dim=1, keepdim=True)
 
 
 def main():
@@ -143,7 +133,7 @@ def main():
     W_dec = torch.nn.Parameter(torch.from_numpy(w["W_dec"]).clone())
     b_dec = torch.nn.Parameter(torch.from_numpy(w["b_dec"]).clone())
     if args.unit_norm_decoder:
-        normalize_rows(W_dec)
+        common.normalize_rows(W_dec)
     params = [W_enc, b_enc, W_dec, b_dec]
     optimizer = torch.optim.Adam(params, lr=args.lr, foreach=False)
 
@@ -169,10 +159,10 @@ def main():
         optimizer.zero_grad()
         loss.backward()
         if args.unit_norm_decoder:
-            remove_parallel_gradient(W_dec)
+            common.remove_parallel_gradient(W_dec)
         optimizer.step()
         if args.unit_norm_decoder:
-            normalize_rows(W_dec)
+            common.normalize_rows(W_dec)
         log.log(epoch, loss.item(), mse.item(), lp_loss.item())
         trace.append({"step": step + 1, "p": p_now, "sparsity_weight": weight})
     log.close()

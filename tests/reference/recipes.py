@@ -542,18 +542,7 @@ class Muon(torch.optim.Optimizer):
                 params[i].add_(g, alpha=-group["lr"] * scale)
 
 
-# --- unit-norm decoder (dictionary_learning's ConstrainedAdam) --------------
-
-@torch.no_grad()
-def remove_parallel_gradient(W_dec):
-    normed = W_dec / W_dec.norm(dim=1, keepdim=True)
-    parallel = (W_dec.grad * normed).sum(dim=1, keepdim=True)
-    W_dec.grad -= parallel * normed
-
-
-@torch.no_grad()
-def normalize_rows(W_dec):
-    W_dec.data /= W_dec.norm(dim=1, keepdim=True)
+# The unit-norm decoder (remove_parallel_gradient, normalize_rows): common.py.
 
 
 BATCHTOPK = ("batchtopk", "matryoshka_batchtopk")
@@ -687,7 +676,7 @@ def main():
         with torch.no_grad():
             sae.b_dec.copy_(X.mean(dim=0))
     if args.unit_norm_decoder:
-        normalize_rows(sae.W_dec)
+        common.normalize_rows(sae.W_dec)
     params = list(sae.parameters())
     batches = list(common.epoch_batches(len(X), args.epochs, args.batch_size, args.order))
 
@@ -798,13 +787,13 @@ def main():
             optimizer.zero_grad()
         loss.backward()
         if args.unit_norm_decoder:
-            remove_parallel_gradient(sae.W_dec)
+            common.remove_parallel_gradient(sae.W_dec)
         if args.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         for optimizer in optimizers:
             optimizer.step()
         if args.unit_norm_decoder:
-            normalize_rows(sae.W_dec)
+            common.normalize_rows(sae.W_dec)
         for scheduler in schedulers:
             scheduler.step()
         coefficient.step()
